@@ -1,0 +1,130 @@
+"""apply(event) per table: how each accepted event changes the projection rows.
+
+Called by the projector agent (live, schema `proj`) and by the rebuild (a fresh schema), always inside a
+transaction that also moves the tracking row, so an event is applied exactly once. Rows take their
+timestamps from the events, never from the clock, so a replay rebuilds identical tables.
+An event this module cannot apply raises `ProjectionError`: a bug, never skipped.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tierflow.streams.envelope import Event
+
+
+class ProjectionError(RuntimeError):
+    """An accepted event could not be applied: the projector stops and /readyz reports this."""
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def js(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def apply_event(conn: asyncpg.Connection, schema: str, event: Event) -> None:
+    handler = _HANDLERS.get(event.type)
+    try:
+        if handler is not None:
+            await handler(conn, schema, event)
+        await _record_outcome(conn, schema, event)
+    except (asyncpg.PostgresError, KeyError, TypeError, ValueError) as exc:
+        raise ProjectionError(
+            f"cannot apply event seq {event.seq} ({event.type}, {event.aggregate}): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+async def _record_outcome(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    rejected = e.type == "CommandRejected"
+    await conn.execute(
+        f"INSERT INTO {s}.command_outcomes (command_id, seq, command_type, status, event_type, aggregate, reason, "
+        f"occurred_at) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8) ON CONFLICT (command_id) DO NOTHING",
+        e.command_id, e.seq, p.get("command_type") if rejected else None, "rejected" if rejected else "accepted",
+        e.type, e.aggregate, js(p["reason"]) if rejected else None, ts(e.occurred_at),
+    )
+
+
+async def _model_upsert(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    await conn.execute(
+        f"""INSERT INTO {s}.models (id, name, description, imports, code, distributed, upper_id, version,
+                input_shape, output_shapes, params, created_at, updated_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13)
+            ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, description = EXCLUDED.description,
+                imports = EXCLUDED.imports, code = EXCLUDED.code, distributed = EXCLUDED.distributed,
+                upper_id = EXCLUDED.upper_id, version = EXCLUDED.version, input_shape = EXCLUDED.input_shape,
+                output_shapes = EXCLUDED.output_shapes, params = EXCLUDED.params, updated_at = EXCLUDED.updated_at""",
+        p["id"], p["name"], p["description"], p["imports"], p["code"], p["distributed"], p["upper_id"],
+        p["version"], js(p["input_shape"]), js(p["output_shapes"]), p["params"], ts(p["created_at"]),
+        ts(p["updated_at"]),
+    )
+    await conn.execute(
+        f"""INSERT INTO {s}.model_versions (model_id, version, name, imports, code, distributed, upper_id,
+                input_shape, output_shapes, params, created_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11)""",
+        p["id"], p["version"], p["name"], p["imports"], p["code"], p["distributed"], p["upper_id"],
+        js(p["input_shape"]), js(p["output_shapes"]), p["params"], ts(p["updated_at"]),
+    )
+
+
+async def _model_deleted(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    await conn.execute(f"DELETE FROM {s}.models WHERE id = $1", e.payload["id"])
+
+
+async def _configuration_upsert(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    await conn.execute(
+        f"""INSERT INTO {s}.configurations (id, name, description, model_ids, version, created_at, updated_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, description = EXCLUDED.description,
+                model_ids = EXCLUDED.model_ids, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at""",
+        p["id"], p["name"], p["description"], p["model_ids"], p["version"], ts(p["created_at"]),
+        ts(p["updated_at"]),
+    )
+
+
+async def _configuration_deleted(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    await conn.execute(f"DELETE FROM {s}.configurations WHERE id = $1", e.payload["id"])
+
+
+async def _deployment_requested(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    at = ts(p["created_at"])
+    await conn.execute(
+        f"""INSERT INTO {s}.deployments (id, configuration_id, batch, fit_options, eval_options, optimizer,
+                learning_rate, loss, metrics, loss_weights, model_versions, created_at)
+            VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9::jsonb, $10::jsonb, $11::jsonb, $12)""",
+        p["id"], p["configuration_id"], p["batch"], js(p["fit_options"]), js(p["eval_options"]), p["optimizer"],
+        p["learning_rate"], p["loss"], js(p["metrics"]),
+        js(p["loss_weights"]) if p["loss_weights"] is not None else None, js(p["model_versions"]), at,
+    )
+    await conn.executemany(
+        f"""INSERT INTO {s}.results (id, deployment_id, model_id, model_version, status, created_at, updated_at)
+            VALUES ($1, $2, $3, $4, 'created', $5, $5)""",
+        [(r["id"], p["id"], r["model_id"], r["model_version"], at) for r in p["results"]],
+    )
+
+
+async def _deployment_deleted(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    await conn.execute(f"DELETE FROM {s}.results WHERE deployment_id = $1", e.payload["id"])
+    await conn.execute(f"DELETE FROM {s}.deployments WHERE id = $1", e.payload["id"])
+
+
+_HANDLERS = {
+    "ModelCreated": _model_upsert,
+    "ModelUpdated": _model_upsert,
+    "ModelDeleted": _model_deleted,
+    "ConfigurationCreated": _configuration_upsert,
+    "ConfigurationUpdated": _configuration_upsert,
+    "ConfigurationDeleted": _configuration_deleted,
+    "DeploymentRequested": _deployment_requested,
+    "DeploymentDeleted": _deployment_deleted,
+}

@@ -1,0 +1,121 @@
+"""The decider agent: reads `tierflow.commands` in order and writes one event per command.
+
+Run by the worker (streams/worker.py) while it holds the decider lock, so one decider writes
+`tierflow.events` at a time. On start it checks that both topics have one partition, folds
+`tierflow.events` up to the fetch high-water mark into its state, and resumes after the last command
+position recorded in those events (when they name the current commands log; otherwise it reads the new log
+from its start). Decisions are made by the pure `streams.domain.decide`; undecodable commands go to the
+dead-letter topic. Commands are taken in batches: decide all, produce all, await the acknowledgements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from tierflow.streams import kafka as kio
+from tierflow.streams.catalogue import upcasters as make_upcasters
+from tierflow.streams.commandlog import read_log_id
+from tierflow.streams.domain import State, apply, decide
+from tierflow.streams.envelope import CommandLogMarker, EnvelopeError, Position, decode_command, decode_event, now_iso
+from tierflow.streams.settings import KafkaSettings
+from tierflow.streams.topics import check_single_partition
+
+log = logging.getLogger("tierflow.decider")
+
+
+async def fold_events(c: AIOKafkaConsumer, tp: TopicPartition, state: State | None = None) -> State:
+    """Read the events partition from its start to the fetch high-water mark into a State."""
+    ups = make_upcasters()
+    state = state or State()
+    await c.seek_to_beginning(tp)
+    hw = await kio.fetch_highwater(c, tp)
+    while await c.position(tp) < hw:
+        batch = await c.getmany(tp, timeout_ms=1000, max_records=5000)
+        for record in batch.get(tp, []):
+            event = decode_event(record.value, ups)
+            if event.seq <= state.seq:
+                continue  # a duplicate written by a retried produce: already folded
+            apply(state, event)
+    return state
+
+
+class Decider:
+    def __init__(self, kafka: KafkaSettings, *, clock: Callable[[], str] = now_iso,
+                 batch_size: int = 2000) -> None:
+        self.kafka = kafka
+        self.clock = clock
+        self.batch_size = batch_size
+        self.state = State()
+        self.log_id = ""
+        self.decided = 0
+        self.ready = asyncio.Event()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await check_single_partition(self.kafka)
+        events_tp = TopicPartition(self.kafka.events_topic, 0)
+        commands_tp = TopicPartition(self.kafka.commands_topic, 0)
+        events_c = kio.consumer(self.kafka)
+        commands_c = kio.consumer(self.kafka, max_poll_records=self.batch_size)
+        prod = kio.producer(self.kafka)
+        await events_c.start()
+        await commands_c.start()
+        await prod.start()
+        try:
+            events_c.assign([events_tp])
+            started = time.monotonic()
+            self.state = await fold_events(events_c, events_tp)
+            await events_c.stop()
+            commands_c.assign([commands_tp])
+            self.log_id = await read_log_id(commands_c, commands_tp)
+            pos = self.state.position
+            if pos is not None and pos.log_id == self.log_id:
+                commands_c.seek(commands_tp, pos.offset + 1)
+                where = f"offset {pos.offset + 1}"
+            else:
+                await commands_c.seek_to_beginning(commands_tp)
+                where = "the start of a new commands log" if pos is not None else "the start"
+            log.info("decider ready: %d events folded in %.2f s, commands log %s, resuming at %s",
+                     self.state.seq, time.monotonic() - started, self.log_id, where)
+            self.ready.set()
+            await self._loop(commands_c, commands_tp, prod, stopping)
+        finally:
+            await commands_c.stop()
+            await events_c.stop()
+            await prod.stop()
+
+    async def _loop(self, c: AIOKafkaConsumer, tp: TopicPartition, prod: AIOKafkaProducer,
+                    stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            batch = await c.getmany(tp, timeout_ms=100, max_records=self.batch_size)
+            records = batch.get(tp, [])
+            if records:
+                await self.decide_batch(records, prod)
+
+    async def decide_batch(self, records: list[Any], prod: AIOKafkaProducer) -> None:
+        pending: list[asyncio.Future[Any]] = []
+        for record in records:
+            try:
+                cmd = decode_command(record.value)
+            except EnvelopeError as exc:
+                await asyncio.gather(*pending)  # keep the dead letter after what precedes it
+                pending.clear()
+                await kio.send_deadletter(prod, self.kafka, record, f"not a command: {exc}", "decider")
+                continue
+            if isinstance(cmd, CommandLogMarker):
+                continue
+            event = decide(self.state, cmd, occurred_at=self.clock(), position=Position(self.log_id, record.offset))
+            if event is None:
+                continue
+            apply(self.state, event)
+            self.decided += 1
+            if event.type == "CommandRejected":
+                log.info("rejected %s %s: %s", cmd.type, cmd.command_id, event.payload["reason"]["message"])
+            pending.append(await prod.send(self.kafka.events_topic, event.encode(), key=event.key()))
+        if pending:
+            await asyncio.gather(*pending)

@@ -1,0 +1,494 @@
+"""The decider's pure core: state as a fold of events, and `decide(state, command) -> event`.
+
+Called by the decider agent (streams/decider.py), which feeds it commands in log order, and by unit
+tests, which call it without Kafka. `apply` is the only way state changes, so the state rebuilt from
+`tierflow.events` after a restart equals the state the decider had when it wrote them (deterministic).
+Every rule of the Kafka-ML domain lives here, each rejection naming the culprit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tierflow.streams.catalogue import (
+    CODE_COMMANDS,
+    COMMAND_EVENTS,
+    Invalid,
+    ModelFields,
+    expected_version,
+    name_field,
+    parse_deployment,
+    parse_model,
+    parse_model_ids,
+    req_id,
+    text_field,
+)
+from tierflow.streams.envelope import JSON, Command, Event, Position, event_id_for
+
+Shape = list[int | None]
+
+
+@dataclass
+class ModelState:
+    id: int
+    name: str
+    distributed: bool
+    upper_id: int | None
+    version: int
+    input_shape: Shape
+    output_shapes: list[Shape]
+    record: JSON  # the full projection-shaped record (as in the last ModelCreated/ModelUpdated)
+
+
+@dataclass
+class ConfigurationState:
+    id: int
+    name: str
+    model_ids: list[int]
+    version: int
+    record: JSON
+
+
+@dataclass
+class DeploymentState:
+    id: int
+    configuration_id: int
+    result_ids: list[int]
+
+
+@dataclass
+class ResultState:
+    id: int
+    deployment_id: int
+    model_id: int
+    status: str
+
+
+@dataclass
+class State:
+    seq: int = 0
+    position: Position | None = None
+    decided: set[str] = field(default_factory=set)
+    next_ids: dict[str, int] = field(default_factory=dict)
+    models: dict[int, ModelState] = field(default_factory=dict)
+    configurations: dict[int, ConfigurationState] = field(default_factory=dict)
+    deployments: dict[int, DeploymentState] = field(default_factory=dict)
+    results: dict[int, ResultState] = field(default_factory=dict)
+    #: inference id -> result ids it serves (filled by the inference events of a later capability)
+    inferences: dict[int, list[int]] = field(default_factory=dict)
+
+    def next_id(self, kind: str) -> int:
+        return self.next_ids.get(kind, 0) + 1
+
+    def model_by_name(self, name: str) -> ModelState | None:
+        for m in self.models.values():
+            if m.name == name:
+                return m
+        return None
+
+    def lower_of(self, model_id: int) -> ModelState | None:
+        for m in self.models.values():
+            if m.upper_id == model_id:
+                return m
+        return None
+
+    def chain_below(self, model_id: int) -> list[int]:
+        """The model and its whole lower chain, bottom (edge) first."""
+        chain = [model_id]
+        seen = {model_id}
+        lower = self.lower_of(model_id)
+        while lower is not None and lower.id not in seen:
+            chain.append(lower.id)
+            seen.add(lower.id)
+            lower = self.lower_of(lower.id)
+        return list(reversed(chain))
+
+    def configurations_using(self, model_id: int) -> list[ConfigurationState]:
+        return [c for c in self.configurations.values() if model_id in c.model_ids]
+
+
+# --- apply: the fold ----------------------------------------------------------------------------------
+
+def _bump(state: State, kind: str, ident: int) -> None:
+    state.next_ids[kind] = max(state.next_ids.get(kind, 0), ident)
+
+
+def apply(state: State, event: Event) -> None:
+    """Fold one event into the state (also used while rebuilding after a restart)."""
+    state.seq = event.seq
+    state.decided.add(event.command_id)
+    if event.position is not None:
+        state.position = event.position
+    p = event.payload
+    t = event.type
+    if t in ("ModelCreated", "ModelUpdated"):
+        state.models[p["id"]] = ModelState(
+            id=p["id"], name=p["name"], distributed=p["distributed"], upper_id=p["upper_id"],
+            version=p["version"], input_shape=p["input_shape"], output_shapes=p["output_shapes"], record=p,
+        )
+        _bump(state, "model", p["id"])
+    elif t == "ModelDeleted":
+        state.models.pop(p["id"], None)
+    elif t in ("ConfigurationCreated", "ConfigurationUpdated"):
+        state.configurations[p["id"]] = ConfigurationState(p["id"], p["name"], list(p["model_ids"]), p["version"], p)
+        _bump(state, "configuration", p["id"])
+    elif t == "ConfigurationDeleted":
+        state.configurations.pop(p["id"], None)
+    elif t == "DeploymentRequested":
+        state.deployments[p["id"]] = DeploymentState(p["id"], p["configuration_id"],
+                                                     [r["id"] for r in p["results"]])
+        _bump(state, "deployment", p["id"])
+        for r in p["results"]:
+            state.results[r["id"]] = ResultState(r["id"], p["id"], r["model_id"], "created")
+            _bump(state, "result", r["id"])
+    elif t == "DeploymentDeleted":
+        dep = state.deployments.pop(p["id"], None)
+        if dep is not None:
+            for rid in dep.result_ids:
+                state.results.pop(rid, None)
+    # CommandRejected changes nothing but `decided` and `seq`.
+
+
+# --- decide -------------------------------------------------------------------------------------------
+
+class Pending(Exception):
+    """The command needs its model code validated first; the validator agent will re-send it."""
+
+
+def decide(state: State, cmd: Command, *, occurred_at: str, position: Position | None) -> Event | None:
+    """The one event the command produces, or None if it was decided before or awaits validation.
+
+    Never raises on bad input: anything wrong becomes a CommandRejected event naming the culprit.
+    """
+    if cmd.command_id in state.decided:
+        return None
+    try:
+        event_type, aggregate, agg_version, payload = _decide(state, cmd, occurred_at)
+    except Pending:
+        return None
+    except Invalid as exc:
+        event_type, aggregate, agg_version = "CommandRejected", f"command:{cmd.command_id}", 1
+        payload = {"command_id": cmd.command_id, "command_type": cmd.type, "reason": exc.to_json()}
+    return Event(
+        id=event_id_for(cmd.command_id),
+        seq=state.seq + 1,
+        type=event_type,
+        version=2 if event_type == "CommandRejected" else 1,
+        aggregate=aggregate,
+        aggregate_version=agg_version,
+        command_id=cmd.command_id,
+        occurred_at=occurred_at,
+        payload=payload,
+        position=position,
+    )
+
+
+Decision = tuple[str, str, int, JSON]
+
+
+def _decide(state: State, cmd: Command, at: str) -> Decision:
+    handler = _HANDLERS.get(cmd.type)
+    if handler is None:
+        known = ", ".join(sorted(COMMAND_EVENTS))
+        raise Invalid(f"unknown command type {cmd.type!r} (known: {known})", "type")
+    return handler(state, cmd, at)
+
+
+def _model(state: State, model_id: int, field_name: str = "id") -> ModelState:
+    m = state.models.get(model_id)
+    if m is None:
+        raise Invalid(f"model {model_id} does not exist", field_name, "not_found")
+    return m
+
+
+def _check_version(current: int, cmd_payload: JSON, what: str) -> None:
+    wanted = expected_version(cmd_payload)
+    if wanted is not None and wanted != current:
+        raise Invalid(f"{what} is at version {current}, not the expected version {wanted}; reload and retry",
+                      "expected_version", "conflict")
+
+
+def _validated_summary(cmd: Command) -> JSON:
+    """The sandbox's verdict attached by the validator agent; Pending until it is there."""
+    v = cmd.validation
+    if v is None:
+        raise Pending
+    if not v.get("ok"):
+        raise Invalid(f"the model code does not build: {v.get('error', 'unknown error')}", "code")
+    summary = v.get("summary")
+    if not isinstance(summary, dict):
+        raise Invalid("the validation record carries no model summary", "code")
+    return summary
+
+
+def _fmt(shape: Shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def _check_chain(state: State, me_id: int | None, name: str, distributed: bool, upper_id: int | None,
+                 input_shape: Shape, output_shapes: list[Shape]) -> None:
+    """Chain rules: links, cycles, tree shape, outputs per position and tensor shapes across links."""
+    lower = state.lower_of(me_id) if me_id is not None else None
+    if not distributed:
+        if upper_id is not None:
+            raise Invalid("'upper_id' is only allowed for a distributed model (set distributed=true)", "upper_id")
+        if lower is not None:
+            raise Invalid(f"model '{lower.name}' ({lower.id}) uses this model as its upper; it must stay "
+                          "distributed", "distributed")
+        if len(output_shapes) != 1:
+            raise Invalid(f"a non-distributed model has one output (probabilities); '{name}' has "
+                          f"{len(output_shapes)}", "code")
+        return
+    if upper_id is not None:
+        if upper_id == me_id:
+            raise Invalid("a model cannot be its own upper model", "upper_id")
+        upper = _model(state, upper_id, "upper_id")
+        if not upper.distributed:
+            raise Invalid(f"upper model '{upper.name}' ({upper.id}) is not distributed", "upper_id")
+        other = state.lower_of(upper_id)
+        if other is not None and other.id != me_id:
+            raise Invalid(f"upper model '{upper.name}' ({upper.id}) already has lower model '{other.name}' "
+                          f"({other.id}); a chain cannot branch", "upper_id")
+        cursor: ModelState | None = upper
+        seen: set[int] = set()
+        while cursor is not None and cursor.id not in seen:
+            if me_id is not None and cursor.upper_id == me_id:
+                raise Invalid(f"upper model '{upper.name}' ({upper.id}) would form a cycle through "
+                              f"'{cursor.name}' ({cursor.id})", "upper_id")
+            seen.add(cursor.id)
+            cursor = state.models.get(cursor.upper_id) if cursor.upper_id is not None else None
+        if len(output_shapes) != 2:
+            raise Invalid(f"a distributed model with an upper model has two outputs [tensor_to_upper, "
+                          f"probabilities]; '{name}' has {len(output_shapes)}", "code")
+        if output_shapes[0][1:] != upper.input_shape[1:]:
+            raise Invalid(f"the tensor '{name}' sends up has shape {_fmt(output_shapes[0])} but upper model "
+                          f"'{upper.name}' ({upper.id}) takes {_fmt(upper.input_shape)}", "upper_id")
+    elif len(output_shapes) != 1:
+        raise Invalid(f"the top model of a chain has one output (probabilities); '{name}' has "
+                      f"{len(output_shapes)} (give it an upper_id, or drop the tensor output)", "code")
+    if lower is not None and lower.output_shapes[0][1:] != input_shape[1:]:
+        raise Invalid(f"lower model '{lower.name}' ({lower.id}) sends a tensor of shape "
+                      f"{_fmt(lower.output_shapes[0])} but this code takes {_fmt(input_shape)}", "code")
+
+
+def _model_record(ident: int, f: ModelFields, prev: JSON | None, summary: JSON | None, version: int,
+                  at: str) -> JSON:
+    def pick(name: str, new: Any) -> Any:
+        return new if new is not None else (prev or {}).get(name)
+
+    rec: JSON = {
+        "id": ident,
+        "name": pick("name", f.name),
+        "description": pick("description", f.description) or "",
+        "imports": pick("imports", f.imports) or "",
+        "code": pick("code", f.code),
+        "distributed": bool(pick("distributed", f.distributed)),
+        "upper_id": f.upper_id if f.upper_id_given else (prev or {}).get("upper_id"),
+        "version": version,
+        "created_at": (prev or {}).get("created_at", at),
+        "updated_at": at,
+    }
+    src = summary if summary is not None else (prev or {})
+    rec["input_shape"] = src.get("input_shape")
+    rec["output_shapes"] = src.get("output_shapes")
+    rec["params"] = src.get("params")
+    return rec
+
+
+def _register_model(state: State, cmd: Command, at: str) -> Decision:
+    f = parse_model(cmd.payload, partial=False)
+    assert f.name is not None
+    clash = state.model_by_name(f.name)
+    if clash is not None:
+        raise Invalid(f"a model named '{f.name}' already exists (id {clash.id})", "name", "conflict")
+    if f.upper_id is not None:
+        _model(state, f.upper_id, "upper_id")  # fail fast, before the sandbox spends time on it
+    summary = _validated_summary(cmd)
+    ident = state.next_id("model")
+    _check_chain(state, None, f.name, bool(f.distributed), f.upper_id, summary["input_shape"],
+                 summary["output_shapes"])
+    return "ModelCreated", f"model:{ident}", 1, _model_record(ident, f, None, summary, 1, at)
+
+
+def _update_model(state: State, cmd: Command, at: str) -> Decision:
+    model = _model(state, req_id(cmd.payload, "id"))
+    f = parse_model(cmd.payload, partial=True)
+    _check_version(model.version, cmd.payload, f"model '{model.name}' ({model.id})")
+    if f.name is not None and f.name != model.name:
+        clash = state.model_by_name(f.name)
+        if clash is not None:
+            raise Invalid(f"a model named '{f.name}' already exists (id {clash.id})", "name", "conflict")
+    distributed = model.distributed if f.distributed is None else f.distributed
+    upper_id = f.upper_id if f.upper_id_given else model.upper_id
+    if (distributed != model.distributed or upper_id != model.upper_id):
+        used = state.configurations_using(model.id)
+        if used:
+            names = ", ".join(f"'{c.name}' ({c.id})" for c in used)
+            raise Invalid(f"model '{model.name}' ({model.id}) is used by configuration {names}; it keeps its "
+                          "upper_id and distributed flag while configured", "upper_id", "conflict")
+    summary: JSON | None = None
+    if f.code is not None and (f.code != model.record.get("code") or
+                               (f.imports is not None and f.imports != model.record.get("imports"))):
+        summary = _validated_summary(cmd)
+    shapes = summary if summary is not None else {"input_shape": model.input_shape,
+                                                  "output_shapes": model.output_shapes}
+    name = f.name or model.name
+    _check_chain(state, model.id, name, distributed, upper_id, shapes["input_shape"], shapes["output_shapes"])
+    version = model.version + 1
+    record = _model_record(model.id, f, model.record, summary, version, at)
+    record["distributed"] = distributed
+    record["upper_id"] = upper_id
+    return "ModelUpdated", f"model:{model.id}", version, record
+
+
+def _delete_model(state: State, cmd: Command, at: str) -> Decision:
+    model = _model(state, req_id(cmd.payload, "id"))
+    _check_version(model.version, cmd.payload, f"model '{model.name}' ({model.id})")
+    used = state.configurations_using(model.id)
+    if used:
+        names = ", ".join(f"'{c.name}' ({c.id})" for c in used)
+        raise Invalid(f"model '{model.name}' ({model.id}) is used by configuration {names}; delete or change "
+                      "those first", "id", "conflict")
+    lower = state.lower_of(model.id)
+    if lower is not None:
+        raise Invalid(f"model '{model.name}' ({model.id}) is the upper model of '{lower.name}' ({lower.id}); "
+                      "delete that model or change its upper_id first", "id", "conflict")
+    return "ModelDeleted", f"model:{model.id}", model.version + 1, {"id": model.id, "name": model.name}
+
+
+def _expand(state: State, model_ids: list[int]) -> list[int]:
+    out: list[int] = []
+    for mid in model_ids:
+        _model(state, mid, "model_ids")
+        out.extend(state.chain_below(mid))
+    return list(dict.fromkeys(out))
+
+
+def _create_configuration(state: State, cmd: Command, at: str) -> Decision:
+    name = name_field(cmd.payload)
+    ids = parse_model_ids(cmd.payload, required=True)
+    assert ids is not None
+    expanded = _expand(state, ids)
+    ident = state.next_id("configuration")
+    return "ConfigurationCreated", f"configuration:{ident}", 1, {
+        "id": ident, "name": name, "description": text_field(cmd.payload, "description") or "",
+        "model_ids": expanded, "version": 1, "created_at": at, "updated_at": at,
+    }
+
+
+def _configuration(state: State, cid: int) -> ConfigurationState:
+    c = state.configurations.get(cid)
+    if c is None:
+        raise Invalid(f"configuration {cid} does not exist", "id", "not_found")
+    return c
+
+
+def _update_configuration(state: State, cmd: Command, at: str) -> Decision:
+    conf = _configuration(state, req_id(cmd.payload, "id"))
+    _check_version(conf.version, cmd.payload, f"configuration '{conf.name}' ({conf.id})")
+    name = name_field(cmd.payload, required=False) or conf.name
+    ids = parse_model_ids(cmd.payload, required=False)
+    expanded = _expand(state, ids) if ids is not None else conf.model_ids
+    prev = conf.record
+    version = conf.version + 1
+    description = text_field(cmd.payload, "description", None)
+    return "ConfigurationUpdated", f"configuration:{conf.id}", version, {
+        "id": conf.id, "name": name,
+        "description": description if description is not None else prev.get("description", ""),
+        "model_ids": expanded, "version": version, "created_at": prev.get("created_at", at), "updated_at": at,
+    }
+
+
+def _delete_configuration(state: State, cmd: Command, at: str) -> Decision:
+    conf = _configuration(state, req_id(cmd.payload, "id"))
+    _check_version(conf.version, cmd.payload, f"configuration '{conf.name}' ({conf.id})")
+    users = sorted(d.id for d in state.deployments.values() if d.configuration_id == conf.id)
+    if users:
+        raise Invalid(f"configuration '{conf.name}' ({conf.id}) is used by deployment(s) "
+                      f"{', '.join(map(str, users))}; delete those first", "id", "conflict")
+    return "ConfigurationDeleted", f"configuration:{conf.id}", conf.version + 1, {"id": conf.id}
+
+
+def _request_deployment(state: State, cmd: Command, at: str) -> Decision:
+    f = parse_deployment(cmd.payload)
+    conf = state.configurations.get(f.configuration_id)
+    if conf is None:
+        raise Invalid(f"configuration {f.configuration_id} does not exist", "configuration_id", "not_found")
+    missing = [mid for mid in conf.model_ids if mid not in state.models]
+    if missing:  # cannot happen while the rules hold; kept as a guard with a readable message
+        raise Invalid(f"configuration '{conf.name}' refers to deleted model(s) {missing}", "configuration_id")
+    if isinstance(f.loss_weights, dict):
+        stray = sorted(set(f.loss_weights) - {str(m) for m in conf.model_ids})
+        if stray:
+            raise Invalid(f"'loss_weights' names model(s) {', '.join(stray)} that configuration "
+                          f"'{conf.name}' does not contain", "loss_weights")
+    elif isinstance(f.loss_weights, list):
+        chains = _chains(state, conf.model_ids)
+        for chain in chains:
+            if len(chain) != len(f.loss_weights):
+                raise Invalid(f"'loss_weights' has {len(f.loss_weights)} weights but chain "
+                              f"{'->'.join(state.models[m].name for m in chain)} has {len(chain)} exits; "
+                              "use {model_id: weight} for configurations with chains of different lengths",
+                              "loss_weights")
+    ident = state.next_id("deployment")
+    first_result = state.next_id("result")
+    results = [{"id": first_result + i, "model_id": mid, "model_version": state.models[mid].version}
+               for i, mid in enumerate(conf.model_ids)]
+    payload = f.to_json() | {
+        "id": ident,
+        "model_versions": {str(mid): state.models[mid].version for mid in conf.model_ids},
+        "results": results,
+        "created_at": at,
+    }
+    return "DeploymentRequested", f"deployment:{ident}", 1, payload
+
+
+def _chains(state: State, model_ids: list[int]) -> list[list[int]]:
+    """Group a configuration's models into chains (bottom first); single models are chains of one."""
+    members = set(model_ids)
+    chains: list[list[int]] = []
+    for mid in model_ids:
+        m = state.models[mid]
+        below = state.lower_of(mid)
+        if below is not None and below.id in members:
+            continue  # not the bottom of its chain
+        chain = [mid]
+        cursor = m
+        while cursor.upper_id is not None and cursor.upper_id in members:
+            chain.append(cursor.upper_id)
+            cursor = state.models[cursor.upper_id]
+        chains.append(chain)
+    return chains
+
+
+def _delete_deployment(state: State, cmd: Command, at: str) -> Decision:
+    did = req_id(cmd.payload, "id")
+    dep = state.deployments.get(did)
+    if dep is None:
+        raise Invalid(f"deployment {did} does not exist", "id", "not_found")
+    served = sorted(i for i, rids in state.inferences.items() if set(rids) & set(dep.result_ids))
+    if served:
+        raise Invalid(f"deployment {did} has results served by inference(s) {', '.join(map(str, served))}; "
+                      "stop and delete those first", "id", "conflict")
+    return "DeploymentDeleted", f"deployment:{did}", 2, {"id": did, "result_ids": dep.result_ids}
+
+
+_HANDLERS = {
+    "RegisterModel": _register_model,
+    "UpdateModel": _update_model,
+    "DeleteModel": _delete_model,
+    "CreateConfiguration": _create_configuration,
+    "UpdateConfiguration": _update_configuration,
+    "DeleteConfiguration": _delete_configuration,
+    "RequestDeployment": _request_deployment,
+    "DeleteDeployment": _delete_deployment,
+}
+
+
+def needs_validation(state: State, cmd: Command) -> bool:
+    """Whether the validator agent must build this command's code (the decider will wait for it)."""
+    if cmd.type not in CODE_COMMANDS or cmd.validation is not None:
+        return False
+    code = cmd.payload.get("code")
+    return isinstance(code, str) and bool(code.strip())

@@ -1,0 +1,211 @@
+"""Settings: one frozen dataclass tree read from the environment at each entry point.
+
+Every `tierflow` entry point (the CLI front door, the worker, the API, workloads) calls
+`Settings.from_env()` once and passes the tree (or the part it needs) down. Nothing else in the
+code base reads `os.environ`. Each field documents its environment variable; the README lists them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value tierflow cannot use; the message names the variable."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    return default if raw is None or raw == "" else raw
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """How every tierflow client talks to the broker."""
+
+    #: KAFKA_BOOTSTRAP_SERVERS: broker list; empty means "the embedded stack's broker".
+    bootstrap_servers: str = ""
+    #: TIERFLOW_FETCH_MAX_WAIT_MS: how long a fetch may wait for data. Tansu holds a fetch for the whole
+    #: wait instead of answering when data arrives, so this bounds every hop's latency (see DESIGN).
+    fetch_max_wait_ms: int = 5
+    #: TIERFLOW_SESSION_TIMEOUT_MS: consumer-group session timeout (a group join costs half of it on Tansu).
+    session_timeout_ms: int = 6000
+    #: TIERFLOW_TOPIC_PREFIX: prefix of the control-plane topics (`<prefix>.commands`, ...).
+    topic_prefix: str = "tierflow"
+    #: KAFKA_ML_CONTROL_TOPIC (or TIERFLOW_CONTROL_TOPIC): the Kafka-ML datasource control topic.
+    control_topic: str = "KAFKA_ML_CONTROL_TOPIC"
+
+    @property
+    def commands_topic(self) -> str:
+        return f"{self.topic_prefix}.commands"
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.topic_prefix}.events"
+
+    @property
+    def deadletter_topic(self) -> str:
+        return f"{self.topic_prefix}.deadletter"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    #: DATABASE_URL: a Postgres URL; empty means "the embedded stack's Postgres".
+    url: str = ""
+    #: TIERFLOW_DB_POOL_SIZE: connections per process.
+    pool_size: int = 4
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    #: TIERFLOW_API_HOST / TIERFLOW_API_PORT: where the API listens (port 0 = the stack picks one).
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: TIERFLOW_API_URL: where CLIs and workloads reach the API (defaults to the embedded stack's).
+    url: str = ""
+    #: TIERFLOW_API_TOKEN: when set, writes need `Authorization: Bearer <token>`.
+    token: str = ""
+    #: TIERFLOW_COMMAND_TIMEOUT_S: how long a write waits for its command's outcome before answering 202.
+    command_timeout_s: float = 10.0
+    #: TIERFLOW_MAX_BODY_BYTES: largest request body accepted (model code, JSON configs).
+    max_body_bytes: int = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """The model-code validation sandbox (a warm pool of single-use subprocesses)."""
+
+    #: TIERFLOW_SANDBOX_POOL: sandboxes kept warm (each has TensorFlow imported, ~400 MB).
+    pool_size: int = 2
+    #: TIERFLOW_SANDBOX_TIMEOUT_S: wall-clock limit for building one model.
+    timeout_s: float = 60.0
+    #: TIERFLOW_SANDBOX_MEMORY_MB: address space the user code may add on top of TensorFlow's.
+    memory_mb: int = 2048
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """The embedded stack (`tierflow up`)."""
+
+    #: TIERFLOW_HOME: where the embedded stack keeps its state (Postgres data, logs, artefacts).
+    home: Path = Path(".tierflow")
+    #: TIERFLOW_BROKER_PORT / TIERFLOW_POSTGRES_PORT: 0 = pick a free port.
+    broker_port: int = 0
+    postgres_port: int = 0
+    #: TIERFLOW_RESTART_BACKOFF_S: first delay before a crashed child is restarted (doubles, max 30 s).
+    restart_backoff_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    stack: StackSettings = field(default_factory=StackSettings)
+    #: TIERFLOW_LOG_LEVEL
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e: Mapping[str, str] = os.environ if env is None else env
+        kafka = KafkaSettings(
+            bootstrap_servers=_str(e, "KAFKA_BOOTSTRAP_SERVERS", ""),
+            fetch_max_wait_ms=_int(e, "TIERFLOW_FETCH_MAX_WAIT_MS", 5, minimum=0),
+            session_timeout_ms=_int(e, "TIERFLOW_SESSION_TIMEOUT_MS", 6000, minimum=1000),
+            topic_prefix=_str(e, "TIERFLOW_TOPIC_PREFIX", "tierflow"),
+            control_topic=_str(
+                e, "TIERFLOW_CONTROL_TOPIC", _str(e, "KAFKA_ML_CONTROL_TOPIC", "KAFKA_ML_CONTROL_TOPIC")
+            ),
+        )
+        database = DatabaseSettings(
+            url=_str(e, "DATABASE_URL", ""),
+            pool_size=_int(e, "TIERFLOW_DB_POOL_SIZE", 4, minimum=1),
+        )
+        api = ApiSettings(
+            host=_str(e, "TIERFLOW_API_HOST", "127.0.0.1"),
+            port=_int(e, "TIERFLOW_API_PORT", 8080),
+            url=_str(e, "TIERFLOW_API_URL", ""),
+            token=_str(e, "TIERFLOW_API_TOKEN", ""),
+            command_timeout_s=_float(e, "TIERFLOW_COMMAND_TIMEOUT_S", 10.0),
+            max_body_bytes=_int(e, "TIERFLOW_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=1024),
+        )
+        sandbox = SandboxSettings(
+            pool_size=_int(e, "TIERFLOW_SANDBOX_POOL", 2, minimum=1),
+            timeout_s=_float(e, "TIERFLOW_SANDBOX_TIMEOUT_S", 60.0),
+            memory_mb=_int(e, "TIERFLOW_SANDBOX_MEMORY_MB", 2048, minimum=64),
+        )
+        stack = StackSettings(
+            home=Path(_str(e, "TIERFLOW_HOME", ".tierflow")),
+            broker_port=_int(e, "TIERFLOW_BROKER_PORT", 0),
+            postgres_port=_int(e, "TIERFLOW_POSTGRES_PORT", 0),
+            restart_backoff_s=_float(e, "TIERFLOW_RESTART_BACKOFF_S", 0.5),
+        )
+        return cls(
+            kafka=kafka,
+            database=database,
+            api=api,
+            sandbox=sandbox,
+            stack=stack,
+            log_level=_str(e, "TIERFLOW_LOG_LEVEL", "INFO").upper(),
+        )
+
+    def with_endpoints(self, *, bootstrap_servers: str, database_url: str, api_url: str = "") -> Settings:
+        """A copy pointing at concrete endpoints (used by the embedded stack and tests)."""
+        changes: dict[str, Any] = {
+            "kafka": replace(self.kafka, bootstrap_servers=bootstrap_servers),
+            "database": replace(self.database, url=database_url),
+        }
+        if api_url:
+            changes["api"] = replace(self.api, url=api_url)
+        return replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment a child process needs to rebuild these settings with `from_env`."""
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
+            "TIERFLOW_FETCH_MAX_WAIT_MS": str(self.kafka.fetch_max_wait_ms),
+            "TIERFLOW_SESSION_TIMEOUT_MS": str(self.kafka.session_timeout_ms),
+            "TIERFLOW_TOPIC_PREFIX": self.kafka.topic_prefix,
+            "TIERFLOW_CONTROL_TOPIC": self.kafka.control_topic,
+            "DATABASE_URL": self.database.url,
+            "TIERFLOW_DB_POOL_SIZE": str(self.database.pool_size),
+            "TIERFLOW_API_HOST": self.api.host,
+            "TIERFLOW_API_PORT": str(self.api.port),
+            "TIERFLOW_API_URL": self.api.url,
+            "TIERFLOW_API_TOKEN": self.api.token,
+            "TIERFLOW_COMMAND_TIMEOUT_S": str(self.api.command_timeout_s),
+            "TIERFLOW_MAX_BODY_BYTES": str(self.api.max_body_bytes),
+            "TIERFLOW_SANDBOX_POOL": str(self.sandbox.pool_size),
+            "TIERFLOW_SANDBOX_TIMEOUT_S": str(self.sandbox.timeout_s),
+            "TIERFLOW_SANDBOX_MEMORY_MB": str(self.sandbox.memory_mb),
+            "TIERFLOW_HOME": str(self.stack.home),
+            "TIERFLOW_LOG_LEVEL": self.log_level,
+        }

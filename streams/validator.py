@@ -1,0 +1,131 @@
+"""The validator agent: builds the model code of RegisterModel/UpdateModel commands in the sandbox.
+
+Run by the worker beside the decider. It reads `tierflow.commands` on its own (its position, per commands
+log, lives in Postgres `agent_positions`), builds each new piece of model code in a warm, single-use
+sandbox subprocess (tiers/sandbox.py: TensorFlow is never imported here), and re-sends the command with
+the verdict attached (`validation`: input shape, output shapes, parameter count, or the error). The
+decider decides the command when that copy arrives, so a slow build never holds other commands up.
+Commands the decider already decided (e.g. rejected for a duplicate name) are not built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from tierflow.streams import kafka as kio
+from tierflow.streams.catalogue import CODE_COMMANDS
+from tierflow.streams.commandlog import read_log_id
+from tierflow.streams.envelope import JSON, Command, EnvelopeError, decode_command
+from tierflow.streams.settings import KafkaSettings
+
+log = logging.getLogger("tierflow.validator")
+
+AGENT = "validator"
+
+#: validate(code, imports) -> {"ok": True, "summary": {...}} | {"ok": False, "error": "..."}
+ValidateFn = Callable[[str, str], Awaitable[JSON]]
+
+
+def needs_validation(cmd: Command) -> bool:
+    if cmd.type not in CODE_COMMANDS or cmd.validation is not None:
+        return False
+    code = cmd.payload.get("code")
+    return isinstance(code, str) and bool(code.strip())
+
+
+def sandbox_validate(pool: Any) -> ValidateFn:
+    """Adapt tiers.sandbox.SandboxPool to the verdict the decider reads."""
+    from tierflow.tiers.sandbox import CodeInvalid, SandboxError
+
+    async def validate(code: str, imports: str) -> JSON:
+        try:
+            summary = await pool.validate(code, imports)
+        except CodeInvalid as exc:
+            return {"ok": False, "error": str(exc)}
+        except SandboxError as exc:
+            return {"ok": False, "error": f"the sandbox stopped building it: {exc}"}
+        result: JSON = summary.to_dict()
+        return {"ok": True, "summary": result}
+
+    return validate
+
+
+class Validator:
+    def __init__(self, kafka: KafkaSettings, database_url: str, validate: ValidateFn, *, concurrency: int = 2) -> None:
+        self.kafka = kafka
+        self.database_url = database_url
+        self.validate = validate
+        self.concurrency = concurrency
+        self.validated = 0
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        tp = TopicPartition(self.kafka.commands_topic, 0)
+        c = kio.consumer(self.kafka)
+        prod = kio.producer(self.kafka)
+        conn = await asyncpg.connect(self.database_url)
+        await c.start()
+        await prod.start()
+        try:
+            c.assign([tp])
+            log_id = await read_log_id(c, tp)
+            row = await conn.fetchrow('SELECT log_id, "offset" FROM public.agent_positions WHERE agent = $1', AGENT)
+            if row is not None and row["log_id"] == log_id:
+                c.seek(tp, int(row["offset"]) + 1)
+            else:
+                await c.seek_to_beginning(tp)
+            gate = asyncio.Semaphore(self.concurrency)
+            while not stopping.is_set():
+                batch = await c.getmany(tp, timeout_ms=100, max_records=200)
+                records = batch.get(tp, [])
+                if not records:
+                    continue
+                await self._handle(records, conn, prod, gate)
+                await conn.execute(
+                    'INSERT INTO public.agent_positions (agent, log_id, "offset") VALUES ($1, $2, $3) '
+                    'ON CONFLICT (agent) DO UPDATE SET log_id = EXCLUDED.log_id, "offset" = EXCLUDED."offset"',
+                    AGENT, log_id, records[-1].offset,
+                )
+        finally:
+            await c.stop()
+            await prod.stop()
+            await conn.close()
+
+    async def _handle(self, records: list[Any], conn: asyncpg.Connection, prod: AIOKafkaProducer,
+                      gate: asyncio.Semaphore) -> None:
+        todo: list[Command] = []
+        for record in records:
+            try:
+                cmd = decode_command(record.value)
+            except EnvelopeError:
+                continue  # the decider dead-letters it
+            if isinstance(cmd, Command) and needs_validation(cmd):
+                todo.append(cmd)
+        if not todo:
+            return
+        decided = {
+            str(r["command_id"])
+            for r in await conn.fetch("SELECT command_id FROM proj.command_outcomes WHERE command_id = ANY($1::uuid[])",
+                                      [c.command_id for c in todo])
+        }
+        todo = [c for c in todo if c.command_id not in decided]
+
+        async def one(cmd: Command) -> None:
+            async with gate:
+                verdict = await self.validate(str(cmd.payload["code"]), str(cmd.payload.get("imports") or ""))
+            self.validated += 1
+            if verdict.get("ok"):
+                log.info("%s %s: code builds (%s params)", cmd.type, cmd.command_id, verdict["summary"].get("params"))
+            else:
+                log.info("%s %s: code rejected: %s", cmd.type, cmd.command_id, verdict.get("error"))
+            twin = replace(cmd, validation=verdict, source=f"{cmd.source}+validator")
+            await prod.send_and_wait(self.kafka.commands_topic, twin.encode(), key=twin.key())
+
+        await asyncio.gather(*(one(cmd) for cmd in todo))
+

@@ -1,0 +1,141 @@
+"""The control-plane worker process (`tierflow worker`): decider, validator and projector agents.
+
+Started by the embedded stack's supervisor (or as a Deployment in cluster mode). Each agent runs as a
+task that is restarted with backoff when it fails, so one agent's crash never takes the others down and
+every agent resumes from its own durable position. Only the worker holding the decider lock (a Postgres
+advisory lock) runs a decider, so a second replica waits as a hot standby. SIGTERM stops the decider and
+the validator first and lets the projector drain what was decided, so `tierflow down` archives it.
+
+Why not Faust `@app.agent`s here: the control plane owns its positions (events log, Postgres tracking
+rows), needs manual partition assignment and short fetch waits, and cannot use Faust tables or
+exactly-once on the embedded broker; plain aiokafka loops give exactly that with less machinery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from tierflow.projections.schema import migrate
+from tierflow.streams.decider import Decider
+from tierflow.streams.projector import Projector
+from tierflow.streams.settings import Settings
+from tierflow.streams.validator import ValidateFn, Validator, sandbox_validate
+
+log = logging.getLogger("tierflow.worker")
+
+DECIDER_LOCK = 7_310_003
+
+
+async def supervise(name: str, run: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:
+    """Run an agent until `stopping`; restart it with backoff when it fails (and log why)."""
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent %s failed; restarting in %.1f s", name, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=delay)
+        delay = min(delay * 2, 30.0)
+
+
+class Worker:
+    def __init__(self, settings: Settings, validate: ValidateFn | None = None) -> None:
+        self.settings = settings
+        self._validate = validate
+        self.decider = Decider(settings.kafka)
+        self.projector = Projector(settings.kafka, settings.database.url)
+        self.validator: Validator | None = None
+        self.stopping = asyncio.Event()
+        self._drain = asyncio.Event()
+        self._control_stopping = asyncio.Event()
+        self._projector_stopping = asyncio.Event()
+
+    async def _run_decider(self) -> None:
+        conn = await asyncpg.connect(self.settings.database.url)
+        try:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", DECIDER_LOCK):
+                log.info("another worker holds the decider lock; standing by")
+                lock = asyncio.ensure_future(conn.fetchval("SELECT pg_advisory_lock($1)", DECIDER_LOCK))
+                stop = asyncio.ensure_future(self._control_stopping.wait())
+                done, _ = await asyncio.wait({lock, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if stop in done:
+                    lock.cancel()
+                    return
+                stop.cancel()
+            self.decider = Decider(self.settings.kafka)
+            await self.decider.run(self._control_stopping)
+        finally:
+            await conn.close()
+
+    async def run(self) -> None:
+        await migrate(self.settings.database.url)
+        pool = None
+        validate = self._validate
+        if validate is None:
+            from tierflow.tiers.sandbox import SandboxPool
+
+            pool = SandboxPool(self.settings.sandbox)
+            await pool.start()
+            validate = sandbox_validate(pool)
+        self.validator = Validator(self.settings.kafka, self.settings.database.url, validate,
+                                   concurrency=self.settings.sandbox.pool_size)
+        validator = self.validator
+        tasks = [
+            asyncio.create_task(supervise("decider", self._run_decider, self._control_stopping)),
+            asyncio.create_task(supervise("validator", lambda: validator.run(self._control_stopping),
+                                          self._control_stopping)),
+            asyncio.create_task(supervise("projector",
+                                          lambda: self.projector.run(self._projector_stopping, self._drain),
+                                          self._projector_stopping)),
+        ]
+        try:
+            await self.stopping.wait()
+        finally:
+            self._control_stopping.set()
+            await asyncio.gather(*tasks[:2], return_exceptions=True)
+            # Let the projector archive what the decider wrote, within a deadline.
+            self._drain.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(tasks[2]), timeout=10)
+            self._projector_stopping.set()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if pool is not None:
+                await pool.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def run_worker(settings: Settings) -> int:
+    if not settings.kafka.bootstrap_servers or not settings.database.url:
+        from tierflow.deploy.stack import read_stack_state
+
+        state = read_stack_state(settings.stack.home)
+        if state is None:
+            log.error("no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack in %s",
+                      settings.stack.home)
+            return 2
+        settings = settings.with_endpoints(bootstrap_servers=state.bootstrap_servers,
+                                           database_url=state.database_url)
+
+    async def main() -> None:
+        worker = Worker(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    asyncio.run(main())
+    return 0

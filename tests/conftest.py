@@ -1,0 +1,115 @@
+"""Session fixtures: one real Tansu broker and one real Postgres for the whole test session.
+
+Integration and e2e tests get an isolated control plane each (`plane`): their own topic prefix on the
+shared broker and their own database on the shared Postgres, so tests never see each other's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tierflow.deploy import services
+from tierflow.streams.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "kafka-ml-snippets"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@dataclass(frozen=True)
+class Infra:
+    bootstrap_servers: str
+    postgres_port: int
+
+    def admin_url(self) -> str:
+        return services.postgres_url(self.postgres_port, "postgres")
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[Infra]:
+    ARTIFACTS.mkdir(exist_ok=True)
+    broker_port = services.free_port()
+    broker = services.spawn(services.tansu_spec(broker_port), ARTIFACTS / "tansu.log")
+    pg_root = Path(tempfile.mkdtemp(prefix="tierflow-test-pg-", dir="/tmp"))
+    pg_root.chmod(0o755)
+    data_dir = pg_root / "data"
+    pg_port = services.free_port()
+    pg: subprocess.Popen[bytes] | None = None
+    try:
+        services.wait_for_port(broker_port, deadline_s=20, proc=broker, what="Tansu broker")
+        services.init_postgres(data_dir)
+        pg = services.spawn(services.postgres_spec(data_dir, pg_port), ARTIFACTS / "postgres.log")
+        services.wait_for_port(pg_port, deadline_s=30, proc=pg, what="Postgres")
+        services.ensure_database(pg_port)
+        yield Infra(f"127.0.0.1:{broker_port}", pg_port)
+    finally:
+        services.stop(broker)
+        if pg is not None:
+            services.stop(pg)
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+async def new_plane(infra: Infra, name: str = "t") -> Settings:
+    """Fresh topics (unique prefix) and a fresh database, with topics created and the schema migrated."""
+    from tierflow.projections.schema import migrate
+    from tierflow.streams.topics import ensure_topics
+
+    suffix = uuid.uuid4().hex[:10]
+    db = f"{name}_{suffix}"
+    conn = await asyncpg.connect(infra.admin_url())
+    try:
+        await conn.execute(f'CREATE DATABASE "{db}"')
+    finally:
+        await conn.close()
+    base = Settings.from_env({})
+    settings = base.with_endpoints(
+        bootstrap_servers=infra.bootstrap_servers, database_url=services.postgres_url(infra.postgres_port, db)
+    )
+    settings = replace(settings, kafka=replace(settings.kafka, topic_prefix=f"{name}-{suffix}",
+                                               control_topic=f"{name}-{suffix}.control"))
+    await ensure_topics(settings.kafka)
+    await migrate(settings.database.url)
+    return settings
+
+
+@pytest.fixture
+async def plane(infra: Infra) -> Settings:
+    return await new_plane(infra)
+
+
+async def wait_until(predicate: object, *, timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> None:
+    """Poll an (async or sync) predicate until it is true or the deadline passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()  # type: ignore[operator]
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def snippets() -> dict[str, str]:
+    return {p.stem: p.read_text() for p in sorted(FIXTURES.glob("*.py"))}
+
+
+async def run_in_background(coro: object) -> AsyncIterator[asyncio.Task[None]]:
+    task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    try:
+        yield task
+    finally:
+        task.cancel()
