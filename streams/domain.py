@@ -198,7 +198,8 @@ def _decide(state: State, cmd: Command, at: str) -> Decision:
 def _model(state: State, model_id: int, field_name: str = "id") -> ModelState:
     m = state.models.get(model_id)
     if m is None:
-        raise Invalid(f"model {model_id} does not exist", field_name, "not_found")
+        # An unknown id in the path is a 404; an unknown id named by a body field is a 422 on that field.
+        raise Invalid(f"model {model_id} does not exist", field_name, "not_found" if field_name == "id" else "invalid")
     return m
 
 
@@ -414,7 +415,7 @@ def _request_deployment(state: State, cmd: Command, at: str) -> Decision:
     f = parse_deployment(cmd.payload)
     conf = state.configurations.get(f.configuration_id)
     if conf is None:
-        raise Invalid(f"configuration {f.configuration_id} does not exist", "configuration_id", "not_found")
+        raise Invalid(f"configuration {f.configuration_id} does not exist", "configuration_id")
     missing = [mid for mid in conf.model_ids if mid not in state.models]
     if missing:  # cannot happen while the rules hold; kept as a guard with a readable message
         raise Invalid(f"configuration '{conf.name}' refers to deleted model(s) {missing}", "configuration_id")

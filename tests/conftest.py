@@ -113,3 +113,40 @@ async def run_in_background(coro: object) -> AsyncIterator[asyncio.Task[None]]:
         yield task
     finally:
         task.cancel()
+
+
+@pytest.fixture(scope="session")
+async def sandbox_pool() -> AsyncIterator[object]:
+    """One warm sandbox pool for the session: the TensorFlow import is paid once per sandbox, not per test."""
+    from tierflow.tiers.sandbox import SandboxPool
+
+    settings = Settings.from_env({}).sandbox
+    pool = SandboxPool(replace(settings, pool_size=2, timeout_s=60.0))
+    await pool.start()
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@dataclass
+class RunningPlane:
+    settings: Settings
+    worker: object
+    task: asyncio.Task[None]
+
+
+async def start_plane(settings: Settings, validate: object) -> RunningPlane:
+    from tierflow.streams.worker import Worker
+
+    worker = Worker(settings, validate=validate)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run())
+    await wait_until(lambda: worker.decider.ready.is_set() or task.done(), what="decider ready")
+    if task.done():
+        task.result()
+    return RunningPlane(settings, worker, task)
+
+
+async def stop_plane(running: RunningPlane) -> None:
+    running.worker.stop()  # type: ignore[attr-defined]
+    await asyncio.wait_for(running.task, 30)

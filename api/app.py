@@ -1,0 +1,110 @@
+"""The aiohttp app factory and the `tierflow api` entry point.
+
+`create_app(settings)` wires the routes, the middlewares (errors as JSON, bearer-token auth for writes,
+metrics) and opens the resources (asyncpg pool, Kafka producer, outcome listener, events probe) in
+`cleanup_ctx`, so nothing connects at import time and tests build the same app as production.
+The API never imports TensorFlow or the worker's agents.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+from aiohttp import web
+from aiokafka import TopicPartition
+
+from tierflow.api.errors import Handler, error_middleware, error_response
+from tierflow.api.outcomes import OutcomeWaiter
+from tierflow.api.routes import routes
+from tierflow.api.state import STATE_KEY, AppState, get_state
+from tierflow.projections.schema import migrate
+from tierflow.streams import kafka as kio
+from tierflow.streams.settings import Settings
+
+log = logging.getLogger("tierflow.api")
+
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def auth_middleware(token: str) -> web.middleware:  # type: ignore[valid-type]
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token and request.method in WRITE_METHODS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response(401, "unauthorized", "writes need 'Authorization: Bearer <TIERFLOW_API_TOKEN>'")
+        return await handler(request)
+
+    return check
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        if STATE_KEY in request.app:
+            m = get_state(request).metrics
+            m.requests.labels(request.method, route, str(status)).inc()
+            m.latency.labels(request.method, route).observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.api.max_body_bytes,
+        middlewares=[metrics_middleware, error_middleware, auth_middleware(settings.api.token)],
+    )
+    app.add_routes(routes)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        await migrate(settings.database.url)
+        pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=settings.database.pool_size)
+        producer = kio.producer(settings.kafka)
+        await producer.start()
+        probe = kio.consumer(settings.kafka)
+        await probe.start()
+        probe.assign([TopicPartition(settings.kafka.events_topic, 0)])
+        outcomes = OutcomeWaiter(pool)
+        await outcomes.start(settings.database.url)
+        app[STATE_KEY] = AppState(settings=settings, pool=pool, producer=producer, outcomes=outcomes,
+                                  events_consumer=probe)
+        try:
+            yield
+        finally:
+            await outcomes.stop()
+            await probe.stop()
+            await producer.stop()
+            await pool.close()
+
+    app.cleanup_ctx.append(resources)
+    return app
+
+
+def run_api(settings: Settings) -> int:
+    if not settings.kafka.bootstrap_servers or not settings.database.url:
+        from tierflow.deploy.stack import read_stack_state
+
+        state = read_stack_state(settings.stack.home)
+        if state is None:
+            log.error("no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack in %s",
+                      settings.stack.home)
+            return 2
+        settings = settings.with_endpoints(bootstrap_servers=state.bootstrap_servers,
+                                           database_url=state.database_url)
+    web.run_app(create_app(settings), host=settings.api.host, port=settings.api.port, print=None,
+                access_log=None, shutdown_timeout=5)
+    return 0

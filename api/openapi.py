@@ -1,0 +1,155 @@
+"""The OpenAPI 3.1 document served at `/openapi.json`; a test checks it matches the registered routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSON = dict[str, Any]
+
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_SHAPE = {"type": "array", "items": {"type": ["integer", "null"]}}
+_TS = {"type": "string", "format": "date-time"}
+
+
+def _obj(props: JSON, required: list[str] | None = None) -> JSON:
+    out: JSON = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    return out
+
+
+def _ref(name: str) -> JSON:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _list(name: str) -> JSON:
+    return _obj({"items": {"type": "array", "items": _ref(name)}, "total": _INT})
+
+
+SCHEMAS: JSON = {
+    "Error": _obj({"error": _obj({"code": _STR, "message": _STR, "field": {"type": ["string", "null"]}})}),
+    "Pending": _obj({"command_id": _STR, "status": {"const": "pending"}, "message": _STR}),
+    "ModelIn": _obj({"name": {"type": "string", "minLength": 1, "maxLength": 64}, "description": _STR,
+                     "imports": _STR, "code": {"type": "string", "description": "Keras snippet or Keras JSON"},
+                     "distributed": {"type": "boolean"}, "upper_id": {"type": ["integer", "null"]},
+                     "expected_version": _INT}, ["name", "code"]),
+    "Model": _obj({"id": _INT, "name": _STR, "description": _STR, "imports": _STR, "code": _STR,
+                   "distributed": {"type": "boolean"}, "upper_id": {"type": ["integer", "null"]},
+                   "lower_id": {"type": ["integer", "null"]}, "version": _INT, "input_shape": _SHAPE,
+                   "output_shapes": {"type": "array", "items": _SHAPE}, "params": _INT, "created_at": _TS,
+                   "updated_at": _TS}),
+    "ConfigurationIn": _obj({"name": _STR, "description": _STR,
+                             "model_ids": {"type": "array", "items": _INT, "minItems": 1},
+                             "expected_version": _INT}, ["name", "model_ids"]),
+    "Configuration": _obj({"id": _INT, "name": _STR, "description": _STR,
+                           "model_ids": {"type": "array", "items": _INT}, "version": _INT, "created_at": _TS,
+                           "updated_at": _TS}),
+    "DeploymentIn": _obj({"configuration_id": _INT, "batch": {"type": "integer", "minimum": 1},
+                          "fit_options": {"type": "object"}, "eval_options": {"type": "object"},
+                          "optimizer": _STR, "learning_rate": {"type": "number"}, "loss": _STR,
+                          "metrics": {"type": "array", "items": _STR},
+                          "loss_weights": {"type": ["array", "object", "null"]}}, ["configuration_id", "batch"]),
+    "Deployment": _obj({"id": _INT, "configuration_id": _INT, "batch": _INT, "fit_options": {"type": "object"},
+                        "eval_options": {"type": "object"}, "optimizer": _STR,
+                        "learning_rate": {"type": ["number", "null"]}, "loss": _STR,
+                        "metrics": {"type": "array", "items": _STR}, "loss_weights": {},
+                        "model_versions": {"type": "object"}, "result_ids": {"type": "array", "items": _INT},
+                        "created_at": _TS}),
+    "Result": _obj({"id": _INT, "deployment_id": _INT, "model_id": _INT, "model_name": _STR,
+                    "model_version": _INT, "status": {"enum": ["created", "deployed", "training", "finished",
+                                                               "failed", "stopped"]},
+                    "created_at": _TS, "updated_at": _TS}),
+    "Outcome": _obj({"command_id": _STR, "status": {"enum": ["accepted", "rejected"]}, "event_type": _STR,
+                     "aggregate": _STR, "seq": _INT, "reason": {}, "occurred_at": _TS}),
+    "Deleted": _obj({"id": _INT, "deleted": {"type": "boolean"}, "command_id": _STR}),
+}
+
+
+def _resp(code: str, schema: str | None, description: str) -> JSON:
+    body: JSON = {"description": description}
+    if schema:
+        body["content"] = {"application/json": {"schema": _ref(schema) if not schema.startswith("list:")
+                                                else _list(schema[5:])}}
+    return {code: body}
+
+
+def _op(summary: str, ok: tuple[str, str | None], body: str | None = None, write: bool = False,
+        params: list[JSON] | None = None) -> JSON:
+    responses: JSON = {}
+    responses.update(_resp(ok[0], ok[1], "success"))
+    if write:
+        responses.update(_resp("202", "Pending", "outcome not known within the command timeout"))
+        responses.update(_resp("409", "Error", "conflict with the current state"))
+        responses.update(_resp("422", "Error", "a field is invalid (the error names it)"))
+        responses.update(_resp("401", "Error", "TIERFLOW_API_TOKEN is set and the bearer token is missing"))
+    responses.update(_resp("404", "Error", "unknown id"))
+    op: JSON = {"summary": summary, "responses": responses}
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _q(name: str, schema: JSON) -> JSON:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+_ID = [{"name": "id", "in": "path", "required": True, "schema": _INT}]
+_PAGE = [_q("limit", _INT), _q("offset", _INT)]
+
+
+def paths() -> JSON:
+    return {
+        "/models": {
+            "get": _op("List models", ("200", "list:Model"),
+                       params=[_q("distributed", {"type": "boolean"}), _q("name", _STR), *_PAGE]),
+            "post": _op("Register a model (its code is built in the sandbox)", ("201", "Model"), "ModelIn", True),
+        },
+        "/models/{id}": {
+            "get": _op("Get a model", ("200", "Model"), params=_ID),
+            "put": _op("Update a model", ("200", "Model"), "ModelIn", True, _ID),
+            "delete": _op("Delete a model", ("200", "Deleted"), write=True, params=_ID),
+        },
+        "/configurations": {
+            "get": _op("List configurations", ("200", "list:Configuration"), params=_PAGE),
+            "post": _op("Create a configuration (chains expanded)", ("201", "Configuration"), "ConfigurationIn",
+                        True),
+        },
+        "/configurations/{id}": {
+            "get": _op("Get a configuration", ("200", "Configuration"), params=_ID),
+            "put": _op("Update a configuration", ("200", "Configuration"), "ConfigurationIn", True, _ID),
+            "delete": _op("Delete a configuration", ("200", "Deleted"), write=True, params=_ID),
+        },
+        "/deployments": {
+            "get": _op("List deployments", ("200", "list:Deployment"), params=_PAGE),
+            "post": _op("Deploy a configuration for training", ("201", "Deployment"), "DeploymentIn", True),
+        },
+        "/deployments/{id}": {
+            "get": _op("Get a deployment", ("200", "Deployment"), params=_ID),
+            "delete": _op("Delete a deployment and its results", ("200", "Deleted"), write=True, params=_ID),
+        },
+        "/deployments/{id}/results": {"get": _op("Results of a deployment", ("200", "list:Result"),
+                                                 params=[*_ID, *_PAGE])},
+        "/results": {"get": _op("List training results", ("200", "list:Result"), params=_PAGE)},
+        "/results/{id}": {"get": _op("Get a training result", ("200", "Result"), params=_ID)},
+        "/commands/{command_id}": {"get": _op("Outcome of any command", ("200", "Outcome"), params=[
+            {"name": "command_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}])},
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"summary": "Readiness: broker, Postgres, projector, projection lag",
+                            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+    }
+
+
+def spec() -> JSON:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tierflow API", "version": "1",
+                 "description": "Writes are commands on Kafka; reads are Postgres projections of the events."},
+        "paths": paths(),
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

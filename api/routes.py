@@ -1,0 +1,313 @@
+"""HTTP routes: writes become commands on Kafka and wait for their outcome; reads query the projections.
+
+Registered by the app factory (api/app.py). A write answers when its outcome is known: 201/200 with the
+resource as the projection now shows it, the rejection as 404/409/422, or 202 with
+`Location: /commands/{command_id}` if the outcome is not known within the command timeout.
+Request bodies are parsed with the same catalogue functions the decider uses, so a malformed field is a
+422 naming it before anything is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from tierflow.api.errors import ApiError, from_reason, not_found
+from tierflow.api.state import AppState, get_state
+from tierflow.projections import queries
+from tierflow.streams import catalogue
+from tierflow.streams.envelope import Command, new_command_id
+
+JSON = dict[str, Any]
+routes = web.RouteTableDef()
+
+Reader = Callable[[asyncpg.Connection, int], Awaitable[JSON | None]]
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+async def body(request: web.Request) -> JSON:
+    raw = await request.read()
+    if not raw:
+        raise ApiError(400, "bad_request", "the request needs a JSON body")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_request", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid", "the body must be a JSON object")
+    return data
+
+
+def path_id(request: web.Request, name: str = "id") -> int:
+    raw = request.match_info[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(404, "not_found", f"{raw!r} is not an id") from None
+    if value < 1:
+        raise ApiError(404, "not_found", f"{value} is not an id")
+    return value
+
+
+def paging(request: web.Request) -> tuple[int, int]:
+    try:
+        limit = int(request.query.get("limit", "100"))
+        offset = int(request.query.get("offset", "0"))
+    except ValueError:
+        raise ApiError(422, "invalid", "'limit' and 'offset' must be integers", "limit") from None
+    if not 1 <= limit <= 1000 or offset < 0:
+        raise ApiError(422, "invalid", "'limit' must be 1..1000 and 'offset' >= 0", "limit")
+    return limit, offset
+
+
+async def submit(request: web.Request, command_type: str, payload: JSON, *, read: Reader | None,
+                 status: int) -> web.Response:
+    """Send the command, wait for its outcome, answer with the resource or the rejection."""
+    st = get_state(request)
+    cmd = Command(command_id=new_command_id(), type=command_type, payload=payload, source="api")
+    fut = st.outcomes.register(cmd.command_id)
+    try:
+        await st.producer.send_and_wait(st.settings.kafka.commands_topic, cmd.encode(), key=cmd.key())
+    except Exception:
+        st.outcomes.forget(cmd.command_id)
+        raise
+    outcome = await st.outcomes.wait(cmd.command_id, fut, st.settings.api.command_timeout_s)
+    st.metrics.observe_command(command_type, outcome)
+    location = f"/commands/{cmd.command_id}"
+    if outcome is None:
+        return json_response({"command_id": cmd.command_id, "status": "pending",
+                              "message": "the command was accepted for processing; poll its Location"},
+                             status=202, headers={"Location": location})
+    if outcome["status"] == "rejected":
+        raise from_reason(outcome["reason"])
+    aggregate_id = int(str(outcome["aggregate"]).split(":", 1)[1])
+    if read is None:
+        return json_response({"id": aggregate_id, "deleted": True, "command_id": cmd.command_id},
+                             headers={"Location": location})
+    async with st.pool.acquire() as conn:
+        resource = await read(conn, aggregate_id)
+    if resource is None:  # deleted again in between: say what happened rather than guessing
+        raise not_found(command_type, aggregate_id)
+    return json_response(resource, status=status, headers={"Location": location})
+
+
+async def fetch_one(request: web.Request, read: Reader, what: str) -> web.Response:
+    ident = path_id(request)
+    async with get_state(request).pool.acquire() as conn:
+        found = await read(conn, ident)
+    if found is None:
+        raise not_found(what, ident)
+    return json_response(found)
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+@routes.post("/models")
+async def create_model(request: web.Request) -> web.Response:
+    data = await body(request)
+    catalogue.parse_model(data, partial=False)
+    return await submit(request, "RegisterModel", data, read=queries.get_model, status=201)
+
+
+@routes.get("/models")
+async def list_models(request: web.Request) -> web.Response:
+    limit, offset = paging(request)
+    flag = request.query.get("distributed")
+    distributed = None if flag is None else flag.lower() in ("1", "true", "yes")
+    async with get_state(request).pool.acquire() as conn:
+        items, total = await queries.list_models(conn, distributed=distributed, name=request.query.get("name"),
+                                                 limit=limit, offset=offset)
+    return json_response({"items": items, "total": total})
+
+
+@routes.get("/models/{id}")
+async def get_model(request: web.Request) -> web.Response:
+    return await fetch_one(request, queries.get_model, "model")
+
+
+@routes.put("/models/{id}")
+async def update_model(request: web.Request) -> web.Response:
+    data = await body(request) | {"id": path_id(request)}
+    catalogue.parse_model(data, partial=True)
+    catalogue.expected_version(data)
+    return await submit(request, "UpdateModel", data, read=queries.get_model, status=200)
+
+
+@routes.delete("/models/{id}")
+async def delete_model(request: web.Request) -> web.Response:
+    return await _delete(request, "DeleteModel")
+
+
+async def _delete(request: web.Request, command_type: str) -> web.Response:
+    payload: JSON = {"id": path_id(request)}
+    if "expected_version" in request.query:
+        try:
+            payload["expected_version"] = int(request.query["expected_version"])
+        except ValueError:
+            raise ApiError(422, "invalid", "'expected_version' must be an integer", "expected_version") from None
+    return await submit(request, command_type, payload, read=None, status=200)
+
+
+# --- configurations -----------------------------------------------------------------------------------
+
+@routes.post("/configurations")
+async def create_configuration(request: web.Request) -> web.Response:
+    data = await body(request)
+    catalogue.name_field(data)
+    catalogue.parse_model_ids(data, required=True)
+    return await submit(request, "CreateConfiguration", data, read=queries.get_configuration, status=201)
+
+
+@routes.get("/configurations")
+async def list_configurations(request: web.Request) -> web.Response:
+    limit, offset = paging(request)
+    async with get_state(request).pool.acquire() as conn:
+        items, total = await queries.list_configurations(conn, limit, offset)
+    return json_response({"items": items, "total": total})
+
+
+@routes.get("/configurations/{id}")
+async def get_configuration(request: web.Request) -> web.Response:
+    return await fetch_one(request, queries.get_configuration, "configuration")
+
+
+@routes.put("/configurations/{id}")
+async def update_configuration(request: web.Request) -> web.Response:
+    data = await body(request) | {"id": path_id(request)}
+    catalogue.name_field(data, required=False)
+    catalogue.parse_model_ids(data, required=False)
+    catalogue.expected_version(data)
+    return await submit(request, "UpdateConfiguration", data, read=queries.get_configuration, status=200)
+
+
+@routes.delete("/configurations/{id}")
+async def delete_configuration(request: web.Request) -> web.Response:
+    return await _delete(request, "DeleteConfiguration")
+
+
+# --- deployments and results --------------------------------------------------------------------------
+
+@routes.post("/deployments")
+async def create_deployment(request: web.Request) -> web.Response:
+    data = await body(request)
+    catalogue.parse_deployment(data)
+    return await submit(request, "RequestDeployment", data, read=queries.get_deployment, status=201)
+
+
+@routes.get("/deployments")
+async def list_deployments(request: web.Request) -> web.Response:
+    limit, offset = paging(request)
+    async with get_state(request).pool.acquire() as conn:
+        items, total = await queries.list_deployments(conn, limit, offset)
+    return json_response({"items": items, "total": total})
+
+
+@routes.get("/deployments/{id}")
+async def get_deployment(request: web.Request) -> web.Response:
+    return await fetch_one(request, queries.get_deployment, "deployment")
+
+
+@routes.delete("/deployments/{id}")
+async def delete_deployment(request: web.Request) -> web.Response:
+    return await _delete(request, "DeleteDeployment")
+
+
+@routes.get("/deployments/{id}/results")
+async def deployment_results(request: web.Request) -> web.Response:
+    ident = path_id(request)
+    limit, offset = paging(request)
+    async with get_state(request).pool.acquire() as conn:
+        if await queries.get_deployment(conn, ident) is None:
+            raise not_found("deployment", ident)
+        items, total = await queries.list_results(conn, deployment_id=ident, limit=limit, offset=offset)
+    return json_response({"items": items, "total": total})
+
+
+@routes.get("/results")
+async def list_results(request: web.Request) -> web.Response:
+    limit, offset = paging(request)
+    async with get_state(request).pool.acquire() as conn:
+        items, total = await queries.list_results(conn, limit=limit, offset=offset)
+    return json_response({"items": items, "total": total})
+
+
+@routes.get("/results/{id}")
+async def get_result(request: web.Request) -> web.Response:
+    return await fetch_one(request, queries.get_result, "result")
+
+
+# --- commands, health, metrics ------------------------------------------------------------------------
+
+@routes.get("/commands/{command_id}")
+async def get_command(request: web.Request) -> web.Response:
+    command_id = request.match_info["command_id"]
+    try:
+        import uuid
+
+        uuid.UUID(command_id)
+    except ValueError:
+        raise ApiError(404, "not_found", f"{command_id!r} is not a command id") from None
+    async with get_state(request).pool.acquire() as conn:
+        found = await queries.get_outcomes(conn, [command_id])
+    if not found:
+        return json_response({"command_id": command_id, "status": "pending",
+                              "message": "no outcome yet (or no such command)"}, status=202)
+    return json_response(found[0])
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    st: AppState = get_state(request)
+    checks: JSON = {}
+    ready = True
+    try:
+        async with st.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+            status = await queries.projector_status(conn)
+            last_seq, last_offset = await queries.projection_position(conn)
+        checks["postgres"] = {"ok": True}
+        if status is not None and status["state"] == "stopped":
+            ready = False
+            checks["projector"] = {"ok": False, "error": status["error"]}
+        else:
+            checks["projector"] = {"ok": True, "state": status["state"] if status else "not started"}
+    except (asyncpg.PostgresError, OSError) as exc:
+        ready = False
+        checks["postgres"] = {"ok": False, "error": str(exc)}
+        last_offset = -1
+    try:
+        hw = await st.events_highwater()
+        lag = max(0, hw - (last_offset + 1))
+        st.metrics.projection_lag.set(lag)
+        checks["broker"] = {"ok": True}
+        checks["projection_lag"] = {"ok": lag <= st.max_ready_lag, "events": lag}
+        ready = ready and lag <= st.max_ready_lag
+    except Exception as exc:  # any broker failure makes the API not ready; the reason is reported
+        ready = False
+        checks["broker"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    data, content_type = get_state(request).metrics.render()
+    return web.Response(body=data, headers={"Content-Type": content_type})
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    from tierflow.api.openapi import spec
+
+    return json_response(spec())

@@ -1,0 +1,65 @@
+"""Typed app state (resources opened by the app factory) and the API's Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tierflow.api.outcomes import OutcomeWaiter
+from tierflow.streams.kafka import fetch_highwater
+from tierflow.streams.settings import Settings
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tierflow_api_requests_total", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("tierflow_api_request_seconds", "HTTP request latency", ["method", "route"],
+                                 registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.commands = Counter("tierflow_api_commands_total", "Commands sent by the API, by outcome",
+                                ["type", "outcome"], registry=self.registry)
+        self.projection_lag = Gauge("tierflow_projection_lag_events", "Events not yet projected",
+                                    registry=self.registry)
+
+    def observe_command(self, command_type: str, outcome: dict[str, Any] | None) -> None:
+        self.commands.labels(command_type, "pending" if outcome is None else str(outcome["status"])).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    pool: asyncpg.Pool
+    producer: AIOKafkaProducer
+    outcomes: OutcomeWaiter
+    events_consumer: AIOKafkaConsumer
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    max_ready_lag: int = 1000
+    _hw_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def events_highwater(self) -> int:
+        tp = TopicPartition(self.settings.kafka.events_topic, 0)
+        async with self._hw_lock:
+            pos = await self.events_consumer.position(tp)
+            hw = await fetch_highwater(self.events_consumer, tp)
+            # Keep the probe cheap: park the position near the end so each probe fetches little.
+            if hw > pos:
+                self.events_consumer.seek(tp, hw)
+            return hw
+
+
+STATE_KEY: web.AppKey[AppState] = web.AppKey("tierflow_state", AppState)
+
+
+def get_state(request: web.Request) -> AppState:
+    return request.app[STATE_KEY]

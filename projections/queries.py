@@ -1,0 +1,153 @@
+"""Read queries the API serves, over the live projection schema. Rows come back as JSON-ready dicts.
+
+Called by api/routes.py. Nothing here writes; the projector is the only writer of these tables.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tierflow.projections.schema import LIVE_SCHEMA as S
+
+JSON = dict[str, Any]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def _j(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _model(r: asyncpg.Record) -> JSON:
+    return {
+        "id": r["id"], "name": r["name"], "description": r["description"], "imports": r["imports"],
+        "code": r["code"], "distributed": r["distributed"], "upper_id": r["upper_id"], "lower_id": r["lower_id"],
+        "version": r["version"], "input_shape": _j(r["input_shape"]), "output_shapes": _j(r["output_shapes"]),
+        "params": r["params"], "created_at": _iso(r["created_at"]), "updated_at": _iso(r["updated_at"]),
+    }
+
+
+_MODEL_SQL = f"""SELECT m.*, (SELECT l.id FROM {S}.models l WHERE l.upper_id = m.id LIMIT 1) AS lower_id
+                 FROM {S}.models m"""
+
+
+async def list_models(conn: asyncpg.Connection, *, distributed: bool | None = None, name: str | None = None,
+                      limit: int = 100, offset: int = 0) -> tuple[list[JSON], int]:
+    where, args = [], []
+    if distributed is not None:
+        args.append(distributed)
+        where.append(f"m.distributed = ${len(args)}")
+    if name:
+        args.append(f"%{name}%")
+        where.append(f"m.name ILIKE ${len(args)}")
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    total = await conn.fetchval(f"SELECT count(*) FROM {S}.models m{clause}", *args)
+    rows = await conn.fetch(f"{_MODEL_SQL}{clause} ORDER BY m.id LIMIT {int(limit)} OFFSET {int(offset)}", *args)
+    return [_model(r) for r in rows], int(total)
+
+
+async def get_model(conn: asyncpg.Connection, model_id: int) -> JSON | None:
+    r = await conn.fetchrow(f"{_MODEL_SQL} WHERE m.id = $1", model_id)
+    return None if r is None else _model(r)
+
+
+async def get_model_version(conn: asyncpg.Connection, model_id: int, version: int) -> JSON | None:
+    r = await conn.fetchrow(f"SELECT * FROM {S}.model_versions WHERE model_id = $1 AND version = $2",
+                            model_id, version)
+    if r is None:
+        return None
+    return {"model_id": r["model_id"], "version": r["version"], "name": r["name"], "imports": r["imports"],
+            "code": r["code"], "distributed": r["distributed"], "upper_id": r["upper_id"],
+            "input_shape": _j(r["input_shape"]), "output_shapes": _j(r["output_shapes"]), "params": r["params"],
+            "created_at": _iso(r["created_at"])}
+
+
+def _configuration(r: asyncpg.Record) -> JSON:
+    return {"id": r["id"], "name": r["name"], "description": r["description"], "model_ids": list(r["model_ids"]),
+            "version": r["version"], "created_at": _iso(r["created_at"]), "updated_at": _iso(r["updated_at"])}
+
+
+async def list_configurations(conn: asyncpg.Connection, limit: int = 100, offset: int = 0) -> tuple[list[JSON], int]:
+    total = await conn.fetchval(f"SELECT count(*) FROM {S}.configurations")
+    rows = await conn.fetch(f"SELECT * FROM {S}.configurations ORDER BY id LIMIT {int(limit)} OFFSET {int(offset)}")
+    return [_configuration(r) for r in rows], int(total)
+
+
+async def get_configuration(conn: asyncpg.Connection, cid: int) -> JSON | None:
+    r = await conn.fetchrow(f"SELECT * FROM {S}.configurations WHERE id = $1", cid)
+    return None if r is None else _configuration(r)
+
+
+_DEPLOYMENT_SQL = f"""SELECT d.*, COALESCE((SELECT array_agg(r.id ORDER BY r.id) FROM {S}.results r
+                      WHERE r.deployment_id = d.id), '{{}}') AS result_ids FROM {S}.deployments d"""
+
+
+def _deployment(r: asyncpg.Record) -> JSON:
+    return {
+        "id": r["id"], "configuration_id": r["configuration_id"], "batch": r["batch"],
+        "fit_options": _j(r["fit_options"]), "eval_options": _j(r["eval_options"]), "optimizer": r["optimizer"],
+        "learning_rate": r["learning_rate"], "loss": r["loss"], "metrics": _j(r["metrics"]),
+        "loss_weights": _j(r["loss_weights"]), "model_versions": _j(r["model_versions"]),
+        "result_ids": list(r["result_ids"]), "created_at": _iso(r["created_at"]),
+    }
+
+
+async def list_deployments(conn: asyncpg.Connection, limit: int = 100, offset: int = 0) -> tuple[list[JSON], int]:
+    total = await conn.fetchval(f"SELECT count(*) FROM {S}.deployments")
+    rows = await conn.fetch(f"{_DEPLOYMENT_SQL} ORDER BY d.id LIMIT {int(limit)} OFFSET {int(offset)}")
+    return [_deployment(r) for r in rows], int(total)
+
+
+async def get_deployment(conn: asyncpg.Connection, did: int) -> JSON | None:
+    r = await conn.fetchrow(f"{_DEPLOYMENT_SQL} WHERE d.id = $1", did)
+    return None if r is None else _deployment(r)
+
+
+_RESULT_SQL = f"""SELECT r.*, m.name AS model_name FROM {S}.results r
+                  LEFT JOIN {S}.model_versions m ON m.model_id = r.model_id AND m.version = r.model_version"""
+
+
+def _result(r: asyncpg.Record) -> JSON:
+    return {"id": r["id"], "deployment_id": r["deployment_id"], "model_id": r["model_id"],
+            "model_name": r["model_name"], "model_version": r["model_version"], "status": r["status"],
+            "created_at": _iso(r["created_at"]), "updated_at": _iso(r["updated_at"])}
+
+
+async def list_results(conn: asyncpg.Connection, *, deployment_id: int | None = None, limit: int = 100,
+                       offset: int = 0) -> tuple[list[JSON], int]:
+    clause, args = ("", []) if deployment_id is None else (" WHERE r.deployment_id = $1", [deployment_id])
+    total = await conn.fetchval(f"SELECT count(*) FROM {S}.results r{clause}", *args)
+    rows = await conn.fetch(f"{_RESULT_SQL}{clause} ORDER BY r.id LIMIT {int(limit)} OFFSET {int(offset)}", *args)
+    return [_result(r) for r in rows], int(total)
+
+
+async def get_result(conn: asyncpg.Connection, rid: int) -> JSON | None:
+    r = await conn.fetchrow(f"{_RESULT_SQL} WHERE r.id = $1", rid)
+    return None if r is None else _result(r)
+
+
+def outcome_json(r: asyncpg.Record) -> JSON:
+    return {"command_id": str(r["command_id"]), "status": r["status"], "event_type": r["event_type"],
+            "aggregate": r["aggregate"], "seq": r["seq"], "reason": _j(r["reason"]),
+            "occurred_at": _iso(r["occurred_at"])}
+
+
+async def get_outcomes(conn: asyncpg.Connection, command_ids: list[str]) -> list[JSON]:
+    rows = await conn.fetch(f"SELECT * FROM {S}.command_outcomes WHERE command_id = ANY($1::uuid[])", command_ids)
+    return [outcome_json(r) for r in rows]
+
+
+async def projection_position(conn: asyncpg.Connection) -> tuple[int, int]:
+    r = await conn.fetchrow(f"SELECT last_seq, last_offset FROM {S}.tracking WHERE consumer = 'projector'")
+    return (0, -1) if r is None else (int(r["last_seq"]), int(r["last_offset"]))
+
+
+async def projector_status(conn: asyncpg.Connection) -> JSON | None:
+    r = await conn.fetchrow("SELECT state, error, updated_at FROM public.projector_status WHERE consumer = 'projector'")
+    return None if r is None else {"state": r["state"], "error": r["error"], "updated_at": _iso(r["updated_at"])}
