@@ -60,6 +60,11 @@ SCHEMAS: JSON = {
                     "model_version": _INT, "status": {"enum": ["created", "deployed", "training", "finished",
                                                                "failed", "stopped"]},
                     "created_at": _TS, "updated_at": _TS}),
+    "Datasource": _obj({"id": _INT, "deployment_id": _INT, "ranges": {"type": "array", "items": _obj(
+        {"topic": _STR, "partition": _INT, "start": _INT, "end": _INT})}, "input_format": {"enum": ["RAW", "AVRO"]},
+        "input_config": {"type": "object"}, "description": _STR, "validation_rate": {"type": "number"},
+        "test_rate": {"type": "number"}, "total_msg": {"type": ["integer", "null"]}, "origin": {},
+        "created_at": _TS}),
     "Outcome": _obj({"command_id": _STR, "status": {"enum": ["accepted", "rejected"]}, "event_type": _STR,
                      "aggregate": _STR, "seq": _INT, "reason": {}, "occurred_at": _TS}),
     "Deleted": _obj({"id": _INT, "deleted": {"type": "boolean"}, "command_id": _STR}),
@@ -134,6 +139,9 @@ def paths() -> JSON:
                                                  params=[*_ID, *_PAGE])},
         "/results": {"get": _op("List training results", ("200", "list:Result"), params=_PAGE)},
         "/results/{id}": {"get": _op("Get a training result", ("200", "Result"), params=_ID)},
+        "/datasources": {"get": _op("Datasources announced on the control topic", ("200", "list:Datasource"),
+                                    params=[_q("deployment_id", _INT), *_PAGE])},
+        "/datasources/{id}": {"get": _op("Get a datasource", ("200", "Datasource"), params=_ID)},
         "/commands/{command_id}": {"get": _op("Outcome of any command", ("200", "Outcome"), params=[
             {"name": "command_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}])},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},

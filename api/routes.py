@@ -243,6 +243,28 @@ async def get_result(request: web.Request) -> web.Response:
     return await fetch_one(request, queries.get_result, "result")
 
 
+@routes.get("/datasources")
+async def list_datasources(request: web.Request) -> web.Response:
+    limit, offset = paging(request)
+    raw = request.query.get("deployment_id")
+    deployment_id = path_id_value(raw, "deployment_id") if raw else None
+    async with get_state(request).pool.acquire() as conn:
+        items, total = await queries.list_datasources(conn, deployment_id=deployment_id, limit=limit, offset=offset)
+    return json_response({"items": items, "total": total})
+
+
+@routes.get("/datasources/{id}")
+async def get_datasource(request: web.Request) -> web.Response:
+    return await fetch_one(request, queries.get_datasource, "datasource")
+
+
+def path_id_value(raw: str, name: str) -> int:
+    try:
+        return catalogue.as_id(int(raw), name)
+    except ValueError:
+        raise ApiError(422, "invalid", f"'{name}' must be a positive integer id", name) from None
+
+
 # --- commands, health, metrics ------------------------------------------------------------------------
 
 @routes.get("/commands/{command_id}")

@@ -118,7 +118,20 @@ async def _deployment_deleted(conn: asyncpg.Connection, s: str, e: Event) -> Non
     await conn.execute(f"DELETE FROM {s}.deployments WHERE id = $1", e.payload["id"])
 
 
+async def _datasource_announced(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    await conn.execute(
+        f"""INSERT INTO {s}.datasources (id, deployment_id, ranges, input_format, input_config, description,
+                validation_rate, test_rate, total_msg, origin, created_at)
+            VALUES ($1, $2, $3::jsonb, $4, $5::jsonb, $6, $7, $8, $9, $10::jsonb, $11)""",
+        p["id"], p["deployment_id"], js(p["ranges"]), p["input_format"], js(p["input_config"] or {}),
+        p["description"] or "", p["validation_rate"] or 0.0, p["test_rate"] or 0.0, p["total_msg"],
+        js(p["origin"]) if p.get("origin") is not None else None, ts(p["created_at"]),
+    )
+
+
 _HANDLERS = {
+    "DatasourceAnnounced": _datasource_announced,
     "ModelCreated": _model_upsert,
     "ModelUpdated": _model_upsert,
     "ModelDeleted": _model_deleted,

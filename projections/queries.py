@@ -132,6 +132,27 @@ async def get_result(conn: asyncpg.Connection, rid: int) -> JSON | None:
     return None if r is None else _result(r)
 
 
+def _datasource(r: asyncpg.Record) -> JSON:
+    return {"id": r["id"], "deployment_id": r["deployment_id"], "ranges": _j(r["ranges"]),
+            "input_format": r["input_format"], "input_config": _j(r["input_config"]),
+            "description": r["description"], "validation_rate": r["validation_rate"], "test_rate": r["test_rate"],
+            "total_msg": r["total_msg"], "origin": _j(r["origin"]), "created_at": _iso(r["created_at"])}
+
+
+async def list_datasources(conn: asyncpg.Connection, *, deployment_id: int | None = None, limit: int = 100,
+                           offset: int = 0) -> tuple[list[JSON], int]:
+    clause, args = ("", []) if deployment_id is None else (" WHERE deployment_id = $1", [deployment_id])
+    total = await conn.fetchval(f"SELECT count(*) FROM {S}.datasources{clause}", *args)
+    rows = await conn.fetch(f"SELECT * FROM {S}.datasources{clause} ORDER BY id LIMIT {int(limit)} "
+                            f"OFFSET {int(offset)}", *args)
+    return [_datasource(r) for r in rows], int(total)
+
+
+async def get_datasource(conn: asyncpg.Connection, ident: int) -> JSON | None:
+    r = await conn.fetchrow(f"SELECT * FROM {S}.datasources WHERE id = $1", ident)
+    return None if r is None else _datasource(r)
+
+
 def outcome_json(r: asyncpg.Record) -> JSON:
     return {"command_id": str(r["command_id"]), "status": r["status"], "event_type": r["event_type"],
             "aggregate": r["aggregate"], "seq": r["seq"], "reason": _j(r["reason"]),

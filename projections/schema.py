@@ -97,6 +97,19 @@ CREATE TABLE IF NOT EXISTS {s}.results (
     updated_at    timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS results_deployment_idx ON {s}.results (deployment_id);
+CREATE TABLE IF NOT EXISTS {s}.datasources (
+    id              integer PRIMARY KEY,
+    deployment_id   integer NOT NULL,
+    ranges          jsonb NOT NULL,
+    input_format    text NOT NULL,
+    input_config    jsonb NOT NULL,
+    description     text NOT NULL,
+    validation_rate double precision NOT NULL,
+    test_rate       double precision NOT NULL,
+    total_msg       bigint,
+    origin          jsonb,
+    created_at      timestamptz NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {s}.command_outcomes (
     command_id   uuid PRIMARY KEY,
     seq          bigint NOT NULL,
@@ -111,7 +124,8 @@ CREATE TABLE IF NOT EXISTS {s}.command_outcomes (
 
 
 #: The tables compared by the replay tests and copied by nothing: everything derived from events.
-PROJECTION_TABLES = ("models", "model_versions", "configurations", "deployments", "results", "command_outcomes")
+PROJECTION_TABLES = ("models", "model_versions", "configurations", "deployments", "results", "datasources",
+                     "command_outcomes")
 
 BOOKKEEPING_DDL = """
 CREATE TABLE IF NOT EXISTS public.tierflow_meta (

@@ -40,6 +40,7 @@ COMMAND_EVENTS: dict[str, str] = {
     "DeleteConfiguration": "ConfigurationDeleted",
     "RequestDeployment": "DeploymentRequested",
     "DeleteDeployment": "DeploymentDeleted",
+    "AnnounceDatasource": "DatasourceAnnounced",
 }
 EVENT_TYPES: frozenset[str] = frozenset([*COMMAND_EVENTS.values(), "CommandRejected"])
 

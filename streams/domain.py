@@ -75,6 +75,8 @@ class State:
     configurations: dict[int, ConfigurationState] = field(default_factory=dict)
     deployments: dict[int, DeploymentState] = field(default_factory=dict)
     results: dict[int, ResultState] = field(default_factory=dict)
+    #: datasource id -> deployment id it was announced for
+    datasources: dict[int, int] = field(default_factory=dict)
     #: inference id -> result ids it serves (filled by the inference events of a later capability)
     inferences: dict[int, list[int]] = field(default_factory=dict)
 
@@ -147,6 +149,9 @@ def apply(state: State, event: Event) -> None:
         if dep is not None:
             for rid in dep.result_ids:
                 state.results.pop(rid, None)
+    elif t == "DatasourceAnnounced":
+        state.datasources[p["id"]] = p["deployment_id"]
+        _bump(state, "datasource", p["id"])
     # CommandRejected changes nothing but `decided` and `seq`.
 
 
@@ -475,7 +480,24 @@ def _delete_deployment(state: State, cmd: Command, at: str) -> Decision:
     return "DeploymentDeleted", f"deployment:{did}", 2, {"id": did, "result_ids": dep.result_ids}
 
 
+def _announce_datasource(state: State, cmd: Command, at: str) -> Decision:
+    p = cmd.payload
+    did = req_id(p, "deployment_id")
+    if did not in state.deployments:
+        raise Invalid(f"datasource announced for deployment {did}, which does not exist", "deployment_id")
+    ranges = p.get("ranges")
+    if not isinstance(ranges, list) or not ranges:
+        raise Invalid("'ranges' must list the topic partitions and offsets of the data", "ranges")
+    ident = state.next_id("datasource")
+    payload = {k: p.get(k) for k in ("input_format", "input_config", "description", "validation_rate", "test_rate",
+                                     "total_msg", "origin")}
+    return "DatasourceAnnounced", f"datasource:{ident}", 1, payload | {
+        "id": ident, "deployment_id": did, "ranges": ranges, "created_at": at,
+    }
+
+
 _HANDLERS = {
+    "AnnounceDatasource": _announce_datasource,
     "RegisterModel": _register_model,
     "UpdateModel": _update_model,
     "DeleteModel": _delete_model,

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from tierflow.projections.schema import migrate
+from tierflow.streams.control import ControlBridge
 from tierflow.streams.decider import Decider
 from tierflow.streams.projector import Projector
 from tierflow.streams.settings import Settings
@@ -90,9 +91,13 @@ class Worker:
         self.validator = Validator(self.settings.kafka, self.settings.database.url, validate,
                                    concurrency=self.settings.sandbox.pool_size)
         validator = self.validator
+        self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url)
+        bridge = self.bridge
         tasks = [
             asyncio.create_task(supervise("decider", self._run_decider, self._control_stopping)),
             asyncio.create_task(supervise("validator", lambda: validator.run(self._control_stopping),
+                                          self._control_stopping)),
+            asyncio.create_task(supervise("control-bridge", lambda: bridge.run(self._control_stopping),
                                           self._control_stopping)),
             asyncio.create_task(supervise("projector",
                                           lambda: self.projector.run(self._projector_stopping, self._drain),
@@ -102,11 +107,11 @@ class Worker:
             await self.stopping.wait()
         finally:
             self._control_stopping.set()
-            await asyncio.gather(*tasks[:2], return_exceptions=True)
+            await asyncio.gather(*tasks[:3], return_exceptions=True)
             # Let the projector archive what the decider wrote, within a deadline.
             self._drain.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(tasks[2]), timeout=10)
+                await asyncio.wait_for(asyncio.shield(tasks[3]), timeout=10)
             self._projector_stopping.set()
             for t in tasks:
                 t.cancel()

@@ -1,0 +1,187 @@
+"""The control bridge: Kafka-ML datasource announcements on the control topic become commands.
+
+Run by the worker. Kafka-ML's sinks (and tierflow's own) announce training data on the control topic:
+key = the deployment id as a big-endian unsigned integer of any length (Kafka-ML sends one byte), value =
+JSON `{topic: "t:partition:start:end[,...]", input_format, input_config, description, validation_rate,
+test_rate, total_msg, ...}` where the 4th field is the end offset (exclusive); tierflow's sink also puts
+`deployment_id` in the JSON. Each message becomes an `AnnounceDatasource` command whose command_id is
+derived from the message itself (origin, broker timestamp, content), so a redelivery is decided once while
+a new message at a reused offset (a fresh embedded broker) is not mistaken for an old one. What cannot be
+parsed goes to the dead-letter topic with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from tierflow.streams import kafka as kio
+from tierflow.streams.envelope import JSON, TIERFLOW_NS, Command
+from tierflow.streams.settings import KafkaSettings
+
+log = logging.getLogger("tierflow.control")
+
+AGENT = "control-bridge"
+
+
+class ControlMessageError(ValueError):
+    """A control message tierflow cannot use; the message says what is wrong."""
+
+
+def parse_ranges(spec: Any) -> list[JSON]:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ControlMessageError("'topic' must be a string 'topic:partition:start:end[,...]'")
+    ranges: list[JSON] = []
+    for part in spec.split(","):
+        fields = part.strip().rsplit(":", 3)
+        if len(fields) != 4 or not fields[0]:
+            raise ControlMessageError(f"'topic' entry {part!r} is not 'topic:partition:start:end'")
+        name, *nums = fields
+        try:
+            partition, start, end = (int(n) for n in nums)
+        except ValueError:
+            raise ControlMessageError(f"'topic' entry {part!r} has a non-integer partition or offset") from None
+        if partition < 0 or start < 0 or end < start:
+            raise ControlMessageError(f"'topic' entry {part!r}: need partition >= 0 and 0 <= start <= end")
+        ranges.append({"topic": name, "partition": partition, "start": start, "end": end})
+    return ranges
+
+
+def _rate(obj: JSON, name: str) -> float:
+    value = obj.get(name, 0) or 0
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ControlMessageError(f"'{name}' must be a number in [0, 1), got {value!r}") from None
+    if not 0 <= rate < 1:
+        raise ControlMessageError(f"'{name}' must be in [0, 1), got {rate}")
+    return rate
+
+
+def parse_control_message(key: bytes | None, value: bytes | None) -> JSON:
+    """The AnnounceDatasource payload for one control message (pure)."""
+    if not value:
+        raise ControlMessageError("empty control message")
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise ControlMessageError(f"control message is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ControlMessageError("control message must be a JSON object")
+    deployment_id = obj.get("deployment_id")
+    if deployment_id is None:
+        if not key:
+            raise ControlMessageError("no deployment id: neither a 'deployment_id' field nor a message key")
+        deployment_id = int.from_bytes(key, "big", signed=False)
+    if isinstance(deployment_id, bool) or not isinstance(deployment_id, int) or deployment_id < 1:
+        raise ControlMessageError(f"deployment id must be a positive integer, got {deployment_id!r}")
+    fmt = str(obj.get("input_format", "RAW")).upper()
+    if fmt not in ("RAW", "AVRO"):
+        raise ControlMessageError(f"'input_format' must be RAW or AVRO, got {obj.get('input_format')!r}")
+    config = obj.get("input_config", {})
+    if isinstance(config, str):
+        try:
+            config = orjson.loads(config) if config.strip() else {}
+        except orjson.JSONDecodeError:
+            raise ControlMessageError("'input_config' is a string but not JSON") from None
+    if not isinstance(config, dict):
+        raise ControlMessageError("'input_config' must be a JSON object")
+    validation_rate, test_rate = _rate(obj, "validation_rate"), _rate(obj, "test_rate")
+    if validation_rate + test_rate >= 1:
+        raise ControlMessageError("validation_rate + test_rate must leave some data for training (< 1)")
+    total = obj.get("total_msg")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
+        raise ControlMessageError(f"'total_msg' must be a non-negative integer, got {total!r}")
+    return {
+        "deployment_id": deployment_id,
+        "ranges": parse_ranges(obj.get("topic")),
+        "input_format": fmt,
+        "input_config": config,
+        "description": str(obj.get("description", "")),
+        "validation_rate": validation_rate,
+        "test_rate": test_rate,
+        "total_msg": total,
+    }
+
+
+def command_id_for(topic: str, partition: int, offset: int, timestamp: int, value: bytes) -> str:
+    digest = hashlib.sha256(value).hexdigest()
+    return str(uuid.uuid5(TIERFLOW_NS, f"control:{topic}:{partition}:{offset}:{timestamp}:{digest}"))
+
+
+class ControlBridge:
+    def __init__(self, kafka: KafkaSettings, database_url: str) -> None:
+        self.kafka = kafka
+        self.database_url = database_url
+        self.bridged = 0
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        tp = TopicPartition(self.kafka.control_topic, 0)
+        c = kio.consumer(self.kafka)
+        prod = kio.producer(self.kafka)
+        conn = await asyncpg.connect(self.database_url)
+        await c.start()
+        await prod.start()
+        try:
+            c.assign([tp])
+            log_id = await self._log_id(c, tp)
+            row = await conn.fetchrow('SELECT log_id, "offset" FROM public.agent_positions WHERE agent = $1', AGENT)
+            if row is not None and row["log_id"] == log_id:
+                c.seek(tp, int(row["offset"]) + 1)
+            else:
+                await c.seek_to_beginning(tp)
+            while not stopping.is_set():
+                batch = await c.getmany(tp, timeout_ms=100, max_records=500)
+                records = batch.get(tp, [])
+                if not records:
+                    continue
+                if log_id == "empty":
+                    log_id = self._identity(records[0]) if records[0].offset == 0 else log_id
+                await self._bridge(records, prod)
+                await conn.execute(
+                    'INSERT INTO public.agent_positions (agent, log_id, "offset") VALUES ($1, $2, $3) '
+                    'ON CONFLICT (agent) DO UPDATE SET log_id = EXCLUDED.log_id, "offset" = EXCLUDED."offset"',
+                    AGENT, log_id, records[-1].offset,
+                )
+        finally:
+            await c.stop()
+            await prod.stop()
+            await conn.close()
+
+    @staticmethod
+    def _identity(record: Any) -> str:
+        return f"{record.offset}:{record.timestamp}:{hashlib.sha256(record.value or b'').hexdigest()[:16]}"
+
+    async def _log_id(self, c: Any, tp: TopicPartition) -> str:
+        """The control topic has no marker (other tools read it): its first record identifies the log."""
+        await c.seek_to_beginning(tp)
+        start = await c.position(tp)
+        hw = await kio.fetch_highwater(c, tp)
+        if hw <= start:
+            return "empty"
+        batch = await c.getmany(tp, timeout_ms=5000, max_records=1)
+        c.seek(tp, start)
+        records = batch.get(tp, [])
+        return self._identity(records[0]) if records else "empty"
+
+    async def _bridge(self, records: list[Any], prod: AIOKafkaProducer) -> None:
+        for record in records:
+            try:
+                payload = parse_control_message(record.key, record.value)
+            except ControlMessageError as exc:
+                await kio.send_deadletter(prod, self.kafka, record, f"not a datasource announcement: {exc}",
+                                          "control-bridge")
+                continue
+            payload["origin"] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+            cmd = Command(command_id=command_id_for(record.topic, record.partition, record.offset,
+                                                    int(record.timestamp or 0), record.value),
+                          type="AnnounceDatasource", payload=payload, source="control-bridge")
+            await prod.send_and_wait(self.kafka.commands_topic, cmd.encode(), key=cmd.key())
+            self.bridged += 1
