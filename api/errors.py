@@ -56,7 +56,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Invalid as exc:
         return error_response(STATUS_BY_CODE.get(exc.code, 422), exc.code, exc.message, exc.field)
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, "too_large", f"request body too large (limit {exc.max_size} bytes)")
+        return error_response(413, "too_large", f"request body too large: {exc.text}")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -298,7 +298,7 @@ async def readyz(request: web.Request) -> web.Response:
         async with st.pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
             status = await queries.projector_status(conn)
-            last_seq, last_offset = await queries.projection_position(conn)
+            _, last_offset = await queries.projection_position(conn)
         checks["postgres"] = {"ok": True}
         if status is not None and status["state"] == "stopped":
             ready = False

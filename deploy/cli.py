@@ -33,13 +33,6 @@ def _rebuild_projections(args: argparse.Namespace, settings: Settings) -> int:
     return run_rebuild(settings)
 
 
-def _run_sandbox(args: argparse.Namespace, settings: Settings) -> int:
-    from tierflow.tiers.sandbox import main as sandbox_main
-
-    sandbox_main()
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from tierflow.deploy import cli_resources, stack
 
@@ -59,9 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     psub = projections.add_subparsers(dest="action", required=True, metavar="ACTION")
     rebuild = psub.add_parser("rebuild", help="replay tierflow.events from offset 0 into fresh tables and swap")
     rebuild.set_defaults(func=_rebuild_projections)
-
-    sandbox = sub.add_parser("sandbox", help=argparse.SUPPRESS)
-    sandbox.set_defaults(func=_run_sandbox)
 
     cli_resources.register(sub)
     return parser

@@ -39,7 +39,8 @@ _MODEL_SQL = f"""SELECT m.*, (SELECT l.id FROM {S}.models l WHERE l.upper_id = m
 
 async def list_models(conn: asyncpg.Connection, *, distributed: bool | None = None, name: str | None = None,
                       limit: int = 100, offset: int = 0) -> tuple[list[JSON], int]:
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if distributed is not None:
         args.append(distributed)
         where.append(f"m.distributed = ${len(args)}")

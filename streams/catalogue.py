@@ -168,13 +168,17 @@ def parse_model(payload: Any, *, partial: bool) -> ModelFields:
         raise Invalid("'code' is required: Keras model code (a Python snippet or a Keras JSON config)", "code")
     if code is not None and not code.strip():
         raise Invalid("'code' must not be empty", "code")
+    imports = text_field(p, "imports", None if partial else "", 100_000)
+    if partial and imports is not None and code is None:
+        raise Invalid("changing 'imports' needs the model 'code' in the same request (both are built together)",
+                      "imports")
     distributed = bool_field(p, "distributed", None if partial else False)
     upper_given = "upper_id" in p
     upper_id = opt_id(p, "upper_id")
     return ModelFields(
         name=name_field(p, required=not partial),
         description=text_field(p, "description", None if partial else ""),
-        imports=text_field(p, "imports", None if partial else "", 100_000),
+        imports=imports,
         code=code,
         distributed=distributed,
         upper_id=upper_id,
@@ -269,13 +273,15 @@ def parse_deployment(payload: Any) -> DeploymentFields:
     batch = p.get("batch", 32)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise Invalid(f"'batch' must be an integer >= 1, got {batch!r}", "batch")
-    optimizer = p.get("optimizer") or DEFAULT_OPTIMIZER
+    optimizer = p.get("optimizer")
+    optimizer = DEFAULT_OPTIMIZER if optimizer is None else optimizer
     if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
         raise Invalid(f"'optimizer' must be one of {', '.join(sorted(OPTIMIZERS))}, got {optimizer!r}", "optimizer")
     lr = p.get("learning_rate")
     if lr is not None and (not _is_number(lr) or lr <= 0 or lr > 10):
         raise Invalid(f"'learning_rate' must be a number in (0, 10], got {lr!r}", "learning_rate")
-    loss = p.get("loss") or DEFAULT_LOSS
+    loss = p.get("loss")
+    loss = DEFAULT_LOSS if loss is None else loss
     if not isinstance(loss, str) or not loss.replace("_", "").isalnum():
         raise Invalid("'loss' must be the name of a Keras loss, e.g. sparse_categorical_crossentropy", "loss")
     metrics = p.get("metrics")
@@ -299,6 +305,8 @@ def parse_deployment(payload: Any) -> DeploymentFields:
             except ValueError:
                 raise Invalid(f"'loss_weights' keys must be model ids, got {key!r}", "loss_weights") from None
         loss_weights = {str(int(k)): float(w) for k, w in weights.items()}
+        if len(loss_weights) != len(weights):
+            raise Invalid("'loss_weights' names the same model twice", "loss_weights")
     else:
         raise Invalid("'loss_weights' must be a list of non-negative numbers (one per exit) "
                       "or an object {model_id: weight}", "loss_weights")

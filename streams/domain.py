@@ -223,9 +223,18 @@ def _validated_summary(cmd: Command) -> JSON:
     if not v.get("ok"):
         raise Invalid(f"the model code does not build: {v.get('error', 'unknown error')}", "code")
     summary = v.get("summary")
-    if not isinstance(summary, dict):
-        raise Invalid("the validation record carries no model summary", "code")
+    if not (isinstance(summary, dict) and _is_shape(summary.get("input_shape"))
+            and isinstance(summary.get("output_shapes"), list) and summary["output_shapes"]
+            and all(_is_shape(s) for s in summary["output_shapes"])
+            and isinstance(summary.get("params"), int) and not isinstance(summary.get("params"), bool)):
+        raise Invalid("the validation record carries no usable model summary "
+                      "(input_shape, output_shapes, params)", "code")
     return summary
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(d is None or (isinstance(d, int) and not isinstance(d, bool))
+                                           for d in value)
 
 
 def _fmt(shape: Shape) -> str:
@@ -334,13 +343,14 @@ def _update_model(state: State, cmd: Command, at: str) -> Decision:
             raise Invalid(f"model '{model.name}' ({model.id}) is used by configuration {names}; it keeps its "
                           "upper_id and distributed flag while configured", "upper_id", "conflict")
     summary: JSON | None = None
-    if f.code is not None and (f.code != model.record.get("code") or
-                               (f.imports is not None and f.imports != model.record.get("imports"))):
+    code_changed = f.code is not None and f.code != model.record.get("code")
+    imports_changed = f.imports is not None and f.imports != model.record.get("imports")
+    if code_changed or imports_changed:
         summary = _validated_summary(cmd)
-    shapes = summary if summary is not None else {"input_shape": model.input_shape,
-                                                  "output_shapes": model.output_shapes}
+    input_shape: Shape = summary["input_shape"] if summary is not None else model.input_shape
+    output_shapes: list[Shape] = summary["output_shapes"] if summary is not None else model.output_shapes
     name = f.name or model.name
-    _check_chain(state, model.id, name, distributed, upper_id, shapes["input_shape"], shapes["output_shapes"])
+    _check_chain(state, model.id, name, distributed, upper_id, input_shape, output_shapes)
     version = model.version + 1
     record = _model_record(model.id, f, model.record, summary, version, at)
     record["distributed"] = distributed
@@ -486,11 +496,28 @@ def _announce_datasource(state: State, cmd: Command, at: str) -> Decision:
     if did not in state.deployments:
         raise Invalid(f"datasource announced for deployment {did}, which does not exist", "deployment_id")
     ranges = p.get("ranges")
-    if not isinstance(ranges, list) or not ranges:
-        raise Invalid("'ranges' must list the topic partitions and offsets of the data", "ranges")
+    if not isinstance(ranges, list) or not ranges or not all(
+            isinstance(r, dict) and isinstance(r.get("topic"), str) and r["topic"]
+            and all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) and r[k] >= 0
+                    for k in ("partition", "start", "end")) and r["start"] <= r["end"] for r in ranges):
+        raise Invalid("'ranges' must list {topic, partition, start, end} with 0 <= start <= end", "ranges")
+    if p.get("input_format") not in ("RAW", "AVRO"):
+        raise Invalid(f"'input_format' must be RAW or AVRO, got {p.get('input_format')!r}", "input_format")
+    if not isinstance(p.get("input_config", {}), dict):
+        raise Invalid("'input_config' must be a JSON object", "input_config")
+    for rate in ("validation_rate", "test_rate"):
+        value = p.get(rate, 0) or 0
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise Invalid(f"'{rate}' must be a number in [0, 1), got {value!r}", rate)
+    if (p.get("validation_rate") or 0) + (p.get("test_rate") or 0) >= 1:
+        raise Invalid("validation_rate + test_rate must leave data for training (< 1)", "test_rate")
+    if not isinstance(p.get("description", ""), str):
+        raise Invalid("'description' must be a string", "description")
     ident = state.next_id("datasource")
-    payload = {k: p.get(k) for k in ("input_format", "input_config", "description", "validation_rate", "test_rate",
-                                     "total_msg", "origin")}
+    payload = {k: p.get(k) for k in ("input_format", "total_msg", "origin")} | {
+        "input_config": p.get("input_config") or {}, "description": p.get("description") or "",
+        "validation_rate": float(p.get("validation_rate") or 0), "test_rate": float(p.get("test_rate") or 0),
+    }
     return "DatasourceAnnounced", f"datasource:{ident}", 1, payload | {
         "id": ident, "deployment_id": did, "ranges": ranges, "created_at": at,
     }

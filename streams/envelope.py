@@ -105,15 +105,22 @@ class CommandLogMarker:
         return orjson.dumps({"type": COMMAND_LOG_STARTED, "log_id": self.log_id, "at": now_iso()})
 
 
+def _version(obj: JSON) -> int:
+    version = obj.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise EnvelopeError(f"envelope field 'version' must be a positive integer, got {version!r}")
+    return version
+
+
 def decode_command(raw: bytes | None) -> Command | CommandLogMarker:
     obj = _loads(raw)
     if obj.get("type") == COMMAND_LOG_STARTED:
         return CommandLogMarker(log_id=str(_require(obj, "log_id", str)))
-    command_id = _require(obj, "command_id", str)
+    raw_id = _require(obj, "command_id", str)
     try:
-        uuid.UUID(command_id)
+        command_id = str(uuid.UUID(raw_id))  # one spelling per id, so a UUID is never decided twice
     except ValueError:
-        raise EnvelopeError(f"command_id {command_id!r} is not a UUID") from None
+        raise EnvelopeError(f"command_id {raw_id!r} is not a UUID") from None
     validation = obj.get("validation")
     if validation is not None and not isinstance(validation, dict):
         raise EnvelopeError("envelope field 'validation' must be an object")
@@ -121,7 +128,7 @@ def decode_command(raw: bytes | None) -> Command | CommandLogMarker:
         command_id=command_id,
         type=_require(obj, "type", str),
         payload=_require(obj, "payload", dict),
-        version=int(obj.get("version", 1)) if isinstance(obj.get("version", 1), int) else 1,
+        version=_version(obj),
         issued_at=str(obj.get("issued_at", "")),
         source=str(obj.get("source", "kafka")),
         validation=validation,
@@ -223,7 +230,12 @@ def decode_event(raw: bytes | None, upcasters: Upcasters) -> Event:
     etype = _require(obj, "type", str)
     version, payload = upcasters.upcast(etype, _require(obj, "version", int), _require(obj, "payload", dict))
     pos = obj.get("position")
-    position = Position(str(pos["log"]), int(pos["offset"])) if isinstance(pos, dict) else None
+    position: Position | None = None
+    if pos is not None:
+        if not (isinstance(pos, dict) and isinstance(pos.get("log"), str) and isinstance(pos.get("offset"), int)
+                and not isinstance(pos.get("offset"), bool)):
+            raise EnvelopeError("envelope field 'position' must be {log: string, offset: integer}")
+        position = Position(pos["log"], pos["offset"])
     return Event(
         id=_require(obj, "id", str),
         seq=_require(obj, "seq", int),

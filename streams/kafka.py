@@ -56,10 +56,10 @@ async def fetch_highwater(c: AIOKafkaConsumer, tp: TopicPartition, *, timeout_ms
     A "latest offset" lookup can answer too small on Tansu after multi-record batches, so the value comes
     from a real fetch. Keeps the consumer's position: the caller's next getmany resumes where it was.
     """
-    position = await c.position(tp)
+    position = int(await c.position(tp))
     hw = c.highwater(tp)
     if hw is not None and hw > position:
-        return hw
+        return int(hw)
     # Fetch once at the current position: the response carries the high-water mark even when empty.
     batch = await c.getmany(tp, timeout_ms=timeout_ms, max_records=1)
     records = batch.get(tp, [])
@@ -67,9 +67,9 @@ async def fetch_highwater(c: AIOKafkaConsumer, tp: TopicPartition, *, timeout_ms
     c.seek(tp, position)
     if hw is None:
         if records:
-            return records[-1].offset + 1
+            return int(records[-1].offset) + 1
         raise TimeoutError(f"no fetch response for {tp.topic}[{tp.partition}] within {timeout_ms} ms")
-    return hw
+    return int(hw)
 
 
 @dataclass(frozen=True)

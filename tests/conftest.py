@@ -87,7 +87,8 @@ async def plane(infra: Infra) -> Settings:
     return await new_plane(infra)
 
 
-async def wait_until(predicate: object, *, timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> None:
+async def wait_until(predicate: object, *, timeout: float = 20.0, interval: float = 0.02,
+                     what: str = "condition") -> None:
     """Poll an (async or sync) predicate until it is true or the deadline passes."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -123,6 +124,7 @@ async def sandbox_pool() -> AsyncIterator[object]:
     settings = Settings.from_env({}).sandbox
     pool = SandboxPool(replace(settings, pool_size=2, timeout_s=60.0))
     await pool.start()
+    await pool.wait_warm(120)
     try:
         yield pool
     finally:

@@ -7,6 +7,7 @@ Tansu broker and Postgres; the API is the real aiohttp app on a local port.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -41,6 +42,8 @@ one = keras.Model(inputs=i, outputs=o)
 @pytest.fixture(scope="module")
 async def client(infra: Infra, sandbox_pool: Any) -> AsyncIterator[TestClient[Any, Any]]:
     settings = await new_plane(infra, "api")
+    # Model writes wait for a sandbox build; on a loaded 2-core CI machine that can pass the default 10 s.
+    settings = replace(settings, api=replace(settings.api, command_timeout_s=60.0))
     running = await start_plane(settings, sandbox_validate(sandbox_pool))
     app = create_app(settings)
     async with TestClient(TestServer(app)) as c:

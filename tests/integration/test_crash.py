@@ -30,9 +30,9 @@ pytestmark = pytest.mark.slow
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings.to_env(), "TIERFLOW_SANDBOX_POOL": "1"}
-    out = log.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "tierflow.deploy.cli", "worker"], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "tierflow.deploy.cli", "worker"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 async def test_kill_9_worker_mid_stream(infra: Infra, snippets: dict[str, str]) -> None:

@@ -26,7 +26,9 @@ async def test_command_to_projection(plane: Settings) -> None:
         conn = await asyncpg.connect(plane.database.url)
         try:
             async def done() -> bool:
-                n = await conn.fetchval("SELECT count(*) FROM proj.command_outcomes WHERE command_id = ANY($1::uuid[])", ids)
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM proj.command_outcomes WHERE command_id = ANY($1::uuid[])", ids
+                )
                 return bool(n == 3)
             await wait_until(done, what="3 outcomes")
             names = [r["name"] for r in await conn.fetch("SELECT name FROM proj.models ORDER BY id")]
