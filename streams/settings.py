@@ -111,6 +111,26 @@ class SandboxSettings:
 
 
 @dataclass(frozen=True)
+class WorkloadSettings:
+    """Training and inference workloads (the orchestrator and its launcher)."""
+
+    #: TIERFLOW_LAUNCHER: "local" (subprocesses; the embedded stack) or "kubernetes".
+    launcher: str = "local"
+    #: TIERFLOW_MAX_TRAINING: training workloads running at once; the rest queue visibly.
+    max_training: int = 2
+    #: TIERFLOW_IMAGE: the container image every workload runs (Kubernetes launcher).
+    image: str = "tierflow:latest"
+    #: TIERFLOW_NAMESPACE: the Kubernetes namespace of the workloads.
+    namespace: str = "tierflow"
+    #: TIERFLOW_TRAINING_GPUS: GPUs requested per training Job (nvidia.com/gpu); 0 = none.
+    training_gpus: int = 0
+    #: TIERFLOW_ARTEFACTS: where the API stores trained artefacts (content-addressed); default <home>/artefacts.
+    artefacts_dir: str = ""
+    #: TIERFLOW_RECONCILE_S: how often the orchestrator compares wanted and existing workloads.
+    reconcile_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class StackSettings:
     """The embedded stack (`tierflow up`)."""
 
@@ -130,6 +150,7 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     stack: StackSettings = field(default_factory=StackSettings)
+    workloads: WorkloadSettings = field(default_factory=WorkloadSettings)
     #: TIERFLOW_LOG_LEVEL
     log_level: str = "INFO"
 
@@ -168,7 +189,19 @@ class Settings:
             postgres_port=_int(e, "TIERFLOW_POSTGRES_PORT", 0),
             restart_backoff_s=_float(e, "TIERFLOW_RESTART_BACKOFF_S", 0.5),
         )
+        workloads = WorkloadSettings(
+            launcher=_str(e, "TIERFLOW_LAUNCHER", "local"),
+            max_training=_int(e, "TIERFLOW_MAX_TRAINING", 2, minimum=1),
+            image=_str(e, "TIERFLOW_IMAGE", "tierflow:latest"),
+            namespace=_str(e, "TIERFLOW_NAMESPACE", "tierflow"),
+            training_gpus=_int(e, "TIERFLOW_TRAINING_GPUS", 0),
+            artefacts_dir=_str(e, "TIERFLOW_ARTEFACTS", ""),
+            reconcile_s=_float(e, "TIERFLOW_RECONCILE_S", 2.0),
+        )
+        if workloads.launcher not in ("local", "kubernetes"):
+            raise SettingsError(f"TIERFLOW_LAUNCHER={workloads.launcher!r} must be 'local' or 'kubernetes'")
         return cls(
+            workloads=workloads,
             kafka=kafka,
             database=database,
             api=api,
@@ -208,4 +241,14 @@ class Settings:
             "TIERFLOW_SANDBOX_MEMORY_MB": str(self.sandbox.memory_mb),
             "TIERFLOW_HOME": str(self.stack.home),
             "TIERFLOW_LOG_LEVEL": self.log_level,
+            "TIERFLOW_LAUNCHER": self.workloads.launcher,
+            "TIERFLOW_MAX_TRAINING": str(self.workloads.max_training),
+            "TIERFLOW_IMAGE": self.workloads.image,
+            "TIERFLOW_NAMESPACE": self.workloads.namespace,
+            "TIERFLOW_TRAINING_GPUS": str(self.workloads.training_gpus),
+            "TIERFLOW_ARTEFACTS": self.workloads.artefacts_dir,
+            "TIERFLOW_RECONCILE_S": str(self.workloads.reconcile_s),
         }
+
+    def artefacts_path(self) -> Path:
+        return Path(self.workloads.artefacts_dir) if self.workloads.artefacts_dir else self.stack.home / "artefacts"

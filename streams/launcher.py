@@ -1,0 +1,82 @@
+"""The orchestrator's port: how workloads (training jobs, tier agents) are started, listed and stopped.
+
+Owned by `streams/` and implemented in `deploy/` (LocalLauncher: subprocesses; KubernetesLauncher: Jobs and
+Deployments through the official client). The control plane never imports a Kubernetes client: the entry
+point wires a launcher in. Workload names are deterministic (`tierflow-train-<deployment>-<result>`), so a
+replayed launch finds the workload there and counts it as launched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+#: Labels every workload carries; the orchestrator selects on them.
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+LABEL_KIND = "tierflow.io/kind"  # "training" | "inference"
+LABEL_DEPLOYMENT = "tierflow.io/deployment"
+LABEL_RESULTS = "tierflow.io/results"  # result ids joined by "-"
+LABEL_INFERENCE = "tierflow.io/inference"
+LABEL_TIER = "tierflow.io/tier"
+MANAGED_BY = "tierflow"
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str = "1"
+    memory: str = "2Gi"
+    gpu: int = 0
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """One workload: the `tierflow` sub-command a pod (or a local subprocess) runs."""
+
+    name: str
+    kind: str  # "training" | "inference"
+    args: list[str]  # arguments of the `tierflow` command, e.g. ["train", "--deployment", "3", ...]
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    replicas: int = 1  # inference tiers (Deployments); training runs once (Jobs)
+
+
+@dataclass(frozen=True)
+class WorkloadStatus:
+    name: str
+    kind: str
+    labels: dict[str, str]
+    phase: str  # "running" | "succeeded" | "failed"
+    exit_code: int | None = None
+    reason: str | None = None  # for failures: exit code, signal, last log lines
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("succeeded", "failed")
+
+
+class Launcher(Protocol):
+    async def launch(self, spec: WorkloadSpec) -> None:
+        """Start the workload; an existing workload of that name counts as success (idempotent)."""
+
+    async def stop(self, name: str) -> None:
+        """Stop and remove the workload; a missing one counts as success (idempotent)."""
+
+    async def list(self, kind: str | None = None) -> list[WorkloadStatus]:
+        """The tierflow workloads that exist now (running or finished and not yet removed)."""
+
+    async def close(self) -> None:
+        """Release clients; running workloads keep running (Kubernetes) or are stopped (local)."""
+
+
+def training_workload_name(deployment_id: int, result_id: int) -> str:
+    return f"tierflow-train-{deployment_id}-{result_id}"
+
+
+def results_label(result_ids: list[int]) -> str:
+    return "-".join(str(r) for r in result_ids)
+
+
+def parse_results_label(value: str) -> list[int]:
+    return [int(v) for v in value.split("-") if v.isdigit()]
