@@ -17,6 +17,7 @@ import asyncpg
 from aiohttp import web
 from aiokafka import TopicPartition
 
+from tierflow.api.artefacts import ArtefactStore
 from tierflow.api.errors import Handler, error_middleware, error_response
 from tierflow.api.outcomes import OutcomeWaiter
 from tierflow.api.routes import routes
@@ -81,7 +82,7 @@ def create_app(settings: Settings) -> web.Application:
         outcomes = OutcomeWaiter(pool)
         await outcomes.start(settings.database.url)
         app[STATE_KEY] = AppState(settings=settings, pool=pool, producer=producer, outcomes=outcomes,
-                                  events_consumer=probe)
+                                  events_consumer=probe, artefacts=ArtefactStore(settings.artefacts_path()))
         try:
             yield
         finally:

@@ -89,7 +89,7 @@ async def submit(request: web.Request, command_type: str, payload: JSON, *, read
         raise from_reason(outcome["reason"])
     aggregate_id = int(str(outcome["aggregate"]).split(":", 1)[1])
     if read is None:
-        return json_response({"id": aggregate_id, "deleted": True, "command_id": cmd.command_id},
+        return json_response({"id": payload.get("id", aggregate_id), "deleted": True, "command_id": cmd.command_id},
                              headers={"Location": location})
     async with st.pool.acquire() as conn:
         resource = await read(conn, aggregate_id)
@@ -243,6 +243,76 @@ async def get_result(request: web.Request) -> web.Response:
     return await fetch_one(request, queries.get_result, "result")
 
 
+@routes.post("/results/{id}/stop")
+async def stop_result(request: web.Request) -> web.Response:
+    return await submit(request, "StopTraining", {"id": path_id(request)}, read=_result_of, status=200)
+
+
+async def _result_of(conn: asyncpg.Connection, deployment_id: int) -> JSON | None:
+    # Training events live on the deployment aggregate; answer with the deployment's results.
+    items, total = await queries.list_results(conn, deployment_id=deployment_id)
+    return {"deployment_id": deployment_id, "items": items, "total": total}
+
+
+@routes.delete("/results/{id}")
+async def delete_result(request: web.Request) -> web.Response:
+    ident = path_id(request)
+    response = await submit(request, "DeleteResult", {"id": ident}, read=None, status=200)
+    return response
+
+
+@routes.get("/results/{id}/model")
+async def download_model(request: web.Request) -> web.StreamResponse:
+    ident = path_id(request)
+    fmt = request.query.get("format", "keras")
+    async with get_state(request).pool.acquire() as conn:
+        result = await queries.get_result(conn, ident)
+    if result is None:
+        raise not_found("result", ident)
+    artefacts = result.get("artefacts") or {}
+    if result["status"] != "finished" or fmt not in artefacts:
+        have = ", ".join(sorted(artefacts)) or "none"
+        raise ApiError(404, "not_found", f"result {ident} has no '{fmt}' artefact (status {result['status']}; "
+                                         f"artefacts: {have})", "format")
+    ref = artefacts[fmt]
+    suffix = {"keras": "." + str(ref.get("format", "keras")), "tflite": ".tflite"}.get(fmt, "")
+    return artefact_response(request, ref["sha256"], f"result-{ident}-{result['model_name']}{suffix}")
+
+
+def artefact_response(request: web.Request, sha256: str, filename: str) -> web.FileResponse:
+    path = get_state(request).artefacts.path(sha256)
+    if not path.exists():
+        raise ApiError(404, "not_found", f"artefact {sha256} is not stored here")
+    return web.FileResponse(path, headers={"X-Sha256": sha256, "Content-Type": "application/octet-stream",
+                                           "Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@routes.put("/artefacts")
+async def upload_artefact(request: web.Request) -> web.Response:
+    st = get_state(request)
+    expected = request.headers.get("X-Sha256", "").strip().lower() or None
+    sha256, size = await st.artefacts.store(request.content, expected=expected)
+    return json_response({"sha256": sha256, "size": size}, status=201,
+                         headers={"Location": f"/artefacts/{sha256}"})
+
+
+@routes.get("/artefacts/{sha256}")
+async def download_artefact(request: web.Request) -> web.StreamResponse:
+    sha256 = request.match_info["sha256"].lower()
+    return artefact_response(request, sha256, f"{sha256}.bin")
+
+
+@routes.get("/models/{id}/versions/{version}")
+async def get_model_version(request: web.Request) -> web.Response:
+    ident = path_id(request)
+    version = path_id(request, "version")
+    async with get_state(request).pool.acquire() as conn:
+        found = await queries.get_model_version(conn, ident, version)
+    if found is None:
+        raise ApiError(404, "not_found", f"model {ident} has no version {version}")
+    return json_response(found)
+
+
 @routes.get("/datasources")
 async def list_datasources(request: web.Request) -> web.Response:
     limit, offset = paging(request)
@@ -256,6 +326,13 @@ async def list_datasources(request: web.Request) -> web.Response:
 @routes.get("/datasources/{id}")
 async def get_datasource(request: web.Request) -> web.Response:
     return await fetch_one(request, queries.get_datasource, "datasource")
+
+
+@routes.post("/datasources/{id}/send")
+async def send_datasource(request: web.Request) -> web.Response:
+    data = await body(request)
+    payload = {"datasource_id": path_id(request), "deployment_id": catalogue.req_id(data, "deployment_id")}
+    return await submit(request, "SendDatasource", payload, read=queries.get_datasource, status=201)
 
 
 def path_id_value(raw: str, name: str) -> int:

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from tierflow.api.artefacts import ArtefactStore
 from tierflow.api.outcomes import OutcomeWaiter
 from tierflow.streams.kafka import fetch_highwater
 from tierflow.streams.settings import Settings
@@ -43,6 +44,7 @@ class AppState:
     producer: AIOKafkaProducer
     outcomes: OutcomeWaiter
     events_consumer: AIOKafkaConsumer
+    artefacts: ArtefactStore
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
     max_ready_lag: int = 1000
     _hw_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -16,9 +16,10 @@ from tierflow.streams.settings import Settings, SettingsError
 
 
 def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from tierflow.deploy.launchers import make_launcher
     from tierflow.streams.worker import run_worker
 
-    return run_worker(settings)
+    return run_worker(settings, launcher_factory=make_launcher)
 
 
 def _run_api(args: argparse.Namespace, settings: Settings) -> int:

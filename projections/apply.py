@@ -106,10 +106,12 @@ async def _deployment_requested(conn: asyncpg.Connection, s: str, e: Event) -> N
         p["learning_rate"], p["loss"], js(p["metrics"]),
         js(p["loss_weights"]) if p["loss_weights"] is not None else None, js(p["model_versions"]), at,
     )
+    chains = p.get("chains") or [[r["id"]] for r in p["results"]]
+    chain_of = {rid: chain for chain in chains for rid in chain}
     await conn.executemany(
-        f"""INSERT INTO {s}.results (id, deployment_id, model_id, model_version, status, created_at, updated_at)
-            VALUES ($1, $2, $3, $4, 'created', $5, $5)""",
-        [(r["id"], p["id"], r["model_id"], r["model_version"], at) for r in p["results"]],
+        f"""INSERT INTO {s}.results (id, deployment_id, model_id, model_version, status, chain, created_at,
+                updated_at) VALUES ($1, $2, $3, $4, 'created', $5, $6, $6)""",
+        [(r["id"], p["id"], r["model_id"], r["model_version"], chain_of[r["id"]], at) for r in p["results"]],
     )
 
 
@@ -130,7 +132,55 @@ async def _datasource_announced(conn: asyncpg.Connection, s: str, e: Event) -> N
     )
 
 
+async def _training_launched(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    await conn.execute(f"UPDATE {s}.results SET status = 'deployed', workload = $2, updated_at = $3 "
+                       "WHERE id = ANY($1::int[])", p["result_ids"], p["workload"], ts(p["at"]))
+
+
+async def _training_started(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    await conn.execute(f"UPDATE {s}.results SET status = 'training', seed = $2, samples = $3::jsonb, "
+                       "started_at = $4, updated_at = $4 WHERE id = ANY($1::int[])",
+                       p["result_ids"], p["seed"], js(p["samples"]), ts(p["at"]))
+
+
+async def _training_progressed(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    at = ts(p["at"])
+    for rid in p["result_ids"]:
+        entry = {"epoch": p["epoch"], "epochs": p["epochs"], **(p["metrics"].get(str(rid)) or {})}
+        await conn.execute(f"UPDATE {s}.results SET status = 'training', history = history || $2::jsonb, "
+                           "updated_at = $3 WHERE id = $1", rid, js([entry]), at)
+
+
+async def _training_result(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    await conn.execute(f"UPDATE {s}.results SET status = 'finished', metrics = $2::jsonb, artefacts = $3::jsonb, "
+                       "finished_at = $4, updated_at = $4 WHERE id = $1",
+                       p["result_id"], js(p["metrics"]), js(p["artefacts"]), ts(p["at"]))
+
+
+async def _training_ended(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    status = "failed" if e.type == "TrainingFailed" else "stopped"
+    error = p.get("reason") if status == "failed" else f"stopped on request (result {p.get('requested_for')})"
+    await conn.execute(f"UPDATE {s}.results SET status = $2, error = $3, finished_at = $4, updated_at = $4 "
+                       "WHERE id = ANY($1::int[])", p["result_ids"], status, error, ts(p["at"]))
+
+
+async def _result_deleted(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    await conn.execute(f"DELETE FROM {s}.results WHERE id = $1", e.payload["id"])
+
+
 _HANDLERS = {
+    "TrainingLaunched": _training_launched,
+    "TrainingStarted": _training_started,
+    "TrainingProgressed": _training_progressed,
+    "TrainingResultReported": _training_result,
+    "TrainingFailed": _training_ended,
+    "TrainingStopped": _training_ended,
+    "ResultDeleted": _result_deleted,
     "DatasourceAnnounced": _datasource_announced,
     "ModelCreated": _model_upsert,
     "ModelUpdated": _model_upsert,

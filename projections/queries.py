@@ -110,14 +110,30 @@ async def get_deployment(conn: asyncpg.Connection, did: int) -> JSON | None:
     return None if r is None else _deployment(r)
 
 
-_RESULT_SQL = f"""SELECT r.*, m.name AS model_name FROM {S}.results r
-                  LEFT JOIN {S}.model_versions m ON m.model_id = r.model_id AND m.version = r.model_version"""
+_RESULT_SQL = f"""SELECT r.*, m.name AS model_name, q.position AS queue_position, q.note AS queue_note
+                  FROM {S}.results r
+                  LEFT JOIN {S}.model_versions m ON m.model_id = r.model_id AND m.version = r.model_version
+                  LEFT JOIN public.training_queue q ON q.result_id = r.id AND r.status = 'created'"""
 
 
 def _result(r: asyncpg.Record) -> JSON:
+    queued = None if r["queue_position"] is None else {"position": r["queue_position"], "note": r["queue_note"]}
     return {"id": r["id"], "deployment_id": r["deployment_id"], "model_id": r["model_id"],
             "model_name": r["model_name"], "model_version": r["model_version"], "status": r["status"],
-            "created_at": _iso(r["created_at"]), "updated_at": _iso(r["updated_at"])}
+            "chain": list(r["chain"]), "workload": r["workload"], "queued": queued, "seed": r["seed"],
+            "samples": _j(r["samples"]), "history": _j(r["history"]), "metrics": _j(r["metrics"]),
+            "artefacts": _j(r["artefacts"]), "error": r["error"], "created_at": _iso(r["created_at"]),
+            "updated_at": _iso(r["updated_at"]), "started_at": _iso(r["started_at"]),
+            "finished_at": _iso(r["finished_at"])}
+
+
+async def training_rows(conn: asyncpg.Connection) -> list[JSON]:
+    """Everything the orchestrator compares with the existing workloads (results of every deployment)."""
+    rows = await conn.fetch(f"SELECT r.id, r.deployment_id, r.status, r.chain, r.workload, "
+                            f"EXISTS (SELECT 1 FROM {S}.datasources d WHERE d.deployment_id = r.deployment_id) "
+                            f"AS has_data FROM {S}.results r ORDER BY r.id")
+    return [{"id": r["id"], "deployment_id": r["deployment_id"], "status": r["status"], "chain": list(r["chain"]),
+             "workload": r["workload"], "has_data": r["has_data"]} for r in rows]
 
 
 async def list_results(conn: asyncpg.Connection, *, deployment_id: int | None = None, limit: int = 100,

@@ -20,7 +20,7 @@ log = logging.getLogger("tierflow.projections")
 
 LIVE_SCHEMA = "proj"
 #: Bump when the projection tables change: the projector then rebuilds them from the events log.
-PROJECTION_VERSION = 1
+PROJECTION_VERSION = 2
 PROJECTOR = "projector"
 NOTIFY_CHANNEL = "tierflow_projected"
 
@@ -93,8 +93,18 @@ CREATE TABLE IF NOT EXISTS {s}.results (
     model_id      integer NOT NULL,
     model_version integer NOT NULL,
     status        text NOT NULL,
+    chain         integer[] NOT NULL,
+    workload      text,
+    seed          bigint,
+    samples       jsonb,
+    history       jsonb NOT NULL DEFAULT '[]',
+    metrics       jsonb,
+    artefacts     jsonb,
+    error         text,
     created_at    timestamptz NOT NULL,
-    updated_at    timestamptz NOT NULL
+    updated_at    timestamptz NOT NULL,
+    started_at    timestamptz,
+    finished_at   timestamptz
 );
 CREATE INDEX IF NOT EXISTS results_deployment_idx ON {s}.results (deployment_id);
 CREATE TABLE IF NOT EXISTS {s}.datasources (
@@ -142,6 +152,12 @@ CREATE TABLE IF NOT EXISTS public.agent_positions (
     agent   text PRIMARY KEY,
     log_id  text NOT NULL,
     "offset" bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS public.training_queue (
+    result_id  integer PRIMARY KEY,
+    position   integer NOT NULL,
+    note       text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS public.projector_status (
     consumer   text PRIMARY KEY,

@@ -41,6 +41,14 @@ COMMAND_EVENTS: dict[str, str] = {
     "RequestDeployment": "DeploymentRequested",
     "DeleteDeployment": "DeploymentDeleted",
     "AnnounceDatasource": "DatasourceAnnounced",
+    "SendDatasource": "DatasourceAnnounced",
+    "ReportTrainingLaunched": "TrainingLaunched",
+    "ReportTrainingStarted": "TrainingStarted",
+    "ReportTrainingProgress": "TrainingProgressed",
+    "ReportTrainingResult": "TrainingResultReported",
+    "ReportTrainingFailure": "TrainingFailed",
+    "StopTraining": "TrainingStopped",
+    "DeleteResult": "ResultDeleted",
 }
 EVENT_TYPES: frozenset[str] = frozenset([*COMMAND_EVENTS.values(), "CommandRejected"])
 

@@ -16,6 +16,7 @@ from tierflow.streams.catalogue import (
     COMMAND_EVENTS,
     Invalid,
     ModelFields,
+    as_id,
     expected_version,
     name_field,
     parse_deployment,
@@ -27,6 +28,9 @@ from tierflow.streams.catalogue import (
 from tierflow.streams.envelope import JSON, Command, Event, Position, event_id_for
 
 Shape = list[int | None]
+
+#: A result in one of these states never changes status again.
+FINAL_STATUSES = frozenset({"finished", "failed", "stopped"})
 
 
 @dataclass
@@ -63,6 +67,12 @@ class ResultState:
     deployment_id: int
     model_id: int
     status: str
+    #: result ids trained together (one chain, bottom first); a single model's result is a chain of one
+    chain: list[int] = field(default_factory=list)
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATUSES
 
 
 @dataclass
@@ -77,6 +87,8 @@ class State:
     results: dict[int, ResultState] = field(default_factory=dict)
     #: datasource id -> deployment id it was announced for
     datasources: dict[int, int] = field(default_factory=dict)
+    #: datasource id -> its announcement (for re-sending it to another deployment)
+    datasource_records: dict[int, JSON] = field(default_factory=dict)
     #: inference id -> result ids it serves (filled by the inference events of a later capability)
     inferences: dict[int, list[int]] = field(default_factory=dict)
 
@@ -141,18 +153,40 @@ def apply(state: State, event: Event) -> None:
         state.deployments[p["id"]] = DeploymentState(p["id"], p["configuration_id"],
                                                      [r["id"] for r in p["results"]])
         _bump(state, "deployment", p["id"])
+        chains = p.get("chains") or [[r["id"]] for r in p["results"]]
+        chain_of = {rid: chain for chain in chains for rid in chain}
         for r in p["results"]:
-            state.results[r["id"]] = ResultState(r["id"], p["id"], r["model_id"], "created")
+            state.results[r["id"]] = ResultState(r["id"], p["id"], r["model_id"], "created", chain_of[r["id"]])
             _bump(state, "result", r["id"])
     elif t == "DeploymentDeleted":
         dep = state.deployments.pop(p["id"], None)
         if dep is not None:
             for rid in dep.result_ids:
                 state.results.pop(rid, None)
+    elif t in _STATUS_BY_EVENT:
+        for rid in p.get("result_ids") or [p["result_id"]]:
+            if rid in state.results:
+                state.results[rid].status = _STATUS_BY_EVENT[t]
+    elif t == "ResultDeleted":
+        res = state.results.pop(p["id"], None)
+        if res is not None and res.deployment_id in state.deployments:
+            state.deployments[res.deployment_id].result_ids.remove(res.id)
     elif t == "DatasourceAnnounced":
         state.datasources[p["id"]] = p["deployment_id"]
+        state.datasource_records[p["id"]] = {k: v for k, v in p.items()
+                                             if k not in ("id", "deployment_id", "origin", "created_at")}
         _bump(state, "datasource", p["id"])
     # CommandRejected changes nothing but `decided` and `seq`.
+
+
+_STATUS_BY_EVENT = {
+    "TrainingLaunched": "deployed",
+    "TrainingStarted": "training",
+    "TrainingProgressed": "training",
+    "TrainingResultReported": "finished",
+    "TrainingFailed": "failed",
+    "TrainingStopped": "stopped",
+}
 
 
 # --- decide -------------------------------------------------------------------------------------------
@@ -451,8 +485,11 @@ def _request_deployment(state: State, cmd: Command, at: str) -> Decision:
     first_result = state.next_id("result")
     results = [{"id": first_result + i, "model_id": mid, "model_version": state.models[mid].version}
                for i, mid in enumerate(conf.model_ids)]
+    result_of = {r["model_id"]: r["id"] for r in results}
+    chains = [[result_of[mid] for mid in chain] for chain in _chains(state, conf.model_ids)]
     payload = f.to_json() | {
         "id": ident,
+        "chains": chains,
         "model_versions": {str(mid): state.models[mid].version for mid in conf.model_ids},
         "results": results,
         "created_at": at,
@@ -523,7 +560,163 @@ def _announce_datasource(state: State, cmd: Command, at: str) -> Decision:
     }
 
 
+def _results(state: State, payload: JSON, field_name: str = "result_ids") -> list[ResultState]:
+    raw = payload.get(field_name)
+    if not isinstance(raw, list) or not raw:
+        raise Invalid(f"'{field_name}' must be a non-empty list of result ids", field_name)
+    out: list[ResultState] = []
+    for value in raw:
+        rid = as_id(value, field_name)
+        res = state.results.get(rid)
+        if res is None:
+            raise Invalid(f"result {rid} does not exist", field_name)
+        out.append(res)
+    deployments = {r.deployment_id for r in out}
+    if len(deployments) != 1:
+        raise Invalid(f"results {[r.id for r in out]} belong to different deployments", field_name)
+    return out
+
+
+def _not_final(results: list[ResultState], what: str) -> None:
+    done = [r for r in results if r.final]
+    if done:
+        listing = ", ".join(f"{r.id} ({r.status})" for r in done)
+        raise Invalid(f"cannot {what}: result(s) {listing} already ended", "result_ids", "conflict")
+
+
+def _status_event(event_type: str, results: list[ResultState], extra: JSON, at: str) -> Decision:
+    dep = results[0].deployment_id
+    return event_type, f"deployment:{dep}", 1, extra | {
+        "deployment_id": dep, "result_ids": [r.id for r in results], "at": at,
+    }
+
+
+def _report_launched(state: State, cmd: Command, at: str) -> Decision:
+    results = _results(state, cmd.payload)
+    _not_final(results, "launch training")
+    started = [r for r in results if r.status != "created"]
+    if started:
+        raise Invalid(f"result(s) {[r.id for r in started]} were launched already", "result_ids", "conflict")
+    workload = cmd.payload.get("workload")
+    if not isinstance(workload, str) or not workload:
+        raise Invalid("'workload' must name the launched workload", "workload")
+    return _status_event("TrainingLaunched", results, {"workload": workload}, at)
+
+
+def _report_started(state: State, cmd: Command, at: str) -> Decision:
+    results = _results(state, cmd.payload)
+    _not_final(results, "start training")
+    samples = cmd.payload.get("samples") or {}
+    seed = cmd.payload.get("seed")
+    if not isinstance(samples, dict) or (seed is not None and not isinstance(seed, int)):
+        raise Invalid("'samples' must be an object and 'seed' an integer", "samples")
+    return _status_event("TrainingStarted", results, {"seed": seed, "samples": samples}, at)
+
+
+def _metrics_object(value: Any, field_name: str) -> JSON:
+    if not isinstance(value, dict):
+        raise Invalid(f"'{field_name}' must be an object of metrics", field_name)
+    return value
+
+
+def _report_progress(state: State, cmd: Command, at: str) -> Decision:
+    p = cmd.payload
+    results = _results(state, p)
+    _not_final(results, "report progress")
+    epoch, epochs = p.get("epoch"), p.get("epochs")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise Invalid("'epoch' must be an integer >= 1", "epoch")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < epoch):
+        raise Invalid("'epochs' must be an integer >= epoch", "epochs")
+    metrics = _metrics_object(p.get("metrics"), "metrics")
+    ids = {str(r.id) for r in results}
+    stray = sorted(set(metrics) - ids)
+    if stray:
+        raise Invalid(f"'metrics' names result(s) {', '.join(stray)} not in 'result_ids'", "metrics")
+    return _status_event("TrainingProgressed", results, {"epoch": epoch, "epochs": epochs, "metrics": metrics}, at)
+
+
+def _report_result(state: State, cmd: Command, at: str) -> Decision:
+    p = cmd.payload
+    rid = req_id(p, "result_id")
+    res = state.results.get(rid)
+    if res is None:
+        raise Invalid(f"result {rid} does not exist", "result_id")
+    _not_final([res], "report a result")
+    metrics = _metrics_object(p.get("metrics"), "metrics")
+    artefacts = _metrics_object(p.get("artefacts") or {}, "artefacts")
+    for kind, ref in artefacts.items():
+        sha = ref.get("sha256") if isinstance(ref, dict) else None
+        if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+            raise Invalid(f"artefact '{kind}' needs a sha256 (64 lowercase hex digits)", f"artefacts.{kind}")
+    if "keras" not in artefacts:
+        raise Invalid("a trained result needs its 'keras' artefact", "artefacts")
+    return "TrainingResultReported", f"deployment:{res.deployment_id}", 1, {
+        "deployment_id": res.deployment_id, "result_id": rid, "metrics": metrics, "artefacts": artefacts, "at": at,
+    }
+
+
+def _report_failure(state: State, cmd: Command, at: str) -> Decision:
+    results = _results(state, cmd.payload)
+    open_results = [r for r in results if not r.final]
+    if not open_results:
+        raise Invalid(f"result(s) {[r.id for r in results]} already ended", "result_ids", "conflict")
+    reason = cmd.payload.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise Invalid("'reason' must say why the training failed", "reason")
+    return _status_event("TrainingFailed", open_results, {"reason": reason[:20_000]}, at)
+
+
+def _stop_training(state: State, cmd: Command, at: str) -> Decision:
+    rid = req_id(cmd.payload, "id")
+    res = state.results.get(rid)
+    if res is None:
+        raise Invalid(f"result {rid} does not exist", "id", "not_found")
+    if res.final:
+        raise Invalid(f"result {rid} already ended ({res.status})", "id", "conflict")
+    # The whole chain trains in one workload: stopping one result stops its chain.
+    group = [state.results[r] for r in (res.chain or [rid]) if r in state.results and not state.results[r].final]
+    return _status_event("TrainingStopped", group, {"requested_for": rid}, at)
+
+
+def _delete_result(state: State, cmd: Command, at: str) -> Decision:
+    rid = req_id(cmd.payload, "id")
+    res = state.results.get(rid)
+    if res is None:
+        raise Invalid(f"result {rid} does not exist", "id", "not_found")
+    served = sorted(i for i, rids in state.inferences.items() if rid in rids)
+    if served:
+        raise Invalid(f"result {rid} is served by inference(s) {', '.join(map(str, served))}; stop and delete "
+                      "those first", "id", "conflict")
+    if res.status in ("deployed", "training"):
+        raise Invalid(f"result {rid} is {res.status}; stop it first (POST /results/{rid}/stop)", "id", "conflict")
+    return "ResultDeleted", f"deployment:{res.deployment_id}", 1, {"id": rid, "deployment_id": res.deployment_id}
+
+
+def _send_datasource(state: State, cmd: Command, at: str) -> Decision:
+    p = cmd.payload
+    source_id = req_id(p, "datasource_id")
+    record = state.datasource_records.get(source_id)
+    if record is None:
+        raise Invalid(f"datasource {source_id} does not exist", "datasource_id", "not_found")
+    did = req_id(p, "deployment_id")
+    if did not in state.deployments:
+        raise Invalid(f"deployment {did} does not exist", "deployment_id")
+    ident = state.next_id("datasource")
+    return "DatasourceAnnounced", f"datasource:{ident}", 1, record | {
+        "id": ident, "deployment_id": did, "origin": {"datasource_id": source_id}, "created_at": at,
+    }
+
+
 _HANDLERS = {
+    "ReportTrainingLaunched": _report_launched,
+    "ReportTrainingStarted": _report_started,
+    "ReportTrainingProgress": _report_progress,
+    "ReportTrainingResult": _report_result,
+    "ReportTrainingFailure": _report_failure,
+    "StopTraining": _stop_training,
+    "DeleteResult": _delete_result,
+    "SendDatasource": _send_datasource,
     "AnnounceDatasource": _announce_datasource,
     "RegisterModel": _register_model,
     "UpdateModel": _update_model,

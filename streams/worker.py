@@ -24,6 +24,8 @@ import asyncpg
 from tierflow.projections.schema import migrate
 from tierflow.streams.control import ControlBridge
 from tierflow.streams.decider import Decider
+from tierflow.streams.launcher import Launcher
+from tierflow.streams.orchestrator import Orchestrator
 from tierflow.streams.projector import Projector
 from tierflow.streams.settings import Settings
 from tierflow.streams.validator import ValidateFn, Validator, sandbox_validate
@@ -31,6 +33,8 @@ from tierflow.streams.validator import ValidateFn, Validator, sandbox_validate
 log = logging.getLogger("tierflow.worker")
 
 DECIDER_LOCK = 7_310_003
+
+LauncherFactory = Callable[[Settings], Launcher]
 
 
 async def supervise(name: str, run: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:
@@ -50,9 +54,14 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], stopping: asy
 
 
 class Worker:
-    def __init__(self, settings: Settings, validate: ValidateFn | None = None) -> None:
+    def __init__(self, settings: Settings, validate: ValidateFn | None = None, launcher: Launcher | None = None,
+                 workload_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self._validate = validate
+        self.launcher = launcher
+        self.orchestrator: Orchestrator | None = None
+        if launcher is not None:
+            self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.to_env())
         self.decider = Decider(settings.kafka)
         self.projector = Projector(settings.kafka, settings.database.url)
         self.validator: Validator | None = None
@@ -99,6 +108,7 @@ class Worker:
                                           self._control_stopping)),
             asyncio.create_task(supervise("control-bridge", lambda: bridge.run(self._control_stopping),
                                           self._control_stopping)),
+            asyncio.create_task(supervise("orchestrator", self._run_orchestrator, self._control_stopping)),
             asyncio.create_task(supervise("projector",
                                           lambda: self.projector.run(self._projector_stopping, self._drain),
                                           self._projector_stopping)),
@@ -107,11 +117,11 @@ class Worker:
             await self.stopping.wait()
         finally:
             self._control_stopping.set()
-            await asyncio.gather(*tasks[:3], return_exceptions=True)
+            await asyncio.gather(*tasks[:4], return_exceptions=True)
             # Let the projector archive what the decider wrote, within a deadline.
             self._drain.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(tasks[3]), timeout=10)
+                await asyncio.wait_for(asyncio.shield(tasks[4]), timeout=10)
             self._projector_stopping.set()
             for t in tasks:
                 t.cancel()
@@ -119,11 +129,17 @@ class Worker:
             if pool is not None:
                 await pool.close()
 
+    async def _run_orchestrator(self) -> None:
+        if self.orchestrator is None:
+            return  # no launcher wired in: this worker runs the control plane only
+        await self.orchestrator.run(self._control_stopping)
+
     def stop(self) -> None:
         self.stopping.set()
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: Settings, launcher_factory: LauncherFactory | None = None) -> int:
+    """Run the worker until SIGTERM; `launcher_factory` (wired by the entry point) enables the orchestrator."""
     if not settings.kafka.bootstrap_servers or not settings.database.url:
         from tierflow.deploy.stack import read_stack_state
 
@@ -136,11 +152,17 @@ def run_worker(settings: Settings) -> int:
                                            database_url=state.database_url)
 
     async def main() -> None:
-        worker = Worker(settings)
+        launcher = launcher_factory(settings) if launcher_factory is not None else None
+        env = {**settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        worker = Worker(settings, launcher=launcher, workload_env=env)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        try:
+            await worker.run()
+        finally:
+            if launcher is not None:
+                await launcher.close()
 
     asyncio.run(main())
     return 0

@@ -1,0 +1,225 @@
+"""The orchestrator agent: reconciles the training workloads the projections call for with those that exist.
+
+Run by the worker with a launcher wired in (deploy/local_launcher.py or deploy/kubernetes_launcher.py behind
+the `streams.launcher.Launcher` port). Every few seconds, and whenever the projector commits, it plans with
+the pure `plan_training(...)` and applies the plan:
+- one workload per chain of a deployment (the chain trains jointly) and one per non-distributed model,
+  started only once the deployment's datasource is announced (no TensorFlow process idles waiting for data),
+  at most `max_training` at once; the rest queue visibly (`public.training_queue`, shown by the API);
+- a workload that ended while its results are not final becomes `TrainingFailed` with its exit code and last
+  log lines; a workload whose results all ended (finished, failed, stopped) or whose deployment is gone is
+  removed;
+- a finished result is never retrained: only results in `created` are launched, so a replay, a restart or a
+  Job garbage-collected by Kubernetes changes nothing. A result launched earlier whose workload vanished
+  while it was still open is launched again (same deterministic name).
+The commands it sends have ids derived from the workload, so a restart that re-sends one is decided once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from tierflow.projections import queries
+from tierflow.projections.schema import NOTIFY_CHANNEL
+from tierflow.streams.client import CommandClient
+from tierflow.streams.envelope import TIERFLOW_NS, Command
+from tierflow.streams.launcher import (
+    LABEL_DEPLOYMENT,
+    LABEL_KIND,
+    LABEL_MANAGED,
+    LABEL_RESULTS,
+    MANAGED_BY,
+    Launcher,
+    Resources,
+    WorkloadSpec,
+    WorkloadStatus,
+    parse_results_label,
+    results_label,
+    training_workload_name,
+)
+from tierflow.streams.settings import Settings
+
+log = logging.getLogger("tierflow.orchestrator")
+
+OPEN = frozenset({"created", "deployed", "training"})
+
+
+@dataclass(frozen=True)
+class Group:
+    """The results one training workload trains: a chain (bottom first) or a single model."""
+
+    deployment_id: int
+    result_ids: tuple[int, ...]
+    statuses: tuple[str, ...]
+    has_data: bool
+
+    @property
+    def name(self) -> str:
+        return training_workload_name(self.deployment_id, self.result_ids[0])
+
+    @property
+    def open(self) -> bool:
+        return any(s in OPEN for s in self.statuses)
+
+    @property
+    def launched(self) -> bool:
+        return any(s in ("deployed", "training") for s in self.statuses)
+
+    @property
+    def open_ids(self) -> list[int]:
+        return [r for r, s in zip(self.result_ids, self.statuses, strict=True) if s in OPEN]
+
+
+@dataclass
+class Plan:
+    launch: list[Group] = field(default_factory=list)  # new: send ReportTrainingLaunched too
+    relaunch: list[Group] = field(default_factory=list)  # launched before, workload vanished
+    fail: list[tuple[Group, str]] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    queued: list[tuple[Group, int, str]] = field(default_factory=list)
+
+
+def groups_from_rows(rows: list[dict[str, Any]]) -> list[Group]:
+    by_id = {r["id"]: r for r in rows}
+    seen: set[int] = set()
+    groups: list[Group] = []
+    for r in rows:
+        if r["id"] in seen:
+            continue
+        chain = [rid for rid in (r["chain"] or [r["id"]]) if rid in by_id]
+        seen.update(chain)
+        groups.append(Group(deployment_id=r["deployment_id"], result_ids=tuple(chain),
+                            statuses=tuple(by_id[rid]["status"] for rid in chain), has_data=bool(r["has_data"])))
+    return groups
+
+
+def plan_training(groups: list[Group], workloads: list[WorkloadStatus], max_training: int) -> Plan:
+    """What to do to make the existing training workloads match the results (pure)."""
+    plan = Plan()
+    existing = {w.name: w for w in workloads if w.kind == "training"}
+    wanted_names = set()
+    running = sum(1 for w in existing.values() if not w.finished)
+    waiting: list[Group] = []
+    for g in groups:
+        w = existing.get(g.name)
+        wanted_names.add(g.name)
+        if not g.open:
+            if w is not None:
+                plan.remove.append(g.name)  # all results ended: the workload has nothing left to do
+            continue
+        if w is not None:
+            if w.finished:
+                why = w.reason or f"exit code {w.exit_code}"
+                plan.fail.append((g, f"training workload {g.name} ended ({w.phase}) without reporting results "
+                                     f"{g.open_ids}: {why}"))
+            continue
+        if g.launched:
+            plan.relaunch.append(g)
+            running += 1
+        elif g.has_data:
+            waiting.append(g)
+    for g in waiting:
+        if running < max_training:
+            plan.launch.append(g)
+            running += 1
+        else:
+            position = len(plan.queued) + 1
+            plan.queued.append((g, position, f"queued: {running} training workloads running (limit "
+                                             f"{max_training}); position {position}"))
+    for name in existing:
+        if name not in wanted_names:
+            plan.remove.append(name)  # its deployment or results were deleted
+    return plan
+
+
+def training_spec(g: Group, settings: Settings, env: dict[str, str]) -> WorkloadSpec:
+    return WorkloadSpec(
+        name=g.name,
+        kind="training",
+        args=["train", "--deployment", str(g.deployment_id), "--results", ",".join(map(str, g.result_ids))],
+        env=env,
+        labels={LABEL_MANAGED: MANAGED_BY, LABEL_KIND: "training", LABEL_DEPLOYMENT: str(g.deployment_id),
+                LABEL_RESULTS: results_label(list(g.result_ids))},
+        resources=Resources(cpu="1", memory="4Gi", gpu=settings.workloads.training_gpus),
+    )
+
+
+def derived_command_id(*parts: object) -> str:
+    return str(uuid.uuid5(TIERFLOW_NS, "orchestrator:" + ":".join(map(str, parts))))
+
+
+class Orchestrator:
+    def __init__(self, settings: Settings, launcher: Launcher, workload_env: dict[str, str]) -> None:
+        self.settings = settings
+        self.launcher = launcher
+        self.workload_env = workload_env
+        self.reconciled = 0
+        self._wake = asyncio.Event()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        conn = await asyncpg.connect(self.settings.database.url)
+        listen = await asyncpg.connect(self.settings.database.url)
+        await listen.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+        client = CommandClient(self.settings.kafka, source="orchestrator")
+        await client.start()
+        try:
+            while not stopping.is_set():
+                await self.reconcile(conn, client)
+                self._wake.clear()
+                stop = asyncio.ensure_future(stopping.wait())
+                wake = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({stop, wake}, timeout=self.settings.workloads.reconcile_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for f in (stop, wake):
+                    f.cancel()
+        finally:
+            await client.stop()
+            await listen.close()
+            await conn.close()
+
+    async def reconcile(self, conn: asyncpg.Connection, client: CommandClient) -> Plan:
+        # Workloads first: a workload that ended had its reports projected before it exited, so rows read
+        # after it are final and it is not mistaken for one that died without reporting.
+        workloads = await self.launcher.list("training")
+        groups = groups_from_rows(await queries.training_rows(conn))
+        plan = plan_training(groups, workloads, self.settings.workloads.max_training)
+        commands: list[Command] = []
+        for g in plan.launch + plan.relaunch:
+            await self.launcher.launch(training_spec(g, self.settings, self.workload_env))
+            log.info("launched %s for results %s", g.name, list(g.result_ids))
+            if g in plan.launch:
+                commands.append(Command(derived_command_id("launched", g.name), "ReportTrainingLaunched",
+                                        {"deployment_id": g.deployment_id, "result_ids": list(g.result_ids),
+                                         "workload": g.name}, source="orchestrator"))
+        for g, reason in plan.fail:
+            log.warning("%s", reason)
+            commands.append(Command(derived_command_id("failed", g.name, g.open_ids), "ReportTrainingFailure",
+                                    {"deployment_id": g.deployment_id, "result_ids": g.open_ids, "reason": reason},
+                                    source="orchestrator"))
+        if commands:
+            await client.send_many(commands)
+        for name in plan.remove:
+            await self.launcher.stop(name)
+            log.info("removed workload %s", name)
+        async with conn.transaction():
+            await conn.execute("DELETE FROM public.training_queue")
+            if plan.queued:
+                await conn.executemany(
+                    "INSERT INTO public.training_queue (result_id, position, note) VALUES ($1, $2, $3)",
+                    [(rid, pos, note) for g, pos, note in plan.queued for rid in g.result_ids],
+                )
+        self.reconciled += 1
+        return plan
+
+
+def workload_results(w: WorkloadStatus) -> list[int]:
+    with contextlib.suppress(KeyError):
+        return parse_results_label(w.labels[LABEL_RESULTS])
+    return []

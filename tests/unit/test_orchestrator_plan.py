@@ -1,0 +1,73 @@
+"""The orchestrator's pure planner: which training workloads to launch, fail, remove or queue."""
+
+from __future__ import annotations
+
+from tierflow.streams.launcher import WorkloadStatus
+from tierflow.streams.orchestrator import Group, groups_from_rows, plan_training
+
+
+def row(rid: int, status: str, chain: list[int], dep: int = 1, data: bool = True) -> dict[str, object]:
+    return {"id": rid, "deployment_id": dep, "status": status, "chain": chain, "workload": None, "has_data": data}
+
+
+def running(name: str) -> WorkloadStatus:
+    return WorkloadStatus(name=name, kind="training", labels={}, phase="running")
+
+
+def ended(name: str, phase: str, code: int, reason: str = "") -> WorkloadStatus:
+    return WorkloadStatus(name=name, kind="training", labels={}, phase=phase, exit_code=code, reason=reason or None)
+
+
+def test_results_are_grouped_by_chain_bottom_first() -> None:
+    groups = groups_from_rows([row(1, "created", [1, 2, 3]), row(2, "created", [1, 2, 3]),
+                               row(3, "created", [1, 2, 3]), row(4, "created", [4])])
+    assert [g.result_ids for g in groups] == [(1, 2, 3), (4,)]
+    assert [g.name for g in groups] == ["tierflow-train-1-1", "tierflow-train-1-4"]
+
+
+def test_nothing_starts_before_the_datasource_is_announced() -> None:
+    plan = plan_training(groups_from_rows([row(1, "created", [1], data=False)]), [], 2)
+    assert plan.launch == [] and plan.queued == []
+
+
+def test_the_cap_queues_the_rest_visibly_in_order() -> None:
+    groups = groups_from_rows([row(i, "created", [i], dep=i) for i in range(1, 5)])
+    plan = plan_training(groups, [running("tierflow-train-9-9")], 2)
+    assert [g.result_ids for g in plan.launch] == [(1,)]
+    assert [(g.result_ids, pos) for g, pos, _ in plan.queued] == [((2,), 1), ((3,), 2), ((4,), 3)]
+    assert "limit 2" in plan.queued[0][2]
+    # The stray workload (no results call for it) is removed.
+    assert plan.remove == ["tierflow-train-9-9"]
+
+
+def test_a_finished_result_is_never_retrained_even_when_its_workload_is_gone() -> None:
+    groups = groups_from_rows([row(1, "finished", [1, 2]), row(2, "finished", [1, 2])])
+    plan = plan_training(groups, [], 2)
+    assert plan.launch == [] and plan.relaunch == [] and plan.fail == []
+
+
+def test_a_workload_that_ended_without_reporting_fails_its_open_results() -> None:
+    groups = groups_from_rows([row(1, "finished", [1, 2]), row(2, "training", [1, 2])])
+    plan = plan_training(groups, [ended("tierflow-train-1-1", "failed", 137, "killed by SIGKILL\nlast lines")], 2)
+    assert len(plan.fail) == 1
+    group, reason = plan.fail[0]
+    assert group.open_ids == [2]
+    assert "killed by SIGKILL" in reason and "[2]" in reason
+
+
+def test_ended_results_get_their_workload_removed_and_running_ones_are_left_alone() -> None:
+    groups = groups_from_rows([row(1, "stopped", [1]), row(2, "training", [2])])
+    plan = plan_training(groups, [running("tierflow-train-1-1"), running("tierflow-train-1-2")], 1)
+    assert plan.remove == ["tierflow-train-1-1"]
+    assert plan.launch == [] and plan.fail == []
+
+
+def test_an_open_launched_result_whose_workload_vanished_is_launched_again() -> None:
+    plan = plan_training(groups_from_rows([row(5, "deployed", [5])]), [], 1)
+    assert [g.result_ids for g in plan.relaunch] == [(5,)]
+    assert plan.launch == []
+
+
+def test_group_properties() -> None:
+    g = Group(deployment_id=3, result_ids=(7, 8), statuses=("finished", "training"), has_data=True)
+    assert g.open and g.launched and g.open_ids == [8] and g.name == "tierflow-train-3-7"
