@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.set_defaults(func=_rebuild_projections)
 
     cli_resources.register(sub)
+
+    from tierflow.tiers import train_job
+
+    train_job.register(sub)
     return parser
 
 

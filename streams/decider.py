@@ -109,7 +109,17 @@ class Decider:
                 continue
             if isinstance(cmd, CommandLogMarker):
                 continue
-            event = decide(self.state, cmd, occurred_at=self.clock(), position=Position(self.log_id, record.offset))
+            try:
+                event = decide(self.state, cmd, occurred_at=self.clock(),
+                               position=Position(self.log_id, record.offset))
+            except Exception as exc:  # a bug in a rule: keep the command (dead letter) and keep deciding
+                log.exception("deciding %s %s failed", cmd.type, cmd.command_id)
+                await asyncio.gather(*pending)
+                pending.clear()
+                await kio.send_deadletter(prod, self.kafka, record,
+                                          f"the decider failed on this command: {type(exc).__name__}: {exc}",
+                                          "decider")
+                continue
             if event is None:
                 continue
             apply(self.state, event)

@@ -1,0 +1,590 @@
+"""The training workload: `tierflow train --deployment D --results R1,R2,... [--api URL]`.
+
+Started by the orchestrator's launcher (a local subprocess or a Kubernetes Job), one per chain of a
+deployment (bottom first) or per non-distributed model. It reads the deployment, its results and the
+pinned model code over HTTP from the API, waits for the deployment's datasource, reads the announced
+records into memory, trains the chain jointly (`tierflow.tiers.training`), uploads every trained
+sub-model with `PUT /artefacts` and reports by producing commands (ReportTrainingStarted, one
+ReportTrainingProgress per epoch, one ReportTrainingResult per result, or ReportTrainingFailure with a
+reason the user can act on). It exits 0 only once its final reports have an outcome
+(`GET /commands/{id}`), 2 when retrying cannot help (bad data, model code or options), 1 otherwise.
+
+`run_training` is the pure-ish core: its I/O goes through the small protocols below (`TrainingApi`,
+`DataLoader`, `Reporter`), so tests drive it with fakes; `register` wires the real adapters for the CLI
+front door (deploy/cli.py). TensorFlow runs in one worker thread so the event loop keeps producing
+progress reports while Keras trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import inspect
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from tierflow.streams.settings import KafkaSettings, Settings
+from tierflow.tiers import training
+from tierflow.tiers.data import DataError
+from tierflow.tiers.keras_code import ModelCodeError
+from tierflow.tiers.training import Artefact, Metrics, TrainingOptions, TrainingSetupError
+
+JSON = dict[str, Any]
+Arrays = tuple[npt.NDArray[Any], npt.NDArray[Any]]
+_T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
+
+FINAL_STATUSES = frozenset({"finished", "failed", "stopped"})
+
+
+# -- errors: what happens next ----------------------------------------------------------------------------
+
+
+class JobError(Exception):
+    """The job cannot finish; `exit_code` tells the orchestrator whether a retry could help."""
+
+    exit_code = 1
+
+
+class PermanentError(JobError):
+    """Bad data, model code or options: the same job fails the same way until the user changes something."""
+
+    exit_code = 2
+
+
+class TemporaryError(JobError):
+    """The API, the broker or the worker did not answer in time; a later run may succeed."""
+
+    exit_code = 1
+
+
+class ApiNotFound(PermanentError):
+    """The API answered 404: the deployment, result or model version does not exist (any more)."""
+
+
+# -- the ports: the I/O run_training needs ------------------------------------------------------------------
+
+
+class TrainingApi(Protocol):
+    """The tierflow API as the training job sees it."""
+
+    async def deployment(self, deployment_id: int) -> JSON: ...
+
+    async def result(self, result_id: int) -> JSON: ...
+
+    async def model_version(self, model_id: int, version: int) -> JSON: ...
+
+    async def datasources(self, deployment_id: int) -> list[JSON]:
+        """The deployment's announced datasources (any order)."""
+        ...
+
+    async def put_artefact(self, data: bytes, sha256: str) -> JSON:
+        """Store `data`; answers `{"sha256", "size"}` once the API verified the hash."""
+        ...
+
+    async def command_outcome(self, command_id: str) -> JSON | None:
+        """The command's outcome (`{"status": "accepted" | "rejected", "reason"?}`), None while pending."""
+        ...
+
+
+class DataLoader(Protocol):
+    async def load(self, datasource: JSON) -> Arrays:
+        """(x, y) of every record the datasource announces, samples first."""
+        ...
+
+
+class Reporter(Protocol):
+    """Produces one command to `tierflow.commands` (`CommandClient` is one); answers its command_id."""
+
+    async def send(self, command_type: str, payload: JSON) -> str: ...
+
+
+# -- pure planning ------------------------------------------------------------------------------------------
+
+
+def parse_ids(text: str) -> list[int]:
+    """"7,8,9" -> [7, 8, 9] (for --results)."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of result ids") from None
+    if not ids or any(i < 1 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r} must name at least one result id >= 1")
+    return ids
+
+
+def _label(version: Mapping[str, Any]) -> str:
+    return f"model '{version.get('name')}' (id {version.get('model_id')}, version {version.get('version')})"
+
+
+def chain_order(versions: Mapping[int, Mapping[str, Any]]) -> list[int]:
+    """The model ids of one chain, bottom first, by following `upper_id` among `versions` (model id -> version).
+
+    One model with no upper is a chain of one. Anything but one unbroken chain is a permanent error: a
+    job trains exactly the models it was given, and a model whose upper is not among them would leave
+    that upper untrained.
+    """
+    if not versions:
+        raise PermanentError("no models to train")
+    lowers: dict[int, list[int]] = {}
+    for mid, version in versions.items():
+        upper = version.get("upper_id")
+        if upper is None:
+            continue
+        if int(upper) not in versions:
+            raise PermanentError(
+                f"{_label(version)} forwards to model {upper}, which this training job does not train; a chain "
+                "trains jointly: deploy it through its top model"
+            )
+        lowers.setdefault(int(upper), []).append(mid)
+    for upper, below in lowers.items():
+        if len(below) > 1:
+            names = " and ".join(_label(versions[m]) for m in sorted(below))
+            raise PermanentError(f"{names} both forward to {_label(versions[upper])}; one job trains one chain")
+    bottoms = sorted(mid for mid in versions if mid not in lowers)
+    if len(bottoms) != 1:
+        listing = ", ".join(_label(versions[m]) for m in bottoms) or "none (the upper links form a cycle)"
+        raise PermanentError(f"the models do not form one chain: its bottom models are {listing}")
+    order = [bottoms[0]]
+    while (upper := versions[order[-1]].get("upper_id")) is not None:
+        if int(upper) in order:
+            raise PermanentError(f"the upper links of {_label(versions[int(upper)])} form a cycle")
+        order.append(int(upper))
+    if len(order) != len(versions):
+        missing = ", ".join(_label(versions[m]) for m in sorted(set(versions) - set(order)))
+        raise PermanentError(f"{missing} not linked to the chain of {_label(versions[order[0]])}")
+    return order
+
+
+def latest_datasource(items: Sequence[Mapping[str, Any]]) -> JSON | None:
+    """The datasource announced last (highest id), or None."""
+    return dict(max(items, key=lambda d: int(d["id"]))) if items else None
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What one job trains: the deployment, and per exit (bottom first) its result and model version."""
+
+    deployment: JSON
+    results: list[JSON]
+    versions: list[JSON]
+
+    @property
+    def result_ids(self) -> list[int]:
+        return [int(r["id"]) for r in self.results]
+
+    @property
+    def model_ids(self) -> list[int]:
+        return [int(v["model_id"]) for v in self.versions]
+
+
+def make_plan(deployment: JSON, results: Sequence[JSON], versions: Mapping[int, JSON]) -> TrainingPlan:
+    """Checks the results belong to the deployment and are open, and orders them bottom first."""
+    did = int(deployment["id"])
+    by_model: dict[int, JSON] = {}
+    for res in results:
+        if int(res["deployment_id"]) != did:
+            raise PermanentError(f"result {res['id']} belongs to deployment {res['deployment_id']}, not {did}")
+        if res.get("status") in FINAL_STATUSES:
+            raise PermanentError(f"result {res['id']} already ended ({res['status']}); it is never retrained: "
+                                 "deploy the configuration again to train anew")
+        mid = int(res["model_id"])
+        if mid in by_model:
+            raise PermanentError(f"results {by_model[mid]['id']} and {res['id']} both train model {mid}")
+        by_model[mid] = res
+    order = chain_order({mid: versions[mid] for mid in by_model})
+    return TrainingPlan(dict(deployment), [by_model[m] for m in order], [versions[m] for m in order])
+
+
+def progress_payload(plan: TrainingPlan, epoch: int, epochs: int, metrics: Sequence[Metrics]) -> JSON:
+    return {"deployment_id": int(plan.deployment["id"]), "result_ids": plan.result_ids, "epoch": epoch,
+            "epochs": epochs, "metrics": {str(rid): dict(m) for rid, m in zip(plan.result_ids, metrics, strict=True)}}
+
+
+def describe_progress(epoch: int, epochs: int, names: Sequence[str], metrics: Sequence[Metrics]) -> str:
+    """"epoch 2/5: edge_model loss 0.41 accuracy 0.88 | ..." for the job's log."""
+    parts = [f"{name} " + " ".join(f"{k} {v:.4g}" for k, v in m.items()) for name, m in zip(names, metrics,
+                                                                                              strict=True)]
+    return f"epoch {epoch}/{epochs}: " + " | ".join(parts)
+
+
+# -- the adapters -------------------------------------------------------------------------------------------
+
+
+class HttpTrainingApi:
+    """`TrainingApi` over HTTP (aiohttp). GETs are retried briefly on connection errors and 5xx answers."""
+
+    def __init__(self, base_url: str, token: str = "", *, timeout_s: float = 60.0, retries: int = 3,
+                 backoff_s: float = 0.5) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> HttpTrainingApi:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(self, method: str, path: str, *, data: bytes | None = None,
+                       headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        if self._session is None:
+            raise RuntimeError("use `async with HttpTrainingApi(...)`")
+        sent = {"Accept": "application/json", **(headers or {})}
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        attempts = self.retries if method == "GET" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._session.request(method, self.base_url + path, data=data, headers=sent) as resp:
+                    body = await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = f"cannot reach the tierflow API at {self.base_url}: {type(exc).__name__}: {exc}"
+                if attempt == attempts:
+                    raise TemporaryError(f"{problem} (set --api or TIERFLOW_API_URL)") from exc
+            else:
+                if status < 500 or attempt == attempts:
+                    break
+                problem = f"{method} {path} answered HTTP {status}"
+            log.warning("%s; retrying (%d/%d)", problem, attempt, attempts)
+            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+        try:
+            parsed: Any = orjson.loads(body) if body else {}
+        except orjson.JSONDecodeError:
+            parsed = None
+        if status >= 400:
+            err = parsed.get("error") if isinstance(parsed, dict) else None
+            message = err.get("message") if isinstance(err, dict) else None
+            text = f"{method} {path} answered HTTP {status}" + (f": {message}" if message else "")
+            if status == 404:
+                raise ApiNotFound(text)
+            raise (TemporaryError if status >= 500 else PermanentError)(text)
+        if not isinstance(parsed, dict):
+            raise TemporaryError(f"{method} {path} answered HTTP {status} without a JSON object; "
+                                 f"is {self.base_url} a tierflow API?")
+        return status, parsed
+
+    async def _get(self, path: str) -> JSON:
+        _, body = await self._request("GET", path)
+        result: JSON = body
+        return result
+
+    async def deployment(self, deployment_id: int) -> JSON:
+        return await self._get(f"/deployments/{deployment_id}")
+
+    async def result(self, result_id: int) -> JSON:
+        return await self._get(f"/results/{result_id}")
+
+    async def model_version(self, model_id: int, version: int) -> JSON:
+        return await self._get(f"/models/{model_id}/versions/{version}")
+
+    async def datasources(self, deployment_id: int) -> list[JSON]:
+        page = await self._get(f"/datasources?deployment_id={deployment_id}&limit=1000")
+        items = list(page.get("items") or [])
+        total = int(page.get("total") or len(items))
+        if total > len(items):  # the latest lies beyond the first page
+            last = await self._get(f"/datasources?deployment_id={deployment_id}&limit=1&offset={total - 1}")
+            items.extend(last.get("items") or [])
+        return items
+
+    async def put_artefact(self, data: bytes, sha256: str) -> JSON:
+        _, body = await self._request("PUT", "/artefacts", data=data,
+                                      headers={"X-Sha256": sha256, "Content-Type": "application/octet-stream"})
+        if body.get("sha256") != sha256:
+            raise TemporaryError(f"the API stored the artefact as {body.get('sha256')}, not {sha256}")
+        stored: JSON = body
+        return stored
+
+    async def command_outcome(self, command_id: str) -> JSON | None:
+        status, body = await self._request("GET", f"/commands/{command_id}")
+        if status == 202 or body.get("status") not in ("accepted", "rejected"):
+            return None
+        outcome: JSON = body
+        return outcome
+
+
+class KafkaDataLoader:
+    """`DataLoader` over the broker: `tierflow.tiers.reader.read_datasource` reads exactly the announced ranges."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
+
+    async def load(self, datasource: JSON) -> Arrays:
+        from tierflow.tiers.reader import read_datasource  # the reader pulls in aiokafka/fastavro decoders
+
+        read: Callable[..., Any] = read_datasource
+        if inspect.iscoroutinefunction(read):
+            loaded = await read(self.kafka, datasource)
+        else:
+            loaded = await asyncio.to_thread(read, self.kafka, datasource)
+        x, y = loaded
+        return np.asarray(x), np.asarray(y)
+
+
+# -- the job ------------------------------------------------------------------------------------------------
+
+
+def classify(exc: BaseException, phase: str) -> JobError:
+    """The job error for an exception raised while `phase` ("reading datasource 3", ...), with a reason."""
+    if isinstance(exc, JobError):
+        return exc
+    permanent = (TrainingSetupError, ModelCodeError, DataError)
+    text = str(getattr(exc, "message", None) or exc) or type(exc).__name__
+    if isinstance(exc, permanent):
+        return PermanentError(f"{phase}: {text}")
+    return TemporaryError(f"{phase}: {training.short_message(exc)}")
+
+
+class _ProgressBridge:
+    """`training.ProgressReporter` for the TensorFlow thread: the event loop sends each epoch, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, reporter: Reporter, plan: TrainingPlan) -> None:
+        self._loop = loop
+        self._reporter = reporter
+        self._plan = plan
+        self._names = [str(v.get("name")) for v in plan.versions]
+        self._queue: asyncio.Queue[JSON | None] = asyncio.Queue()
+        self._task = loop.create_task(self._send_all())
+
+    def progress(self, epoch: int, epochs: int, metrics: list[Metrics]) -> None:
+        log.info("%s", describe_progress(epoch, epochs, self._names, metrics))
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, progress_payload(self._plan, epoch, epochs, metrics))
+
+    async def _send_all(self) -> None:
+        while (payload := await self._queue.get()) is not None:
+            await self._reporter.send("ReportTrainingProgress", payload)
+
+    async def close(self, *, quiet: bool = False) -> None:
+        """Wait until every epoch was produced; raises what producing raised unless `quiet`."""
+        self._queue.put_nowait(None)
+        try:
+            await self._task
+        except Exception as exc:
+            if not quiet:
+                raise
+            log.warning("a progress report was not produced: %s", training.short_message(exc))
+
+
+async def fetch_plan(api: TrainingApi, deployment_id: int, result_ids: Sequence[int]) -> TrainingPlan:
+    deployment = await api.deployment(deployment_id)
+    results = [await api.result(rid) for rid in result_ids]
+    pinned = {str(k): int(v) for k, v in (deployment.get("model_versions") or {}).items()}
+    versions: dict[int, JSON] = {}
+    for res in results:
+        mid = int(res["model_id"])
+        version = res.get("model_version") or pinned.get(str(mid))
+        if version is None:
+            raise PermanentError(f"result {res['id']} pins no version of model {mid}")
+        versions[mid] = await api.model_version(mid, int(version))
+    return make_plan(deployment, results, versions)
+
+
+async def wait_for_datasource(api: TrainingApi, deployment_id: int, *, timeout_s: float, poll_interval_s: float,
+                              clock: Callable[[], float] = time.monotonic) -> JSON:
+    deadline = clock() + timeout_s
+    waiting_logged = False
+    while True:
+        found = latest_datasource(await api.datasources(deployment_id))
+        if found is not None:
+            return found
+        if clock() >= deadline:
+            raise TemporaryError(
+                f"no datasource was announced for deployment {deployment_id} within {timeout_s:g} s; send the "
+                f"training data with `tierflow send --deployment {deployment_id} ...` (or a Kafka-ML sink)"
+            )
+        if not waiting_logged:
+            log.info("waiting for a datasource for deployment %d", deployment_id)
+            waiting_logged = True
+        await asyncio.sleep(poll_interval_s)
+
+
+async def wait_for_outcomes(api: TrainingApi, command_ids: Sequence[str], *, timeout_s: float,
+                            poll_interval_s: float, clock: Callable[[], float] = time.monotonic) -> dict[str, JSON]:
+    """Each command's outcome; TemporaryError if one has none by the deadline (is the worker running?)."""
+    deadline = clock() + timeout_s
+    outcomes: dict[str, JSON] = {}
+    while True:
+        for cid in command_ids:
+            if cid not in outcomes and (outcome := await api.command_outcome(cid)) is not None:
+                outcomes[cid] = outcome
+        if len(outcomes) == len(command_ids):
+            return outcomes
+        if clock() >= deadline:
+            pending = [cid for cid in command_ids if cid not in outcomes]
+            raise TemporaryError(f"no outcome for report(s) {', '.join(pending)} within {timeout_s:g} s; is the "
+                                 "tierflow worker running?")
+        await asyncio.sleep(poll_interval_s)
+
+
+def _build_models(versions: Sequence[JSON]) -> list[Any]:
+    from tierflow.tiers.keras_code import build_model
+
+    models = []
+    for version in versions:
+        try:
+            models.append(build_model(str(version.get("code") or ""), str(version.get("imports") or "")))
+        except ModelCodeError as exc:
+            raise PermanentError(f"{_label(version)}: {exc.message}") from exc
+    return models
+
+
+def _export(models: Sequence[Any]) -> list[dict[str, Artefact]]:
+    out: list[dict[str, Artefact]] = []
+    for i, model in enumerate(models):
+        artefacts = {"keras": training.export_keras(model)}
+        if i < len(models) - 1:  # non-top sub-models also run on devices
+            artefacts["tflite"] = training.export_tflite(model)
+        out.append(artefacts)
+    return out
+
+
+async def run_training(settings: Settings, deployment_id: int, result_ids: Sequence[int], *, api: TrainingApi,
+                       reporter: Reporter, data_loader: DataLoader | None = None, seed: int | None = None,
+                       datasource_timeout_s: float = 600.0, ack_timeout_s: float = 120.0,
+                       poll_interval_s: float = 0.5) -> int:
+    """Train the results `result_ids` of deployment `deployment_id`; the process exit code (0, 1 or 2).
+
+    `data_loader` defaults to reading the broker of `settings.kafka`; `seed` (default: random) decides the
+    split and is reported with TrainingStarted.
+    """
+    loader = data_loader or KafkaDataLoader(settings.kafka)
+    loop = asyncio.get_running_loop()
+    phase = f"loading deployment {deployment_id}"
+    plan: TrainingPlan | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierflow-tf") as tf_thread:
+
+        async def in_tf(fn: Callable[..., _T], *args: Any) -> _T:
+            return await loop.run_in_executor(tf_thread, functools.partial(fn, *args))
+
+        try:
+            plan = await fetch_plan(api, deployment_id, result_ids)
+            phase = f"waiting for the datasource of deployment {deployment_id}"
+            datasource = await wait_for_datasource(api, deployment_id, timeout_s=datasource_timeout_s,
+                                                   poll_interval_s=poll_interval_s)
+            phase = f"reading datasource {datasource.get('id')}"
+            x, y = await loader.load(datasource)
+            phase = "planning the training"
+            options = TrainingOptions.from_deployment(plan.deployment, datasource, exit_keys=plan.model_ids,
+                                                      seed=secrets.randbits(31) if seed is None else seed)
+            n_train, n_val, n_test = training.split_sizes(len(x), options.validation_rate, options.test_rate)
+            log.info("training results %s on %d samples (train %d, validation %d, test %d), seed %d",
+                     plan.result_ids, len(x), n_train, n_val, n_test, options.seed)
+            await reporter.send("ReportTrainingStarted", {
+                "deployment_id": deployment_id, "result_ids": plan.result_ids, "seed": options.seed,
+                "samples": {"train": n_train, "validation": n_val, "test": n_test}})
+            phase = "building the models"
+            models = await in_tf(_build_models, plan.versions)
+            phase = "training"
+            bridge = _ProgressBridge(loop, reporter, plan)
+            try:
+                per_exit = await in_tf(training.train, models, x, y, options, bridge)
+            except BaseException:
+                await bridge.close(quiet=True)  # the training error is the one to report
+                raise
+            await bridge.close()
+            phase = "exporting the trained models"
+            exported = await in_tf(_export, models)
+            phase = "uploading the trained models"
+            for artefacts in exported:
+                for artefact in artefacts.values():
+                    await api.put_artefact(artefact.data, artefact.sha256)
+            phase = "reporting the results"
+            reports = [await reporter.send("ReportTrainingResult", {
+                "result_id": rid, "metrics": metrics,
+                "artefacts": {kind: a.describe() for kind, a in artefacts.items()}})
+                for rid, metrics, artefacts in zip(plan.result_ids, per_exit, exported, strict=True)]
+        except Exception as exc:  # every failure ends as a report and an exit code, never a silent death
+            error = classify(exc, phase)
+            log.error("training failed: %s", error, exc_info=not isinstance(error, PermanentError))
+            return await _report_failure(api, reporter, deployment_id,
+                                         plan.result_ids if plan is not None else list(result_ids), error,
+                                         ack_timeout_s=ack_timeout_s, poll_interval_s=poll_interval_s)
+    try:
+        outcomes = await wait_for_outcomes(api, reports, timeout_s=ack_timeout_s, poll_interval_s=poll_interval_s)
+    except Exception as exc:  # the results are reported; a failure report now would contradict them
+        log.error("the result reports were produced but their outcome is unknown: %s", classify(exc, phase))
+        return 1
+    rejected = {cid: o for cid, o in outcomes.items() if o.get("status") != "accepted"}
+    for cid, outcome in rejected.items():
+        log.error("result report %s was rejected: %s", cid, outcome.get("reason"))
+    if rejected:
+        return 1
+    log.info("results %s finished", plan.result_ids)
+    return 0
+
+
+async def _report_failure(api: TrainingApi, reporter: Reporter, deployment_id: int, result_ids: list[int],
+                          error: JobError, *, ack_timeout_s: float, poll_interval_s: float) -> int:
+    try:
+        cid = await reporter.send("ReportTrainingFailure", {
+            "deployment_id": deployment_id, "result_ids": result_ids, "reason": str(error)})
+        outcome = (await wait_for_outcomes(api, [cid], timeout_s=ack_timeout_s,
+                                           poll_interval_s=poll_interval_s))[cid]
+    except Exception as exc:  # nothing left to report to: the exit code and this log are what remains
+        log.error("could not report the failure: %s", training.short_message(exc))
+        return 1
+    if outcome.get("status") != "accepted":
+        log.error("the failure report was rejected: %s", outcome.get("reason"))
+    return error.exit_code
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `train` to the front door (deploy/cli.py)."""
+    train = subparsers.add_parser(
+        "train", help="train a deployment's chain (or single model) and report it (the orchestrator starts this)")
+    train.add_argument("--deployment", type=int, required=True, metavar="ID", help="the deployment to train")
+    train.add_argument("--results", type=parse_ids, required=True, metavar="R1,R2,...",
+                       help="the results trained together (one chain, or one non-distributed model)")
+    train.add_argument("--api", default="", metavar="URL", help="the tierflow API (default: TIERFLOW_API_URL)")
+    train.add_argument("--seed", type=int, default=None, help="the split and training seed (default: random)")
+    train.add_argument("--datasource-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="how long to wait for the deployment's datasource to be announced")
+    train.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_main(args, settings))
+
+
+async def _main(args: argparse.Namespace, settings: Settings) -> int:
+    from tierflow.streams.client import CommandClient
+
+    api_url = str(args.api or settings.api.url)
+    if not api_url:
+        log.error("no API to read the deployment from: pass --api URL or set TIERFLOW_API_URL")
+        return 2
+    client: CommandClient = CommandClient(settings.kafka, source="training")
+    try:
+        await client.start()
+    except Exception as exc:  # no broker, no reports: the orchestrator sees the exit code and this log
+        log.error("cannot reach the broker at %r to report: %s", settings.kafka.bootstrap_servers,
+                  training.short_message(exc))
+        return 1
+    try:
+        async with HttpTrainingApi(api_url, settings.api.token) as api:
+            return await run_training(settings, args.deployment, args.results, api=api, reporter=client,
+                                      seed=args.seed, datasource_timeout_s=args.datasource_timeout)
+    finally:
+        await client.stop()
