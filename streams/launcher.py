@@ -67,7 +67,7 @@ class Launcher(Protocol):
         """The tierflow workloads that exist now (running or finished and not yet removed)."""
 
     async def close(self) -> None:
-        """Release clients; running workloads keep running (Kubernetes) or are stopped (local)."""
+        """Release clients; running workloads keep running (a restarted worker finds them)."""
 
 
 def training_workload_name(deployment_id: int, result_id: int) -> str:

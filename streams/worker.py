@@ -162,6 +162,12 @@ def run_worker(settings: Settings, launcher_factory: LauncherFactory | None = No
             await worker.run()
         finally:
             if launcher is not None:
+                # Local workloads are this machine's processes: a graceful stop (`tierflow down`) takes them
+                # along so none is orphaned; the orchestrator relaunches open results on the next start.
+                # A crashed worker does not get here, and its restart finds them still running.
+                stop_all = getattr(launcher, "stop_all", None)
+                if stop_all is not None:
+                    await stop_all()
                 await launcher.close()
 
     asyncio.run(main())
