@@ -69,6 +69,7 @@ SCHEMAS: JSON = {
         {"topic": _STR, "partition": _INT, "start": _INT, "end": _INT})}, "input_format": {"enum": ["RAW", "AVRO"]},
         "input_config": {"type": "object"}, "description": _STR, "validation_rate": {"type": "number"},
         "test_rate": {"type": "number"}, "total_msg": {"type": ["integer", "null"]}, "origin": {},
+        "warnings": {"type": "array", "items": _STR},
         "created_at": _TS}),
     "SendDatasource": _obj({"deployment_id": _INT}, ["deployment_id"]),
     "ModelVersion": _obj({"model_id": _INT, "version": _INT, "name": _STR, "imports": _STR, "code": _STR,

@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_resources.register(sub)
 
-    from tierflow.tiers import train_job
+    from tierflow.tiers import send_cli, train_job
 
     train_job.register(sub)
+    send_cli.register(sub)
     return parser
 
 

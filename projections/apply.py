@@ -124,11 +124,11 @@ async def _datasource_announced(conn: asyncpg.Connection, s: str, e: Event) -> N
     p = e.payload
     await conn.execute(
         f"""INSERT INTO {s}.datasources (id, deployment_id, ranges, input_format, input_config, description,
-                validation_rate, test_rate, total_msg, origin, created_at)
-            VALUES ($1, $2, $3::jsonb, $4, $5::jsonb, $6, $7, $8, $9, $10::jsonb, $11)""",
+                validation_rate, test_rate, total_msg, origin, warnings, created_at)
+            VALUES ($1, $2, $3::jsonb, $4, $5::jsonb, $6, $7, $8, $9, $10::jsonb, $11::jsonb, $12)""",
         p["id"], p["deployment_id"], js(p["ranges"]), p["input_format"], js(p["input_config"] or {}),
         p["description"] or "", p["validation_rate"] or 0.0, p["test_rate"] or 0.0, p["total_msg"],
-        js(p["origin"]) if p.get("origin") is not None else None, ts(p["created_at"]),
+        js(p["origin"]) if p.get("origin") is not None else None, js(p.get("warnings") or []), ts(p["created_at"]),
     )
 
 

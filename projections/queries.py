@@ -153,7 +153,8 @@ def _datasource(r: asyncpg.Record) -> JSON:
     return {"id": r["id"], "deployment_id": r["deployment_id"], "ranges": _j(r["ranges"]),
             "input_format": r["input_format"], "input_config": _j(r["input_config"]),
             "description": r["description"], "validation_rate": r["validation_rate"], "test_rate": r["test_rate"],
-            "total_msg": r["total_msg"], "origin": _j(r["origin"]), "created_at": _iso(r["created_at"])}
+            "total_msg": r["total_msg"], "origin": _j(r["origin"]), "warnings": _j(r["warnings"]),
+            "created_at": _iso(r["created_at"])}
 
 
 async def list_datasources(conn: asyncpg.Connection, *, deployment_id: int | None = None, limit: int = 100,

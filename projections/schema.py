@@ -20,7 +20,7 @@ log = logging.getLogger("tierflow.projections")
 
 LIVE_SCHEMA = "proj"
 #: Bump when the projection tables change: the projector then rebuilds them from the events log.
-PROJECTION_VERSION = 2
+PROJECTION_VERSION = 3
 PROJECTOR = "projector"
 NOTIFY_CHANNEL = "tierflow_projected"
 
@@ -118,6 +118,7 @@ CREATE TABLE IF NOT EXISTS {s}.datasources (
     test_rate       double precision NOT NULL,
     total_msg       bigint,
     origin          jsonb,
+    warnings        jsonb NOT NULL DEFAULT '[]',
     created_at      timestamptz NOT NULL
 );
 CREATE TABLE IF NOT EXISTS {s}.command_outcomes (

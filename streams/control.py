@@ -21,10 +21,12 @@ from typing import Any
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from tierflow.streams import kafka as kio
 from tierflow.streams.envelope import JSON, TIERFLOW_NS, Command
 from tierflow.streams.settings import KafkaSettings
+from tierflow.streams.topics import admin_client
 
 log = logging.getLogger("tierflow.control")
 
@@ -171,6 +173,49 @@ class ControlBridge:
         records = batch.get(tp, [])
         return self._identity(records[0]) if records else "empty"
 
+    async def _check_ranges(self, ranges: list[JSON]) -> list[str]:
+        """Compare each announced range with its partition's high-water mark (fetched, not looked up).
+
+        Kafka-ML's sink computes its ranges with a seek-to-end lookup that some brokers (Tansu among them)
+        answer too small, so a disagreement is recorded on the datasource for the user to see.
+        """
+        admin = admin_client(self.kafka)
+        await admin.start()
+        try:
+            # Listing every topic does not auto-create any; describing an unknown one would (Tansu).
+            existing = set(await admin.list_topics())
+        finally:
+            await admin.close()
+        warnings: list[str] = []
+        present = [r for r in ranges if r["topic"] in existing]
+        for r in ranges:
+            if r["topic"] not in existing:
+                warnings.append(f"{r['topic']}[{r['partition']}]: the topic does not exist on the broker")
+        if not present:
+            return warnings  # (an aiokafka consumer stopped without ever being assigned raises CancelledError)
+        probe = kio.consumer(self.kafka)
+        await probe.start()
+        try:
+            for r in present:
+                where = f"{r['topic']}[{r['partition']}]"
+                tp = TopicPartition(r["topic"], r["partition"])
+                probe.assign([tp])
+                try:
+                    hw = await kio.fetch_highwater(probe, tp, timeout_ms=3000)
+                except (TimeoutError, KafkaError) as exc:
+                    warnings.append(f"{where}: could not read the high-water mark ({exc})")
+                    continue
+                if r["end"] > hw:
+                    warnings.append(f"{where}: announced end offset {r['end']} is beyond the high-water mark {hw}; "
+                                    f"{r['end'] - hw} announced records are not on the broker")
+                elif r["end"] < hw:
+                    warnings.append(f"{where}: announced end offset {r['end']} is below the high-water mark {hw}; "
+                                    f"{hw - r['end']} later records are not part of this datasource (another "
+                                    "writer, or a sink whose end-offset lookup answered too small)")
+        finally:
+            await probe.stop()
+        return warnings
+
     async def _bridge(self, records: list[Any], prod: AIOKafkaProducer) -> None:
         for record in records:
             try:
@@ -180,6 +225,9 @@ class ControlBridge:
                                           "control-bridge")
                 continue
             payload["origin"] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+            payload["warnings"] = await self._check_ranges(payload["ranges"])
+            for warning in payload["warnings"]:
+                log.warning("datasource for deployment %s: %s", payload["deployment_id"], warning)
             cmd = Command(command_id=command_id_for(record.topic, record.partition, record.offset,
                                                     int(record.timestamp or 0), record.value),
                           type="AnnounceDatasource", payload=payload, source="control-bridge")

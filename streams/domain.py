@@ -551,7 +551,10 @@ def _announce_datasource(state: State, cmd: Command, at: str) -> Decision:
     if not isinstance(p.get("description", ""), str):
         raise Invalid("'description' must be a string", "description")
     ident = state.next_id("datasource")
-    payload = {k: p.get(k) for k in ("input_format", "total_msg", "origin")} | {
+    warnings = p.get("warnings") or []
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        raise Invalid("'warnings' must be a list of strings", "warnings")
+    payload = {k: p.get(k) for k in ("input_format", "total_msg", "origin")} | {"warnings": warnings} | {
         "input_config": p.get("input_config") or {}, "description": p.get("description") or "",
         "validation_rate": float(p.get("validation_rate") or 0), "test_rate": float(p.get("test_rate") or 0),
     }

@@ -45,7 +45,11 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], stopping: asy
             await run()
             return
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the worker is stopping this agent
+            # A library raised CancelledError from inside (e.g. aiokafka on some stop paths): a failure.
+            log.exception("agent %s failed with an internal cancellation; restarting in %.1f s", name, delay)
         except Exception:
             log.exception("agent %s failed; restarting in %.1f s", name, delay)
         with contextlib.suppress(TimeoutError):

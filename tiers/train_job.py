@@ -488,9 +488,14 @@ async def run_training(settings: Settings, deployment_id: int, result_ids: Seque
             n_train, n_val, n_test = training.split_sizes(len(x), options.validation_rate, options.test_rate)
             log.info("training results %s on %d samples (train %d, validation %d, test %d), seed %d",
                      plan.result_ids, len(x), n_train, n_val, n_test, options.seed)
+            # Classes per split, so a user sees that shuffling before the split kept every class everywhere
+            # (records keyed by label arrive grouped by partition, i.e. by class).
+            splits = training.split(len(x), options.validation_rate, options.test_rate, options.seed)
+            classes = {name: int(len(np.unique(np.asarray(y)[idx])))
+                       for name, idx in zip(("train", "validation", "test"), splits, strict=True)}
             await reporter.send("ReportTrainingStarted", {
                 "deployment_id": deployment_id, "result_ids": plan.result_ids, "seed": options.seed,
-                "samples": {"train": n_train, "validation": n_val, "test": n_test}})
+                "samples": {"train": n_train, "validation": n_val, "test": n_test, "classes": classes}})
             phase = "building the models"
             models = await in_tf(_build_models, plan.versions)
             phase = "training"

@@ -13,6 +13,7 @@ from tests.integration.test_replay import shape_validate
 from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
+from tierflow.streams.topics import TopicSpec, ensure_topics
 
 
 async def test_announcements_and_garbage_on_the_control_topic(plane: Settings) -> None:
@@ -50,6 +51,26 @@ async def test_announcements_and_garbage_on_the_control_topic(plane: Settings) -
         assert orjson.loads(row["ranges"]) == [{"topic": "fashion", "partition": 0, "start": 0, "end": 700},
                                               {"topic": "fashion", "partition": 1, "start": 0, "end": 300}]
         assert orjson.loads(row["input_config"])["data_reshape"] == "28 28"
+        # The announced topic is not on the broker: the datasource says so.
+        assert any("fashion[0]: the topic does not exist" in w for w in orjson.loads(row["warnings"]))
+
+        # A range that ends below the partition's high-water mark (Kafka-ML's seek-to-end can answer too small)
+        # is recorded with a visible warning; one that matches it has none.
+        await ensure_topics(plane.kafka, extra=[TopicSpec("real", 1, -1)])
+        for i in range(10):
+            await p.send_and_wait("real", bytes([i]) * 4, key=bytes([i]))
+        short = kafka_ml | {"topic": "real:0:0:6", "deployment_id": 1}
+        exact = kafka_ml | {"topic": "real:0:0:10", "deployment_id": 1}
+        for msg in (short, exact):
+            await p.send_and_wait(plane.kafka.control_topic, orjson.dumps(msg), key=None)
+
+        async def three() -> bool:
+            return bool(await conn.fetchval("SELECT count(*) FROM proj.datasources") == 3)
+
+        await wait_until(three, what="three datasources")
+        rows = await conn.fetch("SELECT warnings FROM proj.datasources ORDER BY id")
+        assert [len(orjson.loads(r["warnings"])) for r in rows[1:]] == [1, 0]
+        assert "below the high-water mark 10; 4 later records" in orjson.loads(rows[1]["warnings"])[0]
 
         async def rejected() -> bool:
             r = await conn.fetchval("SELECT reason->>'message' FROM proj.command_outcomes WHERE status = 'rejected'")
