@@ -138,10 +138,11 @@ class RunningPlane:
     task: asyncio.Task[None]
 
 
-async def start_plane(settings: Settings, validate: object) -> RunningPlane:
+async def start_plane(settings: Settings, validate: object, launcher: object = None) -> RunningPlane:
     from tierflow.streams.worker import Worker
 
-    worker = Worker(settings, validate=validate)  # type: ignore[arg-type]
+    worker = Worker(settings, validate=validate, launcher=launcher,  # type: ignore[arg-type]
+                    workload_env={**settings.to_env(), "PYTHONUNBUFFERED": "1"})
     task = asyncio.create_task(worker.run())
     await wait_until(lambda: worker.decider.ready.is_set() or task.done(), what="decider ready")
     if task.done():

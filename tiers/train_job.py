@@ -491,7 +491,7 @@ async def run_training(settings: Settings, deployment_id: int, result_ids: Seque
             # Classes per split, so a user sees that shuffling before the split kept every class everywhere
             # (records keyed by label arrive grouped by partition, i.e. by class).
             splits = training.split(len(x), options.validation_rate, options.test_rate, options.seed)
-            classes = {name: int(len(np.unique(np.asarray(y)[idx])))
+            classes = {name: len(np.unique(np.asarray(y)[idx]))
                        for name, idx in zip(("train", "validation", "test"), splits, strict=True)}
             await reporter.send("ReportTrainingStarted", {
                 "deployment_id": deployment_id, "result_ids": plan.result_ids, "seed": options.seed,
