@@ -9,12 +9,14 @@ Request bodies are parsed with the same catalogue functions the decider uses, so
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import orjson
 from aiohttp import web
+from aiokafka.errors import KafkaError
 
 from tierflow.api.errors import ApiError, from_reason, not_found
 from tierflow.api.state import AppState, get_state
@@ -340,6 +342,105 @@ def path_id_value(raw: str, name: str) -> int:
         return catalogue.as_id(int(raw), name)
     except ValueError:
         raise ApiError(422, "invalid", f"'{name}' must be a positive integer id", name) from None
+
+
+# --- inferences ---------------------------------------------------------------------------------------
+
+@routes.post("/inferences")
+async def create_inference(request: web.Request) -> web.Response:
+    data = await body(request)
+    catalogue.req_id(data, "result_id")
+    for name in ("input_topic", "output_topic"):
+        if not isinstance(data.get(name), str) or not data[name]:
+            raise ApiError(422, "invalid", f"'{name}' is required: a Kafka topic name", name)
+    return await submit(request, "RequestInference", data, read=queries.get_inference, status=201)
+
+
+@routes.get("/inferences")
+async def list_inferences(request: web.Request) -> web.Response:
+    limit, offset = paging(request)
+    async with get_state(request).pool.acquire() as conn:
+        items, total = await queries.list_inferences(conn, limit, offset)
+    return json_response({"items": items, "total": total})
+
+
+@routes.get("/inferences/{id}")
+async def get_inference(request: web.Request) -> web.Response:
+    return await fetch_one(request, queries.get_inference, "inference")
+
+
+@routes.post("/inferences/{id}/stop")
+async def stop_inference(request: web.Request) -> web.Response:
+    return await submit(request, "StopInference", {"id": path_id(request)}, read=queries.get_inference, status=200)
+
+
+@routes.delete("/inferences/{id}")
+async def delete_inference(request: web.Request) -> web.Response:
+    return await _delete(request, "DeleteInference")
+
+
+async def _inference_or_404(request: web.Request) -> JSON:
+    ident = path_id(request)
+    async with get_state(request).pool.acquire() as conn:
+        found = await queries.get_inference(conn, ident)
+    if found is None:
+        raise not_found("inference", ident)
+    return found
+
+
+def _window(request: web.Request, default: int) -> int:
+    try:
+        n = int(request.query.get("limit", str(default)))
+    except ValueError:
+        raise ApiError(422, "invalid", "'limit' must be an integer", "limit") from None
+    if not 1 <= n <= 100_000:
+        raise ApiError(422, "invalid", "'limit' must be 1..100000", "limit")
+    return n
+
+
+async def _outputs(request: web.Request, inference: JSON, limit: int, unreachable: list[str]) -> list[JSON]:
+    """Each tier answers on its own cluster's output topic: read every distinct cluster, newest first."""
+    from dataclasses import replace
+
+    from tierflow.api.outputs import latest_outputs
+
+    kafka = get_state(request).settings.kafka
+    clusters = dict.fromkeys(t.get("bootstrap_servers") or kafka.bootstrap_servers for t in inference["tiers"])
+    samples: list[JSON] = []
+    for servers in clusters:
+        try:
+            found = await asyncio.wait_for(
+                latest_outputs(replace(kafka, bootstrap_servers=servers), inference["output_topic"], limit), 15)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            unreachable.append(f"{servers}: {type(exc).__name__}: {exc}")
+            continue
+        samples += found
+    samples.sort(key=lambda s: s.get("timestamp_ms") or 0, reverse=True)
+    return samples[:limit]
+
+
+@routes.get("/inferences/{id}/predictions")
+async def inference_predictions(request: web.Request) -> web.Response:
+    """The latest answers read from the output topic: tier, class, confidence, origin (RF.7)."""
+    inference = await _inference_or_404(request)
+    unreachable: list[str] = []
+    items = await _outputs(request, inference, _window(request, 50), unreachable)
+    return json_response({"inference_id": inference["id"], "items": items, "total": len(items),
+                          "unreachable": unreachable})
+
+
+@routes.get("/inferences/{id}/stats")
+async def inference_stats(request: web.Request) -> web.Response:
+    """Exit distribution per tier, throughput and latency percentiles over the latest outputs."""
+    from tierflow.api.outputs import statistics
+
+    inference = await _inference_or_404(request)
+    unreachable: list[str] = []
+    samples = await _outputs(request, inference, _window(request, 10_000), unreachable)
+    stats = statistics(samples, len(inference["tiers"])) | {"unreachable": unreachable}
+    for tier, spec in zip(stats["tiers"], inference["tiers"], strict=True):
+        tier.update({"result_id": spec["result_id"], "model_name": spec["model_name"], "limit": spec["limit"]})
+    return json_response({"inference_id": inference["id"], "status": inference["status"], **stats})
 
 
 # --- commands, health, metrics ------------------------------------------------------------------------

@@ -173,7 +173,31 @@ async def _result_deleted(conn: asyncpg.Connection, s: str, e: Event) -> None:
     await conn.execute(f"DELETE FROM {s}.results WHERE id = $1", e.payload["id"])
 
 
+async def _inference_requested(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    p = e.payload
+    at = ts(p["created_at"])
+    await conn.execute(
+        f"""INSERT INTO {s}.inferences (id, result_id, deployment_id, status, input_topic, output_topic,
+                input_format, input_config, tiers, created_at, updated_at)
+            VALUES ($1, $2, $3, 'running', $4, $5, $6, $7::jsonb, $8::jsonb, $9, $9)""",
+        p["id"], p["result_id"], p["deployment_id"], p["input_topic"], p["output_topic"], p["input_format"],
+        js(p["input_config"]), js(p["tiers"]), at,
+    )
+
+
+async def _inference_stopped(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    await conn.execute(f"UPDATE {s}.inferences SET status = 'stopped', updated_at = $2 WHERE id = $1",
+                       e.payload["id"], ts(e.payload["at"]))
+
+
+async def _inference_deleted(conn: asyncpg.Connection, s: str, e: Event) -> None:
+    await conn.execute(f"DELETE FROM {s}.inferences WHERE id = $1", e.payload["id"])
+
+
 _HANDLERS = {
+    "InferenceRequested": _inference_requested,
+    "InferenceStopped": _inference_stopped,
+    "InferenceDeleted": _inference_deleted,
     "TrainingLaunched": _training_launched,
     "TrainingStarted": _training_started,
     "TrainingProgressed": _training_progressed,

@@ -171,6 +171,24 @@ async def get_datasource(conn: asyncpg.Connection, ident: int) -> JSON | None:
     return None if r is None else _datasource(r)
 
 
+def _inference(r: asyncpg.Record) -> JSON:
+    return {"id": r["id"], "status": r["status"], "result_id": r["result_id"], "deployment_id": r["deployment_id"],
+            "input_topic": r["input_topic"], "output_topic": r["output_topic"], "input_format": r["input_format"],
+            "input_config": _j(r["input_config"]), "tiers": _j(r["tiers"]), "created_at": _iso(r["created_at"]),
+            "updated_at": _iso(r["updated_at"])}
+
+
+async def list_inferences(conn: asyncpg.Connection, limit: int = 100, offset: int = 0) -> tuple[list[JSON], int]:
+    total = await conn.fetchval(f"SELECT count(*) FROM {S}.inferences")
+    rows = await conn.fetch(f"SELECT * FROM {S}.inferences ORDER BY id LIMIT {int(limit)} OFFSET {int(offset)}")
+    return [_inference(r) for r in rows], int(total)
+
+
+async def get_inference(conn: asyncpg.Connection, ident: int) -> JSON | None:
+    r = await conn.fetchrow(f"SELECT * FROM {S}.inferences WHERE id = $1", ident)
+    return None if r is None else _inference(r)
+
+
 def outcome_json(r: asyncpg.Record) -> JSON:
     return {"command_id": str(r["command_id"]), "status": r["status"], "event_type": r["event_type"],
             "aggregate": r["aggregate"], "seq": r["seq"], "reason": _j(r["reason"]),

@@ -20,7 +20,7 @@ log = logging.getLogger("tierflow.projections")
 
 LIVE_SCHEMA = "proj"
 #: Bump when the projection tables change: the projector then rebuilds them from the events log.
-PROJECTION_VERSION = 3
+PROJECTION_VERSION = 4
 PROJECTOR = "projector"
 NOTIFY_CHANNEL = "tierflow_projected"
 
@@ -121,6 +121,19 @@ CREATE TABLE IF NOT EXISTS {s}.datasources (
     warnings        jsonb NOT NULL DEFAULT '[]',
     created_at      timestamptz NOT NULL
 );
+CREATE TABLE IF NOT EXISTS {s}.inferences (
+    id            integer PRIMARY KEY,
+    result_id     integer NOT NULL,
+    deployment_id integer NOT NULL,
+    status        text NOT NULL,
+    input_topic   text NOT NULL,
+    output_topic  text NOT NULL,
+    input_format  text NOT NULL,
+    input_config  jsonb NOT NULL,
+    tiers         jsonb NOT NULL,
+    created_at    timestamptz NOT NULL,
+    updated_at    timestamptz NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {s}.command_outcomes (
     command_id   uuid PRIMARY KEY,
     seq          bigint NOT NULL,
@@ -136,7 +149,7 @@ CREATE TABLE IF NOT EXISTS {s}.command_outcomes (
 
 #: The tables compared by the replay tests and copied by nothing: everything derived from events.
 PROJECTION_TABLES = ("models", "model_versions", "configurations", "deployments", "results", "datasources",
-                     "command_outcomes")
+                     "inferences", "command_outcomes")
 
 BOOKKEEPING_DDL = """
 CREATE TABLE IF NOT EXISTS public.tierflow_meta (

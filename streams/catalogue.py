@@ -49,6 +49,9 @@ COMMAND_EVENTS: dict[str, str] = {
     "ReportTrainingFailure": "TrainingFailed",
     "StopTraining": "TrainingStopped",
     "DeleteResult": "ResultDeleted",
+    "RequestInference": "InferenceRequested",
+    "StopInference": "InferenceStopped",
+    "DeleteInference": "InferenceDeleted",
 }
 EVENT_TYPES: frozenset[str] = frozenset([*COMMAND_EVENTS.values(), "CommandRejected"])
 

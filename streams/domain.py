@@ -89,8 +89,10 @@ class State:
     datasources: dict[int, int] = field(default_factory=dict)
     #: datasource id -> its announcement (for re-sending it to another deployment)
     datasource_records: dict[int, JSON] = field(default_factory=dict)
-    #: inference id -> result ids it serves (filled by the inference events of a later capability)
+    #: inference id -> result ids it serves (kept until the inference is deleted)
     inferences: dict[int, list[int]] = field(default_factory=dict)
+    #: inference id -> status ("running" | "stopped")
+    inference_status: dict[int, str] = field(default_factory=dict)
 
     def next_id(self, kind: str) -> int:
         return self.next_ids.get(kind, 0) + 1
@@ -171,6 +173,15 @@ def apply(state: State, event: Event) -> None:
         res = state.results.pop(p["id"], None)
         if res is not None and res.deployment_id in state.deployments:
             state.deployments[res.deployment_id].result_ids.remove(res.id)
+    elif t == "InferenceRequested":
+        state.inferences[p["id"]] = [tier["result_id"] for tier in p["tiers"]]
+        state.inference_status[p["id"]] = "running"
+        _bump(state, "inference", p["id"])
+    elif t == "InferenceStopped":
+        state.inference_status[p["id"]] = "stopped"
+    elif t == "InferenceDeleted":
+        state.inferences.pop(p["id"], None)
+        state.inference_status.pop(p["id"], None)
     elif t == "DatasourceAnnounced":
         state.datasources[p["id"]] = p["deployment_id"]
         state.datasource_records[p["id"]] = {k: v for k, v in p.items()
@@ -711,7 +722,128 @@ def _send_datasource(state: State, cmd: Command, at: str) -> Decision:
     }
 
 
+def _topic(value: Any, field_name: str, required: bool = True) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 249 or any(c.isspace() for c in value):
+        raise Invalid(f"'{field_name}' must be a Kafka topic name (1-249 characters, no spaces)", field_name)
+    return value
+
+
+def _limit(value: Any, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
+        raise Invalid(f"'{field_name}' must be a number in [0, 2] (> 1 sends every sample to the top tier)",
+                      field_name)
+    return float(value)
+
+
+def _replicas(value: Any, field_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise Invalid(f"'{field_name}' must be an integer from 1 to 64", field_name)
+    return value
+
+
+def _request_inference(state: State, cmd: Command, at: str) -> Decision:
+    p = cmd.payload
+    entry_id = req_id(p, "result_id")
+    entry = state.results.get(entry_id)
+    if entry is None:
+        raise Invalid(f"result {entry_id} does not exist", "result_id")
+    chain = entry.chain or [entry_id]
+    tier_ids = chain[chain.index(entry_id):]  # from the entry up to the top of its chain
+    unfinished = [f"{r} ({state.results[r].status})" for r in tier_ids if state.results[r].status != "finished"]
+    if unfinished:
+        raise Invalid(f"only finished results can be served; result(s) {', '.join(unfinished)} are not", "result_id",
+                      "conflict")
+    input_topic = _topic(p.get("input_topic"), "input_topic")
+    output_topic = _topic(p.get("output_topic"), "output_topic")
+    default_limit = _limit(p.get("limit", 0.8), "limit")
+    limits = p.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise Invalid("'limits' must map result ids to limits", "limits")
+    for key, value in limits.items():
+        if not str(key).isdigit() or int(key) not in tier_ids:
+            raise Invalid(f"'limits' names result {key}, which is not a tier of this inference ({tier_ids})",
+                          "limits")
+        _limit(value, f"limits.{key}")
+    overrides = p.get("tiers") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
+        raise Invalid("'tiers' must be a list of objects {result_id, bootstrap_servers?, replicas?, limit?, "
+                      "upper_topic?}", "tiers")
+    by_result: dict[int, JSON] = {}
+    for i, o in enumerate(overrides):
+        rid = as_id(o.get("result_id"), f"tiers[{i}].result_id")
+        if rid not in tier_ids:
+            raise Invalid(f"'tiers[{i}]' names result {rid}, which is not a tier of this inference ({tier_ids})",
+                          f"tiers[{i}].result_id")
+        by_result[rid] = o
+    default_replicas = _replicas(p.get("replicas", 1), "replicas")
+    default_servers = p.get("bootstrap_servers")
+    if default_servers is not None and not isinstance(default_servers, str):
+        raise Invalid("'bootstrap_servers' must be a string host:port[,host:port]", "bootstrap_servers")
+    ident = state.next_id("inference")
+    input_format = p.get("input_format")
+    input_config = p.get("input_config")
+    if input_format is None or input_config is None:
+        # Kafka-ML pre-fills the input format from the deployment's datasource.
+        announced = [rec for did, rec in sorted(state.datasource_records.items())
+                     if state.datasources.get(did) == entry.deployment_id]
+        latest = announced[-1] if announced else {}
+        input_format = input_format if input_format is not None else latest.get("input_format", "RAW")
+        input_config = input_config if input_config is not None else latest.get("input_config", {})
+    if input_format not in ("RAW", "AVRO"):
+        raise Invalid(f"'input_format' must be RAW or AVRO, got {input_format!r}", "input_format")
+    if not isinstance(input_config, dict):
+        raise Invalid("'input_config' must be an object", "input_config")
+    tiers: list[JSON] = []
+    for k, rid in enumerate(tier_ids):
+        o = by_result.get(rid, {})
+        top = k == len(tier_ids) - 1
+        limit = _limit(o["limit"], f"tiers[{k}].limit") if "limit" in o else (
+            float(limits[str(rid)]) if str(rid) in limits else default_limit)
+        upper = None if top else (_topic(o.get("upper_topic"), f"tiers[{k}].upper_topic", required=False)
+                                  or f"tierflow.inference.{ident}.tier{k + 1}")
+        servers = o.get("bootstrap_servers", default_servers)
+        if servers is not None and not isinstance(servers, str):
+            raise Invalid(f"'tiers[{k}].bootstrap_servers' must be a string", f"tiers[{k}].bootstrap_servers")
+        model = state.models.get(state.results[rid].model_id)
+        tiers.append({"index": k, "result_id": rid, "model_id": state.results[rid].model_id,
+                      "model_name": model.name if model else None, "limit": 1.0 if top else limit,
+                      "replicas": _replicas(o.get("replicas", default_replicas), f"tiers[{k}].replicas"),
+                      "bootstrap_servers": servers, "upper_topic": upper})
+    for k, tier in enumerate(tiers):
+        tier["input_topic"] = input_topic if k == 0 else tiers[k - 1]["upper_topic"]
+        tier["top"] = k == len(tiers) - 1
+    return "InferenceRequested", f"inference:{ident}", 1, {
+        "id": ident, "result_id": entry_id, "deployment_id": entry.deployment_id, "input_topic": input_topic,
+        "output_topic": output_topic, "input_format": input_format, "input_config": input_config,
+        "tiers": tiers, "created_at": at,
+    }
+
+
+def _inference(state: State, cmd: Command) -> int:
+    ident = req_id(cmd.payload, "id")
+    if ident not in state.inferences:
+        raise Invalid(f"inference {ident} does not exist", "id", "not_found")
+    return ident
+
+
+def _stop_inference(state: State, cmd: Command, at: str) -> Decision:
+    ident = _inference(state, cmd)
+    if state.inference_status.get(ident) == "stopped":
+        raise Invalid(f"inference {ident} is already stopped", "id", "conflict")
+    return "InferenceStopped", f"inference:{ident}", 2, {"id": ident, "at": at}
+
+
+def _delete_inference(state: State, cmd: Command, at: str) -> Decision:
+    ident = _inference(state, cmd)
+    return "InferenceDeleted", f"inference:{ident}", 3, {"id": ident, "at": at}
+
+
 _HANDLERS = {
+    "RequestInference": _request_inference,
+    "StopInference": _stop_inference,
+    "DeleteInference": _delete_inference,
     "ReportTrainingLaunched": _report_launched,
     "ReportTrainingStarted": _report_started,
     "ReportTrainingProgress": _report_progress,

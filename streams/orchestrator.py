@@ -32,9 +32,11 @@ from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import TIERFLOW_NS, Command
 from tierflow.streams.launcher import (
     LABEL_DEPLOYMENT,
+    LABEL_INFERENCE,
     LABEL_KIND,
     LABEL_MANAGED,
     LABEL_RESULTS,
+    LABEL_TIER,
     MANAGED_BY,
     Launcher,
     Resources,
@@ -45,6 +47,7 @@ from tierflow.streams.launcher import (
     training_workload_name,
 )
 from tierflow.streams.settings import Settings
+from tierflow.streams.topics import TopicSpec, create_topics
 
 log = logging.getLogger("tierflow.orchestrator")
 
@@ -151,12 +154,75 @@ def training_spec(g: Group, settings: Settings, env: dict[str, str]) -> Workload
     )
 
 
+@dataclass
+class InferencePlan:
+    launch: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    topics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def tier_workload_name(inference_id: int, tier_index: int) -> str:
+    return f"tierflow-infer-{inference_id}-tier{tier_index}"
+
+
+def plan_inference(inferences: list[dict[str, Any]], workloads: list[WorkloadStatus]) -> InferencePlan:
+    """One workload per tier of every running inference; nothing for stopped or deleted ones (pure).
+
+    A tier workload that ended (a local process that crashed) is removed and launched again on the next
+    pass; on Kubernetes the Deployment restarts its pods itself.
+    """
+    plan = InferencePlan()
+    existing = {w.name: w for w in workloads if w.kind == "inference"}
+    wanted: set[str] = set()
+    for inf in inferences:
+        if inf["status"] != "running":
+            continue
+        plan.topics.append(inf)
+        for tier in inf["tiers"]:
+            name = tier_workload_name(inf["id"], tier["index"])
+            wanted.add(name)
+            w = existing.get(name)
+            if w is None:
+                plan.launch.append((inf, tier))
+            elif w.finished:
+                plan.remove.append(name)
+    plan.remove.extend(name for name in existing if name not in wanted)
+    return plan
+
+
+def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, str]) -> WorkloadSpec:
+    return WorkloadSpec(
+        name=tier_workload_name(inference["id"], tier["index"]),
+        kind="inference",
+        args=["tier", "run", "--inference", str(inference["id"]), "--tier", str(tier["index"])],
+        env={**env, "TIERFLOW_TIER_PORT": env.get("TIERFLOW_TIER_PORT", "0")},
+        labels={LABEL_MANAGED: MANAGED_BY, LABEL_KIND: "inference", LABEL_INFERENCE: str(inference["id"]),
+                LABEL_TIER: str(tier["index"])},
+        resources=Resources(cpu="1", memory="2Gi"),
+        replicas=int(tier.get("replicas") or 1),
+    )
+
+
+async def ensure_inference_topics(inference: dict[str, Any], default_servers: str) -> None:
+    """Each tier's input topic and the output topic, on that tier's cluster (created explicitly: an
+    auto-created topic would get the broker's default partition count)."""
+    by_cluster: dict[str, list[TopicSpec]] = {}
+    for tier in inference["tiers"]:
+        servers = tier.get("bootstrap_servers") or default_servers
+        partitions = max(1, int(tier.get("replicas") or 1))
+        by_cluster.setdefault(servers, []).extend([TopicSpec(tier["input_topic"], partitions, -1),
+                                                   TopicSpec(inference["output_topic"], 1, -1)])
+    for servers, specs in by_cluster.items():
+        await create_topics(servers, specs)
+
+
 def derived_command_id(*parts: object) -> str:
     return str(uuid.uuid5(TIERFLOW_NS, "orchestrator:" + ":".join(map(str, parts))))
 
 
 class Orchestrator:
     def __init__(self, settings: Settings, launcher: Launcher, workload_env: dict[str, str]) -> None:
+        self._topics_ready: set[int] = set()
         self.settings = settings
         self.launcher = launcher
         self.workload_env = workload_env
@@ -215,7 +281,24 @@ class Orchestrator:
                     "INSERT INTO public.training_queue (result_id, position, note) VALUES ($1, $2, $3)",
                     [(rid, pos, note) for g, pos, note in plan.queued for rid in g.result_ids],
                 )
+        await self.reconcile_inferences(conn)
         self.reconciled += 1
+        return plan
+
+    async def reconcile_inferences(self, conn: asyncpg.Connection) -> InferencePlan:
+        workloads = await self.launcher.list("inference")
+        inferences, _ = await queries.list_inferences(conn, limit=1000)
+        plan = plan_inference(inferences, workloads)
+        for inference in plan.topics:
+            if inference["id"] not in self._topics_ready:
+                await ensure_inference_topics(inference, self.settings.kafka.bootstrap_servers)
+                self._topics_ready.add(inference["id"])
+        for name in plan.remove:
+            await self.launcher.stop(name)
+            log.info("removed tier workload %s", name)
+        for inference, tier in plan.launch:
+            await self.launcher.launch(tier_spec(inference, tier, self.workload_env))
+            log.info("launched tier %d of inference %d (%s)", tier["index"], inference["id"], tier["model_name"])
         return plan
 
 

@@ -122,3 +122,26 @@ async def check_single_partition(kafka: KafkaSettings) -> None:
         await _check_single_partition(admin, [kafka.commands_topic, kafka.events_topic])
     finally:
         await admin.close()
+
+
+async def create_topics(bootstrap_servers: str, specs: list[TopicSpec]) -> list[str]:
+    """Create data-plane topics (inference tiers) on any cluster; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        created: list[str] = []
+        for spec in specs:
+            if spec.name in existing or spec.name in created:
+                continue
+            try:
+                response = await admin.create_topics([spec.new_topic()])
+            except TopicAlreadyExistsError:
+                continue
+            code = {t[0]: t[1] for t in response.topic_errors}.get(spec.name, 0)
+            if code not in (0, TOPIC_ALREADY_EXISTS):
+                raise TopicLayoutError(f"could not create topic {spec.name} on {bootstrap_servers}: error {code}")
+            created.append(spec.name)
+        return created
+    finally:
+        await admin.close()

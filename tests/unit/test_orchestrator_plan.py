@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tierflow.streams.launcher import WorkloadStatus
-from tierflow.streams.orchestrator import Group, groups_from_rows, plan_training
+from tierflow.streams.orchestrator import Group, groups_from_rows, plan_inference, plan_training, tier_spec
 
 
 def row(rid: int, status: str, chain: list[int], dep: int = 1, data: bool = True) -> dict[str, object]:
@@ -71,3 +71,41 @@ def test_an_open_launched_result_whose_workload_vanished_is_launched_again() -> 
 def test_group_properties() -> None:
     g = Group(deployment_id=3, result_ids=(7, 8), statuses=("finished", "training"), has_data=True)
     assert g.open and g.launched and g.open_ids == [8] and g.name == "tierflow-train-3-7"
+
+
+def inference(ident: int, status: str, tiers: int) -> dict[str, object]:
+    return {"id": ident, "status": status, "output_topic": "out",
+            "tiers": [{"index": k, "result_id": 10 + k, "model_name": f"m{k}", "input_topic": f"in{k}",
+                       "replicas": 1, "bootstrap_servers": None} for k in range(tiers)]}
+
+
+def tier_workload(name: str, phase: str = "running") -> WorkloadStatus:
+    return WorkloadStatus(name=name, kind="inference", labels={}, phase=phase)
+
+
+def test_a_running_inference_gets_one_workload_per_tier() -> None:
+    plan = plan_inference([inference(1, "running", 3)], [tier_workload("tierflow-infer-1-tier1")])
+    assert [(inf["id"], tier["index"]) for inf, tier in plan.launch] == [(1, 0), (1, 2)]
+    assert plan.remove == []
+
+
+def test_stopped_and_deleted_inferences_lose_their_workloads() -> None:
+    existing = [tier_workload("tierflow-infer-1-tier0"), tier_workload("tierflow-infer-2-tier0")]
+    plan = plan_inference([inference(1, "stopped", 1)], existing)
+    assert plan.launch == [] and sorted(plan.remove) == ["tierflow-infer-1-tier0", "tierflow-infer-2-tier0"]
+
+
+def test_a_crashed_tier_is_removed_so_the_next_pass_launches_it_again() -> None:
+    plan = plan_inference([inference(4, "running", 1)], [tier_workload("tierflow-infer-4-tier0", "failed")])
+    assert plan.remove == ["tierflow-infer-4-tier0"] and plan.launch == []
+    again = plan_inference([inference(4, "running", 1)], [])
+    assert [tier["index"] for _, tier in again.launch] == [0]
+
+
+def test_tier_spec_runs_the_tier_command_with_its_labels_and_replicas() -> None:
+    inf = inference(7, "running", 2)
+    spec = tier_spec(inf, inf["tiers"][1] | {"replicas": 3}, {"A": "1"})  # type: ignore[index, operator]
+    assert spec.args == ["tier", "run", "--inference", "7", "--tier", "1"]
+    assert spec.kind == "inference" and spec.replicas == 3
+    assert spec.labels["tierflow.io/tier"] == "1" and spec.labels["tierflow.io/inference"] == "7"
+    assert spec.env["A"] == "1" and spec.env["TIERFLOW_TIER_PORT"] == "0"

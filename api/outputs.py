@@ -1,0 +1,128 @@
+"""Reading an inference's output topic for the API: the latest predictions and the per-tier statistics.
+
+Called by the inference routes (`GET /inferences/{id}/predictions` and `/stats`). Outputs are JSON records
+written by the tier agents (tiers/wire.py): Kafka-ML's `{"values": [...]}` plus tierflow's fields. A record
+holds one sample, or a batch (`classes`, `confidences`, `origins` lists) when its input record did; both are
+flattened here into one entry per sample. Statistics are computed over the latest outputs (a window), so
+they describe recent traffic: exit distribution per tier, throughput, and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tierflow.streams import kafka as kio
+from tierflow.streams.settings import KafkaSettings
+
+JSON = dict[str, Any]
+
+
+def flatten_output(value: bytes, timestamp_ms: int | None) -> list[JSON]:
+    """One entry per sample: {tier, class, confidence, values, origin, latency_ms, timestamp_ms}."""
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(obj, dict) or "values" not in obj:
+        return []
+    tier = obj.get("tier", obj.get("exit"))
+    if isinstance(obj.get("classes"), list):
+        n = len(obj["classes"])
+
+        def at(name: str, i: int) -> Any:
+            seq = obj.get(name)
+            return seq[i] if isinstance(seq, list) and i < len(seq) else None
+
+        return [{"tier": tier, "class": obj["classes"][i], "confidence": at("confidences", i),
+                 "values": at("values", i), "origin": at("origins", i), "latency_ms": at("latencies_ms", i),
+                 "timestamp_ms": timestamp_ms} for i in range(n)]
+    return [{"tier": tier, "class": obj.get("class"), "confidence": obj.get("confidence"), "values": obj["values"],
+             "origin": obj.get("origin"), "latency_ms": obj.get("latency_ms"), "timestamp_ms": timestamp_ms}]
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    k = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def statistics(samples: list[JSON], tiers: int) -> JSON:
+    """Exit distribution per tier, throughput and latency percentiles of a window of answered samples."""
+    counts = [0] * tiers
+    for s in samples:
+        t = s.get("tier")
+        if isinstance(t, int) and 0 <= t < tiers:
+            counts[t] += 1
+    total = sum(counts)
+    stamps = [s["timestamp_ms"] for s in samples if isinstance(s.get("timestamp_ms"), int)]
+    span_s = (max(stamps) - min(stamps)) / 1000 if len(stamps) > 1 else 0.0
+    latencies = sorted(float(s["latency_ms"]) for s in samples if isinstance(s.get("latency_ms"), int | float))
+    per_tier_latency: list[JSON] = []
+    for t in range(tiers):
+        lat = sorted(float(s["latency_ms"]) for s in samples
+                     if s.get("tier") == t and isinstance(s.get("latency_ms"), int | float))
+        per_tier_latency.append({"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)})
+    return {
+        "window": total,
+        "tiers": [{"index": t, "answered": counts[t], "share": counts[t] / total if total else 0.0,
+                   "latency_ms": per_tier_latency[t]} for t in range(tiers)],
+        "throughput_per_s": total / span_s if span_s > 0 else None,
+        "latency_ms": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
+                       "p99": percentile(latencies, 0.99), "max": latencies[-1] if latencies else None},
+    }
+
+
+async def latest_outputs(kafka: KafkaSettings, topic: str, limit: int) -> list[JSON]:
+    """The latest `limit` output records of `topic` (all partitions), flattened to samples, newest first."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        if topic not in set(await admin.list_topics()):  # never auto-create it by asking for its metadata
+            return []
+        described = await admin.describe_topics([topic])
+        partitions = [p["partition"] for p in described[0]["partitions"]]
+    finally:
+        await admin.close()
+    if not partitions:
+        return []
+    c = kio.consumer(kafka)
+    await c.start()
+    records: list[tuple[int, bytes]] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        c.assign(tps)
+        ends: dict[TopicPartition, int] = {}
+        for tp in tps:
+            await c.seek_to_beginning(tp)
+            low = await c.position(tp)
+            hw = await kio.fetch_highwater(c, tp)
+            ends[tp] = hw
+            c.seek(tp, max(low, hw - limit))
+        async def behind() -> bool:
+            for tp, end in ends.items():
+                if await c.position(tp) < end:
+                    return True
+            return False
+
+        while await behind():
+            batch = await c.getmany(timeout_ms=1000, max_records=5000)
+            if not batch:
+                break
+            for tp, recs in batch.items():
+                records.extend((r.timestamp, r.value) for r in recs if r.offset < ends[tp])
+    finally:
+        await c.stop()
+    records.sort(key=lambda r: r[0], reverse=True)
+    out: list[JSON] = []
+    for ts, value in records:
+        out.extend(flatten_output(value, ts))
+        if len(out) >= limit:
+            break
+    return out[:limit]
