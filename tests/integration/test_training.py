@@ -195,7 +195,8 @@ async def test_run_training_trains_uploads_and_reports_every_result(
                                                    + ["ReportTrainingResult"] * 3)
     [started] = reporter.of_type("ReportTrainingStarted")
     assert started == {"deployment_id": 4, "result_ids": [11, 12, 13], "seed": 5,
-                       "samples": {"train": 1437, "validation": 180, "test": 180}}
+                       "samples": {"train": 1437, "validation": 180, "test": 180,
+                                   "classes": {"train": 10, "validation": 10, "test": 10}}}
     progress = reporter.of_type("ReportTrainingProgress")
     assert [p["epoch"] for p in progress] == [1, 2]
     assert all(set(p["metrics"]) == {"11", "12", "13"} for p in progress)
