@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_resources.register(sub)
 
+    from tierflow.deploy import cli_inferences
+
+    cli_inferences.register(sub)
+
     from tierflow.tiers import send_cli, train_job
 
     train_job.register(sub)

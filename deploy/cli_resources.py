@@ -156,10 +156,32 @@ def render_deployment(d: JSON) -> str:
 
 
 def render_result(r: JSON) -> str:
-    return format_kv([("id", str(r["id"])), ("deployment", cell(r.get("deployment_id"))),
-                      ("model", cell(r.get("model_id"))), ("model name", cell(r.get("model_name"))),
-                      ("model version", cell(r.get("model_version"))), ("status", cell(r.get("status"))),
-                      ("created", format_time(r.get("created_at"))), ("updated", format_time(r.get("updated_at")))])
+    queued = r.get("queued") or {}
+    pairs = [("id", str(r["id"])), ("deployment", cell(r.get("deployment_id"))),
+             ("model", cell(r.get("model_id"))), ("model name", cell(r.get("model_name"))),
+             ("model version", cell(r.get("model_version"))), ("status", cell(r.get("status"))),
+             ("chain", format_ids(r.get("chain"))), ("workload", cell(r.get("workload"))),
+             ("queued", cell(queued.get("note")) if queued else "-"), ("error", cell(r.get("error"))),
+             ("created", format_time(r.get("created_at"))), ("updated", format_time(r.get("updated_at")))]
+    text = format_kv(pairs)
+    history: list[JSON] = r.get("history") or []
+    if history:
+        keys = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in history[-1]]
+        rows = [[str(h.get("epoch")), *(_metric(h.get(k)) for k in keys)] for h in history]
+        text += "\n\nepochs:\n" + format_table(["EPOCH", *(k.upper() for k in keys)], rows)
+    metrics: JSON = r.get("metrics") or {}
+    if metrics:
+        splits = [sp for sp in ("train", "validation", "test") if isinstance(metrics.get(sp), dict)]
+        names = sorted({k for sp in splits for k in metrics[sp]})
+        rows = [[sp, *(_metric(metrics[sp].get(n)) for n in names)] for sp in splits]
+        text += "\n\nfinal metrics:\n" + format_table(["SPLIT", *(n.upper() for n in names)], rows)
+    for kind, ref in (r.get("artefacts") or {}).items():
+        text += f"\nartefact {kind}: sha256 {ref.get('sha256')} ({format_count(ref.get('size'))} bytes)"
+    return text
+
+
+def _metric(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else cell(value)
 
 
 @dataclass(frozen=True)
@@ -436,7 +458,7 @@ def _register_common(sub: Any, resource: Resource, json_flag: argparse.ArgumentP
 def _register_delete(sub: Any, resource: Resource, json_flag: argparse.ArgumentParser, note: str) -> None:
     delete = sub.add_parser("delete", parents=[json_flag], help=f"delete a {resource.name}{note}")
     delete.add_argument("id", type=int, metavar="ID")
-    if resource is not DEPLOYMENTS:
+    if resource not in (DEPLOYMENTS, RESULTS):
         delete.add_argument("--expected-version", type=int, metavar="N",
                             help="refuse unless the current version is N (optimistic concurrency)")
     delete.set_defaults(func=_delete(resource))
@@ -502,4 +524,9 @@ def register(subparsers: Any) -> None:
     res = subparsers.add_parser("results", help="training results (one per model of a deployment)")
     rsub = res.add_subparsers(dest="action", required=True, metavar="ACTION")
     _register_common(rsub, RESULTS, json_flag)
+    stop = rsub.add_parser("stop", parents=[json_flag], help="stop the training of a result (its whole chain)")
+    stop.add_argument("id", type=int, metavar="ID")
+    stop.set_defaults(func=_command(lambda args, api: api.post(f"/results/{args.id}/stop", {})[1],
+                                    lambda d: render_list(RESULTS, d)))
+    _register_delete(rsub, RESULTS, json_flag, " (one no inference uses)")
 
