@@ -221,3 +221,66 @@ async def send_random(env: Env, deployment_id: int, n: int) -> None:
                    control_topic=env.settings.kafka.control_topic)
     sink.send_many(rng.random((n, 28, 28), dtype=np.float32), rng.integers(0, 10, n).astype(np.uint8))
     sink.close()
+
+
+AVRO_DATA = {"type": "record", "name": "digit", "fields": [{"name": "pixels", "type": {"type": "array",
+                                                                                      "items": "float"}}]}
+AVRO_LABEL = {"type": "record", "name": "label", "fields": [{"name": "label", "type": "int"}]}
+
+
+async def test_kafka_ml_style_sink_avro_and_label_keyed_partitions_all_train(env: Env) -> None:
+    """Three more ways data arrives, each trained by single.py (2 epochs): a sink written the way Kafka-ML's
+    works (kafka-python, offsets from seek-to-end before and after, 1-byte key, "t:0:start:end"), AVRO, and
+    records keyed by label over 4 partitions (every split must still see every class)."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    digits = load_digits(28)
+    x, y = digits.x.astype(np.float32), digits.y.astype(np.uint8)
+    kafka_ml, avro, spread = [await deploy(env, [env.models["single"]], epochs=2) for _ in range(3)]
+    servers = env.settings.kafka.bootstrap_servers
+
+    # 1. Kafka-ML's sink: offsets from a seek-to-end lookup before and after sending.
+    topic = f"kafkaml-{kafka_ml['id']}"
+    await ensure_topics(env.settings.kafka, extra=[TopicSpec(topic, 1, -1)])
+    tp = TopicPartition(topic, 0)
+    probe = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
+    probe.assign([tp])
+    probe.seek_to_end(tp)
+    start = probe.position(tp)
+    producer = KafkaProducer(bootstrap_servers=servers, enable_idempotence=False, acks="all")
+    for xi, yi in zip(x, y, strict=True):
+        producer.send(topic, value=xi.tobytes(), key=yi.tobytes(), partition=0)
+    producer.flush()
+    probe.seek_to_end(tp)
+    end = probe.position(tp)
+    probe.close()
+    producer.send(env.settings.kafka.control_topic, key=bytes([kafka_ml["id"]]), value=orjson.dumps({
+        "topic": f"{topic}:0:{start}:{end}", "input_format": "RAW", "description": "kafka-ml style",
+        "input_config": {"data_type": "float32", "label_type": "uint8", "data_reshape": "28 28",
+                         "label_reshape": ""},
+        "validation_rate": 0.1, "test_rate": 0.1, "total_msg": end - start}))
+    producer.flush()
+    producer.close()
+
+    # 2. AVRO records (pixels as an array field, label as the Avro-encoded key).
+    from tierflow.tiers.sinks import AvroSink
+
+    sink = AvroSink(servers, f"avro-{avro['id']}", avro["id"], AVRO_DATA, AVRO_LABEL, validation_rate=0.1,
+                    test_rate=0.1, control_topic=env.settings.kafka.control_topic)
+    sink.send_many(({"pixels": xi.ravel().tolist()} for xi in x), ({"label": int(yi)} for yi in y))
+    sink.close()
+
+    # 3. Keyed by label over 4 partitions: reading partition by partition groups the classes.
+    raw = RawSink(servers, f"spread-{spread['id']}", spread["id"], validation_rate=0.1, test_rate=0.1,
+                  control_topic=env.settings.kafka.control_topic, partitions=4)
+    raw.send_many(x, y)
+    raw.close()
+
+    for dep in (kafka_ml, avro, spread):
+        [result] = await wait_status(env, dep["id"], {"finished", "failed"}, timeout=300)
+        assert result["status"] == "finished", (dep["id"], result["error"])
+        assert result["metrics"]["test"]["accuracy"] >= 0.5, result["metrics"]
+    [spread_result] = await results_of(env, spread["id"])
+    assert spread_result["samples"]["classes"] == {"train": 10, "validation": 10, "test": 10}
+    ranges = (await (await env.client.get(f"/datasources?deployment_id={spread['id']}")).json())["items"][0]["ranges"]
+    assert len(ranges) == 4
