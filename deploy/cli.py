@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_inferences.register(sub)
 
-    from tierflow.tiers import send_cli, train_job
+    from tierflow.tiers import send_cli, tier_cli, train_job
 
     train_job.register(sub)
     send_cli.register(sub)
+    tier_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,551 @@
+"""Data-plane wire formats of the tiers: decoding inputs, routing samples, encoding answers and forwards.
+
+Pure functions over numpy and orjson (no Kafka client, no TensorFlow, no Faust). Called by the tier agent
+(`tierflow.tiers.tier_agent`) on every consumed batch, by tierflow's clients to build batched inputs and
+read answers (`encode_tensor`, `read_answers`), and by the unit tests.
+
+Inputs a tier accepts (any mix within one batch)
+------------------------------------------------
+* **tierflow tensor message**: value = the C-order bytes of a batch of `n` samples; headers
+  - `tierflow.v` = `1`;
+  - `tierflow.dtype`: numpy type name (`float32`, `uint8`, ...), little-endian;
+  - `tierflow.shape`: the shape of ONE sample, comma-separated (`28,28,1`; empty for a scalar); `n` is the
+    value's length divided by the sample size;
+  - `tierflow.origins` (optional): JSON list, one `[topic, partition, offset, index]` per sample: the record
+    the sample ORIGINALLY entered the chain in and its position in that record. Carried unchanged across
+    hops, so an answer (and a duplicate after a redelivery) is recognisable by it. Absent on a client's
+    batched input: the tier takes the consumed record's own position, `index` = the sample's position;
+  - `tierflow.ts` (optional): JSON list, one entry per sample: `[t_input, t_fwd_0, t_fwd_1, ...]` in ms
+    since the epoch: the original input record's timestamp, then the wall-clock time at which each tier
+    forwarded the sample (a bare number is read as `[t_input]`). Absent: the record's timestamp. The answer
+    carries them, so a reader gets the end-to-end latency and the time spent at each tier.
+  - `tierflow.single` = `1`: every sample of the record was alone in its ORIGINAL input record, so its answer
+    is a single-sample output record (otherwise it joins its original record's batched answer).
+* **Kafka-ML raw sample** (no headers): one sample's bytes in the tier's raw dtype: on a first tier the
+  datasource's `input_config` (`data_type`, `data_reshape`), e.g. `x_test[i].tobytes()`; on a non-first tier
+  Kafka-ML's forwarded float32 tensor of the tier model's input shape. Single-sample.
+* **JSON-list tensor** (2020 thesis, no headers): a JSON array of numbers, nested or flat, holding exactly one
+  sample's values. Single-sample.
+The samples are reshaped to the model's input shape when the element counts agree (`28,28` feeds a
+`28,28,1` model) and cast to the model's dtype. A record that cannot be decoded (empty, wrong size, unknown
+dtype, bad JSON, inconsistent headers) is reported in `DecodedBatch.rejected` with a reason and left out;
+the agent dead-letters it.
+
+Routing
+-------
+`answered_mask`: a sample is answered where `max(probabilities) >= limit`; the top tier answers everything.
+
+Outputs (the output topic; JSON, no key)
+----------------------------------------
+Answers mirror inputs. A sample that was alone in its original record gets one record::
+
+    {"values": [p0, ..., p9],            # Kafka-ML's field: the probabilities
+     "tier": 1, "exit": 1,               # the tier index that answered (exit k is tier k's classifier)
+     "class": 3, "confidence": 0.97,     # argmax and max of values
+     "origin": {"topic": "in", "partition": 0, "offset": 42, "index": 0},
+     "timestamps": {"input": 1700000000000, "forwarded": [1700000000003.2], "answered": 1700000000005.9},
+     "latency_ms": 5.9}                  # answered - input
+
+The samples a tier answers out of one batched original record (same origin topic/partition/offset) go in
+ONE record, per-sample fields as parallel lists::
+
+    {"values": [[...], [...]], "classes": [3, 7], "confidences": [0.97, 0.91],
+     "origins": [{"topic": "in", "partition": 0, "offset": 7, "index": 0}, {..., "index": 5}],
+     "timestamps": [{"input": ..., "forwarded": [...], "answered": ...}, ...], "latencies_ms": [5.9, 6.1],
+     "tier": 1, "exit": 1}
+
+`read_answers` turns either form back into one `Answer` per sample.
+
+Forwards (the upper topic)
+--------------------------
+The samples a tier does not answer go up as ONE tensor message (the model's tensor output, float32) with
+their origins and timestamps (this tier's forward time appended); when a batch mixes samples of
+single-sample and batched original records, those two groups travel as two messages so `tierflow.single`
+stays one flag per record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+Array = npt.NDArray[Any]
+Headers = list[tuple[str, bytes]]
+#: Where a sample originally entered the chain: (topic, partition, offset, index in that record).
+SampleOrigin = tuple[str, int, int, int]
+
+WIRE_VERSION = 1
+H_VERSION = "tierflow.v"
+H_DTYPE = "tierflow.dtype"
+H_SHAPE = "tierflow.shape"
+H_ORIGINS = "tierflow.origins"
+H_TS = "tierflow.ts"
+H_SINGLE = "tierflow.single"
+_PREFIX = "tierflow."
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+#: Types a wrong-size raw record is compared with, to hint at a producer sending the wrong dtype.
+_HINT_DTYPES = ("float32", "float64", "float16", "uint8", "int32", "int64")
+
+
+class WireError(ValueError):
+    """A record (or an argument) that does not follow the wire format; the message says what is wrong."""
+
+
+class RecordLike(Protocol):
+    """What the decoder reads of a consumed record (aiokafka's `ConsumerRecord` has these attributes)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def timestamp(self) -> int: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+@dataclass(frozen=True)
+class WireRecord:
+    """A plain `RecordLike` (tests, benchmarks, offline replays)."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
+    timestamp: int = -1
+
+
+def parse_numeric_dtype(name: str) -> np.dtype[Any]:
+    """A little-endian numeric dtype from its numpy name; WireError for anything else."""
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise WireError(f"dtype {name!r} is not a numpy type name (e.g. float32, uint8)") from None
+    if dtype.kind not in "biuf":
+        raise WireError(f"dtype {name!r} is not numeric")
+    return dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How one tier reads its input.
+
+    `sample_shape`/`dtype`: the model's input (one sample, no batch dimension), what decoded samples become.
+    `raw_dtype`/`raw_shape`: header-less raw records (the datasource's input_config on a first tier, float32
+    of the model's input elsewhere); `raw_shape` must hold as many values as `sample_shape`.
+    `plain`: a decoder of header-less records that replaces raw/JSON (e.g. AVRO on a first tier); it returns
+    one sample and raises ValueError with a reason.
+    """
+
+    sample_shape: tuple[int, ...]
+    dtype: np.dtype[Any] = field(default_factory=lambda: np.dtype(np.float32))
+    raw_dtype: np.dtype[Any] = field(default_factory=lambda: np.dtype(np.float32))
+    raw_shape: tuple[int, ...] | None = None
+    plain: Callable[[bytes], Array] | None = None
+
+    def __post_init__(self) -> None:
+        if self.raw_shape is not None and math.prod(self.raw_shape) != self.sample_count:
+            raise WireError(f"raw samples of shape {shape_text(self.raw_shape)} ({math.prod(self.raw_shape)} "
+                            f"values) cannot feed a model whose input is {shape_text(self.sample_shape)} "
+                            f"({self.sample_count} values)")
+
+    @property
+    def sample_count(self) -> int:
+        return math.prod(self.sample_shape)
+
+    @property
+    def raw_nbytes(self) -> int:
+        return self.sample_count * self.raw_dtype.itemsize
+
+    def describe_raw(self) -> str:
+        return f"{self.raw_nbytes} bytes of {self.raw_dtype.name} {shape_text(self.raw_shape or self.sample_shape)}"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record left out of a batch: its position in the batch and why."""
+
+    index: int
+    reason: str
+
+
+@dataclass
+class DecodedBatch:
+    """The decodable samples of a batch of records, in record order, and the records that were not."""
+
+    x: Array  # (N, *sample_shape), the model's dtype
+    origins: list[SampleOrigin]  # per sample
+    ts: list[list[float]]  # per sample: [t_input, t_fwd_0, ...] (ms)
+    single: npt.NDArray[np.bool_]  # per sample: alone in its original record
+    record: npt.NDArray[np.int64]  # per sample: index of the consumed record it came from
+    rejected: list[Rejection]
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+
+# -- decoding ------------------------------------------------------------------------------------------------
+
+
+def _tierflow_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, bytes] | None:
+    found = {k: v for k, v in headers if k.startswith(_PREFIX)}
+    return found or None
+
+
+def _size_hint(nbytes: int, spec: InputSpec) -> str:
+    names = [name for name in _HINT_DTYPES
+             if np.dtype(name) != spec.raw_dtype and nbytes == spec.sample_count * np.dtype(name).itemsize]
+    if not names:
+        return ""
+    return f" ({nbytes} bytes is one {' or '.join(names)} sample: is the producer sending {names[0]}?)"
+
+
+def _parse_json_list(raw: bytes, what: str) -> Any:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise WireError(f"{what} must be a JSON list")
+    return value
+
+
+def _decode_json_sample(value: bytes, spec: InputSpec) -> Array:
+    data = _parse_json_list(value, "the JSON tensor")
+    try:
+        arr = np.asarray(data, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise WireError("the JSON tensor must be a (nested) list of numbers") from None
+    if arr.size != spec.sample_count:
+        raise WireError(f"the JSON tensor holds {arr.size} numbers, expected {spec.sample_count} for one sample of "
+                        f"shape {shape_text(spec.sample_shape)}")
+    return arr.reshape(1, *spec.sample_shape).astype(spec.dtype)
+
+
+def _looks_like_json(value: bytes) -> bool:
+    return value[:1] == b"[" and value.rstrip()[-1:] == b"]"
+
+
+def _origins_from(meta: dict[str, bytes], n: int, rec: RecordLike) -> list[SampleOrigin]:
+    raw = meta.get(H_ORIGINS)
+    if raw is None:
+        return [(rec.topic, rec.partition, rec.offset, j) for j in range(n)]
+    items = _parse_json_list(raw, H_ORIGINS)
+    if len(items) != n:
+        raise WireError(f"{H_ORIGINS} lists {len(items)} samples but the value holds {n}")
+    out: list[SampleOrigin] = []
+    for item in items:
+        if (not isinstance(item, list) or len(item) != 4 or not isinstance(item[0], str)
+                or not all(isinstance(v, int) for v in item[1:])):
+            raise WireError(f"{H_ORIGINS} entries must be [topic, partition, offset, index], got {item!r:.80}")
+        out.append((item[0], item[1], item[2], item[3]))
+    return out
+
+
+def _ts_from(meta: dict[str, bytes], n: int, t_record: float) -> list[list[float]]:
+    raw = meta.get(H_TS)
+    if raw is None:
+        return [[t_record] for _ in range(n)]
+    items = _parse_json_list(raw, H_TS)
+    if len(items) != n:
+        raise WireError(f"{H_TS} lists {len(items)} samples but the value holds {n}")
+    out: list[list[float]] = []
+    for item in items:
+        if isinstance(item, int | float):
+            out.append([float(item)])
+        elif isinstance(item, list) and item and all(isinstance(v, int | float) for v in item):
+            out.append([float(v) for v in item])
+        else:
+            raise WireError(f"{H_TS} entries must be [t_input, t_fwd...] in ms, got {item!r:.80}")
+    return out
+
+
+def _decode_tensor(rec: RecordLike, value: bytes, meta: dict[str, bytes], spec: InputSpec,
+                   t_record: float) -> tuple[Array, list[SampleOrigin], list[list[float]], bool]:
+    version = meta.get(H_VERSION)
+    if version != str(WIRE_VERSION).encode():
+        raise WireError(f"{H_VERSION}={version!r}: this tier reads tierflow tensor messages of version "
+                        f"{WIRE_VERSION}")
+    if H_DTYPE not in meta or H_SHAPE not in meta:
+        raise WireError(f"a tierflow tensor message needs the headers {H_DTYPE} and {H_SHAPE}")
+    dtype = parse_numeric_dtype(meta[H_DTYPE].decode("ascii", "replace"))
+    shape_raw = meta[H_SHAPE].decode("ascii", "replace").strip()
+    try:
+        shape = tuple(int(p) for p in shape_raw.split(",") if p.strip())
+    except ValueError:
+        raise WireError(f"{H_SHAPE}={shape_raw!r} must be comma-separated whole numbers") from None
+    if any(d < 1 for d in shape):
+        raise WireError(f"{H_SHAPE}={shape_raw!r}: dimensions must be positive")
+    per = math.prod(shape)
+    if per != spec.sample_count:
+        raise WireError(f"samples of shape {shape_text(shape)} ({per} values) cannot feed this tier's model, whose "
+                        f"input is {shape_text(spec.sample_shape)} ({spec.sample_count} values)")
+    unit = per * dtype.itemsize
+    if len(value) % unit:
+        raise WireError(f"a value of {len(value)} bytes is not a whole number of {dtype.name} "
+                        f"{shape_text(shape)} samples ({unit} bytes each)")
+    n = len(value) // unit
+    x = np.frombuffer(value, dtype=dtype).reshape(n, *spec.sample_shape).astype(spec.dtype, copy=False)
+    origins = _origins_from(meta, n, rec)
+    ts = _ts_from(meta, n, t_record)
+    return x, origins, ts, meta.get(H_SINGLE) == b"1"
+
+
+def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: float) -> DecodedBatch:
+    """Decode a consumed batch into one (N, *sample_shape) array plus per-sample origin/timestamps/record.
+
+    `now_ms` stands in for records without a timestamp. Consecutive header-less raw records are decoded
+    with one `np.frombuffer` (the common Kafka-ML case costs a few microseconds per record).
+    """
+    parts: list[Array] = []
+    origins: list[SampleOrigin] = []
+    ts: list[list[float]] = []
+    single: list[bool] = []
+    record_of: list[int] = []
+    rejected: list[Rejection] = []
+    run: list[bytes] = []  # consecutive raw records, decoded together
+
+    def flush_run() -> None:
+        if run:
+            joined = np.frombuffer(b"".join(run), dtype=spec.raw_dtype)
+            parts.append(joined.reshape(len(run), *spec.sample_shape).astype(spec.dtype, copy=False))
+            run.clear()
+
+    for i, rec in enumerate(records):
+        value = rec.value
+        t_record = float(rec.timestamp) if rec.timestamp is not None and rec.timestamp > 0 else now_ms
+        if not value:
+            rejected.append(Rejection(i, f"empty value: an inference input holds one sample ({spec.describe_raw()}) "
+                                         "or a tierflow tensor message"))
+            continue
+        meta = _tierflow_headers(rec.headers) if rec.headers else None
+        if meta is not None:
+            try:
+                x, o, t, s = _decode_tensor(rec, value, meta, spec, t_record)
+            except WireError as exc:
+                rejected.append(Rejection(i, f"bad tierflow tensor message: {exc}"))
+                continue
+            flush_run()
+            parts.append(x)
+            origins.extend(o)
+            ts.extend(t)
+            single.extend([s] * len(o))
+            record_of.extend([i] * len(o))
+            continue
+        origin = (rec.topic, rec.partition, rec.offset, 0)
+        if spec.plain is not None:
+            try:
+                sample = np.asarray(spec.plain(value)).reshape(1, *spec.sample_shape).astype(spec.dtype)
+            except ValueError as exc:
+                rejected.append(Rejection(i, str(exc)))
+                continue
+            flush_run()
+            parts.append(sample)
+        elif len(value) == spec.raw_nbytes and not (_looks_like_json(value) and _is_json_sample(value, spec)):
+            run.append(value)
+        elif _looks_like_json(value):
+            try:
+                sample = _decode_json_sample(value, spec)
+            except WireError as exc:
+                rejected.append(Rejection(i, str(exc)))
+                continue
+            flush_run()
+            parts.append(sample)
+        else:
+            rejected.append(Rejection(i, f"{len(value)} bytes, expected {spec.describe_raw()} for one sample"
+                                         f"{_size_hint(len(value), spec)}"))
+            continue
+        origins.append(origin)
+        ts.append([t_record])
+        single.append(True)
+        record_of.append(i)
+    flush_run()
+    x = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else
+                                                     np.empty((0, *spec.sample_shape), dtype=spec.dtype))
+    return DecodedBatch(x=x, origins=origins, ts=ts, single=np.asarray(single, dtype=bool),
+                        record=np.asarray(record_of, dtype=np.int64), rejected=rejected)
+
+
+def _is_json_sample(value: bytes, spec: InputSpec) -> bool:
+    """A raw-sized value that also parses as a JSON sample (vanishingly rare for real raw bytes)."""
+    try:
+        _decode_json_sample(value, spec)
+    except WireError:
+        return False
+    return True
+
+
+# -- routing -------------------------------------------------------------------------------------------------
+
+
+def answered_mask(probs: Array, limit: float, *, top: bool = False) -> npt.NDArray[np.bool_]:
+    """Which samples this tier answers: `max(p) >= limit`, or all of them at the top tier."""
+    n = len(probs)
+    if top:
+        return np.ones(n, dtype=bool)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    mask: npt.NDArray[np.bool_] = np.asarray(probs).reshape(n, -1).max(axis=1) >= limit
+    return mask
+
+
+# -- encoding ------------------------------------------------------------------------------------------------
+
+
+def _origin_json(o: SampleOrigin) -> dict[str, Any]:
+    return {"topic": o[0], "partition": o[1], "offset": o[2], "index": o[3]}
+
+
+def _timestamps(ts: list[float], answered_ms: float) -> dict[str, Any]:
+    return {"input": ts[0], "forwarded": ts[1:], "answered": answered_ms}
+
+
+def encode_answers(batch: DecodedBatch, probs: Array, answered: npt.NDArray[np.bool_], *, tier: int,
+                   answered_ms: float) -> list[bytes]:
+    """The output records for the answered samples of `batch`: one per single-sample original record, one
+    batched record per batched original record (see the module docstring), in order of first sample."""
+    probs = np.ascontiguousarray(np.asarray(probs, dtype=np.float32).reshape(len(probs), -1))
+    classes = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
+    confidences = probs.max(axis=1) if len(probs) else np.zeros(0, dtype=np.float32)
+    answered_ms = round(answered_ms, 3)
+    groups: dict[tuple[str, int, int], list[int]] = {}
+    order: list[int | tuple[str, int, int]] = []
+    for i in np.flatnonzero(answered).tolist():
+        if batch.single[i]:
+            order.append(i)
+            continue
+        o = batch.origins[i]
+        key = (o[0], o[1], o[2])
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(i)
+    out: list[bytes] = []
+    for item in order:
+        if isinstance(item, int):
+            t = batch.ts[item]
+            out.append(orjson.dumps({
+                "values": probs[item], "tier": tier, "exit": tier, "class": int(classes[item]),
+                "confidence": confidences[item], "origin": _origin_json(batch.origins[item]),
+                "timestamps": _timestamps(t, answered_ms), "latency_ms": round(answered_ms - t[0], 3),
+            }, option=_NUMPY))
+        else:
+            idx = groups[item]
+            out.append(orjson.dumps({
+                "values": probs[idx], "classes": classes[idx], "confidences": confidences[idx],
+                "origins": [_origin_json(batch.origins[i]) for i in idx],
+                "timestamps": [_timestamps(batch.ts[i], answered_ms) for i in idx],
+                "latencies_ms": [round(answered_ms - batch.ts[i][0], 3) for i in idx],
+                "tier": tier, "exit": tier,
+            }, option=_NUMPY))
+    return out
+
+
+def encode_tensor(x: Array, *, origins: Sequence[SampleOrigin] | None = None,
+                  ts: Sequence[Sequence[float]] | None = None, single: bool = False) -> tuple[bytes, Headers]:
+    """A tierflow tensor message (value, headers) for the batch `x` of shape (n, *sample_shape).
+
+    Clients sending batched inputs leave `origins`/`ts` out (the first tier takes the record's position and
+    timestamp); tiers forwarding samples pass them.
+    """
+    arr = np.asarray(x)
+    if arr.ndim < 1 or len(arr) == 0:
+        raise WireError("a tensor message holds at least one sample: x must have shape (n, ...) with n >= 1")
+    if arr.dtype.kind not in "biuf":
+        raise WireError(f"dtype {arr.dtype} is not numeric")
+    dtype = parse_numeric_dtype(arr.dtype.name)
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    headers: Headers = [
+        (H_VERSION, str(WIRE_VERSION).encode()),
+        (H_DTYPE, dtype.name.encode()),
+        (H_SHAPE, ",".join(map(str, arr.shape[1:])).encode()),
+    ]
+    if origins is not None:
+        if len(origins) != len(arr):
+            raise WireError(f"{len(origins)} origins for {len(arr)} samples")
+        headers.append((H_ORIGINS, orjson.dumps(list(origins))))
+    if ts is not None:
+        if len(ts) != len(arr):
+            raise WireError(f"{len(ts)} timestamps for {len(arr)} samples")
+        headers.append((H_TS, orjson.dumps([list(t) for t in ts])))
+    if single:
+        headers.append((H_SINGLE, b"1"))
+    return arr.tobytes(), headers
+
+
+def encode_forwards(batch: DecodedBatch, tensor: Array, forwarded: npt.NDArray[np.bool_], *,
+                    forwarded_ms: float) -> list[tuple[bytes, Headers]]:
+    """Tensor messages for the upper tier with the forwarded samples: one, or two when single-sample and
+    batched original records are mixed (so `tierflow.single` stays one flag per record)."""
+    idx = np.flatnonzero(forwarded)
+    if not len(idx):
+        return []
+    forwarded_ms = round(forwarded_ms, 3)
+    out: list[tuple[bytes, Headers]] = []
+    is_single = batch.single[idx]
+    for flag in (True, False):
+        group = idx[is_single == flag]
+        if not len(group):
+            continue
+        rows = group.tolist()
+        out.append(encode_tensor(np.asarray(tensor)[group], origins=[batch.origins[i] for i in rows],
+                                 ts=[[*batch.ts[i], forwarded_ms] for i in rows], single=flag))
+    return out
+
+
+# -- reading answers (clients, tests) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One sample's answer, whichever output form carried it."""
+
+    origin: SampleOrigin
+    tier: int
+    cls: int
+    confidence: float
+    values: list[float]
+    timestamps: dict[str, Any]
+    latency_ms: float
+    batched: bool
+
+
+def read_answers(value: bytes) -> list[Answer]:
+    """The answers in one output record (single-sample or batched form); WireError if it is neither."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"an output record is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or "values" not in doc:
+        raise WireError("an output record is a JSON object with 'values'")
+
+    def origin(o: dict[str, Any]) -> SampleOrigin:
+        return (str(o["topic"]), int(o["partition"]), int(o["offset"]), int(o.get("index", 0)))
+
+    tier = int(doc.get("tier", -1))
+    if "origins" in doc:
+        return [Answer(origin(o), tier, int(c), float(p), list(v), dict(t), float(lat), True)
+                for o, c, p, v, t, lat in zip(doc["origins"], doc["classes"], doc["confidences"], doc["values"],
+                                              doc["timestamps"], doc["latencies_ms"], strict=True)]
+    return [Answer(origin(doc["origin"]), tier, int(doc["class"]), float(doc["confidence"]), list(doc["values"]),
+                   dict(doc.get("timestamps") or {}), float(doc.get("latency_ms", 0.0)), False)]
