@@ -96,16 +96,13 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def run_api(settings: Settings) -> int:
-    if not settings.kafka.bootstrap_servers or not settings.database.url:
-        from tierflow.deploy.stack import read_stack_state
+    from tierflow.deploy.stack import with_stack_endpoints
 
-        state = read_stack_state(settings.stack.home)
-        if state is None:
-            log.error("no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack in %s",
-                      settings.stack.home)
-            return 2
-        settings = settings.with_endpoints(bootstrap_servers=state.bootstrap_servers,
-                                           database_url=state.database_url)
+    resolved = with_stack_endpoints(settings)
+    if resolved is None:
+        log.error("no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack in %s", settings.stack.home)
+        return 2
+    settings = resolved
     web.run_app(create_app(settings), host=settings.api.host, port=settings.api.port, print=None,
                 access_log=None, shutdown_timeout=5)
     return 0

@@ -699,3 +699,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="how long to wait for every process to exit before killing them (default 60)")
     down.set_defaults(func=_down)
 
+
+
+def with_stack_endpoints(settings: Settings) -> Settings | None:
+    """`settings` with the running embedded stack's broker and Postgres filled in where the environment gave
+    none; None when something is missing and no stack runs (the caller says so and exits 2)."""
+    if settings.kafka.bootstrap_servers and settings.database.url:
+        return settings
+    state = read_stack_state(settings.stack.home)
+    if state is None:
+        return None
+    return settings.with_endpoints(bootstrap_servers=settings.kafka.bootstrap_servers or state.bootstrap_servers,
+                                   database_url=settings.database.url or state.database_url)

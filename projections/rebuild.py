@@ -72,15 +72,13 @@ async def rebuild(settings: Settings) -> int:
 
 
 def run_rebuild(settings: Settings) -> int:
-    if not settings.kafka.bootstrap_servers or not settings.database.url:
-        from tierflow.deploy.stack import read_stack_state
+    from tierflow.deploy.stack import with_stack_endpoints
 
-        state = read_stack_state(settings.stack.home)
-        if state is None:
-            print("tierflow: no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack")
-            return 2
-        settings = settings.with_endpoints(bootstrap_servers=state.bootstrap_servers,
-                                           database_url=state.database_url)
+    resolved = with_stack_endpoints(settings)
+    if resolved is None:
+        print("tierflow: no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack")
+        return 2
+    settings = resolved
     n = asyncio.run(rebuild(settings))
     print(f"rebuilt the projections from {n} events")
     return 0

@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError
 
 from tierflow.streams import kafka as kio
 from tierflow.streams.envelope import JSON, TIERFLOW_NS, Command
+from tierflow.streams.positions import load_position, save_position
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import admin_client
 
@@ -134,9 +135,9 @@ class ControlBridge:
         try:
             c.assign([tp])
             log_id = await self._log_id(c, tp)
-            row = await conn.fetchrow('SELECT log_id, "offset" FROM public.agent_positions WHERE agent = $1', AGENT)
-            if row is not None and row["log_id"] == log_id:
-                c.seek(tp, int(row["offset"]) + 1)
+            last = await load_position(conn, AGENT, log_id)
+            if last is not None:
+                c.seek(tp, last + 1)
             else:
                 await c.seek_to_beginning(tp)
             while not stopping.is_set():
@@ -147,11 +148,7 @@ class ControlBridge:
                 if log_id == "empty":
                     log_id = self._identity(records[0]) if records[0].offset == 0 else log_id
                 await self._bridge(records, prod)
-                await conn.execute(
-                    'INSERT INTO public.agent_positions (agent, log_id, "offset") VALUES ($1, $2, $3) '
-                    'ON CONFLICT (agent) DO UPDATE SET log_id = EXCLUDED.log_id, "offset" = EXCLUDED."offset"',
-                    AGENT, log_id, records[-1].offset,
-                )
+                await save_position(conn, AGENT, log_id, records[-1].offset)
         finally:
             await c.stop()
             await prod.stop()

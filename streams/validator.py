@@ -23,6 +23,7 @@ from tierflow.streams import kafka as kio
 from tierflow.streams.catalogue import CODE_COMMANDS
 from tierflow.streams.commandlog import read_log_id
 from tierflow.streams.envelope import JSON, Command, EnvelopeError, decode_command
+from tierflow.streams.positions import load_position, save_position
 from tierflow.streams.settings import KafkaSettings
 
 log = logging.getLogger("tierflow.validator")
@@ -75,9 +76,9 @@ class Validator:
         try:
             c.assign([tp])
             log_id = await read_log_id(c, tp)
-            row = await conn.fetchrow('SELECT log_id, "offset" FROM public.agent_positions WHERE agent = $1', AGENT)
-            if row is not None and row["log_id"] == log_id:
-                c.seek(tp, int(row["offset"]) + 1)
+            last = await load_position(conn, AGENT, log_id)
+            if last is not None:
+                c.seek(tp, last + 1)
             else:
                 await c.seek_to_beginning(tp)
             gate = asyncio.Semaphore(self.concurrency)
@@ -87,11 +88,7 @@ class Validator:
                 if not records:
                     continue
                 await self._handle(records, conn, prod, gate)
-                await conn.execute(
-                    'INSERT INTO public.agent_positions (agent, log_id, "offset") VALUES ($1, $2, $3) '
-                    'ON CONFLICT (agent) DO UPDATE SET log_id = EXCLUDED.log_id, "offset" = EXCLUDED."offset"',
-                    AGENT, log_id, records[-1].offset,
-                )
+                await save_position(conn, AGENT, log_id, records[-1].offset)
         finally:
             await c.stop()
             await prod.stop()

@@ -144,16 +144,13 @@ class Worker:
 
 def run_worker(settings: Settings, launcher_factory: LauncherFactory | None = None) -> int:
     """Run the worker until SIGTERM; `launcher_factory` (wired by the entry point) enables the orchestrator."""
-    if not settings.kafka.bootstrap_servers or not settings.database.url:
-        from tierflow.deploy.stack import read_stack_state
+    from tierflow.deploy.stack import with_stack_endpoints
 
-        state = read_stack_state(settings.stack.home)
-        if state is None:
-            log.error("no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack in %s",
-                      settings.stack.home)
-            return 2
-        settings = settings.with_endpoints(bootstrap_servers=state.bootstrap_servers,
-                                           database_url=state.database_url)
+    resolved = with_stack_endpoints(settings)
+    if resolved is None:
+        log.error("no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack in %s", settings.stack.home)
+        return 2
+    settings = resolved
 
     async def main() -> None:
         launcher = launcher_factory(settings) if launcher_factory is not None else None
