@@ -265,8 +265,9 @@ class KubernetesLauncher:
         self._owns_client = api_client is None
         self.api_client = api_client if api_client is not None else load_api_client()
         self.api = KubernetesApi(self.api_client, request_timeout_s=request_timeout_s)
-        self.placement = placement or TierPlacement()
-        self.service_account = service_account
+        self.placement = placement or TierPlacement(node_label=settings.tier_node_label,
+                                                    kubeedge_tiers=settings.kubeedge_tiers)
+        self.service_account = service_account or settings.service_account or None
         self.backoff_limit = backoff_limit
         self.ttl_seconds_after_finished = ttl_seconds_after_finished
         self._log_tails: dict[tuple[str, str], str] = {}  # (Job name, uid) -> last log lines, read once

@@ -190,12 +190,14 @@ def plan_inference(inferences: list[dict[str, Any]], workloads: list[WorkloadSta
     return plan
 
 
-def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, str]) -> WorkloadSpec:
+def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, str], *, port: int = 0) -> WorkloadSpec:
+    """The workload of one tier. `port` is its HTTP port (probes, metrics): 0 lets each local process pick a free
+    one (several tiers share a machine); a pod gets the fixed `TIERFLOW_TIER_PORT` its probes point at."""
     return WorkloadSpec(
         name=tier_workload_name(inference["id"], tier["index"]),
         kind="inference",
         args=["tier", "run", "--inference", str(inference["id"]), "--tier", str(tier["index"])],
-        env={**env, "TIERFLOW_TIER_PORT": env.get("TIERFLOW_TIER_PORT", "0")},
+        env={**env, "TIERFLOW_TIER_PORT": str(port)},
         labels={LABEL_MANAGED: MANAGED_BY, LABEL_KIND: "inference", LABEL_INFERENCE: str(inference["id"]),
                 LABEL_TIER: str(tier["index"])},
         resources=Resources(cpu="1", memory="2Gi"),
@@ -297,7 +299,8 @@ class Orchestrator:
             await self.launcher.stop(name)
             log.info("removed tier workload %s", name)
         for inference, tier in plan.launch:
-            await self.launcher.launch(tier_spec(inference, tier, self.workload_env))
+            port = self.settings.workloads.tier_port if self.settings.workloads.launcher == "kubernetes" else 0
+            await self.launcher.launch(tier_spec(inference, tier, self.workload_env, port=port))
             log.info("launched tier %d of inference %d (%s)", tier["index"], inference["id"], tier["model_name"])
         return plan
 

@@ -128,6 +128,16 @@ class WorkloadSettings:
     artefacts_dir: str = ""
     #: TIERFLOW_RECONCILE_S: how often the orchestrator compares wanted and existing workloads.
     reconcile_s: float = 2.0
+    #: TIERFLOW_TIER_PORT: the HTTP port of a tier agent's /healthz, /readyz and /metrics (the pods' probes).
+    tier_port: int = 8000
+    #: TIERFLOW_TIER_NODE_LABEL: node label a tier pod selects, valued with its tier's index or name
+    #: (`tierflow.io/tier=edge`); empty: no default nodeSelector.
+    tier_node_label: str = "tierflow.io/tier"
+    #: TIERFLOW_KUBEEDGE_TIERS: comma-separated tiers (indexes or names) whose pods run on KubeEdge edge nodes
+    #: (they also select `node-role.kubernetes.io/edge` and tolerate its taint).
+    kubeedge_tiers: frozenset[str] = frozenset()
+    #: TIERFLOW_WORKLOAD_SERVICE_ACCOUNT: the service account training Jobs and tier pods run as (Kubernetes).
+    service_account: str = ""
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,13 @@ class Settings:
             training_gpus=_int(e, "TIERFLOW_TRAINING_GPUS", 0),
             artefacts_dir=_str(e, "TIERFLOW_ARTEFACTS", ""),
             reconcile_s=_float(e, "TIERFLOW_RECONCILE_S", 2.0),
+            tier_port=_int(e, "TIERFLOW_TIER_PORT", 8000),
+            tier_node_label=_str(e, "TIERFLOW_TIER_NODE_LABEL", "tierflow.io/tier").strip(),
+            kubeedge_tiers=frozenset(t.strip() for t in e.get("TIERFLOW_KUBEEDGE_TIERS", "").split(",") if t.strip()),
+            service_account=_str(e, "TIERFLOW_WORKLOAD_SERVICE_ACCOUNT", ""),
         )
+        if workloads.tier_port > 65535:
+            raise SettingsError(f"TIERFLOW_TIER_PORT={workloads.tier_port} is not a TCP port")
         if workloads.launcher not in ("local", "kubernetes"):
             raise SettingsError(f"TIERFLOW_LAUNCHER={workloads.launcher!r} must be 'local' or 'kubernetes'")
         return cls(
@@ -248,6 +264,10 @@ class Settings:
             "TIERFLOW_TRAINING_GPUS": str(self.workloads.training_gpus),
             "TIERFLOW_ARTEFACTS": self.workloads.artefacts_dir,
             "TIERFLOW_RECONCILE_S": str(self.workloads.reconcile_s),
+            "TIERFLOW_TIER_PORT": str(self.workloads.tier_port),
+            "TIERFLOW_TIER_NODE_LABEL": self.workloads.tier_node_label,
+            "TIERFLOW_KUBEEDGE_TIERS": ",".join(sorted(self.workloads.kubeedge_tiers)),
+            "TIERFLOW_WORKLOAD_SERVICE_ACCOUNT": self.workloads.service_account,
         }
 
     def artefacts_path(self) -> Path:

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import hashlib
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,8 +40,7 @@ from tierflow.tiers.tier_agent import TierConfig, TierConfigError
 log = logging.getLogger("tierflow.tier")
 
 JSON = dict[str, Any]
-#: Environment variable the tier pods' probes use (deploy/manifests.py TIER_PORT_ENV).
-TIER_PORT_ENV = "TIERFLOW_TIER_PORT"
+#: The tier's HTTP port when neither --port nor TIERFLOW_TIER_PORT says (WorkloadSettings.tier_port).
 DEFAULT_TIER_PORT = 8000
 ENDED_STATUSES = frozenset({"stopped", "deleted"})
 
@@ -165,15 +163,6 @@ def _api_message(body: bytes) -> str:
 # -- the CLI ------------------------------------------------------------------------------------------------
 
 
-def _default_port() -> int:
-    # The tier Deployment sets TIERFLOW_TIER_PORT for its probes (deploy/manifests.py); not a Settings field yet.
-    raw = os.environ.get(TIER_PORT_ENV, "")
-    try:
-        return int(raw) if raw else DEFAULT_TIER_PORT
-    except ValueError:
-        raise TierSetupError(f"{TIER_PORT_ENV}={raw!r} is not a TCP port") from None
-
-
 def _default_servers(settings: Settings) -> str:
     if settings.kafka.bootstrap_servers:
         return settings.kafka.bootstrap_servers
@@ -196,7 +185,7 @@ def _input_config(text: str | None) -> InputConfig | None:
 
 def build_config(args: argparse.Namespace, settings: Settings) -> TierConfig:
     """The TierConfig the flags describe (fetching the inference and model from the API when asked)."""
-    port = args.port if args.port is not None else _default_port()
+    port = args.port if args.port is not None else settings.workloads.tier_port
     if args.inference is not None:
         if args.tier is None:
             raise TierSetupError("--inference needs --tier K")
@@ -331,7 +320,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     both.add_argument("--linger-ms", type=_non_negative, default=0.0, metavar="MS",
                       help="wait up to MS for a batch to fill (default 0: take what is there)")
     both.add_argument("--port", type=_port, default=None, metavar="P",
-                      help=f"HTTP port of /healthz, /readyz, /metrics (default {TIER_PORT_ENV} or "
+                      help=f"HTTP port of /healthz, /readyz, /metrics (default TIERFLOW_TIER_PORT or "
                            f"{DEFAULT_TIER_PORT}; 0 = a free port)")
     run.set_defaults(func=run_cli)
 

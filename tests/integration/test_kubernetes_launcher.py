@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -253,3 +253,19 @@ def test_job_status_phases() -> None:
                                "Job was active longer than specified deadline")
     not_yet = job({"conditions": [{"type": "Failed", "status": "False"}]})
     assert job_status(not_yet).phase == "running"
+
+
+async def test_tier_placement_and_service_account_come_from_the_settings() -> None:
+    settings = replace(SETTINGS, tier_node_label="example.com/site", kubeedge_tiers=frozenset({"0"}),
+                       service_account="tierflow-workloads", tier_port=9100)
+    api_client = k8s.ApiClient(k8s.Configuration(host="http://127.0.0.1:9"))  # never called: builders only
+    launcher = KubernetesLauncher(settings, api_client)
+    try:
+        pod = as_manifest(launcher.inference_deployment(tier()))["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"example.com/site": "0", "node-role.kubernetes.io/edge": ""}
+        assert pod["serviceAccountName"] == "tierflow-workloads"
+        assert {"key": "node-role.kubernetes.io/edge", "operator": "Exists", "effect": "NoSchedule"} in pod[
+            "tolerations"]
+    finally:
+        await launcher.close()
+        api_client.close()

@@ -108,4 +108,6 @@ def test_tier_spec_runs_the_tier_command_with_its_labels_and_replicas() -> None:
     assert spec.args == ["tier", "run", "--inference", "7", "--tier", "1"]
     assert spec.kind == "inference" and spec.replicas == 3
     assert spec.labels["tierflow.io/tier"] == "1" and spec.labels["tierflow.io/inference"] == "7"
-    assert spec.env["A"] == "1" and spec.env["TIERFLOW_TIER_PORT"] == "0"
+    assert spec.env["A"] == "1" and spec.env["TIERFLOW_TIER_PORT"] == "0"  # local: each picks a free port
+    pod = tier_spec(inf, inf["tiers"][0], {"TIERFLOW_TIER_PORT": "8000"}, port=9100)  # type: ignore[index]
+    assert pod.env["TIERFLOW_TIER_PORT"] == "9100"

@@ -1,0 +1,34 @@
+"""Settings from the environment: parsing, clear errors naming the variable, and a lossless `to_env`."""
+
+from __future__ import annotations
+
+import pytest
+
+from tierflow.streams.settings import Settings, SettingsError
+
+
+def test_to_env_rebuilds_the_same_settings() -> None:
+    settings = Settings.from_env({"TIERFLOW_KUBEEDGE_TIERS": "edge, 0", "TIERFLOW_TIER_PORT": "9100",
+                                  "TIERFLOW_TIER_NODE_LABEL": "example.com/tier", "TIERFLOW_MAX_TRAINING": "3",
+                                  "TIERFLOW_WORKLOAD_SERVICE_ACCOUNT": "tierflow-workloads"})
+    assert settings.workloads.kubeedge_tiers == frozenset({"edge", "0"})
+    assert settings.workloads.tier_port == 9100
+    assert settings.workloads.tier_node_label == "example.com/tier"
+    assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_defaults_place_tiers_by_their_label() -> None:
+    w = Settings.from_env({}).workloads
+    assert (w.tier_port, w.tier_node_label, w.kubeedge_tiers, w.service_account) == (
+        8000, "tierflow.io/tier", frozenset(), "")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"TIERFLOW_TIER_PORT": "http"}, "TIERFLOW_TIER_PORT='http' is not an integer"),
+    ({"TIERFLOW_TIER_PORT": "70000"}, "TIERFLOW_TIER_PORT=70000 is not a TCP port"),
+    ({"TIERFLOW_LAUNCHER": "docker"}, "TIERFLOW_LAUNCHER='docker'"),
+    ({"TIERFLOW_SESSION_TIMEOUT_MS": "10"}, "TIERFLOW_SESSION_TIMEOUT_MS=10 must be >= 1000"),
+])
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
