@@ -448,11 +448,15 @@ def _build_models(versions: Sequence[JSON]) -> list[Any]:
 
 
 def _export(models: Sequence[Any]) -> list[dict[str, Artefact]]:
+    """Each sub-model as `.keras`, and as LiteRT for `--engine litert` (any tier may run on a small device).
+    A model LiteRT cannot convert still has its Keras artefact: a litert tier of it is refused with a 404."""
     out: list[dict[str, Artefact]] = []
-    for i, model in enumerate(models):
+    for model in models:
         artefacts = {"keras": training.export_keras(model)}
-        if i < len(models) - 1:  # non-top sub-models also run on devices
+        try:
             artefacts["tflite"] = training.export_tflite(model)
+        except Exception as exc:  # the converter raises many types (ConverterError, ValueError, ...)
+            log.warning("%s: no LiteRT artefact, the converter failed: %s", getattr(model, "name", "model"), exc)
         out.append(artefacts)
     return out
 
