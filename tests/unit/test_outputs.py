@@ -30,3 +30,27 @@ def test_statistics_give_shares_per_tier_throughput_and_percentiles() -> None:
     assert stats["throughput_per_s"] == 8 / 0.19
     assert stats["latency_ms"]["max"] == 70.0 and stats["tiers"][2]["latency_ms"]["p50"] == 60.0
     assert percentile([], 0.5) is None and statistics([], 2)["throughput_per_s"] is None
+
+
+def test_the_agents_own_output_records_flatten_like_the_wire_reader() -> None:
+    # What a tier agent writes (tiers/wire.py): a single-sample record and a batched one, origins as objects.
+    import numpy as np
+
+    from tierflow.tiers import wire
+
+    spec = wire.InputSpec((2,))
+    value, headers = wire.encode_tensor(np.array([[1, 2], [3, 4], [5, 6]], dtype=np.float32))
+    records = [wire.WireRecord("in", 0, 7, np.array([0.5, 0.5], dtype=np.float32).tobytes(), timestamp=1000),
+               wire.WireRecord("in", 1, 3, value, headers, timestamp=1001)]
+    batch = wire.decode_records(records, spec, now_ms=1002.0)
+    probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]], dtype=np.float32)
+    outputs = wire.encode_answers(batch, probs, np.ones(4, dtype=bool), tier=1, answered_ms=1010.0)
+    flat = [s for v in outputs for s in flatten_output(v, 5)]
+    answers = [a for v in outputs for a in wire.read_answers(v)]
+    assert len(flat) == len(answers) == 4
+    for s, a in zip(flat, answers, strict=True):
+        assert (s["tier"], s["class"], s["confidence"], s["latency_ms"]) == (a.tier, a.cls, a.confidence,
+                                                                             a.latency_ms)
+        o = s["origin"]
+        assert (o["topic"], o["partition"], o["offset"], o["index"]) == a.origin
+    assert [s["origin"]["offset"] for s in flat] == [7, 3, 3, 3] and flat[0]["latency_ms"] == 10.0
