@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_resources.register(sub)
 
-    from tierflow.deploy import cli_inferences
+    from tierflow.deploy import cli_inferences, demo
 
     cli_inferences.register(sub)
+    demo.register(sub)
 
     from tierflow.tiers import send_cli, tier_cli, train_job
 
@@ -80,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, settings.log_level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.log_level != "DEBUG":  # the Kafka clients narrate every connection at INFO
+        for noisy in ("kafka", "aiokafka"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     code: int = args.func(args, settings)
     return code
 

@@ -701,6 +701,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 
+def up_detached(settings: Settings, *, timeout_s: float = 180.0) -> int:
+    """`tierflow up --detach` for other commands (the demo): start the stack in the background, wait until
+    healthy; the exit code."""
+    return _up_detached(settings, resolve_home(settings), timeout_s)
+
+
+def down(settings: Settings, *, timeout_s: float = 60.0) -> int:
+    """`tierflow down` for other commands; the exit code."""
+    return _down(argparse.Namespace(timeout=timeout_s), settings)
+
+
 def with_stack_endpoints(settings: Settings) -> Settings | None:
     """`settings` with the running embedded stack's broker and Postgres filled in where the environment gave
     none; None when something is missing and no stack runs (the caller says so and exits 2)."""

@@ -1,0 +1,46 @@
+"""`tierflow demo --dataset digits`, as a newcomer runs it: its own embedded stack, the whole lifecycle, a summary
+whose numbers are checked here, and nothing left running afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ARTIFACTS
+from tierflow.deploy.stack import read_stack_state
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_demo_runs_the_lifecycle_and_its_summary_holds() -> None:
+    home = Path(tempfile.mkdtemp(prefix="tierflow-demo-", dir="/tmp"))
+    summary_path = home / "summary.json"
+    env = {**os.environ, "TIERFLOW_HOME": str(home), "TIERFLOW_API_PORT": "0", "PYTHONUNBUFFERED": "1"}
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "TIERFLOW_API_URL"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "demo", "--dataset", "digits",
+                           "--json", str(summary_path), "--timeout", "300"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=home)
+    (ARTIFACTS / "demo.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    summary = json.loads(summary_path.read_text())
+    print("\n" + done.stdout[done.stdout.index("accuracy on the training"):])
+
+    assert [e["name"] for e in summary["exits"]] == ["edge", "fog", "cloud"]
+    assert all(e["test_accuracy"] >= 0.8 for e in summary["exits"]), summary["exits"]
+    assert summary["single"]["test_accuracy"] >= 0.8
+    assert summary["inputs"] == 359 and summary["answered"] == 359
+    assert summary["unanswered"] == 0 and summary["duplicates"] == 0
+    assert sum(t["share"] for t in summary["tiers"]) == pytest.approx(1.0)
+    assert summary["cascade_accuracy"] >= 0.8
+    assert summary["latency_ms"]["p50"] is not None and summary["throughput_per_s"] > 0
+    for step in ("[1/6]", "[4/6]", "epoch 5/5", "[6/6]", "cascade accuracy", "stopped"):
+        assert step in done.stdout
+    # The demo started the stack, so it stopped it: no state file, no process left.
+    assert read_stack_state(home) is None
