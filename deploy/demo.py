@@ -395,13 +395,13 @@ class Demo:
         await producer.start()
         await consumer.start()
         answered = Answered()
-        bar = ProgressBar(len(x), stream=self.out, label="  answered ")
         try:
             tp = TopicPartition(inference["output_topic"], 0)
             await _wait_for_topic(consumer, inference["output_topic"], self.clock, self.options.timeout_s)
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
             await self._warm_up(producer, consumer, inference, x[0])
+            bar = ProgressBar(len(x), stream=self.out, label="  answered ")
             started = self.clock()
             offsets: list[int] = []
             interval = 1.0 / self.options.rate if self.options.rate > 0 else 0.0
