@@ -91,8 +91,30 @@ class Worker:
         finally:
             await conn.close()
 
+    async def _ensure_topics(self) -> None:
+        """Create the control-plane topics a fresh cluster lacks (the embedded stack has done it already; on a
+        cluster, an operator may have). Waits for the broker with backoff instead of failing the process."""
+        from aiokafka.errors import KafkaError
+
+        from tierflow.streams.topics import ensure_topics
+
+        delay = 0.5
+        while True:
+            try:
+                await ensure_topics(self.settings.kafka)
+                return
+            except (KafkaError, OSError) as exc:
+                log.warning("cannot reach Kafka at %s to check the control-plane topics (%s); retrying in %.1f s",
+                            self.settings.kafka.bootstrap_servers, exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+            if self.stopping.is_set():
+                return
+            delay = min(delay * 2, 30.0)
+
     async def run(self) -> None:
         await migrate(self.settings.database.url)
+        await self._ensure_topics()
         pool = None
         validate = self._validate
         if validate is None:

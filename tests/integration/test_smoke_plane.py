@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from dataclasses import replace
 
 import asyncpg
 
-from tests.conftest import wait_until
+from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
 from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
 from tierflow.streams.worker import Worker
@@ -39,3 +41,23 @@ async def test_command_to_projection(plane: Settings) -> None:
         await client.stop()
         worker.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_worker_on_a_fresh_cluster_creates_the_control_plane_topics(infra: Infra) -> None:
+    # A cluster deployment runs `tierflow worker` against a Kafka nobody prepared (no `tierflow up`).
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    prepared = await new_plane(infra, "fresh")
+    settings = replace(prepared, kafka=replace(prepared.kafka, topic_prefix=f"fresh-{uuid.uuid4().hex[:8]}"))
+    running = await start_plane(settings, fake_validate)
+    try:
+        admin = AIOKafkaAdminClient(bootstrap_servers=infra.bootstrap_servers)
+        await admin.start()
+        try:
+            topics = set(await admin.list_topics())
+        finally:
+            await admin.close()
+        k = settings.kafka
+        assert {k.commands_topic, k.events_topic, k.deadletter_topic} <= topics
+    finally:
+        await stop_plane(running)
