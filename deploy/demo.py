@@ -7,8 +7,10 @@ test split through the tiers as a Kafka-ML inference client would (one raw sampl
 happened: accuracy per exit and of the cascade, the share of inputs each tier answered, latency and throughput.
 
 The stack is started (detached) when none is running for TIERFLOW_HOME and stopped at the end unless `--keep`;
-a stack that was already running is left running (the demo only stops its own inference). Everything goes
-through the public API and Kafka, as a user's own scripts would: the demo process never imports TensorFlow.
+a stack that was already running is left running (the demo only stops its own inference). With both
+TIERFLOW_API_URL and KAFKA_BOOTSTRAP_SERVERS set, the demo runs against that deployment (a cluster) instead.
+Everything goes through the public API and Kafka, as a user's own scripts would: the demo process never imports
+TensorFlow.
 `--json PATH` writes the summary for scripts and tests.
 """
 
@@ -513,25 +515,32 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                           train_samples=args.train_samples, test_samples=args.test_samples, rate=args.rate,
                           timeout_s=args.timeout)
     out = sys.stdout
-    home = stack.resolve_home(settings)
-    state = stack.read_stack_state(home)
     started_stack = False
-    if state is None or not state.alive() or not stack.healthy(state.api_url):
-        _say(out, f"no running stack for {home}: starting one")
-        code = stack.up_detached(settings, timeout_s=options.timeout_s)
-        if code != 0:
-            return code
-        started_stack = True
-        state = stack.read_stack_state(home)
-        if state is None:
-            print("tierflow demo: the stack started but wrote no state file", file=sys.stderr)
-            return 1
+    if settings.api.url and settings.kafka.bootstrap_servers:
+        # A deployed tierflow (a cluster): use it as it is, start and stop nothing.
+        api_url = settings.api.url.rstrip("/")
+        _say(out, f"using the tierflow at {api_url} (Kafka {settings.kafka.bootstrap_servers})")
+        resolved = settings
     else:
-        _say(out, f"using the running stack for {home} (API {state.api_url})")
-    resolved = settings.with_endpoints(bootstrap_servers=settings.kafka.bootstrap_servers or state.bootstrap_servers,
-                                       database_url=settings.database.url or state.database_url,
-                                       api_url=state.api_url)
-    api = ApiClient(state.api_url, settings.api.token)
+        home = stack.resolve_home(settings)
+        state = stack.read_stack_state(home)
+        if state is None or not state.alive() or not stack.healthy(state.api_url):
+            _say(out, f"no running stack for {home}: starting one")
+            code = stack.up_detached(settings, timeout_s=options.timeout_s)
+            if code != 0:
+                return code
+            started_stack = True
+            state = stack.read_stack_state(home)
+            if state is None:
+                print("tierflow demo: the stack started but wrote no state file", file=sys.stderr)
+                return 1
+        else:
+            _say(out, f"using the running stack for {home} (API {state.api_url})")
+        api_url = state.api_url
+        resolved = settings.with_endpoints(
+            bootstrap_servers=settings.kafka.bootstrap_servers or state.bootstrap_servers,
+            database_url=settings.database.url or state.database_url, api_url=state.api_url)
+    api = ApiClient(api_url, settings.api.token)
     demo = Demo(api, resolved, options, out=out)
     code = 0
     try:
@@ -541,7 +550,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         if args.keep:
-            _say(out, "\n" + where_next(state.api_url, summary))
+            _say(out, "\n" + where_next(api_url, summary))
     except (DemoError, ApiClientError) as exc:
         print(f"\ntierflow demo: {exc}", file=sys.stderr)
         code = 1

@@ -44,3 +44,16 @@ def test_the_demo_runs_the_lifecycle_and_its_summary_holds() -> None:
         assert step in done.stdout
     # The demo started the stack, so it stopped it: no state file, no process left.
     assert read_stack_state(home) is None
+
+
+def test_with_a_deployment_configured_the_demo_starts_no_stack() -> None:
+    # TIERFLOW_API_URL and KAFKA_BOOTSTRAP_SERVERS name a cluster: the demo uses it (here: nothing answers).
+    home = Path(tempfile.mkdtemp(prefix="tierflow-demo-ext-", dir="/tmp"))
+    env = {**os.environ, "TIERFLOW_HOME": str(home), "TIERFLOW_API_URL": "http://127.0.0.1:9",
+           "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}
+    done = subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "demo", "--dataset", "digits"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=home)
+    assert done.returncode == 1
+    assert "using the tierflow at http://127.0.0.1:9" in done.stdout
+    assert "http://127.0.0.1:9" in done.stderr and "stopping the stack" not in done.stdout
+    assert not (home / "stack.json").exists() and not (home / "logs").exists()
