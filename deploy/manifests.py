@@ -123,7 +123,15 @@ def _container(spec: WorkloadSpec, image: str, env: Mapping[str, str]) -> k8s.V1
         command=["tierflow", *spec.args],
         env=_env(env) or None,
         resources=_resources(spec),
+        security_context=k8s.V1SecurityContext(allow_privilege_escalation=False,
+                                               capabilities=k8s.V1Capabilities(drop=["ALL"])),
     )
+
+
+def _pod_security() -> k8s.V1PodSecurityContext:
+    """Pod Security "restricted": workloads need no privilege (the image's user is non-root)."""
+    return k8s.V1PodSecurityContext(run_as_non_root=True,
+                                    seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
 
 
 # --- training: a Job -----------------------------------------------------------------------------------
@@ -162,6 +170,7 @@ def training_job(
         service_account_name=service_account,
         # Workloads talk to Kafka and the API, never to Kubernetes.
         automount_service_account_token=service_account is not None,
+        security_context=_pod_security(),
     )
     return k8s.V1Job(
         api_version="batch/v1",
@@ -261,6 +270,7 @@ def inference_deployment(
                     tolerations=tolerations or None,
                     service_account_name=service_account,
                     automount_service_account_token=service_account is not None,
+                    security_context=_pod_security(),
                 ),
             ),
         ),

@@ -267,3 +267,11 @@ def test_manifests_leave_unset_fields_out() -> None:
 
     walk(job_dict(training_spec()))
     walk(deployment_dict(tier_spec()))
+
+
+def test_workload_pods_meet_pod_security_restricted() -> None:
+    for manifest in (job_dict(training_spec()), deployment_dict(tier_spec())):
+        pod = pod_of(manifest)
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        assert container_of(manifest)["securityContext"] == {"allowPrivilegeEscalation": False,
+                                                             "capabilities": {"drop": ["ALL"]}}
