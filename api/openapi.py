@@ -99,7 +99,12 @@ SCHEMAS: JSON = {
         "origin": {}, "latency_ms": {"type": ["number", "null"]}, "timestamp_ms": _INT})}, "total": _INT,
         "unreachable": {"type": "array", "items": _STR}}),
     "InferenceStats": _obj({"inference_id": _INT, "status": _STR, "window": _INT,
-                            "tiers": {"type": "array", "items": {"type": "object"}},
+                            "tiers": {"type": "array", "items": _obj({
+                                "index": _INT, "result_id": _INT, "model_name": _STR, "limit": {"type": "number"},
+                                "input_topic": _STR, "answered": _INT, "share": {"type": "number"},
+                                "latency_ms": {"type": "object"},
+                                "lag": {"type": ["integer", "null"],
+                                        "description": "input records the tier has not committed yet"}})},
                             "throughput_per_s": {"type": ["number", "null"]}, "latency_ms": {"type": "object"},
                             "unreachable": {"type": "array", "items": _STR}}),
     "Outcome": _obj({"command_id": _STR, "status": {"enum": ["accepted", "rejected"]}, "event_type": _STR,

@@ -79,6 +79,39 @@ def statistics(samples: list[JSON], tiers: int) -> JSON:
     }
 
 
+async def consumer_lag(kafka: KafkaSettings, group: str, topic: str) -> int | None:
+    """Records of `topic` that consumer group `group` has not committed yet (a tier's backlog); None when the
+    topic does not exist. A group that never committed is behind by everything the topic holds.
+
+    The committed offsets are read by a consumer of that group that only assigns partitions by hand, so it
+    never joins (or rebalances) the tiers' group. (aiokafka's admin `list_consumer_group_offsets` cannot
+    decode Tansu's OffsetFetch answer.)"""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        if topic not in set(await admin.list_topics()):  # never auto-create it by asking for its metadata
+            return None
+        described = await admin.describe_topics([topic])
+        partitions = [p["partition"] for p in described[0]["partitions"]]
+    finally:
+        await admin.close()
+    c = kio.consumer(kafka, group_id=group, enable_auto_commit=False)
+    await c.start()
+    lag = 0
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        c.assign(tps)
+        for tp in tps:
+            done = await c.committed(tp)
+            await c.seek_to_beginning(tp)
+            low = int(await c.position(tp))
+            high = await kio.fetch_highwater(c, tp)
+            lag += max(0, high - max(int(done) if done is not None else low, low))
+    finally:
+        await c.stop()
+    return lag
+
+
 async def latest_outputs(kafka: KafkaSettings, topic: str, limit: int) -> list[JSON]:
     """The latest `limit` output records of `topic` (all partitions), flattened to samples, newest first."""
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=10000)

@@ -419,6 +419,27 @@ async def _outputs(request: web.Request, inference: JSON, limit: int, unreachabl
     return samples[:limit]
 
 
+async def _lags(request: web.Request, inference: JSON, unreachable: list[str]) -> list[int | None]:
+    """Each tier's backlog: input records its consumer group has not committed (None: unknown)."""
+    from dataclasses import replace
+
+    from tierflow.api.outputs import consumer_lag
+
+    kafka = get_state(request).settings.kafka
+    lags: list[int | None] = []
+    for tier in inference["tiers"]:
+        servers = tier.get("bootstrap_servers") or kafka.bootstrap_servers
+        group = f"tierflow-inference-{inference['id']}-tier-{tier['index']}"
+        try:
+            lags.append(await asyncio.wait_for(
+                consumer_lag(replace(kafka, bootstrap_servers=servers), group, tier["input_topic"]), 15))
+        except (KafkaError, OSError, TimeoutError) as exc:
+            if not any(u.startswith(f"{servers}:") for u in unreachable):
+                unreachable.append(f"{servers}: {type(exc).__name__}: {exc}")
+            lags.append(None)
+    return lags
+
+
 @routes.get("/inferences/{id}/predictions")
 async def inference_predictions(request: web.Request) -> web.Response:
     """The latest answers read from the output topic: tier, class, confidence, origin (RF.7)."""
@@ -438,8 +459,10 @@ async def inference_stats(request: web.Request) -> web.Response:
     unreachable: list[str] = []
     samples = await _outputs(request, inference, _window(request, 10_000), unreachable)
     stats = statistics(samples, len(inference["tiers"])) | {"unreachable": unreachable}
-    for tier, spec in zip(stats["tiers"], inference["tiers"], strict=True):
-        tier.update({"result_id": spec["result_id"], "model_name": spec["model_name"], "limit": spec["limit"]})
+    lags = await _lags(request, inference, unreachable)
+    for tier, spec, lag in zip(stats["tiers"], inference["tiers"], lags, strict=True):
+        tier.update({"result_id": spec["result_id"], "model_name": spec["model_name"], "limit": spec["limit"],
+                     "input_topic": spec["input_topic"], "lag": lag})
     return json_response({"inference_id": inference["id"], "status": inference["status"], **stats})
 
 

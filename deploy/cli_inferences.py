@@ -71,7 +71,7 @@ def _ms(v: Any) -> str:
 def render_stats(d: JSON) -> str:
     rows = [[str(t["index"]), cell(t.get("model_name")), f"{t.get('limit', 0):g}", str(t.get("answered")),
              f"{100 * t.get('share', 0):.1f}%", _ms((t.get("latency_ms") or {}).get("p50")),
-             _ms((t.get("latency_ms") or {}).get("p99"))] for t in d.get("tiers") or []]
+             _ms((t.get("latency_ms") or {}).get("p99")), cell(t.get("lag"))] for t in d.get("tiers") or []]
     lat = d.get("latency_ms") or {}
     tput = d.get("throughput_per_s")
     head = format_kv([("inference", cell(d.get("inference_id"))), ("status", cell(d.get("status"))),
@@ -79,7 +79,7 @@ def render_stats(d: JSON) -> str:
                       ("throughput", f"{tput:.1f} answers/s" if isinstance(tput, float) else "-"),
                       ("latency", f"p50 {_ms(lat.get('p50'))} ms, p95 {_ms(lat.get('p95'))} ms, "
                                   f"p99 {_ms(lat.get('p99'))} ms")])
-    return head + "\n\nexits:\n" + format_table(["TIER", "MODEL", "LIMIT", "ANSWERED", "SHARE", "P50 MS", "P99 MS"],
+    return head + "\n\nexits:\n" + format_table(["TIER", "MODEL", "LIMIT", "ANSWERED", "SHARE", "P50 MS", "P99 MS", "LAG"],
                                                 rows) + _unreachable(d)
 
 

@@ -88,7 +88,13 @@ async def test_a_trained_chain_serves_a_kafka_ml_client_through_launched_tiers(t
     stats = await (await c.get(f"/inferences/{inference['id']}/stats")).json()
     assert stats["window"] == n
     assert [t["answered"] for t in stats["tiers"]] == [int((tiers == k).sum()) for k in range(3)]
-    assert stats["latency_ms"]["p50"] is not None
+    assert stats["latency_ms"]["p50"] is not None and stats["unreachable"] == []
+
+    async def drained() -> bool:  # every tier committed what it consumed: no backlog left
+        body = await (await c.get(f"/inferences/{inference['id']}/stats")).json()
+        return [t["lag"] for t in body["tiers"]] == [0, 0, 0]
+
+    await wait_until(drained, timeout=30, what="every tier's lag back to 0")
 
     r = await c.post(f"/inferences/{inference['id']}/stop")
     assert r.status == 200, await r.text()
