@@ -79,8 +79,8 @@ def render_stats(d: JSON) -> str:
                       ("throughput", f"{tput:.1f} answers/s" if isinstance(tput, float) else "-"),
                       ("latency", f"p50 {_ms(lat.get('p50'))} ms, p95 {_ms(lat.get('p95'))} ms, "
                                   f"p99 {_ms(lat.get('p99'))} ms")])
-    return head + "\n\nexits:\n" + format_table(["TIER", "MODEL", "LIMIT", "ANSWERED", "SHARE", "P50 MS", "P99 MS", "LAG"],
-                                                rows) + _unreachable(d)
+    columns = ["TIER", "MODEL", "LIMIT", "ANSWERED", "SHARE", "P50 MS", "P99 MS", "LAG"]
+    return head + "\n\nexits:\n" + format_table(columns, rows) + _unreachable(d)
 
 
 def _unreachable(d: JSON) -> str:

@@ -280,11 +280,12 @@ class KubernetesLauncher:
         return training_job(spec, image=self.settings.image, namespace=self.namespace,
                             backoff_limit=self.backoff_limit,
                             ttl_seconds_after_finished=self.ttl_seconds_after_finished,
-                            service_account=self.service_account)
+                            service_account=self.service_account, env_secret=self.settings.secret or None)
 
     def inference_deployment(self, spec: WorkloadSpec) -> k8s.V1Deployment:
         return inference_deployment(spec, image=self.settings.image, namespace=self.namespace,
-                                    placement=self.placement, service_account=self.service_account)
+                                    placement=self.placement, service_account=self.service_account,
+                                    env_secret=self.settings.secret or None)
 
     async def launch(self, spec: WorkloadSpec) -> None:
         try:

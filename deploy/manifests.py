@@ -116,12 +116,14 @@ def _gpu_tolerations(spec: WorkloadSpec) -> list[k8s.V1Toleration]:
     return [k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
 
 
-def _container(spec: WorkloadSpec, image: str, env: Mapping[str, str]) -> k8s.V1Container:
+def _container(spec: WorkloadSpec, image: str, env: Mapping[str, str], env_secret: str | None = None
+               ) -> k8s.V1Container:
     return k8s.V1Container(
         name=CONTAINER,
         image=image,
         command=["tierflow", *spec.args],
         env=_env(env) or None,
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=env_secret))] if env_secret else None,
         resources=_resources(spec),
         security_context=k8s.V1SecurityContext(allow_privilege_escalation=False,
                                                capabilities=k8s.V1Capabilities(drop=["ALL"])),
@@ -160,10 +162,11 @@ def training_job(
     backoff_limit: int = 0,
     ttl_seconds_after_finished: int = 3600,
     service_account: str | None = None,
+    env_secret: str | None = None,
 ) -> k8s.V1Job:
     """The Job running one training workload once (restartPolicy Never; retries are the Job's, by policy)."""
     pod = k8s.V1PodSpec(
-        containers=[_container(spec, image, spec.env)],
+        containers=[_container(spec, image, spec.env, env_secret)],
         restart_policy="Never",
         node_selector=dict(spec.node_selector) or None,
         tolerations=_gpu_tolerations(spec) or None,
@@ -240,12 +243,13 @@ def inference_deployment(
     probes: bool = True,
     placement: TierPlacement | None = None,
     service_account: str | None = None,
+    env_secret: str | None = None,
 ) -> k8s.V1Deployment:
     """The Deployment running one inference tier with `spec.replicas` pods (one consumer group)."""
     placement = placement or TierPlacement()
     name = dns_name(spec.name)
     port = tier_port(spec)
-    container = _container(spec, image, {**spec.env, TIER_PORT_ENV: str(port)})
+    container = _container(spec, image, {**spec.env, TIER_PORT_ENV: str(port)}, env_secret)
     container.ports = [k8s.V1ContainerPort(name="http", container_port=port, protocol="TCP")]
     if probes:
         # Startup allows 5 minutes for TensorFlow and the model to load before liveness applies.

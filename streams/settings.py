@@ -138,6 +138,9 @@ class WorkloadSettings:
     kubeedge_tiers: frozenset[str] = frozenset()
     #: TIERFLOW_WORKLOAD_SERVICE_ACCOUNT: the service account training Jobs and tier pods run as (Kubernetes).
     service_account: str = ""
+    #: TIERFLOW_WORKLOAD_SECRET: a Secret whose keys become the workloads' environment (Kubernetes), e.g. the
+    #: API token; secrets then never appear in Job or Deployment specs.
+    secret: str = ""
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,7 @@ class Settings:
             tier_node_label=_str(e, "TIERFLOW_TIER_NODE_LABEL", "tierflow.io/tier").strip(),
             kubeedge_tiers=frozenset(t.strip() for t in e.get("TIERFLOW_KUBEEDGE_TIERS", "").split(",") if t.strip()),
             service_account=_str(e, "TIERFLOW_WORKLOAD_SERVICE_ACCOUNT", ""),
+            secret=_str(e, "TIERFLOW_WORKLOAD_SECRET", ""),
         )
         if workloads.tier_port > 65535:
             raise SettingsError(f"TIERFLOW_TIER_PORT={workloads.tier_port} is not a TCP port")
@@ -268,7 +272,17 @@ class Settings:
             "TIERFLOW_TIER_NODE_LABEL": self.workloads.tier_node_label,
             "TIERFLOW_KUBEEDGE_TIERS": ",".join(sorted(self.workloads.kubeedge_tiers)),
             "TIERFLOW_WORKLOAD_SERVICE_ACCOUNT": self.workloads.service_account,
+            "TIERFLOW_WORKLOAD_SECRET": self.workloads.secret,
         }
+
+    def workload_env(self) -> dict[str, str]:
+        """The environment of training and tier workloads: these settings without what workloads never use
+        (the database URL) and, when a workload Secret carries them (Kubernetes), without the secrets."""
+        env = self.to_env()
+        del env["DATABASE_URL"]
+        if self.workloads.launcher == "kubernetes" and self.workloads.secret:
+            del env["TIERFLOW_API_TOKEN"]
+        return env
 
     def artefacts_path(self) -> Path:
         return Path(self.workloads.artefacts_dir) if self.workloads.artefacts_dir else self.stack.home / "artefacts"

@@ -65,7 +65,7 @@ class Worker:
         self.launcher = launcher
         self.orchestrator: Orchestrator | None = None
         if launcher is not None:
-            self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.to_env())
+            self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.workload_env())
         self.decider = Decider(settings.kafka)
         self.projector = Projector(settings.kafka, settings.database.url)
         self.validator: Validator | None = None
@@ -176,7 +176,7 @@ def run_worker(settings: Settings, launcher_factory: LauncherFactory | None = No
 
     async def main() -> None:
         launcher = launcher_factory(settings) if launcher_factory is not None else None
-        env = {**settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        env = {**settings.workload_env(), "PYTHONUNBUFFERED": "1"}
         worker = Worker(settings, launcher=launcher, workload_env=env)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

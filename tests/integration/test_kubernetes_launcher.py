@@ -257,13 +257,16 @@ def test_job_status_phases() -> None:
 
 async def test_tier_placement_and_service_account_come_from_the_settings() -> None:
     settings = replace(SETTINGS, tier_node_label="example.com/site", kubeedge_tiers=frozenset({"0"}),
-                       service_account="tierflow-workloads", tier_port=9100)
+                       service_account="tierflow-workloads", tier_port=9100, secret="tierflow-workload-secrets")
     api_client = k8s.ApiClient(k8s.Configuration(host="http://127.0.0.1:9"))  # never called: builders only
     launcher = KubernetesLauncher(settings, api_client)
     try:
         pod = as_manifest(launcher.inference_deployment(tier()))["spec"]["template"]["spec"]
         assert pod["nodeSelector"] == {"example.com/site": "0", "node-role.kubernetes.io/edge": ""}
         assert pod["serviceAccountName"] == "tierflow-workloads"
+        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "tierflow-workload-secrets"}}]
+        job = as_manifest(launcher.training_job(training()))["spec"]["template"]["spec"]
+        assert job["containers"][0]["envFrom"] == pod["containers"][0]["envFrom"]
         assert {"key": "node-role.kubernetes.io/edge", "operator": "Exists", "effect": "NoSchedule"} in pod[
             "tolerations"]
     finally:

@@ -275,3 +275,10 @@ def test_workload_pods_meet_pod_security_restricted() -> None:
         assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
         assert container_of(manifest)["securityContext"] == {"allowPrivilegeEscalation": False,
                                                              "capabilities": {"drop": ["ALL"]}}
+
+
+def test_a_workload_secret_becomes_env_from_and_stays_out_of_the_spec() -> None:
+    for manifest in (job_dict(training_spec(), env_secret="wl-secrets"),
+                     deployment_dict(tier_spec(), env_secret="wl-secrets")):
+        assert container_of(manifest)["envFrom"] == [{"secretRef": {"name": "wl-secrets"}}]
+    assert "envFrom" not in container_of(job_dict(training_spec()))

@@ -32,3 +32,14 @@ def test_defaults_place_tiers_by_their_label() -> None:
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_workloads_get_no_database_url_and_no_token_when_a_secret_carries_it() -> None:
+    local = Settings.from_env({"DATABASE_URL": "postgresql://u:pw@db/t", "TIERFLOW_API_TOKEN": "s3cret"})
+    env = local.workload_env()
+    assert "DATABASE_URL" not in env and env["TIERFLOW_API_TOKEN"] == "s3cret"  # local processes: no Secret
+    cluster = Settings.from_env({"DATABASE_URL": "postgresql://u:pw@db/t", "TIERFLOW_API_TOKEN": "s3cret",
+                                 "TIERFLOW_LAUNCHER": "kubernetes", "TIERFLOW_WORKLOAD_SECRET": "wl-secrets"})
+    env = cluster.workload_env()
+    assert "s3cret" not in env.values() and "postgresql://u:pw@db/t" not in env.values()
+    assert env["TIERFLOW_WORKLOAD_SECRET"] == "wl-secrets"
