@@ -807,7 +807,7 @@ def _request_inference(state: State, cmd: Command, at: str) -> Decision:
         if servers is not None and not isinstance(servers, str):
             raise Invalid(f"'tiers[{k}].bootstrap_servers' must be a string", f"tiers[{k}].bootstrap_servers")
         model = state.models.get(state.results[rid].model_id)
-        tiers.append({"index": k, "result_id": rid, "model_id": state.results[rid].model_id,
+        tiers.append({"index": k, "level": chain.index(rid), "result_id": rid, "model_id": state.results[rid].model_id,
                       "model_name": model.name if model else None, "limit": 1.0 if top else limit,
                       "replicas": _replicas(o.get("replicas", default_replicas), f"tiers[{k}].replicas"),
                       "bootstrap_servers": servers, "upper_topic": upper})

@@ -190,7 +190,16 @@ def plan_inference(inferences: list[dict[str, Any]], workloads: list[WorkloadSta
     return plan
 
 
-def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, str], *, port: int = 0) -> WorkloadSpec:
+def tier_label(tier: dict[str, Any], names: tuple[str, ...] = ()) -> str:
+    """The value of a tier workload's `tierflow.io/tier` label (its pods' default node selector): its sub-model's
+    level in the chain (0 = the bottom, edge model; so an inference entering mid-chain still puts the fog model on
+    fog nodes), or the level's name from TIERFLOW_TIER_NAMES (`edge,fog,cloud`)."""
+    level = int(tier.get("level", tier["index"]))  # inferences requested before levels existed: the index
+    return names[level] if level < len(names) else str(level)
+
+
+def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, str], *, port: int = 0,
+              tier_names: tuple[str, ...] = ()) -> WorkloadSpec:
     """The workload of one tier. `port` is its HTTP port (probes, metrics): 0 lets each local process pick a free
     one (several tiers share a machine); a pod gets the fixed `TIERFLOW_TIER_PORT` its probes point at."""
     return WorkloadSpec(
@@ -199,7 +208,7 @@ def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, st
         args=["tier", "run", "--inference", str(inference["id"]), "--tier", str(tier["index"])],
         env={**env, "TIERFLOW_TIER_PORT": str(port)},
         labels={LABEL_MANAGED: MANAGED_BY, LABEL_KIND: "inference", LABEL_INFERENCE: str(inference["id"]),
-                LABEL_TIER: str(tier["index"])},
+                LABEL_TIER: tier_label(tier, tier_names)},
         resources=Resources(cpu="1", memory="2Gi"),
         replicas=int(tier.get("replicas") or 1),
     )
@@ -300,7 +309,8 @@ class Orchestrator:
             log.info("removed tier workload %s", name)
         for inference, tier in plan.launch:
             port = self.settings.workloads.tier_port if self.settings.workloads.launcher == "kubernetes" else 0
-            await self.launcher.launch(tier_spec(inference, tier, self.workload_env, port=port))
+            await self.launcher.launch(tier_spec(inference, tier, self.workload_env, port=port,
+                                                 tier_names=self.settings.workloads.tier_names))
             log.info("launched tier %d of inference %d (%s)", tier["index"], inference["id"], tier["model_name"])
         return plan
 

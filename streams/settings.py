@@ -8,6 +8,7 @@ code base reads `os.environ`. Each field documents its environment variable; the
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,15 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
+
+
+def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of Kubernetes label values."""
+    names = tuple(n.strip() for n in env.get(name, "").split(",") if n.strip())
+    for n in names:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?", n):
+            raise SettingsError(f"{name}: {n!r} is not a Kubernetes label value (letters, digits, '-', '_', '.')")
+    return names
 
 
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
@@ -133,7 +143,10 @@ class WorkloadSettings:
     #: TIERFLOW_TIER_NODE_LABEL: node label a tier pod selects, valued with its tier's index or name
     #: (`tierflow.io/tier=edge`); empty: no default nodeSelector.
     tier_node_label: str = "tierflow.io/tier"
-    #: TIERFLOW_KUBEEDGE_TIERS: comma-separated tiers (indexes or names) whose pods run on KubeEdge edge nodes
+    #: TIERFLOW_TIER_NAMES: comma-separated names of the chain levels (`edge,fog,cloud`): tier pods are labelled
+    #: (and select nodes) by name instead of by level number.
+    tier_names: tuple[str, ...] = ()
+    #: TIERFLOW_KUBEEDGE_TIERS: comma-separated tiers (levels or names) whose pods run on KubeEdge edge nodes
     #: (they also select `node-role.kubernetes.io/edge` and tolerate its taint).
     kubeedge_tiers: frozenset[str] = frozenset()
     #: TIERFLOW_WORKLOAD_SERVICE_ACCOUNT: the service account training Jobs and tier pods run as (Kubernetes).
@@ -212,6 +225,7 @@ class Settings:
             reconcile_s=_float(e, "TIERFLOW_RECONCILE_S", 2.0),
             tier_port=_int(e, "TIERFLOW_TIER_PORT", 8000),
             tier_node_label=_str(e, "TIERFLOW_TIER_NODE_LABEL", "tierflow.io/tier").strip(),
+            tier_names=_names(e, "TIERFLOW_TIER_NAMES"),
             kubeedge_tiers=frozenset(t.strip() for t in e.get("TIERFLOW_KUBEEDGE_TIERS", "").split(",") if t.strip()),
             service_account=_str(e, "TIERFLOW_WORKLOAD_SERVICE_ACCOUNT", ""),
             secret=_str(e, "TIERFLOW_WORKLOAD_SECRET", ""),
@@ -270,6 +284,7 @@ class Settings:
             "TIERFLOW_RECONCILE_S": str(self.workloads.reconcile_s),
             "TIERFLOW_TIER_PORT": str(self.workloads.tier_port),
             "TIERFLOW_TIER_NODE_LABEL": self.workloads.tier_node_label,
+            "TIERFLOW_TIER_NAMES": ",".join(self.workloads.tier_names),
             "TIERFLOW_KUBEEDGE_TIERS": ",".join(sorted(self.workloads.kubeedge_tiers)),
             "TIERFLOW_WORKLOAD_SERVICE_ACCOUNT": self.workloads.service_account,
             "TIERFLOW_WORKLOAD_SECRET": self.workloads.secret,

@@ -76,6 +76,9 @@ async def test_inference_rules_and_shapes(env: tuple[TestClient[Any, Any], Setti
     mid_entry = await (await c.post("/inferences", json={"result_id": ids["top"], "input_topic": "t-in",
                                                          "output_topic": "t-out"})).json()
     assert [t["model_name"] for t in mid_entry["tiers"]] == ["top"]
+    # Its tier keeps the level of its model in the chain (placement: the top model's nodes, not the edge's).
+    assert [(t["index"], t["level"]) for t in inf["tiers"]] == [(0, 0), (1, 1)]
+    assert [(t["index"], t["level"]) for t in mid_entry["tiers"]] == [(0, 1)]
     listed = await (await c.get("/inferences")).json()
     assert listed["total"] == 2
     # A deployment whose results an inference serves cannot be deleted, a served result neither.

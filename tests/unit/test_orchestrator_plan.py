@@ -111,3 +111,15 @@ def test_tier_spec_runs_the_tier_command_with_its_labels_and_replicas() -> None:
     assert spec.env["A"] == "1" and spec.env["TIERFLOW_TIER_PORT"] == "0"  # local: each picks a free port
     pod = tier_spec(inf, inf["tiers"][0], {"TIERFLOW_TIER_PORT": "8000"}, port=9100)  # type: ignore[index]
     assert pod.env["TIERFLOW_TIER_PORT"] == "9100"
+
+
+def test_tier_pods_are_labelled_by_chain_level_or_its_name() -> None:
+    from tierflow.streams.orchestrator import tier_label
+
+    assert tier_label({"index": 0, "level": 1}) == "1"  # a mid-chain entry: the fog model on fog nodes
+    assert tier_label({"index": 0, "level": 1}, ("edge", "fog", "cloud")) == "fog"
+    assert tier_label({"index": 2}) == "2"  # an inference requested before levels existed
+    assert tier_label({"index": 0, "level": 3}, ("edge", "fog")) == "3"  # more levels than names
+    inf = inference(7, "running", 2)
+    spec = tier_spec(inf, inf["tiers"][1] | {"level": 2}, {}, tier_names=("edge", "fog", "cloud"))  # type: ignore[index, operator]
+    assert spec.labels["tierflow.io/tier"] == "cloud"

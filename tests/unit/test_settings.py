@@ -8,11 +8,12 @@ from tierflow.streams.settings import Settings, SettingsError
 
 
 def test_to_env_rebuilds_the_same_settings() -> None:
-    settings = Settings.from_env({"TIERFLOW_KUBEEDGE_TIERS": "edge, 0", "TIERFLOW_TIER_PORT": "9100",
+    settings = Settings.from_env({"TIERFLOW_KUBEEDGE_TIERS": "edge, 0", "TIERFLOW_TIER_NAMES": "edge,fog,cloud",
+                                  "TIERFLOW_TIER_PORT": "9100",
                                   "TIERFLOW_TIER_NODE_LABEL": "example.com/tier", "TIERFLOW_MAX_TRAINING": "3",
                                   "TIERFLOW_WORKLOAD_SERVICE_ACCOUNT": "tierflow-workloads"})
     assert settings.workloads.kubeedge_tiers == frozenset({"edge", "0"})
-    assert settings.workloads.tier_port == 9100
+    assert settings.workloads.tier_port == 9100 and settings.workloads.tier_names == ("edge", "fog", "cloud")
     assert settings.workloads.tier_node_label == "example.com/tier"
     assert Settings.from_env(settings.to_env()) == settings
 
@@ -27,6 +28,7 @@ def test_defaults_place_tiers_by_their_label() -> None:
     ({"TIERFLOW_TIER_PORT": "http"}, "TIERFLOW_TIER_PORT='http' is not an integer"),
     ({"TIERFLOW_TIER_PORT": "70000"}, "TIERFLOW_TIER_PORT=70000 is not a TCP port"),
     ({"TIERFLOW_LAUNCHER": "docker"}, "TIERFLOW_LAUNCHER='docker'"),
+    ({"TIERFLOW_TIER_NAMES": "edge,fog node"}, "TIERFLOW_TIER_NAMES: 'fog node' is not a Kubernetes label value"),
     ({"TIERFLOW_SESSION_TIMEOUT_MS": "10"}, "TIERFLOW_SESSION_TIMEOUT_MS=10 must be >= 1000"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
