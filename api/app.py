@@ -22,6 +22,7 @@ from tierflow.api.errors import Handler, error_middleware, error_response
 from tierflow.api.outcomes import OutcomeWaiter
 from tierflow.api.routes import routes
 from tierflow.api.state import STATE_KEY, AppState, get_state
+from tierflow.api.ui import setup_ui
 from tierflow.projections.schema import migrate
 from tierflow.streams import kafka as kio
 from tierflow.streams.settings import Settings
@@ -70,6 +71,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[metrics_middleware, error_middleware, auth_middleware(settings.api.token)],
     )
     app.add_routes(routes)
+    setup_ui(app)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await migrate(settings.database.url)

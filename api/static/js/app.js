@@ -1,0 +1,137 @@
+// The single-page app: hash routes -> page renderers, the token field, flash messages, the health dot.
+
+import { ApiError, getToken, setToken } from "./api.js";
+import { h } from "./dom.js";
+import * as models from "./pages/models.js";
+import * as configurations from "./pages/configurations.js";
+import * as deployments from "./pages/deployments.js";
+import * as datasources from "./pages/datasources.js";
+import * as inferences from "./pages/inferences.js";
+
+const ROUTES = [
+  [/^\/models$/, models.list, "models"],
+  [/^\/models\/new$/, models.edit, "models"],
+  [/^\/models\/(\d+)\/edit$/, models.edit, "models"],
+  [/^\/configurations$/, configurations.list, "configurations"],
+  [/^\/configurations\/new$/, configurations.create, "configurations"],
+  [/^\/deployments$/, deployments.list, "deployments"],
+  [/^\/deployments\/new$/, deployments.create, "deployments"],
+  [/^\/deployments\/(\d+)$/, deployments.detail, "deployments"],
+  [/^\/datasources$/, datasources.list, "datasources"],
+  [/^\/inferences$/, inferences.list, "inferences"],
+  [/^\/inferences\/new$/, inferences.create, "inferences"],
+  [/^\/inferences\/(\d+)$/, inferences.detail, "inferences"],
+];
+
+const view = document.getElementById("view");
+const flashBox = document.getElementById("flash");
+let cleanups = [];
+let generation = 0;
+
+let flashTimer = null;
+
+export function flash(message, kind = "ok") {
+  clearTimeout(flashTimer);
+  // Confirmations fade after a while; errors stay until dismissed or replaced.
+  if (kind !== "error") flashTimer = setTimeout(() => { flashBox.hidden = true; }, 8000);
+  flashBox.className = `flash flash-${kind}`;
+  flashBox.replaceChildren(h("span", {}, message), h("button", {
+    type: "button", class: "flash-close", "aria-label": "dismiss", onclick: () => { flashBox.hidden = true; },
+  }, "×"));
+  flashBox.hidden = false;
+}
+
+function parse() {
+  const raw = location.hash.replace(/^#/, "") || "/models";
+  const [path, qs] = raw.split("?");
+  return { path, query: new URLSearchParams(qs || "") };
+}
+
+async function render() {
+  for (const fn of cleanups) fn();
+  cleanups = [];
+  const mine = ++generation;
+  const { path, query } = parse();
+  const match = ROUTES.map(([re, page, nav]) => [path.match(re), page, nav]).find(([m]) => m);
+  document.querySelectorAll("[data-nav]").forEach((a) => {
+    a.classList.toggle("active", Boolean(match) && a.dataset.nav === match[2]);
+  });
+  if (!match) {
+    view.replaceChildren(h("div", { class: "empty" }, h("p", {}, `No page at ${path}.`),
+      h("a", { href: "#/models" }, "Go to Models")));
+    return;
+  }
+  const [m, page] = match;
+  const ctx = {
+    params: m.slice(1),
+    query,
+    go: (hash) => { location.hash = hash; },
+    flash,
+    alive: () => mine === generation,
+    /** Call fn now and then every `ms` (after each call finishes) until the page is left. */
+    every(ms, fn) {
+      let timer = null;
+      const tick = async () => {
+        if (mine !== generation) return;
+        try {
+          await fn();
+        } catch (err) {
+          if (mine === generation) flash(err.message, "error");
+        }
+        if (mine === generation) timer = setTimeout(tick, ms);
+      };
+      cleanups.push(() => clearTimeout(timer));
+      timer = setTimeout(tick, ms);
+    },
+  };
+  view.replaceChildren(h("div", { class: "loading" }, h("span", { class: "spinner" }), "Loading…"));
+  try {
+    const node = await page(ctx);
+    if (mine === generation) view.replaceChildren(node);
+  } catch (err) {
+    if (mine !== generation) return;
+    const message = err instanceof ApiError ? err.message : `The page failed: ${err.message}`;
+    view.replaceChildren(h("div", { class: "alert alert-error", role: "alert" }, message));
+  }
+}
+
+function setupToken() {
+  const input = document.getElementById("token");
+  const form = document.getElementById("token-form");
+  const state = document.getElementById("token-state");
+  const show = () => {
+    state.textContent = getToken() ? "token set" : "no token";
+    state.className = getToken() ? "token-state set" : "token-state";
+  };
+  input.value = getToken();
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    setToken(input.value.trim());
+    show();
+    flash(getToken() ? "API token saved in this browser." : "API token cleared.");
+  });
+  show();
+}
+
+async function health() {
+  const dot = document.getElementById("health");
+  try {
+    const r = await fetch("/readyz", { headers: { Accept: "application/json" } });
+    const data = await r.json();
+    const failing = Object.entries(data.checks || {}).filter(([, c]) => !c.ok).map(([k, c]) => `${k}: ${
+      c.error || JSON.stringify(c)}`);
+    dot.className = `health ${data.ready ? "ok" : "bad"}`;
+    dot.textContent = data.ready ? "ready" : "not ready";
+    dot.title = data.ready ? "broker, Postgres and projector are fine" : failing.join("\n");
+  } catch (err) {
+    dot.className = "health bad";
+    dot.textContent = "API unreachable";
+    dot.title = String(err);
+  }
+  setTimeout(health, 5000);
+}
+
+window.addEventListener("hashchange", render);
+setupToken();
+health();
+render();
