@@ -551,6 +551,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         if args.keep:
             _say(out, "\n" + where_next(api_url, summary))
+        else:
+            _say(out, "run `tierflow demo --keep` to look around afterwards: the web UI, the topics, the CLI")
     except (DemoError, ApiClientError) as exc:
         print(f"\ntierflow demo: {exc}", file=sys.stderr)
         code = 1
