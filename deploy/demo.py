@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import sys
 import time
 import uuid
@@ -32,6 +31,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from tierflow.api.outputs import percentile
 from tierflow.deploy.client import ApiClient, ApiClientError
 from tierflow.streams.settings import Settings
 
@@ -147,15 +147,6 @@ def load_data(options: DemoOptions) -> DemoData:
 # -- the summary (pure) --------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 @dataclass
 class Answered:
     """The first answer per input (by input offset), and how many more arrived (at-least-once duplicates)."""
@@ -206,7 +197,7 @@ def summarize(*, exits: Sequence[tuple[str, float | None]], single: tuple[str, f
         "duplicates": answered.duplicates,
         "cascade_accuracy": correct / n_answered if n_answered else None,
         "tiers": per_tier,
-        "latency_ms": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+        "latency_ms": {"p50": percentile(sorted(latencies), 0.5), "p99": percentile(sorted(latencies), 0.99),
                        "max": max(latencies) if latencies else None},
         "throughput_per_s": n_answered / span if span > 0 else None,
     }
