@@ -219,7 +219,8 @@ def format_summary(summary: JSON) -> str:
     lines.append(f"  cascade accuracy {_num(summary['cascade_accuracy'])}")
     for t in summary["tiers"]:
         name = summary["exits"][t["tier"]]["name"] if t["tier"] < len(summary["exits"]) else f"tier {t['tier']}"
-        lines.append(f"  tier {t['tier']} ({name:<5}) answered {t['share']:6.1%}  accuracy {_num(t['accuracy'])}")
+        label = f"tier {t['tier']} ({name})"
+        lines.append(f"  {label:<16} answered {t['share']:6.1%}  accuracy {_num(t['accuracy'])}")
     lat = summary["latency_ms"]
     lines.append(f"  latency p50 {_num(lat['p50'], '.1f')} ms, p99 {_num(lat['p99'], '.1f')} ms; "
                  f"throughput {_num(summary['throughput_per_s'], ',.0f')} answers/s")

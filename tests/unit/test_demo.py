@@ -43,4 +43,4 @@ def test_summary_counts_each_input_once_and_shares_sum_to_one() -> None:
     assert summary["tiers"][0]["accuracy"] == 0.5 and summary["tiers"][1]["accuracy"] is None
     assert summary["latency_ms"]["p50"] == 6.0 and summary["throughput_per_s"] == pytest.approx(1.5)
     text = format_summary(summary)
-    assert "cascade accuracy 0.667" in text and "tier 2 (cloud) answered  33.3%" in text and "cloud    -" in text
+    assert "cascade accuracy 0.667" in text and "tier 2 (cloud)   answered  33.3%" in text and "cloud    -" in text
