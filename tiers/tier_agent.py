@@ -25,9 +25,12 @@ its worker consumer hardcodes `fetch_max_wait_ms=1500`, which Tansu turns into 1
 app (worker lifecycle, signals, logging, the web server) runs a service that owns an aiokafka consumer in
 the tier's group (`tierflow-inference-<id>-tier-<k>`: replicas share partitions, a restarted agent resumes
 from the committed offset), polled with `getmany` and the settings' short fetch wait; the app's own Kafka
-consumer and producer are off (`enable_kafka = False`). Measured here (2 cores, Tansu on the same machine,
-edge model, uint8 28x28 inputs): ~35-50 us per record fed one sample per record (20-28k records/s), and
-~35 us per sample fed 64-sample records, against ~20 us per sample for the model alone.
+consumer and producer are off (`enable_kafka = False`). Measured with `benchmarks/tier_inference.py` (2 cores,
+Tansu on the same machine, edge model, 28x28 inputs, half answered and half forwarded): one sample per record
+30-55k records/s, 64-sample records 33-47k samples/s, against ~68k samples/s for the model alone (LiteRT or
+Keras); the tier process spends 22-30 us of CPU per sample of 64-sample records (uint8 .. float32), the
+model ~15 of them. The process keeps freed heap memory for the next batch (`keep_freed_memory`): without it
+the megabyte buffers of every fetch touched fresh pages, which cost float32 inputs a third of their rate.
 
 HTTP (the Faust app's web server, on `TierConfig.port`, 0 = a free port): `GET /healthz` (alive),
 `GET /readyz` (model loaded and consumer in its group; the body says which part is missing) and
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import math
@@ -131,6 +135,11 @@ class TierConfig:
     #: traffic); acknowledged batches are committed at the latest when the topic goes idle, on a rebalance
     #: and on SIGTERM. After a crash, at most this much of answered input is answered again.
     commit_interval_ms: float = 100.0
+    #: Verify each fetched record batch's CRC (Kafka's `check.crcs`). Off, as librdkafka's default, saves ~2-3 us
+    #: per float32 28x28 sample on this machine (aiokafka's CRC-32C runs at ~1.6 GB/s on the event loop); the
+    #: broker checks CRCs on produce and TCP checksums the wire, so what is left undetected is corruption at
+    #: rest on the broker. `tierflow tier run --check-crcs` turns it on.
+    check_crcs: bool = False
 
     def __post_init__(self) -> None:
         if not self.input_topic or not self.output_topic:
@@ -405,7 +414,7 @@ class TierAgent:
                 self._producers[servers] = producer
                 await producer.start()
             self._consumer = kio.consumer(
-                self.kafka, group_id=cfg.group, max_poll_records=cfg.max_batch,
+                self.kafka, group_id=cfg.group, max_poll_records=cfg.max_batch, check_crcs=cfg.check_crcs,
                 session_timeout_ms=self.kafka.session_timeout_ms,
                 heartbeat_interval_ms=max(100, self.kafka.session_timeout_ms // 3),
             )
@@ -762,9 +771,38 @@ def web_port(app: TierApp) -> int | None:
     return service.bound_port if isinstance(service, TierWeb) else None
 
 
+#: glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: Blocks up to this size come from the heap, not from their own mmap (glibc's largest allowed value).
+MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
+#: Freed heap memory the process keeps for the next batches before giving any back to the system.
+MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory of freed batch buffers for the next batch (True if it could).
+
+    Every batch allocates and frees buffers of megabytes: aiokafka reads each fetch response into a
+    bytearray that grows by 256 KB reads (about 6 MB per response with 64-sample float32 records), the
+    decoded batch, the model's outputs. With glibc's defaults those blocks are mmapped and unmapped, so each
+    batch touches fresh pages, and on this VM a first touch costs up to ~2.5 ms per MB. Measured: reading a
+    6 MB response through asyncio's StreamReader, as aiokafka does, took 8.8-15 ms per response, 3.4 ms with
+    the heap kept. Process-wide, so only the tier's own process (`run_worker`) calls it; a no-op off glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter is linked with
+    except (OSError, AttributeError):  # not glibc: musl and macOS have no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+
+
 def run_worker(config: TierConfig, kafka: KafkaSettings, *, loglevel: str = "INFO") -> int:
     """Run the tier as a Faust worker until SIGTERM/SIGINT; the process exit code: 0 after a drain, 2 when the
     model or config cannot be served, 1 when the agent failed otherwise (e.g. records not acknowledged)."""
+    if not keep_freed_memory():
+        log.info("malloc is not glibc's: freed batch buffers go back to the system (slower on some VMs)")
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     worker: Any = None

@@ -54,6 +54,7 @@ from tierflow.tiers.tier_agent import (
     TierConfigError,
     create_app,
     input_spec,
+    keep_freed_memory,
     web_port,
 )
 from tierflow.tiers.tier_cli import TierSetupError, config_from_api
@@ -570,6 +571,16 @@ def test_an_input_config_that_does_not_fit_the_model_is_a_config_error(chain: Ch
                         input_config=InputConfig.parse({"data_type": "uint8", "data_reshape": "8 8"}))
     with pytest.raises(TierConfigError, match="does not fit the model"):
         input_spec(config, chain.engines["edge"])
+
+
+def test_the_tier_process_keeps_freed_batch_memory_where_malloc_is_glibc() -> None:
+    # `run_worker` tunes glibc's malloc so that each batch's megabyte buffers reuse the heap instead of
+    # fresh pages; where the C library is glibc the tuning must really apply, not fall back silently.
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory()
 
 
 def test_the_bulk_histogram_counts_like_prometheus() -> None:
