@@ -553,9 +553,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         code = 130
     finally:
         if not args.keep:
-            if demo.inference_id is not None and not started_stack:
+            # Stopped before the stack goes down too: the events survive `down`, and a running inference
+            # would have its tiers relaunched by the next `up`.
+            if demo.inference_id is not None:
                 try:
                     api.post(f"/inferences/{demo.inference_id}/stop")
+                    _say(out, f"stopped inference {demo.inference_id}: its tiers are removed")
                 except ApiClientError as exc:
                     print(f"tierflow demo: could not stop inference {demo.inference_id}: {exc}", file=sys.stderr)
             if started_stack:

@@ -42,7 +42,10 @@ def test_the_demo_runs_the_lifecycle_and_its_summary_holds() -> None:
     assert summary["latency_ms"]["p50"] is not None and summary["throughput_per_s"] > 0
     for step in ("[1/6]", "[4/6]", "epoch 5/5", "[6/6]", "cascade accuracy", "stopped"):
         assert step in done.stdout
-    # The demo started the stack, so it stopped it: no state file, no process left.
+    # The demo stopped its inference (the events survive `down`: a running one would be relaunched by the next
+    # `up`), then the stack it started: no state file, no process left.
+    out = done.stdout
+    assert out.index(f"stopped inference {summary['inference_id']}") < out.index("stopping the stack")
     assert read_stack_state(home) is None
 
 
