@@ -153,3 +153,45 @@ async def start_plane(settings: Settings, validate: object, launcher: object = N
 async def stop_plane(running: RunningPlane) -> None:
     running.worker.stop()  # type: ignore[attr-defined]
     await asyncio.wait_for(running.task, 30)
+
+
+# -- time budget per test layer --------------------------------------------------------------------------
+#: Seconds each layer may take on the 2-core CI machine (setup, call and teardown of its tests, session
+#: fixtures included where a layer starts them), so that `.ci/run` stays under 25 minutes. A layer over its
+#: budget fails the session: a slow test is found when it lands, not when CI times out.
+LAYER_BUDGET_S = {"unit": 60.0, "integration": 600.0, "e2e": 420.0, "browser": 180.0}
+_layer_seconds: dict[str, float] = {}
+
+
+def _layer(nodeid: str) -> str:
+    parts = nodeid.split("/")
+    return parts[1] if len(parts) > 2 and parts[0] == "tests" else "other"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    layer = _layer(report.nodeid)
+    _layer_seconds[layer] = _layer_seconds.get(layer, 0.0) + report.duration
+
+
+def _over_budget() -> list[str]:
+    return [f"{layer} {seconds:.0f} s > {LAYER_BUDGET_S[layer]:.0f} s" for layer, seconds in _layer_seconds.items()
+            if layer in LAYER_BUDGET_S and seconds > LAYER_BUDGET_S[layer]]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _layer_seconds:
+        return
+    terminalreporter.section("time per test layer (budget)")
+    for layer, seconds in sorted(_layer_seconds.items()):
+        budget = LAYER_BUDGET_S.get(layer)
+        mark = "" if budget is None else f" / {budget:.0f} s" + ("  OVER BUDGET" if seconds > budget else "")
+        terminalreporter.write_line(f"{layer:<12} {seconds:7.1f} s{mark}")
+    if _over_budget():
+        over = "; ".join(_over_budget())
+        terminalreporter.write_line(f"a layer over its time budget fails a whole-suite run: {over}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Only for whole-suite runs: a single slow test run alone is not a layer.
+    if _over_budget() and exitstatus == 0 and session.testscollected > 300:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
