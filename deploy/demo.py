@@ -149,14 +149,16 @@ def load_data(options: DemoOptions) -> DemoData:
 
 @dataclass
 class Answered:
-    """The first answer per input (by input offset), and how many more arrived (at-least-once duplicates)."""
+    """The first answer per input (by its input position: partition and offset), and how many more arrived
+    (at-least-once duplicates)."""
 
-    by_offset: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # offset -> (tier, class, ms)
+    #: (partition, offset) of the input -> (tier, class, latency ms)
+    by_offset: dict[tuple[int, int], tuple[int, int, float]] = field(default_factory=dict)
     duplicates: int = 0
     first_at: float | None = None
     last_at: float | None = None
 
-    def add(self, offset: int, tier: int, cls: int, latency_ms: float, now: float) -> None:
+    def add(self, offset: tuple[int, int], tier: int, cls: int, latency_ms: float, now: float) -> None:
         if offset in self.by_offset:
             self.duplicates += 1
             return
@@ -166,7 +168,7 @@ class Answered:
 
 
 def summarize(*, exits: Sequence[tuple[str, float | None]], single: tuple[str, float | None] | None,
-              offsets: Sequence[int], labels: Sequence[int], answered: Answered, started_at: float,
+              offsets: Sequence[tuple[int, int]], labels: Sequence[int], answered: Answered, started_at: float,
               tiers: int) -> JSON:
     """The demo's numbers: test accuracy per exit (from training), and of the cascade, share and accuracy
     per answering tier, latency percentiles and throughput of the inference run."""
@@ -376,7 +378,8 @@ class Demo:
                             tiers=len(inference["tiers"]))
         return summary
 
-    async def _stream(self, x: np.ndarray[Any, Any], inference: JSON) -> tuple[list[int], Answered, float]:
+    async def _stream(self, x: np.ndarray[Any, Any], inference: JSON
+                      ) -> tuple[list[tuple[int, int]], Answered, float]:
         from aiokafka import TopicPartition
 
         from tierflow.streams import kafka as kio
@@ -390,14 +393,15 @@ class Demo:
         await consumer.start()
         answered = Answered()
         try:
-            tp = TopicPartition(inference["output_topic"], 0)
             await _wait_for_topic(consumer, inference["output_topic"], self.clock, self.options.timeout_s)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
+            tps = [TopicPartition(inference["output_topic"], p)
+                   for p in sorted(consumer.partitions_for_topic(inference["output_topic"]) or {0})]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
             await self._warm_up(producer, consumer, inference, x[0])
             bar = ProgressBar(len(x), stream=self.out, label="  answered ")
             started = self.clock()
-            offsets: list[int] = []
+            offsets: list[tuple[int, int]] = []
             interval = 1.0 / self.options.rate if self.options.rate > 0 else 0.0
             pending = []
             for i, sample in enumerate(x):
@@ -406,7 +410,7 @@ class Demo:
                 if due - self.clock() > 0.005:
                     await self._drain_answers(consumer, answered, wire, inference["input_topic"], timeout_ms=0)
                     await asyncio.sleep(max(0.0, due - self.clock()))  # pacing the client, not synchronising
-            offsets = [m.offset for m in await asyncio.gather(*pending)]
+            offsets = [(m.partition, m.offset) for m in await asyncio.gather(*pending)]
             wanted = set(offsets)
             deadline = self.clock() + self.options.timeout_s
             while not wanted <= answered.by_offset.keys():
@@ -462,7 +466,7 @@ class Demo:
                     continue
                 for a in answers:
                     if a.origin[0] == topic:  # not a warm-up probe
-                        answered.add(a.origin[2], a.tier, a.cls, a.latency_ms, now)
+                        answered.add((a.origin[1], a.origin[2]), a.tier, a.cls, a.latency_ms, now)
 
 
 def _test_accuracy(result: JSON) -> float | None:

@@ -214,15 +214,26 @@ def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, st
     )
 
 
-async def ensure_inference_topics(inference: dict[str, Any], default_servers: str) -> None:
-    """Each tier's input topic and the output topic, on that tier's cluster (created explicitly: an
-    auto-created topic would get the broker's default partition count)."""
+def inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1
+                     ) -> dict[str, list[TopicSpec]]:
+    """The topics an inference needs, by cluster (pure): each tier's input topic with `partitions`, or more when
+    the tier has more replicas (a replica without a partition idles), and the output topic on every cluster a
+    tier answers from."""
     by_cluster: dict[str, list[TopicSpec]] = {}
     for tier in inference["tiers"]:
         servers = tier.get("bootstrap_servers") or default_servers
-        partitions = max(1, int(tier.get("replicas") or 1))
-        by_cluster.setdefault(servers, []).extend([TopicSpec(tier["input_topic"], partitions, -1),
-                                                   TopicSpec(inference["output_topic"], 1, -1)])
+        tier_partitions = max(1, partitions, int(tier.get("replicas") or 1))
+        specs = by_cluster.setdefault(servers, [])
+        specs.append(TopicSpec(tier["input_topic"], tier_partitions, -1))
+        if all(spec.name != inference["output_topic"] for spec in specs):
+            specs.append(TopicSpec(inference["output_topic"], max(1, partitions), -1))
+    return by_cluster
+
+
+async def ensure_inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1) -> None:
+    """Create what `inference_topics` lists and is missing (explicitly: an auto-created topic would get the
+    broker's default partition count); existing topics are left as they are."""
+    by_cluster = inference_topics(inference, default_servers, partitions)
     for servers, specs in by_cluster.items():
         await create_topics(servers, specs)
 
@@ -302,7 +313,8 @@ class Orchestrator:
         plan = plan_inference(inferences, workloads)
         for inference in plan.topics:
             if inference["id"] not in self._topics_ready:
-                await ensure_inference_topics(inference, self.settings.kafka.bootstrap_servers)
+                await ensure_inference_topics(inference, self.settings.kafka.bootstrap_servers,
+                                              self.settings.workloads.tier_partitions)
                 self._topics_ready.add(inference["id"])
         for name in plan.remove:
             await self.launcher.stop(name)

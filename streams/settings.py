@@ -138,6 +138,10 @@ class WorkloadSettings:
     artefacts_dir: str = ""
     #: TIERFLOW_RECONCILE_S: how often the orchestrator compares wanted and existing workloads.
     reconcile_s: float = 2.0
+    #: TIERFLOW_TIER_PARTITIONS: partitions of the topics the orchestrator creates for an inference (its input,
+    #: tier and output topics; more when a tier has more replicas). Several spread the load and, on the embedded
+    #: broker, keep each partition short (Tansu's memory storage answers slower as a partition grows).
+    tier_partitions: int = 4
     #: TIERFLOW_TIER_PORT: the HTTP port of a tier agent's /healthz, /readyz and /metrics (the pods' probes).
     tier_port: int = 8000
     #: TIERFLOW_TIER_NODE_LABEL: node label a tier pod selects, valued with its tier's index or name
@@ -223,6 +227,7 @@ class Settings:
             training_gpus=_int(e, "TIERFLOW_TRAINING_GPUS", 0),
             artefacts_dir=_str(e, "TIERFLOW_ARTEFACTS", ""),
             reconcile_s=_float(e, "TIERFLOW_RECONCILE_S", 2.0),
+            tier_partitions=_int(e, "TIERFLOW_TIER_PARTITIONS", 4, minimum=1),
             tier_port=_int(e, "TIERFLOW_TIER_PORT", 8000),
             tier_node_label=_str(e, "TIERFLOW_TIER_NODE_LABEL", "tierflow.io/tier").strip(),
             tier_names=_names(e, "TIERFLOW_TIER_NAMES"),
@@ -282,6 +287,7 @@ class Settings:
             "TIERFLOW_TRAINING_GPUS": str(self.workloads.training_gpus),
             "TIERFLOW_ARTEFACTS": self.workloads.artefacts_dir,
             "TIERFLOW_RECONCILE_S": str(self.workloads.reconcile_s),
+            "TIERFLOW_TIER_PARTITIONS": str(self.workloads.tier_partitions),
             "TIERFLOW_TIER_PORT": str(self.workloads.tier_port),
             "TIERFLOW_TIER_NODE_LABEL": self.workloads.tier_node_label,
             "TIERFLOW_TIER_NAMES": ",".join(self.workloads.tier_names),

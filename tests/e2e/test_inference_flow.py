@@ -22,27 +22,30 @@ from tests.e2e.conftest import Env
 pytestmark = pytest.mark.slow
 
 
+Position = tuple[int, int]  # an input's (partition, offset)
+
+
 def kafka_ml_client(servers: str, input_topic: str, output_topic: str, x: np.ndarray, timeout: float
-                    ) -> tuple[list[int], dict[int, dict[str, Any]]]:
+                    ) -> tuple[list[Position], dict[Position, dict[str, Any]]]:
     """What a Kafka-ML inference client does: send each sample's raw bytes, read JSON answers back. Returns the
-    input offsets and the answers by input offset."""
+    inputs' positions and the answers by input position."""
     from kafka import KafkaConsumer, KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=servers, enable_idempotence=False, acks="all")
     futures = [producer.send(input_topic, value=sample.tobytes()) for sample in x]
     producer.flush()
-    offsets = [f.get(timeout=30).offset for f in futures]
+    offsets = [(m.partition, m.offset) for m in (f.get(timeout=30) for f in futures)]
     producer.close()
     consumer = KafkaConsumer(output_topic, bootstrap_servers=servers, auto_offset_reset="earliest",
                              enable_auto_commit=False, group_id=f"kafka-ml-client-{uuid.uuid4().hex[:6]}")
-    answers: dict[int, dict[str, Any]] = {}
+    answers: dict[Position, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     try:
         while len(answers) < len(offsets) and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=200).values():
                 for record in records:
                     answer = orjson.loads(record.value)
-                    answers[answer["origin"]["offset"]] = answer
+                    answers[(answer["origin"]["partition"], answer["origin"]["offset"])] = answer
     finally:
         consumer.close()
     return offsets, answers
@@ -73,6 +76,7 @@ async def test_a_trained_chain_serves_a_kafka_ml_client_through_launched_tiers(t
     offsets, answers = await asyncio.to_thread(kafka_ml_client, env.settings.kafka.bootstrap_servers,
                                                f"in-{tag}", f"out-{tag}", x, 180.0)
     assert set(answers) == set(offsets), f"{len(set(offsets) - set(answers))} of {n} inputs unanswered"
+    assert len({p for p, _ in offsets}) == 4  # the orchestrator created the input topic with 4 partitions
     classes = np.array([answers[o]["class"] for o in offsets])
     assert all(np.argmax(answers[o]["values"]) == answers[o]["class"] for o in offsets)
     accuracy = float((classes == y).mean())

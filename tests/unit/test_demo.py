@@ -30,12 +30,13 @@ def test_the_holdout_is_disjoint_capped_and_scaled() -> None:
 
 def test_summary_counts_each_input_once_and_shares_sum_to_one() -> None:
     answered = Answered()
-    answered.add(10, 0, 3, 5.0, now=1.0)
-    answered.add(11, 0, 4, 6.0, now=1.5)
-    answered.add(11, 0, 4, 6.0, now=1.6)  # a duplicate (at-least-once)
-    answered.add(12, 2, 7, 20.0, now=2.0)
+    answered.add((0, 10), 0, 3, 5.0, now=1.0)
+    answered.add((1, 10), 0, 4, 6.0, now=1.5)  # the same offset in another partition: another input
+    answered.add((1, 10), 0, 4, 6.0, now=1.6)  # a duplicate (at-least-once)
+    answered.add((0, 12), 2, 7, 20.0, now=2.0)
     summary = summarize(exits=[("edge", 0.9), ("fog", 0.91), ("cloud", None)], single=("single", 0.88),
-                        offsets=[10, 11, 12, 13], labels=[3, 5, 7, 1], answered=answered, started_at=0.0, tiers=3)
+                        offsets=[(0, 10), (1, 10), (0, 12), (0, 13)], labels=[3, 5, 7, 1], answered=answered,
+                        started_at=0.0, tiers=3)
     assert (summary["inputs"], summary["answered"], summary["unanswered"], summary["duplicates"]) == (4, 3, 1, 1)
     assert summary["cascade_accuracy"] == pytest.approx(2 / 3)
     assert [t["answered"] for t in summary["tiers"]] == [2, 0, 1]

@@ -123,3 +123,17 @@ def test_tier_pods_are_labelled_by_chain_level_or_its_name() -> None:
     inf = inference(7, "running", 2)
     spec = tier_spec(inf, inf["tiers"][1] | {"level": 2}, {}, tier_names=("edge", "fog", "cloud"))  # type: ignore[index, operator]
     assert spec.labels["tierflow.io/tier"] == "cloud"
+
+
+def test_inference_topics_get_the_partitions_asked_or_one_per_replica() -> None:
+    from tierflow.streams.orchestrator import inference_topics
+
+    inf = {"output_topic": "out", "tiers": [
+        {"input_topic": "in", "replicas": 1, "bootstrap_servers": "edge:9092"},
+        {"input_topic": "t1", "replicas": 6, "bootstrap_servers": None},
+        {"input_topic": "t2", "replicas": 1, "bootstrap_servers": None}]}
+    by_cluster = inference_topics(inf, "core:9092", partitions=4)
+    assert {c: [(t.name, t.partitions) for t in specs] for c, specs in by_cluster.items()} == {
+        "edge:9092": [("in", 4), ("out", 4)],
+        "core:9092": [("t1", 6), ("out", 4), ("t2", 4)],
+    }
