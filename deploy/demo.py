@@ -33,7 +33,7 @@ import numpy as np
 
 from tierflow.api.outputs import percentile
 from tierflow.deploy.client import ApiClient, ApiClientError
-from tierflow.streams.settings import Settings
+from tierflow.streams.settings import KafkaSettings, Settings
 
 JSON = dict[str, Any]
 
@@ -393,9 +393,9 @@ class Demo:
         await consumer.start()
         answered = Answered()
         try:
-            await _wait_for_topic(consumer, inference["output_topic"], self.clock, self.options.timeout_s)
-            tps = [TopicPartition(inference["output_topic"], p)
-                   for p in sorted(consumer.partitions_for_topic(inference["output_topic"]) or {0})]
+            topics = [inference["output_topic"], *(t["input_topic"] for t in inference["tiers"])]
+            counts = await _wait_for_topics(kafka, topics, self.clock, self.options.timeout_s)
+            tps = [TopicPartition(inference["output_topic"], p) for p in range(counts[inference["output_topic"]])]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             await self._warm_up(producer, consumer, inference, x[0])
@@ -475,15 +475,26 @@ def _test_accuracy(result: JSON) -> float | None:
     return float(acc) if isinstance(acc, int | float) else None
 
 
-async def _wait_for_topic(consumer: Any, topic: str, clock: Callable[[], float], timeout_s: float) -> None:
-    """The orchestrator creates the inference's topics explicitly; wait for the output topic to exist before
-    assigning it (asking for the metadata of a missing topic would auto-create it with the broker's defaults)."""
+async def _wait_for_topics(kafka: KafkaSettings, topics: Sequence[str], clock: Callable[[], float],
+                           timeout_s: float) -> dict[str, int]:
+    """The orchestrator creates the inference's topics explicitly; wait until all of them exist before writing
+    to or assigning any (the embedded broker auto-creates a topic that is written to or asked about before it
+    exists, with its own defaults, racing the orchestrator's creation). Their partition counts, as the broker
+    describes them (a consumer's cached metadata may not know a topic that is minutes old)."""
+    from tierflow.streams.topics import admin_client, partition_counts
+
     deadline = clock() + timeout_s
-    while topic not in await consumer.topics():
-        if clock() > deadline:
-            raise DemoError(f"the output topic {topic} was not created within {timeout_s:.0f} s; is the worker's "
-                            "orchestrator running? (`tierflow status`)")
-        await asyncio.sleep(0.2)
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        while missing := sorted(set(topics) - set(await admin.list_topics())):
+            if clock() > deadline:
+                raise DemoError(f"topics {', '.join(missing)} were not created within {timeout_s:.0f} s; is the "
+                                "worker's orchestrator running? (`tierflow status`)")
+            await asyncio.sleep(0.2)
+        return await partition_counts(admin, list(topics))
+    finally:
+        await admin.close()
 
 
 # -- the command ----------------------------------------------------------------------------------------------

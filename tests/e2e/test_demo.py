@@ -24,9 +24,18 @@ def test_the_demo_runs_the_lifecycle_and_its_summary_holds() -> None:
     env = {**os.environ, "TIERFLOW_HOME": str(home), "TIERFLOW_API_PORT": "0", "PYTHONUNBUFFERED": "1"}
     for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "TIERFLOW_API_URL"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "demo", "--dataset", "digits",
-                           "--json", str(summary_path), "--timeout", "300"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=home)
+    try:
+        # --timeout bounds each step, so that a stuck step fails the demo with its reason well before this test's
+        # own timeout would kill it.
+        done = subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "demo", "--dataset", "digits",
+                               "--json", str(summary_path), "--timeout", "90"],
+                              env=env, capture_output=True, text=True, timeout=280, cwd=home)
+    except subprocess.TimeoutExpired as exc:
+        (ARTIFACTS / "demo.log").write_text(f"{exc.stdout!s}\n--- stderr ---\n{exc.stderr!s}")
+        raise
+    finally:  # whatever happened, no stack is left behind
+        subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "down"], env=env, capture_output=True,
+                       timeout=90, cwd=home)
     (ARTIFACTS / "demo.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     summary = json.loads(summary_path.read_text())
