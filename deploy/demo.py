@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from tierflow.api.outputs import percentile
+from tierflow.deploy.cli_args import non_negative, positive_int
 from tierflow.deploy.client import ApiClient, ApiClientError
 from tierflow.streams.settings import KafkaSettings, Settings
 
@@ -584,20 +585,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = subparsers.add_parser(
         "demo", help="run the whole lifecycle on the embedded stack: register, train, serve, infer",
@@ -607,14 +594,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument("--dataset", default="auto", metavar="NAME",
                       help="fashion-mnist (Debian package dataset-fashion-mnist), digits (scikit-learn), or "
                            "npz:PATH of 28x28 images; default: fashion-mnist when installed, else digits")
-    demo.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default 5)")
-    demo.add_argument("--limit", type=_non_negative, default=0.8,
+    demo.add_argument("--epochs", type=positive_int, default=5, help="training epochs (default 5)")
+    demo.add_argument("--limit", type=non_negative, default=0.8,
                       help="a tier answers when its highest probability is >= this (default 0.8)")
-    demo.add_argument("--train-samples", type=_positive_int, default=20000, metavar="N",
+    demo.add_argument("--train-samples", type=positive_int, default=20000, metavar="N",
                       help="most samples sent for training (default 20000)")
-    demo.add_argument("--test-samples", type=_positive_int, default=2000, metavar="N",
+    demo.add_argument("--test-samples", type=positive_int, default=2000, metavar="N",
                       help="most held-out samples streamed through the tiers (default 2000)")
-    demo.add_argument("--rate", type=_non_negative, default=500.0, metavar="PER_S",
+    demo.add_argument("--rate", type=non_negative, default=500.0, metavar="PER_S",
                       help="inputs per second sent for inference (default 500; 0 = as fast as possible)")
     demo.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                       help="longest wait for any one step (default 600)")

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from tierflow.deploy.cli_args import positive_int
 from tierflow.streams.settings import Settings
 
 _CHUNK = 2_000  # samples per send_many call between progress updates
@@ -64,16 +65,6 @@ def resolve_bootstrap(settings: Settings) -> str:
         raise RuntimeError(f"no broker: the embedded stack of {home} is not running; start it with `tierflow up`, "
                            "or set KAFKA_BOOTSTRAP_SERVERS")
     return state.bootstrap_servers
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 def _rate(text: str) -> float:
@@ -141,7 +132,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "send", help="send a dataset to a deployment through Kafka and announce it (RawSink)",
         description="Send a dataset as RAW records (key = label, value = sample bytes) and announce the "
                     "datasource on the control topic, so the deployment's training starts.")
-    send.add_argument("--deployment", type=_positive_int, required=True, metavar="N",
+    send.add_argument("--deployment", type=positive_int, required=True, metavar="N",
                       help="the deployment that trains on this data")
     send.add_argument("--dataset", required=True, metavar="NAME",
                       help="fashion-mnist (Debian package dataset-fashion-mnist), digits (scikit-learn, 28x28 "
@@ -151,9 +142,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="share of the records for validation (default 0.1)")
     send.add_argument("--test-rate", type=_rate, default=0.1, metavar="R",
                       help="share of the records for the final test (default 0.1)")
-    send.add_argument("--partitions", type=_positive_int, metavar="P",
+    send.add_argument("--partitions", type=positive_int, metavar="P",
                       help="create the topic with P partitions when it does not exist (default 1); an "
                            "existing topic must have P partitions")
-    send.add_argument("--limit", type=_positive_int, metavar="N", help="send only the first N samples")
+    send.add_argument("--limit", type=positive_int, metavar="N", help="send only the first N samples")
     send.add_argument("--description", default="", help="datasource description (default: the dataset's)")
     send.set_defaults(func=_send)

@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from tierflow.deploy.cli_args import non_negative, port, positive_int
 from tierflow.streams.settings import Settings, SettingsError
 from tierflow.tiers.data import DataError, InputConfig
 from tierflow.tiers.engines import ENGINES
@@ -255,36 +256,6 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(config, settings.kafka, loglevel=settings.log_level)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0 picks a free one)")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `tier run` to the front door (deploy/cli.py)."""
     tier = subparsers.add_parser("tier", help="serve one tier of an inference (the tier agent)")
@@ -294,7 +265,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Consume the tier's input topic in batches, answer the samples its exit is confident "
                     "about on the output topic and forward the rest to the upper topic.")
     api = run.add_argument_group("from the API")
-    api.add_argument("--inference", type=_positive_int, metavar="N", help="the inference to serve a tier of")
+    api.add_argument("--inference", type=positive_int, metavar="N", help="the inference to serve a tier of")
     api.add_argument("--tier", type=int, metavar="K", help="the tier index (0 = the entry tier)")
     api.add_argument("--api", default="", metavar="URL", help="the tierflow API (default: TIERFLOW_API_URL)")
     hand = run.add_argument_group("by hand (no API)")
@@ -302,7 +273,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     hand.add_argument("--input-topic", metavar="T")
     hand.add_argument("--output-topic", metavar="O")
     hand.add_argument("--upper-topic", metavar="U", help="where low-confidence samples go (none: the top tier)")
-    hand.add_argument("--limit", type=_non_negative, default=0.8, metavar="L",
+    hand.add_argument("--limit", type=non_negative, default=0.8, metavar="L",
                       help="answer a sample when its highest probability is >= L (default 0.8)")
     hand.add_argument("--tier-index", type=int, default=0, metavar="K", help="this tier's index (default 0)")
     hand.add_argument("--inference-id", type=int, default=0, metavar="N",
@@ -320,16 +291,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     both = run.add_argument_group("serving")
     both.add_argument("--engine", choices=ENGINES, default="keras",
                       help="keras (tf-keras, direct call) or litert (the .tflite sub-model; no TensorFlow needed)")
-    both.add_argument("--max-batch", type=_positive_int, default=256, metavar="N",
+    both.add_argument("--max-batch", type=positive_int, default=256, metavar="N",
                       help="most records per poll and samples per model call (default 256)")
-    both.add_argument("--linger-ms", type=_non_negative, default=0.0, metavar="MS",
+    both.add_argument("--linger-ms", type=non_negative, default=0.0, metavar="MS",
                       help="wait up to MS for a batch to fill (default 0: take what is there)")
-    both.add_argument("--commit-interval-ms", type=_non_negative, default=100.0, metavar="MS",
+    both.add_argument("--commit-interval-ms", type=non_negative, default=100.0, metavar="MS",
                       help="least time between offset commits (default 100; a crash re-answers at most this much)")
     both.add_argument("--check-crcs", action="store_true",
                       help="verify the CRC of every fetched record batch (off by default, as in librdkafka: it costs "
                            "~2-3 us per float32 28x28 sample; TCP and the broker check data already)")
-    both.add_argument("--port", type=_port, default=None, metavar="P",
+    both.add_argument("--port", type=port, default=None, metavar="P",
                       help=f"HTTP port of /healthz, /readyz, /metrics (default TIERFLOW_TIER_PORT or "
                            f"{DEFAULT_TIER_PORT}; 0 = a free port)")
     run.set_defaults(func=run_cli)
