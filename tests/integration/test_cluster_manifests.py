@@ -112,18 +112,11 @@ def set_images(objects: list[Obj], images: list[Obj]) -> None:
         unsupported = set(entry) - {"name", "newName", "newTag"}
         if unsupported:
             raise NotImplementedError(f"images fields {sorted(unsupported)} are not supported by this renderer")
-        for obj in objects:
-            path = POD_SPEC_PATHS.get(obj["kind"])
-            if path is None:
-                continue
-            pod: Obj = obj
-            for key in path:
-                pod = pod[key]
-            for container in [*pod.get("initContainers", []), *pod["containers"]]:
-                name, tag = split_image(container["image"])
-                if name == entry["name"]:
-                    new_tag = f":{entry['newTag']}" if "newTag" in entry else tag
-                    container["image"] = f"{entry.get('newName', name)}{new_tag}"
+        for _, container in containers(objects):
+            name, tag = split_image(container["image"])
+            if name == entry["name"]:
+                new_tag = f":{entry['newTag']}" if "newTag" in entry else tag
+                container["image"] = f"{entry.get('newName', name)}{new_tag}"
 
 
 def render(directory: Path) -> list[Obj]:
