@@ -18,5 +18,5 @@ def make_launcher(settings: Settings) -> Launcher:
         return KubernetesLauncher(settings.workloads)
     from tierflow.deploy.local_launcher import LocalLauncher
 
-    env = {**settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    env = {**settings.workload_env(), "PYTHONUNBUFFERED": "1"}  # as the orchestrator gives each spec
     return LocalLauncher(settings.stack.home.resolve() / "workloads", env)
