@@ -38,7 +38,7 @@ from tierflow.streams.envelope import Command, new_command_id
 from tierflow.streams.settings import Settings
 from tierflow.streams.topics import TopicSpec, ensure_topics
 
-SNIPPETS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "kafka-ml-snippets"
+SNIPPETS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kafka_ml_models"
 
 
 def pct(values: list[float], q: float) -> float:

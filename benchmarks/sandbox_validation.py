@@ -26,7 +26,7 @@ from pathlib import Path
 from tierflow.streams.settings import SandboxSettings, Settings
 from tierflow.tiers.sandbox import SandboxPool
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "kafka-ml-snippets"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kafka_ml_models"
 TARGET_WARM_P50_S = 1.0
 
 

@@ -4,7 +4,7 @@ Run: `python benchmarks/tier_inference.py [--quick] 2>/dev/null` (quick ~1.5 min
 machine; TensorFlow logs to stderr, the figures go to stdout).
 
 Starts its own Tansu broker (as the embedded stack does), builds the fixtures' edge -> fog -> cloud chain
-(`shared/fixtures/kafka-ml-snippets`, seeded random weights: throughput and latency do not need accuracy;
+(`tests/fixtures/kafka_ml_models`, seeded random weights: throughput and latency do not need accuracy;
 the edge exit's last layer is scaled so that its confidences spread and `--limit` splits the samples
 between answers and forwards), saves it as `.keras` and `.tflite`, and measures on 28x28 inputs:
 
@@ -61,7 +61,7 @@ from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import TopicSpec, ensure_topics
 from tierflow.tiers import tier_agent, wire
 
-SNIPPETS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "kafka-ml-snippets"
+SNIPPETS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kafka_ml_models"
 CHAIN = ("edge", "fog", "cloud")
 #: Scale of the edge exit's last layer (as the tier tests do): spreads the random model's confidences.
 EDGE_SCALE = 6.0

@@ -21,8 +21,9 @@ import pytest
 from tierflow.deploy import services
 from tierflow.streams.settings import Settings
 
+from tests.fixtures import all_model_code
+
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "kafka-ml-snippets"
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -105,7 +106,8 @@ async def wait_until(predicate: object, *, timeout: float = 20.0, interval: floa
 
 @pytest.fixture(scope="session")
 def snippets() -> dict[str, str]:
-    return {p.stem: p.read_text() for p in sorted(FIXTURES.glob("*.py"))}
+    """The Kafka-ML style model code in tests/fixtures (a missing file fails the test, never `{}`)."""
+    return all_model_code()
 
 
 async def run_in_background(coro: object) -> AsyncIterator[asyncio.Task[None]]:

@@ -19,9 +19,8 @@ import orjson
 import pytest
 
 from tierflow.streams.settings import SandboxSettings
+from tests.fixtures import model_code
 from tierflow.tiers.sandbox import CodeInvalid, ModelSummary, SandboxError, SandboxPool, describe_exit
-
-FIXTURES = Path(__file__).parents[2].parent / "shared" / "fixtures" / "kafka-ml-snippets"
 
 EXPECTED = {
     "edge": ModelSummary([None, 28, 28, 1], [[None, 64], [None, 10]], 303842),
@@ -45,7 +44,7 @@ SEQUENTIAL_CONFIG = orjson.dumps({
 
 
 def snippet(name: str) -> str:
-    return (FIXTURES / f"{name}.py").read_text()
+    return model_code(name)
 
 
 def sandbox_children() -> list[int]:

@@ -1,6 +1,6 @@
 """Joint training of the thesis chain (edge -> fog -> cloud) and a single model, with TensorFlow; no broker.
 
-The Kafka-ML snippets in ../shared/fixtures/kafka-ml-snippets run unchanged. The data is the scikit-learn
+The Kafka-ML style snippets in tests/fixtures/kafka_ml_models run unchanged. The data is the scikit-learn
 digits resized to 28x28 and scaled to float32 in [0, 1] (on raw 0..16 values the chain stays far below
 the bar). One module-scoped fixture trains the chain and the single model once (5 epochs, batch 64) and
 the tests read what it produced: the CI box has 2 cores. `run_training` is driven end to end through the
