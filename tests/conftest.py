@@ -18,10 +18,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.fixtures import all_model_code
 from tierflow.deploy import services
 from tierflow.streams.settings import Settings
-
-from tests.fixtures import all_model_code
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

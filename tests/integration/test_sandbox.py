@@ -18,8 +18,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tierflow.streams.settings import SandboxSettings
 from tests.fixtures import model_code
+from tierflow.streams.settings import SandboxSettings
 from tierflow.tiers.sandbox import CodeInvalid, ModelSummary, SandboxError, SandboxPool, describe_exit
 
 EXPECTED = {
