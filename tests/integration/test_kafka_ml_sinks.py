@@ -1,0 +1,221 @@
+"""Kafka-ML's sink offset logic on the embedded broker: every record a sink sends is used, no other record is.
+
+Kafka-ML's sinks compute each partition's range with `seek_to_end` + `position` before and after sending,
+with kafka-python's default batching, and announce `topic:partition:start:end`. Tansu answers that lookup
+with the first offset of the partition's last record batch + 1, so the announced ranges lose the tail of
+each partition and, on a topic that already held data, take the tail of an earlier writer's batch.
+`kafka_ml_send` below does what their sink does (written for the test, not their code) and also keeps the
+offset the broker acknowledged for each record: the ground truth the used ranges are checked against.
+
+The ranges go through `tierflow.streams.ranges.resolve_ranges`, the step the control bridge runs on each
+announcement. Each test prints what the announced ranges alone would have lost (run with `-s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.conftest import Infra
+from tierflow.deploy import services
+from tierflow.streams.control import parse_ranges
+from tierflow.streams.envelope import JSON
+from tierflow.streams.ranges import RangesUnresolved, UnknownPartition, resolve_ranges
+from tierflow.streams.settings import KafkaSettings
+from tierflow.streams.topics import TopicSpec, admin_client, create_topics
+from tierflow.tiers.reader import read_records
+
+with warnings.catch_warnings():
+    # kafka-python 3 loads its protocol schemas with importlib.resources.read_text, deprecated since Python
+    # 3.11: its DeprecationWarning, not ours (tests turn warnings into errors). Kafka-ML's sinks use kafka-python.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import TopicPartition as KafkaTopicPartition
+
+N = 2000
+PARTITIONS = 4
+
+
+@dataclass
+class Sent:
+    """What a sink sent: the ranges it announced, and where the broker put each of its records."""
+
+    announced: list[JSON] = field(default_factory=list)
+    offsets: dict[int, set[int]] = field(default_factory=dict)  # partition -> acknowledged offsets
+    values: list[bytes] = field(default_factory=list)
+
+    def count(self) -> int:
+        return sum(len(offs) for offs in self.offsets.values())
+
+
+def records(n: int, size: int, tag: int) -> tuple[list[bytes], list[bytes]]:
+    """n distinct `size`-byte values (tag and index up front) and one-byte labels 0..9 (the record keys)."""
+    values = [tag.to_bytes(2, "big") + i.to_bytes(4, "big") + bytes(size - 6) for i in range(n)]
+    return values, [bytes([i % 10]) for i in range(n)]
+
+
+def batched_write(servers: str, topic: str, values: list[bytes], keys: list[bytes]) -> Sent:
+    """A plain producer with default batching (another writer); no announcement."""
+    producer = KafkaProducer(bootstrap_servers=servers, enable_idempotence=False)
+    try:
+        futures = [producer.send(topic, key=k, value=v) for k, v in zip(keys, values, strict=True)]
+        producer.flush()
+        sent = Sent(values=list(values))
+        for f in futures:
+            md = f.get(timeout=10)
+            sent.offsets.setdefault(md.partition, set()).add(md.offset)
+        return sent
+    finally:
+        producer.close()
+
+
+def kafka_ml_send(servers: str, topic: str, values: list[bytes], keys: list[bytes]) -> Sent:
+    """Kafka-ML's sink offset logic: latest offsets per partition before sending and after flushing."""
+    consumer = KafkaConsumer(bootstrap_servers=servers, group_id=None, enable_auto_commit=False)
+    # Kafka-ML runs kafka-python 2.0, whose producer is not idempotent; 3.x defaults to idempotent, which
+    # Tansu rejects. Batching is left at its defaults (batch_size 16384, linger_ms 0), as Kafka-ML does.
+    producer = KafkaProducer(bootstrap_servers=servers, enable_idempotence=False)
+    try:
+        def latest() -> dict[int, int]:
+            out = {}
+            for p in sorted(consumer.partitions_for_topic(topic) or ()):
+                tp = KafkaTopicPartition(topic, p)
+                consumer.assign([tp])
+                consumer.seek_to_end(tp)
+                out[p] = consumer.position(tp)
+            return out
+
+        before = latest()
+        futures = [producer.send(topic, key=k, value=v) for k, v in zip(keys, values, strict=True)]
+        producer.flush()
+        after = latest()
+        # The control message's 'topic' field ("length" in Kafka-ML is the end offset), parsed as the bridge does.
+        spec = ",".join(f"{topic}:{p}:{before.get(p, 0)}:{end}" for p, end in after.items())
+        sent = Sent(announced=parse_ranges(spec), values=list(values))
+        for f in futures:
+            md = f.get(timeout=10)
+            sent.offsets.setdefault(md.partition, set()).add(md.offset)
+        return sent
+    finally:
+        producer.close()
+        consumer.close()
+
+
+def covered(ranges: Iterable[JSON]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for r in ranges:
+        out.setdefault(r["partition"], set()).update(range(r["start"], r["end"]))
+    return {p: offs for p, offs in out.items() if offs}
+
+
+def report(what: str, sent: Sent, others: Sent | None = None) -> str:
+    """What the announced ranges alone would give: records of the sink left out, other records taken."""
+    announced = covered(sent.announced)
+    ours = sum(len(offs & announced.get(p, set())) for p, offs in sent.offsets.items())
+    foreign = sum(len(offs & announced.get(p, set())) for p, offs in (others.offsets if others else {}).items())
+    line = (f"{what}: sent {sent.count()}, the announced ranges hold {sum(map(len, announced.values()))}: "
+            f"{sent.count() - ours} sent records left out, {foreign} earlier records taken")
+    print(line)
+    return line
+
+
+async def topic_with_partitions(infra: Infra, name: str) -> tuple[KafkaSettings, str]:
+    kafka = KafkaSettings(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"kmsinks-{uuid.uuid4().hex[:8]}")
+    topic = f"{kafka.topic_prefix}.{name}"
+    await create_topics(kafka.bootstrap_servers, [TopicSpec(topic, PARTITIONS, -1)])
+    return kafka, topic
+
+
+async def topics(kafka: KafkaSettings) -> set[str]:
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())  # all-topics metadata: creates nothing
+    finally:
+        await admin.close()
+
+
+async def read_values(kafka: KafkaSettings, ranges: list[JSON]) -> list[bytes]:
+    """What the training job's reader gets from the ranges."""
+    return (await read_records(kafka, ranges)).values
+
+
+@pytest.mark.parametrize("size", [12, 784])
+async def test_every_record_a_kafka_ml_sink_sends_is_in_the_used_ranges(infra: Infra, size: int) -> None:
+    kafka, topic = await topic_with_partitions(infra, f"digits{size}")
+    values, keys = records(N, size, tag=1)
+
+    sent = await asyncio.to_thread(kafka_ml_send, kafka.bootstrap_servers, topic, values, keys)
+    assert sent.count() == N and len(sent.offsets) == PARTITIONS
+    loss = report(f"{size}-byte records on {PARTITIONS} partitions", sent)
+
+    resolution = await resolve_ranges(kafka, sent.announced)
+    # Check the used ranges hold exactly the records the sink sent, partition by partition.
+    assert covered(resolution.used) == sent.offsets, loss
+    assert resolution.announced == sent.announced  # the announcement itself is kept as it was
+    assert resolution.warnings == []
+    # Every difference says why: one reason per moved endpoint.
+    moved = sum((r.used.start != r.announced.start) + (r.used.end != r.announced.end) for r in resolution.ranges)
+    assert len(resolution.reasons) == moved
+    # The training reader gets each sent record once, and nothing else.
+    assert sorted(await read_values(kafka, resolution.used)) == sorted(values)
+
+
+async def test_records_of_an_earlier_batched_producer_are_not_taken(infra: Infra) -> None:
+    kafka, topic = await topic_with_partitions(infra, "shared")
+    earlier_values, earlier_keys = records(1500, 12, tag=2)
+    earlier = await asyncio.to_thread(batched_write, kafka.bootstrap_servers, topic, earlier_values, earlier_keys)
+    assert len(earlier.offsets) == PARTITIONS  # every partition already holds some of the earlier records
+
+    values, keys = records(N, 12, tag=3)
+    sent = await asyncio.to_thread(kafka_ml_send, kafka.bootstrap_servers, topic, values, keys)
+    loss = report("12-byte records after an earlier writer", sent, earlier)
+
+    resolution = await resolve_ranges(kafka, sent.announced)
+    used = covered(resolution.used)
+    assert used == sent.offsets, loss
+    assert all(not (offs & used.get(p, set())) for p, offs in earlier.offsets.items())
+    assert sorted(await read_values(kafka, resolution.used)) == sorted(values)
+
+
+async def test_a_second_writer_after_the_announcement_is_not_taken_and_the_warning_says_so(infra: Infra) -> None:
+    kafka, topic = await topic_with_partitions(infra, "appended")
+    values, keys = records(N, 12, tag=4)
+    sent = await asyncio.to_thread(kafka_ml_send, kafka.bootstrap_servers, topic, values, keys)
+    later_values, later_keys = records(700, 12, tag=5)
+    later = await asyncio.to_thread(batched_write, kafka.bootstrap_servers, topic, later_values, later_keys)
+    loss = report("12-byte records, then a second writer", sent)
+
+    resolution = await resolve_ranges(kafka, sent.announced)
+    used = covered(resolution.used)
+    assert used == sent.offsets, loss
+    assert all(not (offs & used.get(p, set())) for p, offs in later.offsets.items())
+    # One warning per partition the second writer appended to, with the number of its records there.
+    for p, offs in later.offsets.items():
+        warnings = [w for w in resolution.warnings if w.startswith(f"{topic}[{p}]:")]
+        assert len(warnings) == 1 and f"{len(offs)} records after offset" in warnings[0], resolution.warnings
+        assert "another writer appended them after the announced records" in warnings[0]
+    assert sorted(await read_values(kafka, resolution.used)) == sorted(values)
+
+
+async def test_a_topic_or_partition_that_does_not_exist_is_a_clear_error_and_creates_nothing(infra: Infra) -> None:
+    kafka, topic = await topic_with_partitions(infra, "exists")
+    missing = f"{kafka.topic_prefix}.missing"
+    # Not RangesUnresolved (the time bound): the answer comes from the broker's metadata at once.
+    with pytest.raises(UnknownPartition, match=f"topic '{missing}' of range {missing}:0:0:10 does not exist"):
+        await resolve_ranges(kafka, [{"topic": missing, "partition": 0, "start": 0, "end": 10}])
+    with pytest.raises(UnknownPartition, match=rf"topic '{topic}' has no partition 7 .*its partitions are 0\.\.3"):
+        await resolve_ranges(kafka, [{"topic": topic, "partition": 0, "start": 0, "end": 0},
+                                     {"topic": topic, "partition": 7, "start": 0, "end": 10}])
+    assert missing not in await topics(kafka)  # asking did not make Tansu create it
+
+
+async def test_a_broker_that_does_not_answer_is_a_temporary_error_within_the_time_bound() -> None:
+    kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{services.free_port()}")  # nothing listens there
+    with pytest.raises(RangesUnresolved, match=r"could not be checked|did not answer within"):
+        await resolve_ranges(kafka, [{"topic": "t", "partition": 0, "start": 0, "end": 1}], timeout_s=2)
