@@ -29,6 +29,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.record.memory_records import MemoryRecords
 
+from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import KafkaSettings
 
 READ_UNCOMMITTED = 0  # the isolation level of tierflow's reader: everything up to the high-water mark
@@ -38,7 +39,7 @@ PROBES_AT_ONCE = 64  # requests in flight on the broker connection at a time
 LONGEST_WAIT_MS = 1000  # a partition still missing from an answer after this wait is reported, not retried
 
 
-class BatchError(Exception):
+class BatchError(TierflowError):
     """Raised for what a probe cannot answer; `streams/ranges.py` maps it onto tierflow's error taxonomy."""
 
 
