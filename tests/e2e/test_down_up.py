@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES
+from tests.fixtures import model_code
 from tests.integration.test_stack import _missing_modules, _stack_log, nothing_left, stack_home, tierflow
 from tierflow.deploy.client import ApiClient
 from tierflow.deploy.stack import read_stack_state
@@ -30,7 +30,7 @@ def test_write_down_up_write_again_read_both(stack_home: Path) -> None:
     state = read_stack_state(stack_home)
     assert state is not None
     api = ApiClient(state.api_url)
-    status, model = api.post("/models", {"name": "single", "code": (FIXTURES / "single.py").read_text()})
+    status, model = api.post("/models", {"name": "single", "code": model_code("single")})
     assert status == 201, model
     status, first = api.post("/configurations", {"name": "before", "model_ids": [model["id"]]})
     assert status == 201 and first["id"] == 1
