@@ -39,7 +39,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from fastavro import parse_schema, schemaless_writer
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from tests.conftest import ARTIFACTS, FIXTURES, Infra, wait_until
+from tests.conftest import ARTIFACTS, Infra, wait_until
+from tests.fixtures import model_code
 from tierflow.deploy import services
 from tierflow.streams import kafka as kio
 from tierflow.streams.settings import KafkaSettings
@@ -112,7 +113,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     folder = tmp_path_factory.mktemp("chain")
     files: dict[str, Path] = {}
     for name in CHAIN:
-        model = build_model((FIXTURES / f"{name}.py").read_text())
+        model = build_model(model_code(name))
         layer_name, scale = EXIT_SCALE[name]
         layer = model.get_layer(layer_name)
         weights, bias = layer.get_weights()
