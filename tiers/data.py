@@ -323,7 +323,8 @@ def decode_raw(values: Sequence[bytes | None], keys: Sequence[bytes | None],
 
 # --- AVRO ---------------------------------------------------------------------------------------------
 
-def _flatten(record: Mapping[str, Any], fields: Sequence[str], index: int, what: str) -> list[Any]:
+def flatten_record(record: Mapping[str, Any], fields: Sequence[str], index: int, what: str) -> list[Any]:
+    """The numbers of an Avro record's `fields`, in order, as one flat list (also the tiers' AVRO input)."""
     out: list[Any] = []
     for name in fields:
         _append(out, record.get(name), name, index, what)
@@ -419,16 +420,16 @@ def decode_avro(values: Sequence[bytes | None], keys: Sequence[bytes | None],
                             index=i) from None
         if not isinstance(record, Mapping):
             raise DataError(f"record {i}: data_scheme must describe a record", index=i)
-        xs.append(_flatten(record, x_fields, i, "data"))
+        xs.append(flatten_record(record, x_fields, i, "data"))
         if in_value:
-            ys.append(_flatten(record, label_fields, i, "label"))
+            ys.append(flatten_record(record, label_fields, i, "label"))
         else:
             try:
                 label = schemaless_reader(io.BytesIO(cast(bytes, keys[i])), label_schema, None)
             except Exception as exc:
                 raise DataError(f"record {i}: key is not Avro for label_scheme ({type(exc).__name__}: {exc})",
                                 index=i) from None
-            ys.append(_flatten(cast(Mapping[str, Any], label), label_fields, i, "label"))
+            ys.append(flatten_record(cast(Mapping[str, Any], label), label_fields, i, "label"))
     x = _rows_to_array(xs, cfg.data_type, "data")
     y = _rows_to_array(ys, cfg.label_type, "label")
     if cfg.data_reshape is not None:

@@ -36,7 +36,7 @@ from tierflow.deploy.cli_args import non_negative, port, positive_int
 from tierflow.streams.settings import Settings, SettingsError
 from tierflow.tiers.data import DataError, InputConfig
 from tierflow.tiers.engines import ENGINES
-from tierflow.tiers.tier_agent import TierConfig, TierConfigError
+from tierflow.tiers.tier_config import TierConfig, TierConfigError
 
 log = logging.getLogger("tierflow.tier")
 
@@ -251,7 +251,7 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
     except TierSetupError as exc:
         print(f"tierflow tier run: {exc}", file=sys.stderr)
         return exc.exit_code
-    from tierflow.tiers.tier_agent import run_worker
+    from tierflow.tiers.tier_app import run_worker
 
     return run_worker(config, settings.kafka, loglevel=settings.log_level)
 

@@ -61,7 +61,7 @@ def test_the_edge_install_has_no_server_packages(edge_venv: Path) -> None:
     code = (
         "import importlib.util, sys\n"
         f"print(','.join(m for m in {SERVER_ONLY!r} if importlib.util.find_spec(m)))\n"
-        "import ai_edge_litert, faust, tierflow.tiers.tier_agent, tierflow.deploy.cli\n"
+        "import ai_edge_litert, faust, tierflow.tiers.tier_app, tierflow.deploy.cli\n"
         "tierflow.deploy.cli.build_parser()\n"
     )
     done = subprocess.run([str(edge_venv / "bin" / "python"), "-c", code], capture_output=True, text=True,

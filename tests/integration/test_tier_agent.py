@@ -48,17 +48,10 @@ from tierflow.streams.topics import TopicSpec, ensure_topics
 from tierflow.tiers import wire
 from tierflow.tiers.data import InputConfig
 from tierflow.tiers.engines import Engine, KerasEngine, LiteRTEngine
-from tierflow.tiers.tier_agent import (
-    BulkHistogram,
-    TierApp,
-    TierConfig,
-    TierConfigError,
-    create_app,
-    input_spec,
-    keep_freed_memory,
-    web_port,
-)
+from tierflow.tiers.tier_app import TierApp, create_app, keep_freed_memory, web_port
 from tierflow.tiers.tier_cli import TierSetupError, config_from_api
+from tierflow.tiers.tier_config import TierConfig, TierConfigError, input_spec
+from tierflow.tiers.tier_metrics import BulkHistogram
 
 CHAIN = ("edge", "fog", "cloud")
 #: Scale of each exit's last layer: spreads the random models' confidences (see the module docstring).
