@@ -28,12 +28,16 @@ import numpy as np
 import orjson
 from fastavro import parse_schema, schemaless_reader
 
+from tierflow.streams.errors import PermanentError
+
 # TensorFlow's names that numpy reads differently (Kafka-ML decodes with tf.io.decode_raw).
 _TF_ALIASES = {"float": "float32", "half": "float16", "double": "float64"}
 
 
-class DataError(ValueError):
+class DataError(PermanentError, ValueError):
     """Training data that cannot be decoded as announced; the message says what and where.
+
+    Permanent: the same records fail the same way until the sink sends them differently.
 
     `index` is the position of the offending record in the decoded list, when one record is at fault.
     """

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from tierflow.streams.errors import PermanentError
+
 log = logging.getLogger("tierflow.engines")
 
 Array = npt.NDArray[Any]
@@ -45,8 +47,8 @@ ENGINES = ("keras", "litert")
 _PROBABILITY_OPS = frozenset({"SOFTMAX", "LOGISTIC"})
 
 
-class EngineError(RuntimeError):
-    """The model cannot be served: the message says what is wrong with it and what to do."""
+class EngineError(PermanentError, RuntimeError):
+    """The model cannot be served: the message says what is wrong with it and what to do (a restart cannot help)."""
 
 
 class Engine(Protocol):

@@ -38,6 +38,7 @@ import numpy as np
 import orjson
 from fastavro import parse_schema, schemaless_writer
 
+from tierflow.streams.errors import TierflowError
 from tierflow.tiers.data import DataError, InputConfig, parse_dtype, parse_scheme, parse_shape, shape_text
 
 with warnings.catch_warnings():
@@ -55,8 +56,9 @@ _DRAIN_EVERY = 20_000  # resolved acknowledgements are folded into the ranges th
 _TIMEOUT_S = 60.0
 
 
-class SinkError(RuntimeError):
-    """The sink cannot send or announce its data; the message says what to do."""
+class SinkError(TierflowError, RuntimeError):
+    """The sink cannot send or announce its data; the message says what to do (fix the call, or start the
+    broker and send again)."""
 
 
 def deployment_key(deployment_id: int) -> bytes:

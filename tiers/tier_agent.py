@@ -50,9 +50,10 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from tierflow.streams import kafka as kio
+from tierflow.streams.errors import PermanentError
 from tierflow.streams.settings import KafkaSettings
 from tierflow.tiers import wire
-from tierflow.tiers.engines import Engine, EngineError, load_engine
+from tierflow.tiers.engines import Engine, load_engine
 from tierflow.tiers.tier_config import TierConfig, TierConfigError, input_spec
 from tierflow.tiers.tier_metrics import TierMetrics, TierStats
 
@@ -111,6 +112,8 @@ class TierAgent:
         self.joined = False
         self.assignment: set[tuple[str, int]] = set()
         self.failure: str | None = None
+        #: The failure is a PermanentError (a model or config the tier cannot serve fails again on restart);
+        #: anything else (the broker, unacknowledged records) may not.
         self.failure_permanent = False
         self.started = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -204,8 +207,7 @@ class TierAgent:
             await self.settle_all()
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
-            # A model or config the tier cannot serve fails again on restart; anything else (the broker) may not.
-            self.failure_permanent = isinstance(exc, EngineError | TierConfigError)
+            self.failure_permanent = isinstance(exc, PermanentError)
             raise
         finally:
             self.started.set()

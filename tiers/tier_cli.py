@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from tierflow.deploy.cli_args import non_negative, port, positive_int
+from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import Settings, SettingsError
 from tierflow.tiers.data import DataError, InputConfig
 from tierflow.tiers.engines import ENGINES
@@ -46,7 +47,7 @@ DEFAULT_TIER_PORT = 8000
 ENDED_STATUSES = frozenset({"stopped", "deleted"})
 
 
-class TierSetupError(Exception):
+class TierSetupError(TierflowError):
     """The tier cannot start; `exit_code` says whether a retry could help (1) or not (2)."""
 
     def __init__(self, message: str, exit_code: int = 2) -> None:

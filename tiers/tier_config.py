@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from fastavro import parse_schema, schemaless_reader
 
+from tierflow.streams.errors import PermanentError
 from tierflow.tiers import wire
 from tierflow.tiers.data import DataError, InputConfig, flatten_record, parse_dtype
 from tierflow.tiers.engines import ENGINES, Engine
@@ -26,8 +27,8 @@ from tierflow.tiers.engines import ENGINES, Engine
 Array = np.ndarray[Any, Any]
 
 
-class TierConfigError(ValueError):
-    """The tier cannot be served as configured; the message names the setting."""
+class TierConfigError(PermanentError, ValueError):
+    """The tier cannot be served as configured; the message names the setting (a restart cannot help)."""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.settings import KafkaSettings, Settings
 from tierflow.tiers import training
 from tierflow.tiers.data import DataError
@@ -50,24 +51,16 @@ FINAL_STATUSES = frozenset({"finished", "failed", "stopped"})
 
 
 # -- errors: what happens next ----------------------------------------------------------------------------
+# A job ends with streams.errors' pair: PermanentError (bad data, model code or options: the same job fails
+# the same way until the user changes something; exit 2) or TemporaryError (the API, the broker or the
+# worker did not answer in time; a later run may succeed; exit 1).
+
+JobError = PermanentError | TemporaryError
 
 
-class JobError(Exception):
-    """The job cannot finish; `exit_code` tells the orchestrator whether a retry could help."""
-
-    exit_code = 1
-
-
-class PermanentError(JobError):
-    """Bad data, model code or options: the same job fails the same way until the user changes something."""
-
-    exit_code = 2
-
-
-class TemporaryError(JobError):
-    """The API, the broker or the worker did not answer in time; a later run may succeed."""
-
-    exit_code = 1
+def exit_code(error: JobError) -> int:
+    """The job's exit code for `error`: 2 when retrying cannot help, 1 when a later run may succeed."""
+    return 2 if isinstance(error, PermanentError) else 1
 
 
 class ApiNotFound(PermanentError):
@@ -345,12 +338,11 @@ class KafkaDataLoader:
 
 def classify(exc: BaseException, phase: str) -> JobError:
     """The job error for an exception raised while `phase` ("reading datasource 3", ...), with a reason."""
-    if isinstance(exc, JobError):
-        return exc
-    permanent = (TrainingSetupError, ModelCodeError, DataError)
-    text = str(getattr(exc, "message", None) or exc) or type(exc).__name__
-    if isinstance(exc, permanent):
+    if isinstance(exc, TrainingSetupError | ModelCodeError | DataError):  # permanent, without the phase yet
+        text = str(getattr(exc, "message", None) or exc) or type(exc).__name__
         return PermanentError(f"{phase}: {text}")
+    if isinstance(exc, PermanentError | TemporaryError):  # the job's own, already phrased
+        return exc
     return TemporaryError(f"{phase}: {training.short_message(exc)}")
 
 
@@ -553,7 +545,7 @@ async def _report_failure(api: TrainingApi, reporter: Reporter, deployment_id: i
         return 1
     if outcome.get("status") != "accepted":
         log.error("the failure report was rejected: %s", outcome.get("reason"))
-    return error.exit_code
+    return exit_code(error)
 
 
 # -- the CLI ------------------------------------------------------------------------------------------------

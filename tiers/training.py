@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from tierflow.streams.errors import PermanentError
 from tierflow.tiers.data import reshape_for
 from tierflow.tiers.keras_code import load_keras as _tf_and_keras
 
@@ -57,7 +58,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 MAX_REASON_CHARS = 1000
 
 
-class TrainingSetupError(ValueError):
+class TrainingSetupError(PermanentError, ValueError):
     """The models, the data and the deployment's options cannot train together; the message says what to change.
 
     Permanent: retrying the same training fails the same way.

@@ -75,6 +75,8 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from tierflow.streams.errors import PermanentError
+
 Array = npt.NDArray[Any]
 Headers = list[tuple[str, bytes]]
 #: Where a sample originally entered the chain: (topic, partition, offset, index in that record).
@@ -93,8 +95,10 @@ _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _HINT_DTYPES = ("float32", "float64", "float16", "uint8", "int32", "int64")
 
 
-class WireError(ValueError):
-    """A record (or an argument) that does not follow the wire format; the message says what is wrong."""
+class WireError(PermanentError, ValueError):
+    """A record (or an argument) that does not follow the wire format; the message says what is wrong.
+
+    Permanent: the record is dead-lettered, never retried."""
 
 
 class RecordLike(Protocol):

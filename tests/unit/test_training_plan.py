@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.settings import Settings
 from tierflow.tiers.data import DataError
 from tierflow.tiers.keras_code import ModelCodeError
 from tierflow.tiers.train_job import (
     ApiNotFound,
-    PermanentError,
-    TemporaryError,
     chain_order,
     classify,
     describe_progress,
