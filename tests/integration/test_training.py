@@ -24,7 +24,8 @@ from tierflow.tiers import training
 from tierflow.tiers.data import InputConfig, decode_raw
 from tierflow.tiers.datasets import load_digits
 from tierflow.tiers.keras_code import build_model
-from tierflow.tiers.train_job import ApiNotFound, HttpTrainingApi, run_training
+from tierflow.tiers.train_io import ApiNotFound, HttpTrainingApi
+from tierflow.tiers.train_job import run_training
 from tierflow.tiers.training import Metrics, TrainingOptions
 
 JSON = dict[str, Any]

@@ -23,19 +23,9 @@ from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.settings import Settings
 from tierflow.tiers.data import DataError
 from tierflow.tiers.keras_code import ModelCodeError
-from tierflow.tiers.train_job import (
-    ApiNotFound,
-    chain_order,
-    classify,
-    describe_progress,
-    latest_datasource,
-    make_plan,
-    parse_ids,
-    progress_payload,
-    register,
-    run_cli,
-    run_training,
-)
+from tierflow.tiers.train_io import ApiNotFound
+from tierflow.tiers.train_job import classify, parse_ids, register, run_cli, run_training
+from tierflow.tiers.train_plan import chain_order, describe_progress, latest_datasource, make_plan, progress_payload
 from tierflow.tiers.training import (
     Artefact,
     TrainingOptions,
