@@ -29,9 +29,7 @@ import orjson
 from fastavro import parse_schema, schemaless_reader
 
 from tierflow.streams.errors import PermanentError
-
-# TensorFlow's names that numpy reads differently (Kafka-ML decodes with tf.io.decode_raw).
-_TF_ALIASES = {"float": "float32", "half": "float16", "double": "float64"}
+from tierflow.tiers.wire import WireError, parse_dtype, shape_text
 
 
 class DataError(PermanentError, ValueError):
@@ -47,16 +45,12 @@ class DataError(PermanentError, ValueError):
         self.index = index
 
 
-def parse_dtype(name: str, what: str) -> np.dtype[Any]:
-    """A numeric numpy dtype (little-endian, as tf.io.decode_raw reads) from Kafka-ML's type name."""
-    text = _TF_ALIASES.get(name.strip().lower(), name.strip().lower())
+def _dtype(name: str, what: str) -> np.dtype[Any]:
+    """Kafka-ML's type name read by the one dtype parser (`wire.parse_dtype`), as a DataError when it is bad."""
     try:
-        dtype = np.dtype(text)
-    except TypeError:
-        raise DataError(f"{what} {name!r} is not a numeric type (e.g. uint8, int64, float32)") from None
-    if dtype.kind not in "biuf":
-        raise DataError(f"{what} {name!r} is not a numeric type (e.g. uint8, int64, float32)")
-    return dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
+        return parse_dtype(name, what)
+    except WireError as exc:
+        raise DataError(str(exc)) from None
 
 
 def parse_shape(spec: Any, what: str) -> tuple[int, ...] | None:
@@ -78,13 +72,6 @@ def parse_shape(spec: Any, what: str) -> tuple[int, ...] | None:
     if any(d == 0 or d < -1 for d in dims) or dims.count(-1) > 1:
         raise DataError(f"{what} {spec!r}: dimensions must be positive (one -1 may stand for 'the rest')")
     return dims
-
-
-def shape_text(shape: Sequence[int | None] | None) -> str:
-    """28x28, or 'scalar' for ()."""
-    if shape is None:
-        return "(any shape)"
-    return "x".join("?" if d is None or d == -1 else str(d) for d in shape) or "scalar"
 
 
 def parse_scheme(raw: Any, what: str) -> dict[str, Any] | None:
@@ -133,7 +120,7 @@ class InputConfig:
             if value is not None:
                 if not isinstance(value, str):
                     raise DataError(f"input_config.{name} must be a type name like 'uint8', got {value!r}")
-                parse_dtype(value, f"input_config.{name}")
+                _dtype(value, f"input_config.{name}")
         return cls(
             data_type=data_type or None,
             label_type=label_type or None,
@@ -253,8 +240,8 @@ class RawBuilder:
             raise DataError("input_config has no data_type: the sink must say how to read the samples (e.g. uint8)")
         if cfg.label_type is None:
             raise DataError("input_config has no label_type: the sink must say how to read the labels (e.g. uint8)")
-        self.x = _Part(parse_dtype(cfg.data_type, "data_type"), cfg.data_reshape, "value")
-        self.y = _Part(parse_dtype(cfg.label_type, "label_type"), cfg.label_reshape, "label")
+        self.x = _Part(_dtype(cfg.data_type, "data_type"), cfg.data_reshape, "value")
+        self.y = _Part(_dtype(cfg.label_type, "label_type"), cfg.label_reshape, "label")
         self.slots = slots
         self.filled = np.zeros(slots, dtype=bool)
 
@@ -359,7 +346,7 @@ def _append(out: list[Any], value: Any, field: str, index: int, what: str) -> No
 
 def _rows_to_array(rows: list[list[Any]], type_name: str | None, what: str) -> np.ndarray[Any, Any]:
     if not rows:
-        return np.empty((0, 0), dtype=np.float32 if type_name is None else parse_dtype(type_name, what))
+        return np.empty((0, 0), dtype=np.float32 if type_name is None else _dtype(type_name, what))
     width = len(rows[0])
     for i, row in enumerate(rows):
         if len(row) != width:
@@ -367,7 +354,7 @@ def _rows_to_array(rows: list[list[Any]], type_name: str | None, what: str) -> n
                             index=i)
     arr = np.asarray(rows)
     if type_name is not None:
-        return arr.astype(parse_dtype(type_name, f"{what} type"), copy=False)
+        return arr.astype(_dtype(type_name, f"{what} type"), copy=False)
     if arr.dtype.kind == "f":
         return arr.astype(np.float32, copy=False)  # Keras' default float
     return arr

@@ -21,7 +21,7 @@ from fastavro import parse_schema, schemaless_reader
 
 from tierflow.streams.errors import PermanentError
 from tierflow.tiers import wire
-from tierflow.tiers.data import DataError, InputConfig, flatten_record, parse_dtype
+from tierflow.tiers.data import DataError, InputConfig, flatten_record
 from tierflow.tiers.engines import ENGINES, Engine
 
 Array = np.ndarray[Any, Any]
@@ -98,7 +98,7 @@ class TierConfig:
 
     @property
     def group(self) -> str:
-        return self.group_id or f"tierflow-inference-{self.inference_id}-tier-{self.tier_index}"
+        return self.group_id or wire.tier_group(self.inference_id, self.tier_index)
 
     @property
     def upper_servers(self) -> str:
@@ -122,7 +122,7 @@ def avro_decoder(cfg: InputConfig) -> Callable[[bytes], Array]:
         raise TierConfigError("input_format AVRO needs input_config.data_scheme")
     schema = parse_schema(cfg.data_scheme)
     fields = [str(f["name"]) for f in cfg.data_scheme["fields"]]
-    dtype = parse_dtype(cfg.data_type, "data_type") if cfg.data_type else np.dtype(np.float32)
+    dtype = wire.parse_dtype(cfg.data_type, "data_type") if cfg.data_type else np.dtype(np.float32)
 
     def decode(value: bytes) -> Array:
         try:
@@ -155,7 +155,7 @@ def input_spec(config: TierConfig, engine: Engine) -> wire.InputSpec:
         if raw_shape is not None and -1 in raw_shape:
             known = math.prod(d for d in raw_shape if d != -1)
             raw_shape = tuple(count // known if d == -1 else d for d in raw_shape)
-        return wire.InputSpec(shape, dtype=engine.input_dtype, raw_dtype=parse_dtype(cfg.data_type, "data_type"),
+        return wire.InputSpec(shape, dtype=engine.input_dtype, raw_dtype=wire.parse_dtype(cfg.data_type, "data_type"),
                               raw_shape=raw_shape)
     except (wire.WireError, DataError) as exc:
         raise TierConfigError(f"input_config does not fit the model of {config.name}: {exc}") from exc
