@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tierflow.streams.errors import PermanentError
+from tierflow.streams.statuses import FINAL_STATUSES
 from tierflow.tiers.training import Metrics
 
 JSON = dict[str, Any]
-
-FINAL_STATUSES = frozenset({"finished", "failed", "stopped"})
 
 
 def model_label(version: Mapping[str, Any]) -> str:
