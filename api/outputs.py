@@ -1,56 +1,39 @@
 """Reading an inference's output topic for the API: the latest predictions and the per-tier statistics.
 
 Called by the inference routes (`GET /inferences/{id}/predictions` and `/stats`). Outputs are JSON records
-written by the tier agents (tiers/wire.py): Kafka-ML's `{"values": [...]}` plus tierflow's fields. A record
-holds one sample, or a batch (`classes`, `confidences`, `origins` lists) when its input record did; both are
-flattened here into one entry per sample. Statistics are computed over the latest outputs (a window), so
-they describe recent traffic: exit distribution per tier, throughput, and latency percentiles.
+written by the tier agents: Kafka-ML's `{"values": [...]}` plus tierflow's fields, one sample or a batch per
+record. They are read by the one reader of that format (`tiers/wire.py: answer_fields`) and shown here as
+one entry per sample, each field as the record holds it (null where it has none). Statistics are computed
+over the latest outputs (a window), so they describe recent traffic: exit distribution per tier,
+throughput, and latency percentiles.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tierflow.streams import kafka as kio
 from tierflow.streams.settings import KafkaSettings
+from tierflow.tiers import wire
+
+# Re-exported while deploy/demo.py imports it from here; its home is tiers/wire.py.
+from tierflow.tiers.wire import percentile as percentile
 
 JSON = dict[str, Any]
 
 
 def flatten_output(value: bytes, timestamp_ms: int | None) -> list[JSON]:
-    """One entry per sample: {tier, class, confidence, values, origin, latency_ms, timestamp_ms}."""
+    """One entry per sample: {tier, class, confidence, values, origin, latency_ms, timestamp_ms}; none for a
+    record that is not an output record."""
     try:
-        obj = orjson.loads(value)
-    except orjson.JSONDecodeError:
+        samples = wire.answer_fields(value)
+    except wire.WireError:
         return []
-    if not isinstance(obj, dict) or "values" not in obj:
-        return []
-    tier = obj.get("tier", obj.get("exit"))
-    if isinstance(obj.get("classes"), list):
-        n = len(obj["classes"])
-
-        def at(name: str, i: int) -> Any:
-            seq = obj.get(name)
-            return seq[i] if isinstance(seq, list) and i < len(seq) else None
-
-        return [{"tier": tier, "class": obj["classes"][i], "confidence": at("confidences", i),
-                 "values": at("values", i), "origin": at("origins", i), "latency_ms": at("latencies_ms", i),
-                 "timestamp_ms": timestamp_ms} for i in range(n)]
-    return [{"tier": tier, "class": obj.get("class"), "confidence": obj.get("confidence"), "values": obj["values"],
-             "origin": obj.get("origin"), "latency_ms": obj.get("latency_ms"), "timestamp_ms": timestamp_ms}]
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    k = (len(sorted_values) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+    return [{"tier": s.tier, "class": s.cls, "confidence": s.confidence, "values": s.values, "origin": s.origin,
+             "latency_ms": s.latency_ms, "timestamp_ms": timestamp_ms} for s in samples]
 
 
 def statistics(samples: list[JSON], tiers: int) -> JSON:

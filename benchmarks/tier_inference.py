@@ -59,7 +59,7 @@ from tierflow.deploy import services
 from tierflow.streams import kafka as kio
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import TopicSpec, ensure_topics
-from tierflow.tiers import tier_agent, wire
+from tierflow.tiers import tier_agent, tier_config, wire
 
 SNIPPETS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kafka_ml_models"
 CHAIN = ("edge", "fog", "cloud")
@@ -598,7 +598,7 @@ async def main(args: argparse.Namespace) -> int:
         print(f"chain built and exported (.keras, .tflite) in {time.perf_counter() - t0:.1f} s", flush=True)
         print(f"settings: max_batch {args.max_batch}, linger_ms {args.linger_ms:g}, fetch_max_wait_ms "
               f"{args.fetch_wait_ms} (agents and clients), commit_interval_ms "
-              f"{tier_agent.TierConfig.commit_interval_ms:g}, check_crcs {'on' if args.check_crcs else 'off'}, "
+              f"{tier_config.TierConfig.commit_interval_ms:g}, check_crcs {'on' if args.check_crcs else 'off'}, "
               f"inline up to {tier_agent.INLINE_SAMPLES} samples, "
               f"{args.per_record} samples per batched record; a fresh broker for (a), for each agent of (b) and "
               "for the latency runs", flush=True)

@@ -28,12 +28,14 @@ import numpy as np
 import orjson
 from fastavro import parse_schema, schemaless_reader
 
-# TensorFlow's names that numpy reads differently (Kafka-ML decodes with tf.io.decode_raw).
-_TF_ALIASES = {"float": "float32", "half": "float16", "double": "float64"}
+from tierflow.streams.errors import PermanentError
+from tierflow.tiers.wire import WireError, parse_dtype, shape_text
 
 
-class DataError(ValueError):
+class DataError(PermanentError, ValueError):
     """Training data that cannot be decoded as announced; the message says what and where.
+
+    Permanent: the same records fail the same way until the sink sends them differently.
 
     `index` is the position of the offending record in the decoded list, when one record is at fault.
     """
@@ -43,16 +45,12 @@ class DataError(ValueError):
         self.index = index
 
 
-def parse_dtype(name: str, what: str) -> np.dtype[Any]:
-    """A numeric numpy dtype (little-endian, as tf.io.decode_raw reads) from Kafka-ML's type name."""
-    text = _TF_ALIASES.get(name.strip().lower(), name.strip().lower())
+def _dtype(name: str, what: str) -> np.dtype[Any]:
+    """Kafka-ML's type name read by the one dtype parser (`wire.parse_dtype`), as a DataError when it is bad."""
     try:
-        dtype = np.dtype(text)
-    except TypeError:
-        raise DataError(f"{what} {name!r} is not a numeric type (e.g. uint8, int64, float32)") from None
-    if dtype.kind not in "biuf":
-        raise DataError(f"{what} {name!r} is not a numeric type (e.g. uint8, int64, float32)")
-    return dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
+        return parse_dtype(name, what)
+    except WireError as exc:
+        raise DataError(str(exc)) from None
 
 
 def parse_shape(spec: Any, what: str) -> tuple[int, ...] | None:
@@ -74,13 +72,6 @@ def parse_shape(spec: Any, what: str) -> tuple[int, ...] | None:
     if any(d == 0 or d < -1 for d in dims) or dims.count(-1) > 1:
         raise DataError(f"{what} {spec!r}: dimensions must be positive (one -1 may stand for 'the rest')")
     return dims
-
-
-def shape_text(shape: Sequence[int | None] | None) -> str:
-    """28x28, or 'scalar' for ()."""
-    if shape is None:
-        return "(any shape)"
-    return "x".join("?" if d is None or d == -1 else str(d) for d in shape) or "scalar"
 
 
 def parse_scheme(raw: Any, what: str) -> dict[str, Any] | None:
@@ -129,7 +120,7 @@ class InputConfig:
             if value is not None:
                 if not isinstance(value, str):
                     raise DataError(f"input_config.{name} must be a type name like 'uint8', got {value!r}")
-                parse_dtype(value, f"input_config.{name}")
+                _dtype(value, f"input_config.{name}")
         return cls(
             data_type=data_type or None,
             label_type=label_type or None,
@@ -249,8 +240,8 @@ class RawBuilder:
             raise DataError("input_config has no data_type: the sink must say how to read the samples (e.g. uint8)")
         if cfg.label_type is None:
             raise DataError("input_config has no label_type: the sink must say how to read the labels (e.g. uint8)")
-        self.x = _Part(parse_dtype(cfg.data_type, "data_type"), cfg.data_reshape, "value")
-        self.y = _Part(parse_dtype(cfg.label_type, "label_type"), cfg.label_reshape, "label")
+        self.x = _Part(_dtype(cfg.data_type, "data_type"), cfg.data_reshape, "value")
+        self.y = _Part(_dtype(cfg.label_type, "label_type"), cfg.label_reshape, "label")
         self.slots = slots
         self.filled = np.zeros(slots, dtype=bool)
 
@@ -323,7 +314,8 @@ def decode_raw(values: Sequence[bytes | None], keys: Sequence[bytes | None],
 
 # --- AVRO ---------------------------------------------------------------------------------------------
 
-def _flatten(record: Mapping[str, Any], fields: Sequence[str], index: int, what: str) -> list[Any]:
+def flatten_record(record: Mapping[str, Any], fields: Sequence[str], index: int, what: str) -> list[Any]:
+    """The numbers of an Avro record's `fields`, in order, as one flat list (also the tiers' AVRO input)."""
     out: list[Any] = []
     for name in fields:
         _append(out, record.get(name), name, index, what)
@@ -354,7 +346,7 @@ def _append(out: list[Any], value: Any, field: str, index: int, what: str) -> No
 
 def _rows_to_array(rows: list[list[Any]], type_name: str | None, what: str) -> np.ndarray[Any, Any]:
     if not rows:
-        return np.empty((0, 0), dtype=np.float32 if type_name is None else parse_dtype(type_name, what))
+        return np.empty((0, 0), dtype=np.float32 if type_name is None else _dtype(type_name, what))
     width = len(rows[0])
     for i, row in enumerate(rows):
         if len(row) != width:
@@ -362,7 +354,7 @@ def _rows_to_array(rows: list[list[Any]], type_name: str | None, what: str) -> n
                             index=i)
     arr = np.asarray(rows)
     if type_name is not None:
-        return arr.astype(parse_dtype(type_name, f"{what} type"), copy=False)
+        return arr.astype(_dtype(type_name, f"{what} type"), copy=False)
     if arr.dtype.kind == "f":
         return arr.astype(np.float32, copy=False)  # Keras' default float
     return arr
@@ -419,16 +411,16 @@ def decode_avro(values: Sequence[bytes | None], keys: Sequence[bytes | None],
                             index=i) from None
         if not isinstance(record, Mapping):
             raise DataError(f"record {i}: data_scheme must describe a record", index=i)
-        xs.append(_flatten(record, x_fields, i, "data"))
+        xs.append(flatten_record(record, x_fields, i, "data"))
         if in_value:
-            ys.append(_flatten(record, label_fields, i, "label"))
+            ys.append(flatten_record(record, label_fields, i, "label"))
         else:
             try:
                 label = schemaless_reader(io.BytesIO(cast(bytes, keys[i])), label_schema, None)
             except Exception as exc:
                 raise DataError(f"record {i}: key is not Avro for label_scheme ({type(exc).__name__}: {exc})",
                                 index=i) from None
-            ys.append(_flatten(cast(Mapping[str, Any], label), label_fields, i, "label"))
+            ys.append(flatten_record(cast(Mapping[str, Any], label), label_fields, i, "label"))
     x = _rows_to_array(xs, cfg.data_type, "data")
     y = _rows_to_array(ys, cfg.label_type, "label")
     if cfg.data_reshape is not None:

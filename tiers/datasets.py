@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from tierflow.streams.errors import PermanentError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ("fashion-mnist", "digits", "digits-8x8", "npz:PATH")
 
@@ -30,8 +32,8 @@ NAMES = ("fashion-mnist", "digits", "digits-8x8", "npz:PATH")
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be loaded; the message says how to get it."""
+class DatasetError(PermanentError, ValueError):
+    """A dataset that cannot be loaded; the message says how to get it (retrying without that cannot help)."""
 
 
 @dataclass(frozen=True)

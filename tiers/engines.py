@@ -36,6 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from tierflow.streams.errors import PermanentError
+
 log = logging.getLogger("tierflow.engines")
 
 Array = npt.NDArray[Any]
@@ -45,8 +47,8 @@ ENGINES = ("keras", "litert")
 _PROBABILITY_OPS = frozenset({"SOFTMAX", "LOGISTIC"})
 
 
-class EngineError(RuntimeError):
-    """The model cannot be served: the message says what is wrong with it and what to do."""
+class EngineError(PermanentError, RuntimeError):
+    """The model cannot be served: the message says what is wrong with it and what to do (a restart cannot help)."""
 
 
 class Engine(Protocol):
@@ -101,13 +103,13 @@ class KerasEngine:
             raise EngineError(f"model '{getattr(model, 'name', '?')}' must take exactly one input tensor, it takes "
                               f"{len(inputs or [])}")
         self.model = model
-        self._input_shape = _sample_shape(inputs[0].shape.as_list(), f"model '{model.name}'")
-        self._input_dtype: np.dtype[Any] = np.dtype(inputs[0].dtype.as_numpy_dtype)
-        self._n_outputs = len(model.outputs)
-        spec = tf.TensorSpec([None, *self._input_shape], inputs[0].dtype)
+        self.input_shape = _sample_shape(inputs[0].shape.as_list(), f"model '{model.name}'")
+        self.input_dtype: np.dtype[Any] = np.dtype(inputs[0].dtype.as_numpy_dtype)
+        self.n_outputs = len(model.outputs)
+        spec = tf.TensorSpec([None, *self.input_shape], inputs[0].dtype)
         # One trace for every batch size: a relaxed batch dimension in the signature.
         self._call = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-        self.predict(np.zeros((1, *self._input_shape), dtype=self._input_dtype))  # trace now, not on traffic
+        self.predict(np.zeros((1, *self.input_shape), dtype=self.input_dtype))  # trace now, not on traffic
 
     @classmethod
     def from_artefact(cls, data: bytes) -> KerasEngine:
@@ -122,18 +124,6 @@ class KerasEngine:
     @classmethod
     def from_path(cls, path: Path | str) -> KerasEngine:
         return cls.from_artefact(Path(path).read_bytes())
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._input_shape
-
-    @property
-    def input_dtype(self) -> np.dtype[Any]:
-        return self._input_dtype
-
-    @property
-    def n_outputs(self) -> int:
-        return self._n_outputs
 
     def predict(self, x: Array) -> list[Array]:
         out = self._call(x)
@@ -181,8 +171,8 @@ class LiteRTEngine:
             raise EngineError(f"the LiteRT model takes {len(inputs)} inputs; a tier sub-model takes exactly one")
         signature = inputs[0].get("shape_signature", inputs[0]["shape"])
         self._input_index = int(inputs[0]["index"])
-        self._input_shape = _sample_shape([int(d) for d in signature], "the LiteRT model")
-        self._input_dtype: np.dtype[Any] = np.dtype(inputs[0]["dtype"])
+        self.input_shape = _sample_shape([int(d) for d in signature], "the LiteRT model")
+        self.input_dtype: np.dtype[Any] = np.dtype(inputs[0]["dtype"])
         details = self._it.get_output_details()
         if not 1 <= len(details) <= 2:
             raise EngineError(f"the LiteRT model has {len(details)} outputs; a tier sub-model has 1 (top) or 2 "
@@ -194,14 +184,6 @@ class LiteRTEngine:
     @classmethod
     def from_path(cls, path: Path | str, *, num_threads: int | None = None) -> LiteRTEngine:
         return cls(Path(path).read_bytes(), num_threads=num_threads)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._input_shape
-
-    @property
-    def input_dtype(self) -> np.dtype[Any]:
-        return self._input_dtype
 
     @property
     def n_outputs(self) -> int:
@@ -225,7 +207,7 @@ class LiteRTEngine:
 
     def _rows_summing_to_one(self, outputs: list[int]) -> list[int]:
         rng = np.random.default_rng(0)
-        probe = rng.random((4, *self._input_shape)).astype(self._input_dtype)
+        probe = rng.random((4, *self.input_shape)).astype(self.input_dtype)
         values = self._run(probe, outputs)
         found = []
         for index, value in zip(outputs, values, strict=True):
@@ -237,10 +219,10 @@ class LiteRTEngine:
     def _run(self, x: Array, outputs: list[int]) -> list[Array]:
         with self._lock:
             if len(x) != self._batch:
-                self._it.resize_tensor_input(self._input_index, [len(x), *self._input_shape])
+                self._it.resize_tensor_input(self._input_index, [len(x), *self.input_shape])
                 self._it.allocate_tensors()
                 self._batch = len(x)
-            self._it.set_tensor(self._input_index, np.ascontiguousarray(x, dtype=self._input_dtype))
+            self._it.set_tensor(self._input_index, np.ascontiguousarray(x, dtype=self.input_dtype))
             self._it.invoke()
             # get_tensor copies: the next invoke reuses the interpreter's buffers.
             return [np.asarray(self._it.get_tensor(i)) for i in outputs]

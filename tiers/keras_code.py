@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from tierflow.streams.errors import PermanentError
+
 #: Filenames the user's code is compiled under, so tracebacks and SyntaxErrors point into it.
 CODE_FILENAME = "<model code>"
 IMPORTS_FILENAME = "<model imports>"
@@ -37,7 +39,7 @@ _T = TypeVar("_T")
 Shape = list[int | None]
 
 
-class ModelCodeError(Exception):
+class ModelCodeError(PermanentError):
     """The user's model code is wrong; the message says what and, where known, on which line.
 
     `line` is the 1-based line in the model code (or in the imports text when `where` says so);

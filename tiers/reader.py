@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 
 from tierflow.streams import kafka as kio
+from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import KafkaSettings
 from tierflow.tiers.data import DataError, InputConfig, RawBuilder, decode
 
@@ -41,8 +42,11 @@ FETCH_OPTIONS: dict[str, Any] = {
 }
 
 
-class DataUnavailable(RuntimeError):
-    """The broker no longer has (or never had) the announced records; the message says what to do."""
+class DataUnavailable(TierflowError, RuntimeError):
+    """The broker no longer has (or never had) the announced records; the message says what to do.
+
+    Neither permanent nor temporary by itself: the training job reports it as a temporary failure (the
+    user may send the data again), as it reports a broker it cannot reach."""
 
 
 @dataclass(frozen=True)

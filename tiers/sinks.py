@@ -38,7 +38,9 @@ import numpy as np
 import orjson
 from fastavro import parse_schema, schemaless_writer
 
-from tierflow.tiers.data import DataError, InputConfig, parse_dtype, parse_scheme, parse_shape, shape_text
+from tierflow.streams.errors import TierflowError
+from tierflow.tiers.data import DataError, InputConfig, parse_scheme, parse_shape
+from tierflow.tiers.wire import WireError, parse_dtype, shape_text
 
 with warnings.catch_warnings():
     # kafka-python 3 loads its protocol schemas with importlib.resources.read_text, deprecated since
@@ -55,8 +57,9 @@ _DRAIN_EVERY = 20_000  # resolved acknowledgements are folded into the ranges th
 _TIMEOUT_S = 60.0
 
 
-class SinkError(RuntimeError):
-    """The sink cannot send or announce its data; the message says what to do."""
+class SinkError(TierflowError, RuntimeError):
+    """The sink cannot send or announce its data; the message says what to do (fix the call, or start the
+    broker and send again)."""
 
 
 def deployment_key(deployment_id: int) -> bytes:
@@ -303,7 +306,7 @@ class RawSink(_Sink):
             self._label_dtype = parse_dtype(label_type, "label_type") if label_type else None
             self._data_shape = parse_shape(data_reshape, "data_reshape")
             self._label_shape = parse_shape(label_reshape, "label_reshape")
-        except DataError as exc:
+        except (DataError, WireError) as exc:
             raise ValueError(str(exc)) from None
         if self._data_shape is not None and -1 in self._data_shape:
             raise ValueError("data_reshape must be the exact sample shape (no -1)")

@@ -1,8 +1,8 @@
-"""The tier agent: one Faust app that serves tier K of an inference (early exit or forward, per sample).
+"""The tier's batching loop (`TierAgent`): one tier of an inference, early exit or forward, per sample.
 
-Started by `tierflow tier run` (`tierflow.tiers.tier_cli`), which the orchestrator launches once per tier
-and replica (a local process, or a pod of a Kubernetes Deployment), or by hand on a device. Tests and
-benchmarks start it in-process with `create_app(...)` + `await app.start()`.
+Run by the tier's Faust app (`tierflow.tiers.tier_app`, whose service calls `run()` and, on SIGTERM,
+`request_stop()`); its config comes from `tierflow.tiers.tier_config`, its numbers go to
+`tierflow.tiers.tier_metrics`, its records are read and written by `tierflow.tiers.wire`.
 
 What it does, per batch: take the records available on the input topic (up to `max_batch`, waiting at most
 `linger_ms` for more; 0 = never wait for a batch to fill), decode them (`tiers.wire`), run the sub-model
@@ -11,70 +11,51 @@ route each sample (`max(p) >= limit` -> an answer on the output topic, else its 
 the top tier answers everything), produce, and commit a batch's offsets only once every record it
 produced (answers, forwards, dead letters) is acknowledged, at most every `commit_interval_ms`:
 at-least-once, and a redelivered sample's answer is recognisable by its origin. Records that cannot be
-decoded go to the dead-letter topic with the reason; bad input never stops the agent. SIGTERM lets the
-in-flight batches finish, their records acknowledged and their offsets committed, before the consumer
+decoded go to the dead-letter topic with the reason; bad input never stops the agent. A stop request lets
+the in-flight batches finish, their records acknowledged and their offsets committed, before the consumer
 leaves its group.
 
 While the model thread computes one batch, the loop decodes the next (already fetched) and produces the
 previous one; with nothing in flight a small batch runs on the loop itself (no thread hop), so a light
 stream pays neither a batch-filling wait nor a thread switch.
 
-Why a Faust app around an aiokafka consumer, not a Faust stream agent: a Faust agent costs ~150-250 us per
-record here (`async for` or `take()`), which bounds a tier fed one sample per record to ~5k records/s, and
-its worker consumer hardcodes `fetch_max_wait_ms=1500`, which Tansu turns into 1.5 s per hop. So the Faust
-app (worker lifecycle, signals, logging, the web server) runs a service that owns an aiokafka consumer in
-the tier's group (`tierflow-inference-<id>-tier-<k>`: replicas share partitions, a restarted agent resumes
-from the committed offset), polled with `getmany` and the settings' short fetch wait; the app's own Kafka
-consumer and producer are off (`enable_kafka = False`). Measured with `benchmarks/tier_inference.py` (2 cores,
-Tansu on the same machine, edge model, 28x28 inputs, half answered and half forwarded): one sample per record
-30-55k records/s, 64-sample records 33-47k samples/s, against ~68k samples/s for the model alone (LiteRT or
-Keras); the tier process spends 22-30 us of CPU per sample of 64-sample records (uint8 .. float32), the
-model ~15 of them. The process keeps freed heap memory for the next batch (`keep_freed_memory`): without it
-the megabyte buffers of every fetch touched fresh pages, which cost float32 inputs a third of their rate.
-
-HTTP (the Faust app's web server, on `TierConfig.port`, 0 = a free port): `GET /healthz` (alive),
-`GET /readyz` (model loaded and consumer in its group; the body says which part is missing) and
-`GET /metrics` (Prometheus: records, samples, answered, forwarded, dead-lettered, batch sizes, latency from
-the input to this tier's answer, this tier's processing time, model time).
+The consumer is the tier's own aiokafka consumer in the tier's group (`tierflow-inference-<id>-tier-<k>`:
+replicas share partitions, a restarted agent resumes from the committed offset), polled with `getmany` and
+the settings' short fetch wait (why not a Faust stream agent: see `tier_app`). Measured with
+`benchmarks/tier_inference.py` (2 cores, Tansu on the same machine, edge model, 28x28 inputs, half answered
+and half forwarded): one sample per record 30-55k records/s, 64-sample records 33-47k samples/s, against
+~68k samples/s for the model alone (LiteRT or Keras); the tier process spends 22-30 us of CPU per sample of
+64-sample records (uint8 .. float32), the model ~15 of them. The process keeps freed heap memory for the
+next batch (`tier_app.keep_freed_memory`): without it the megabyte buffers of every fetch touched fresh
+pages, which cost float32 inputs a third of their rate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import logging
-import math
-import shutil
 import sys
-import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, cast
+from dataclasses import dataclass, replace
+from typing import Any
 
-import faust
 import numpy as np
-import orjson
-from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
-from faust.app.base import BootStrategy
-from mode import Service
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry
 
 from tierflow.streams import kafka as kio
+from tierflow.streams.errors import PermanentError
 from tierflow.streams.settings import KafkaSettings
 from tierflow.tiers import wire
-from tierflow.tiers.data import DataError, InputConfig, parse_dtype
-from tierflow.tiers.engines import ENGINES, Engine, EngineError, load_engine
+from tierflow.tiers.engines import Engine, load_engine
+from tierflow.tiers.tier_config import TierConfig, TierConfigError, input_spec
+from tierflow.tiers.tier_metrics import TierMetrics, TierStats
 
 log = logging.getLogger("tierflow.tier")
 
@@ -89,230 +70,6 @@ INLINE_SAMPLES = 8
 PIPELINE_DEPTH = 2
 #: Batches whose records may await acknowledgement while the next batch is processed.
 MAX_IN_FLIGHT = 4
-#: How long SIGTERM waits for the in-flight batch to be produced, acknowledged and committed.
-DRAIN_TIMEOUT_S = 30.0
-_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-_TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class TierConfigError(ValueError):
-    """The tier cannot be served as configured; the message names the setting."""
-
-
-@dataclass(frozen=True)
-class TierConfig:
-    """Everything one tier agent needs. Built by `tier_cli` from the API's inference or from flags."""
-
-    inference_id: int
-    tier_index: int
-    top: bool
-    input_topic: str
-    output_topic: str
-    upper_topic: str | None
-    limit: float
-    #: The tier's own cluster: input topic, output topic (unless `output_bootstrap_servers`), dead letters.
-    bootstrap_servers: str
-    #: The NEXT tier's cluster, where forwarded tensors go ("" = `bootstrap_servers`).
-    upper_bootstrap_servers: str = ""
-    #: Where answers go ("" = `bootstrap_servers`).
-    output_bootstrap_servers: str = ""
-    #: How header-less records are read on a first tier: RAW (`input_config` data_type/data_reshape) or AVRO
-    #: (`input_config` data_scheme). Without an input_config they are float32 of the model's input shape.
-    input_format: str = "RAW"
-    input_config: InputConfig | None = None
-    #: The model artefact: a file path, or its bytes (`.keras`/`.h5` for "keras", `.tflite` for "litert").
-    model: Path | bytes = field(default=b"", repr=False)
-    engine: str = "keras"
-    #: Most records taken per poll, and most samples per model call (bigger polls run in chunks).
-    max_batch: int = 256
-    #: How long a poll may wait for more records to fill a batch; 0 = take what is there.
-    linger_ms: float = 0.0
-    port: int = 8000
-    host: str = "0.0.0.0"
-    #: Consumer group; "" = `tierflow-inference-<inference_id>-tier-<tier_index>`.
-    group_id: str = ""
-    #: Least time between two offset commits (a commit per batch costs the broker and the tier CPU at light
-    #: traffic); acknowledged batches are committed at the latest when the topic goes idle, on a rebalance
-    #: and on SIGTERM. After a crash, at most this much of answered input is answered again.
-    commit_interval_ms: float = 100.0
-    #: Verify each fetched record batch's CRC (Kafka's `check.crcs`). Off, as librdkafka's default, saves ~2-3 us
-    #: per float32 28x28 sample on this machine (aiokafka's CRC-32C runs at ~1.6 GB/s on the event loop); the
-    #: broker checks CRCs on produce and TCP checksums the wire, so what is left undetected is corruption at
-    #: rest on the broker. `tierflow tier run --check-crcs` turns it on.
-    check_crcs: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.input_topic or not self.output_topic:
-            raise TierConfigError("a tier needs an input topic and an output topic")
-        if not self.top and not self.upper_topic:
-            raise TierConfigError(f"tier {self.tier_index} is not the top tier: it needs an upper topic to forward "
-                                  "to (or serve it as the top tier)")
-        if not self.bootstrap_servers:
-            raise TierConfigError("no bootstrap servers for the tier's input topic")
-        if not (math.isfinite(self.limit) and self.limit >= 0):
-            raise TierConfigError(f"limit {self.limit} must be a number >= 0 (> 1 forwards every sample)")
-        if self.engine not in ENGINES:
-            raise TierConfigError(f"engine {self.engine!r} must be one of {', '.join(ENGINES)}")
-        if self.max_batch < 1:
-            raise TierConfigError(f"max_batch {self.max_batch} must be >= 1")
-        if self.linger_ms < 0:
-            raise TierConfigError(f"linger_ms {self.linger_ms} must be >= 0")
-        if self.commit_interval_ms < 0:
-            raise TierConfigError(f"commit_interval_ms {self.commit_interval_ms} must be >= 0")
-        if self.input_format.upper() not in ("RAW", "AVRO"):
-            raise TierConfigError(f"input_format {self.input_format!r} must be RAW or AVRO")
-        if not 0 <= self.port <= 65535:
-            raise TierConfigError(f"port {self.port} is not a TCP port")
-
-    @property
-    def group(self) -> str:
-        return self.group_id or f"tierflow-inference-{self.inference_id}-tier-{self.tier_index}"
-
-    @property
-    def upper_servers(self) -> str:
-        return self.upper_bootstrap_servers or self.bootstrap_servers
-
-    @property
-    def output_servers(self) -> str:
-        return self.output_bootstrap_servers or self.bootstrap_servers
-
-    @property
-    def name(self) -> str:
-        return f"tier {self.tier_index} of inference {self.inference_id}"
-
-
-# -- input decoding set-up ----------------------------------------------------------------------------------
-
-
-def avro_decoder(cfg: InputConfig) -> Callable[[bytes], Array]:
-    """One AVRO value (Kafka-ML's AvroSink data record, no label) -> its flattened sample."""
-    import io
-
-    from fastavro import parse_schema, schemaless_reader
-
-    from tierflow.tiers.data import _flatten
-
-    if cfg.data_scheme is None:
-        raise TierConfigError("input_format AVRO needs input_config.data_scheme")
-    schema = parse_schema(cfg.data_scheme)
-    fields = [str(f["name"]) for f in cfg.data_scheme["fields"]]
-    dtype = parse_dtype(cfg.data_type, "data_type") if cfg.data_type else np.dtype(np.float32)
-
-    def decode(value: bytes) -> Array:
-        try:
-            record = schemaless_reader(io.BytesIO(value), schema, None)
-        except Exception as exc:  # truncated or foreign bytes: fastavro raises EOFError, ValueError, ...
-            raise ValueError(f"value is not Avro for data_scheme ({type(exc).__name__}: {exc})") from None
-        if not isinstance(record, Mapping):
-            raise ValueError("data_scheme must describe a record")
-        try:
-            return np.asarray(_flatten(record, fields, 0, "data"), dtype=dtype)
-        except DataError as exc:
-            raise ValueError(str(exc).removeprefix("record 0: ")) from None
-
-    return decode
-
-
-def input_spec(config: TierConfig, engine: Engine) -> wire.InputSpec:
-    """How this tier reads its input, from its config and its model's input."""
-    shape = engine.input_shape
-    count = math.prod(shape)
-    cfg = config.input_config
-    try:
-        if config.input_format.upper() == "AVRO":
-            if cfg is None:
-                raise TierConfigError("input_format AVRO needs an input_config with data_scheme")
-            return wire.InputSpec(shape, dtype=engine.input_dtype, plain=avro_decoder(cfg))
-        if cfg is None or cfg.data_type is None:
-            return wire.InputSpec(shape, dtype=engine.input_dtype)
-        raw_shape = cfg.data_reshape
-        if raw_shape is not None and -1 in raw_shape:
-            known = math.prod(d for d in raw_shape if d != -1)
-            raw_shape = tuple(count // known if d == -1 else d for d in raw_shape)
-        return wire.InputSpec(shape, dtype=engine.input_dtype, raw_dtype=parse_dtype(cfg.data_type, "data_type"),
-                              raw_shape=raw_shape)
-    except (wire.WireError, DataError) as exc:
-        raise TierConfigError(f"input_config does not fit the model of {config.name}: {exc}") from exc
-
-
-# -- metrics -------------------------------------------------------------------------------------------------
-
-
-class BulkHistogram(Collector):
-    """A Prometheus histogram fed a numpy array at a time (a `Histogram.observe` per sample costs ~3 us, as
-    much as routing the sample)."""
-
-    def __init__(self, name: str, doc: str, labels: Mapping[str, str], buckets: tuple[float, ...],
-                 registry: CollectorRegistry) -> None:
-        self.name, self.doc, self.labels = name, doc, dict(labels)
-        self._bounds = np.asarray(buckets, dtype=np.float64)
-        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)
-        self.sum = 0.0
-        registry.register(self)
-
-    def observe_many(self, values: Array) -> None:
-        if len(values):
-            # Bucket `le=b` counts values <= b: the first bound >= the value.
-            self._counts += np.bincount(np.searchsorted(self._bounds, values, side="left"),
-                                        minlength=len(self._counts))
-            self.sum += float(np.sum(values))
-
-    @property
-    def count(self) -> int:
-        return int(self._counts.sum())
-
-    def collect(self) -> Iterable[Metric]:
-        family = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
-        cumulative = np.cumsum(self._counts).tolist()
-        buckets = [(repr(b), c) for b, c in zip(self._bounds.tolist(), cumulative[:-1], strict=True)]
-        family.add_metric(list(self.labels.values()), [*buckets, ("+Inf", cumulative[-1])], self.sum)
-        yield family
-
-
-class TierMetrics:
-    """The tier's Prometheus metrics, in their own registry (several agents may share a process)."""
-
-    def __init__(self, config: TierConfig, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        names = ("inference", "tier")
-        values = (str(config.inference_id), str(config.tier_index))
-
-        def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, names, registry=self.registry).labels(*values)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, doc, names, registry=self.registry, buckets=buckets).labels(*values)
-
-        self.records = counter("tierflow_tier_records", "Input records consumed")
-        self.samples = counter("tierflow_tier_samples", "Input samples decoded")
-        self.answered = counter("tierflow_tier_answered", "Samples answered by this tier's exit")
-        self.forwarded = counter("tierflow_tier_forwarded", "Samples forwarded to the upper tier")
-        self.deadlettered = counter("tierflow_tier_deadlettered", "Records sent to the dead-letter topic")
-        self.batch_records = histogram("tierflow_tier_batch_records", "Records per consumed batch", _SIZE_BUCKETS)
-        self.batch_samples = histogram("tierflow_tier_batch_samples", "Samples per model call batch", _SIZE_BUCKETS)
-        self.latency = BulkHistogram("tierflow_tier_latency_seconds",
-                                     "From a sample's original input timestamp to this tier's answer",
-                                     dict(zip(names, values, strict=True)), _TIME_BUCKETS, self.registry)
-        self.processing = histogram("tierflow_tier_processing_seconds",
-                                    "From a batch's arrival to the acknowledgement of all it produced", _TIME_BUCKETS)
-        self.model = histogram("tierflow_tier_model_seconds", "Model time per batch", _TIME_BUCKETS)
-
-
-@dataclass
-class TierStats:
-    """Plain counters of what the agent did (tests, logs); the same numbers as the metrics."""
-
-    records: int = 0
-    samples: int = 0
-    answered: int = 0
-    forwarded: int = 0
-    deadlettered: int = 0
-    batches: int = 0
-    #: Records whose offsets were committed (after every record produced for them was acknowledged).
-    committed: int = 0
-
-
-# -- the agent -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -355,6 +112,8 @@ class TierAgent:
         self.joined = False
         self.assignment: set[tuple[str, int]] = set()
         self.failure: str | None = None
+        #: The failure is a PermanentError (a model or config the tier cannot serve fails again on restart);
+        #: anything else (the broker, unacknowledged records) may not.
         self.failure_permanent = False
         self.started = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -448,8 +207,7 @@ class TierAgent:
             await self.settle_all()
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
-            # A model or config the tier cannot serve fails again on restart; anything else (the broker) may not.
-            self.failure_permanent = isinstance(exc, EngineError | TierConfigError)
+            self.failure_permanent = isinstance(exc, PermanentError)
             raise
         finally:
             self.started.set()
@@ -646,180 +404,3 @@ class TierAgent:
                 return  # the main loop raises it
             self._raise_settle_failure()
         await self.commit()
-
-
-# -- the Faust app -------------------------------------------------------------------------------------------
-
-
-class _TierBoot(BootStrategy):
-    #: The agent owns its aiokafka clients (its group, `getmany`, short fetch waits); Faust's stay off.
-    enable_kafka = False
-
-
-class TierApp(faust.App):
-    """The Faust app of one tier; `tier` is its `TierAgent`."""
-
-    BootStrategy = _TierBoot
-    tier: TierAgent
-
-
-class TierService(Service):
-    """Runs the agent with the app; on stop (SIGTERM) lets it drain; on failure stops the worker."""
-
-    def __init__(self, agent: TierAgent, on_failure: Callable[[BaseException], None] | None = None,
-                 datadir: Path | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.agent = agent
-        self.on_failure = on_failure
-        self.datadir = datadir
-        self._task: asyncio.Task[None] | None = None
-
-    async def on_start(self) -> None:
-        self._task = asyncio.ensure_future(self._serve())
-
-    async def _serve(self) -> None:
-        try:
-            await self.agent.run()
-        except Exception as exc:
-            if self.agent.failure_permanent:
-                log.error("%s cannot be served: %s", self.agent.config.name, exc)
-            else:
-                log.exception("%s failed: %s", self.agent.config.name, exc)
-            if self.on_failure is not None:
-                self.on_failure(exc)
-
-    async def on_stop(self) -> None:
-        self.agent.request_stop()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), DRAIN_TIMEOUT_S)
-            except TimeoutError:
-                log.error("%s did not drain within %.0f s", self.agent.config.name, DRAIN_TIMEOUT_S)
-                self._task.cancel()
-        if self.datadir is not None:
-            shutil.rmtree(self.datadir, ignore_errors=True)
-
-
-class TierWeb(Service):
-    """The app's web server (registered with `app.web_server`): health, readiness, metrics."""
-
-    def __init__(self, agent: TierAgent, host: str, port: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.agent = agent
-        self.host = host
-        self.port = port
-        self.bound_port: int | None = None
-        self._runner: web.AppRunner | None = None
-
-    async def on_start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        addresses = self._runner.addresses
-        self.bound_port = int(addresses[0][1]) if addresses else self.port
-        log.info("%s: HTTP on %s:%d (/healthz, /readyz, /metrics)", self.agent.config.name, self.host,
-                 self.bound_port)
-
-    async def on_stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        body = {"status": "failed" if self.agent.failure else "ok", "error": self.agent.failure}
-        return web.json_response(body, status=500 if self.agent.failure else 200, dumps=_dumps)
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        return web.json_response(self.agent.status(), status=200 if self.agent.ready else 503, dumps=_dumps)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.agent.metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
-
-
-def create_app(config: TierConfig, kafka: KafkaSettings, *, engine: Engine | None = None,
-               loop: asyncio.AbstractEventLoop | None = None,
-               on_failure: Callable[[BaseException], None] | None = None) -> TierApp:
-    """The Faust app serving `config` (start it with `await app.start()` or a `faust.Worker`).
-
-    `kafka` gives the fetch wait, session timeout and dead-letter topic (its bootstrap servers are replaced
-    by the tier's); `engine` injects a loaded model (tests); `on_failure` is told when the agent dies.
-    """
-    # Faust wants a data directory (tables would live there; a tier has none): a private one, removed on stop.
-    datadir = Path(tempfile.mkdtemp(prefix=f"{config.group}-", suffix="-faust"))
-    app = TierApp(config.group, broker=f"kafka://{config.bootstrap_servers.split(',')[0]}", datadir=str(datadir),
-                  web_enabled=True, loop=loop)
-    agent = TierAgent(config, kafka, engine=engine)
-    app.tier = agent
-    app.web_server(TierWeb(agent, config.host, config.port, loop=loop))
-    # Faust starts an instance as well as a class (App._prepare_subservice); only the decorator's type says class.
-    cast(Any, app.service)(TierService(agent, on_failure, datadir=datadir, loop=loop))
-    return app
-
-
-def web_port(app: TierApp) -> int | None:
-    """The port the app's web server bound (useful with port 0), once started."""
-    service = app._web_server_service
-    return service.bound_port if isinstance(service, TierWeb) else None
-
-
-#: glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-#: Blocks up to this size come from the heap, not from their own mmap (glibc's largest allowed value).
-MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
-#: Freed heap memory the process keeps for the next batches before giving any back to the system.
-MALLOC_TRIM_THRESHOLD = 256 * 1024 * 1024
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep the memory of freed batch buffers for the next batch (True if it could).
-
-    Every batch allocates and frees buffers of megabytes: aiokafka reads each fetch response into a
-    bytearray that grows by 256 KB reads (about 6 MB per response with 64-sample float32 records), the
-    decoded batch, the model's outputs. With glibc's defaults those blocks are mmapped and unmapped, so each
-    batch touches fresh pages, and on this VM a first touch costs up to ~2.5 ms per MB. Measured: reading a
-    6 MB response through asyncio's StreamReader, as aiokafka does, took 8.8-15 ms per response, 3.4 ms with
-    the heap kept. Process-wide, so only the tier's own process (`run_worker`) calls it; a no-op off glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter is linked with
-    except (OSError, AttributeError):  # not glibc: musl and macOS have no mallopt
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
-
-
-def run_worker(config: TierConfig, kafka: KafkaSettings, *, loglevel: str = "INFO") -> int:
-    """Run the tier as a Faust worker until SIGTERM/SIGINT; the process exit code: 0 after a drain, 2 when the
-    model or config cannot be served, 1 when the agent failed otherwise (e.g. records not acknowledged)."""
-    if not keep_freed_memory():
-        log.info("malloc is not glibc's: freed batch buffers go back to the system (slower on some VMs)")
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    worker: Any = None
-
-    def failed(exc: BaseException) -> None:
-        if worker is not None:
-            loop.call_soon(lambda: asyncio.ensure_future(worker.stop()))
-
-    app = create_app(config, kafka, loop=loop, on_failure=failed)
-    worker = faust.Worker(app, loop=loop, loglevel=loglevel, redirect_stdouts=False, override_logging=False,
-                          quiet=True)
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    else:  # pragma: no cover - execute_from_commandline always raises SystemExit
-        code = 0
-    if app.tier.failure:
-        return 2 if app.tier.failure_permanent else 1
-    return code

@@ -33,20 +33,21 @@ from typing import Any
 import orjson
 
 from tierflow.deploy.cli_args import non_negative, port, positive_int
+from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import Settings, SettingsError
+from tierflow.streams.statuses import InferenceStatus
 from tierflow.tiers.data import DataError, InputConfig
 from tierflow.tiers.engines import ENGINES
-from tierflow.tiers.tier_agent import TierConfig, TierConfigError
+from tierflow.tiers.tier_config import TierConfig, TierConfigError
 
 log = logging.getLogger("tierflow.tier")
 
 JSON = dict[str, Any]
 #: The tier's HTTP port when neither --port nor TIERFLOW_TIER_PORT says (WorkloadSettings.tier_port).
 DEFAULT_TIER_PORT = 8000
-ENDED_STATUSES = frozenset({"stopped", "deleted"})
 
 
-class TierSetupError(Exception):
+class TierSetupError(TierflowError):
     """The tier cannot start; `exit_code` says whether a retry could help (1) or not (2)."""
 
     def __init__(self, message: str, exit_code: int = 2) -> None:
@@ -231,7 +232,7 @@ async def config_from_api(api: str, inference_id: int, tier: int, *, default_ser
     """Tier `tier` of inference `inference_id` as the API describes it, with its model downloaded and verified."""
     inference = await fetch_inference(api, inference_id, token)
     status = str(inference.get("status") or "")
-    if status in ENDED_STATUSES:
+    if status == InferenceStatus.STOPPED:  # a deleted inference is a 404 (fetch_inference)
         raise TierSetupError(f"inference {inference_id} is {status}: there is nothing to serve")
     tiers = {int(t["index"]): t for t in inference.get("tiers") or []}
     if tier not in tiers:
@@ -251,7 +252,7 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
     except TierSetupError as exc:
         print(f"tierflow tier run: {exc}", file=sys.stderr)
         return exc.exit_code
-    from tierflow.tiers.tier_agent import run_worker
+    from tierflow.tiers.tier_app import run_worker
 
     return run_worker(config, settings.kafka, loglevel=settings.log_level)
 

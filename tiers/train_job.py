@@ -9,10 +9,11 @@ ReportTrainingProgress per epoch, one ReportTrainingResult per result, or Report
 reason the user can act on). It exits 0 only once its final reports have an outcome
 (`GET /commands/{id}`), 2 when retrying cannot help (bad data, model code or options), 1 otherwise.
 
-`run_training` is the pure-ish core: its I/O goes through the small protocols below (`TrainingApi`,
-`DataLoader`, `Reporter`), so tests drive it with fakes; `register` wires the real adapters for the CLI
-front door (deploy/cli.py). TensorFlow runs in one worker thread so the event loop keeps producing
-progress reports while Keras trains.
+`run_training` is the pure-ish core: what it trains is planned by `tierflow.tiers.train_plan`, and its I/O
+goes through the small protocols of `tierflow.tiers.train_io` (`TrainingApi`, `DataLoader`, `Reporter`), so
+tests drive it with fakes; `register` adds the CLI to the front door (deploy/cli.py), whose handler wires
+the real adapters. TensorFlow runs in one worker thread so the event loop keeps producing progress reports
+while Keras trains.
 """
 
 from __future__ import annotations
@@ -20,324 +21,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import inspect
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import aiohttp
 import numpy as np
-import numpy.typing as npt
-import orjson
 
-from tierflow.streams.settings import KafkaSettings, Settings
+from tierflow.streams.errors import PermanentError, TemporaryError
+from tierflow.streams.settings import Settings
 from tierflow.tiers import training
 from tierflow.tiers.data import DataError
 from tierflow.tiers.keras_code import ModelCodeError
+from tierflow.tiers.train_io import DataLoader, HttpTrainingApi, KafkaDataLoader, Reporter, TrainingApi
+from tierflow.tiers.train_plan import (
+    TrainingPlan,
+    describe_progress,
+    latest_datasource,
+    make_plan,
+    model_label,
+    progress_payload,
+)
 from tierflow.tiers.training import Artefact, Metrics, TrainingOptions, TrainingSetupError
 
 JSON = dict[str, Any]
-Arrays = tuple[npt.NDArray[Any], npt.NDArray[Any]]
 _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
-FINAL_STATUSES = frozenset({"finished", "failed", "stopped"})
-
 
 # -- errors: what happens next ----------------------------------------------------------------------------
+# A job ends with streams.errors' pair: PermanentError (bad data, model code or options: the same job fails
+# the same way until the user changes something; exit 2) or TemporaryError (the API, the broker or the
+# worker did not answer in time; a later run may succeed; exit 1).
 
+JobError = PermanentError | TemporaryError
 
-class JobError(Exception):
-    """The job cannot finish; `exit_code` tells the orchestrator whether a retry could help."""
 
-    exit_code = 1
-
-
-class PermanentError(JobError):
-    """Bad data, model code or options: the same job fails the same way until the user changes something."""
-
-    exit_code = 2
-
-
-class TemporaryError(JobError):
-    """The API, the broker or the worker did not answer in time; a later run may succeed."""
-
-    exit_code = 1
-
-
-class ApiNotFound(PermanentError):
-    """The API answered 404: the deployment, result or model version does not exist (any more)."""
-
-
-# -- the ports: the I/O run_training needs ------------------------------------------------------------------
-
-
-class TrainingApi(Protocol):
-    """The tierflow API as the training job sees it."""
-
-    async def deployment(self, deployment_id: int) -> JSON: ...
-
-    async def result(self, result_id: int) -> JSON: ...
-
-    async def model_version(self, model_id: int, version: int) -> JSON: ...
-
-    async def datasources(self, deployment_id: int) -> list[JSON]:
-        """The deployment's announced datasources (any order)."""
-        ...
-
-    async def put_artefact(self, data: bytes, sha256: str) -> JSON:
-        """Store `data`; answers `{"sha256", "size"}` once the API verified the hash."""
-        ...
-
-    async def command_outcome(self, command_id: str) -> JSON | None:
-        """The command's outcome (`{"status": "accepted" | "rejected", "reason"?}`), None while pending."""
-        ...
-
-
-class DataLoader(Protocol):
-    async def load(self, datasource: JSON) -> Arrays:
-        """(x, y) of every record the datasource announces, samples first."""
-        ...
-
-
-class Reporter(Protocol):
-    """Produces one command to `tierflow.commands` (`CommandClient` is one); answers its command_id."""
-
-    async def send(self, command_type: str, payload: JSON) -> str: ...
-
-
-# -- pure planning ------------------------------------------------------------------------------------------
-
-
-def parse_ids(text: str) -> list[int]:
-    """"7,8,9" -> [7, 8, 9] (for --results)."""
-    try:
-        ids = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of result ids") from None
-    if not ids or any(i < 1 for i in ids):
-        raise argparse.ArgumentTypeError(f"{text!r} must name at least one result id >= 1")
-    return ids
-
-
-def _label(version: Mapping[str, Any]) -> str:
-    return f"model '{version.get('name')}' (id {version.get('model_id')}, version {version.get('version')})"
-
-
-def chain_order(versions: Mapping[int, Mapping[str, Any]]) -> list[int]:
-    """The model ids of one chain, bottom first, by following `upper_id` among `versions` (model id -> version).
-
-    One model with no upper is a chain of one. Anything but one unbroken chain is a permanent error: a
-    job trains exactly the models it was given, and a model whose upper is not among them would leave
-    that upper untrained.
-    """
-    if not versions:
-        raise PermanentError("no models to train")
-    lowers: dict[int, list[int]] = {}
-    for mid, version in versions.items():
-        upper = version.get("upper_id")
-        if upper is None:
-            continue
-        if int(upper) not in versions:
-            raise PermanentError(
-                f"{_label(version)} forwards to model {upper}, which this training job does not train; a chain "
-                "trains jointly: deploy it through its top model"
-            )
-        lowers.setdefault(int(upper), []).append(mid)
-    for upper, below in lowers.items():
-        if len(below) > 1:
-            names = " and ".join(_label(versions[m]) for m in sorted(below))
-            raise PermanentError(f"{names} both forward to {_label(versions[upper])}; one job trains one chain")
-    bottoms = sorted(mid for mid in versions if mid not in lowers)
-    if len(bottoms) != 1:
-        listing = ", ".join(_label(versions[m]) for m in bottoms) or "none (the upper links form a cycle)"
-        raise PermanentError(f"the models do not form one chain: its bottom models are {listing}")
-    order = [bottoms[0]]
-    while (upper := versions[order[-1]].get("upper_id")) is not None:
-        if int(upper) in order:
-            raise PermanentError(f"the upper links of {_label(versions[int(upper)])} form a cycle")
-        order.append(int(upper))
-    if len(order) != len(versions):
-        missing = ", ".join(_label(versions[m]) for m in sorted(set(versions) - set(order)))
-        raise PermanentError(f"{missing} not linked to the chain of {_label(versions[order[0]])}")
-    return order
-
-
-def latest_datasource(items: Sequence[Mapping[str, Any]]) -> JSON | None:
-    """The datasource announced last (highest id), or None."""
-    return dict(max(items, key=lambda d: int(d["id"]))) if items else None
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """What one job trains: the deployment, and per exit (bottom first) its result and model version."""
-
-    deployment: JSON
-    results: list[JSON]
-    versions: list[JSON]
-
-    @property
-    def result_ids(self) -> list[int]:
-        return [int(r["id"]) for r in self.results]
-
-    @property
-    def model_ids(self) -> list[int]:
-        return [int(v["model_id"]) for v in self.versions]
-
-
-def make_plan(deployment: JSON, results: Sequence[JSON], versions: Mapping[int, JSON]) -> TrainingPlan:
-    """Checks the results belong to the deployment and are open, and orders them bottom first."""
-    did = int(deployment["id"])
-    by_model: dict[int, JSON] = {}
-    for res in results:
-        if int(res["deployment_id"]) != did:
-            raise PermanentError(f"result {res['id']} belongs to deployment {res['deployment_id']}, not {did}")
-        if res.get("status") in FINAL_STATUSES:
-            raise PermanentError(f"result {res['id']} already ended ({res['status']}); it is never retrained: "
-                                 "deploy the configuration again to train anew")
-        mid = int(res["model_id"])
-        if mid in by_model:
-            raise PermanentError(f"results {by_model[mid]['id']} and {res['id']} both train model {mid}")
-        by_model[mid] = res
-    order = chain_order({mid: versions[mid] for mid in by_model})
-    return TrainingPlan(dict(deployment), [by_model[m] for m in order], [versions[m] for m in order])
-
-
-def progress_payload(plan: TrainingPlan, epoch: int, epochs: int, metrics: Sequence[Metrics]) -> JSON:
-    return {"deployment_id": int(plan.deployment["id"]), "result_ids": plan.result_ids, "epoch": epoch,
-            "epochs": epochs, "metrics": {str(rid): dict(m) for rid, m in zip(plan.result_ids, metrics, strict=True)}}
-
-
-def describe_progress(epoch: int, epochs: int, names: Sequence[str], metrics: Sequence[Metrics]) -> str:
-    """"epoch 2/5: edge_model loss 0.41 accuracy 0.88 | ..." for the job's log."""
-    parts = [f"{name} " + " ".join(f"{k} {v:.4g}" for k, v in m.items()) for name, m in zip(names, metrics,
-                                                                                              strict=True)]
-    return f"epoch {epoch}/{epochs}: " + " | ".join(parts)
-
-
-# -- the adapters -------------------------------------------------------------------------------------------
-
-
-class HttpTrainingApi:
-    """`TrainingApi` over HTTP (aiohttp). GETs are retried briefly on connection errors and 5xx answers."""
-
-    def __init__(self, base_url: str, token: str = "", *, timeout_s: float = 60.0, retries: int = 3,
-                 backoff_s: float = 0.5) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> HttpTrainingApi:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _request(self, method: str, path: str, *, data: bytes | None = None,
-                       headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
-        if self._session is None:
-            raise RuntimeError("use `async with HttpTrainingApi(...)`")
-        sent = {"Accept": "application/json", **(headers or {})}
-        if self.token:
-            sent["Authorization"] = f"Bearer {self.token}"
-        attempts = self.retries if method == "GET" else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                async with self._session.request(method, self.base_url + path, data=data, headers=sent) as resp:
-                    body = await resp.read()
-                    status = resp.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"cannot reach the tierflow API at {self.base_url}: {type(exc).__name__}: {exc}"
-                if attempt == attempts:
-                    raise TemporaryError(f"{problem} (set --api or TIERFLOW_API_URL)") from exc
-            else:
-                if status < 500 or attempt == attempts:
-                    break
-                problem = f"{method} {path} answered HTTP {status}"
-            log.warning("%s; retrying (%d/%d)", problem, attempt, attempts)
-            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-        try:
-            parsed: Any = orjson.loads(body) if body else {}
-        except orjson.JSONDecodeError:
-            parsed = None
-        if status >= 400:
-            err = parsed.get("error") if isinstance(parsed, dict) else None
-            message = err.get("message") if isinstance(err, dict) else None
-            text = f"{method} {path} answered HTTP {status}" + (f": {message}" if message else "")
-            if status == 404:
-                raise ApiNotFound(text)
-            raise (TemporaryError if status >= 500 else PermanentError)(text)
-        if not isinstance(parsed, dict):
-            raise TemporaryError(f"{method} {path} answered HTTP {status} without a JSON object; "
-                                 f"is {self.base_url} a tierflow API?")
-        return status, parsed
-
-    async def _get(self, path: str) -> JSON:
-        _, body = await self._request("GET", path)
-        result: JSON = body
-        return result
-
-    async def deployment(self, deployment_id: int) -> JSON:
-        return await self._get(f"/deployments/{deployment_id}")
-
-    async def result(self, result_id: int) -> JSON:
-        return await self._get(f"/results/{result_id}")
-
-    async def model_version(self, model_id: int, version: int) -> JSON:
-        return await self._get(f"/models/{model_id}/versions/{version}")
-
-    async def datasources(self, deployment_id: int) -> list[JSON]:
-        page = await self._get(f"/datasources?deployment_id={deployment_id}&limit=1000")
-        items = list(page.get("items") or [])
-        total = int(page.get("total") or len(items))
-        if total > len(items):  # the latest lies beyond the first page
-            last = await self._get(f"/datasources?deployment_id={deployment_id}&limit=1&offset={total - 1}")
-            items.extend(last.get("items") or [])
-        return items
-
-    async def put_artefact(self, data: bytes, sha256: str) -> JSON:
-        _, body = await self._request("PUT", "/artefacts", data=data,
-                                      headers={"X-Sha256": sha256, "Content-Type": "application/octet-stream"})
-        if body.get("sha256") != sha256:
-            raise TemporaryError(f"the API stored the artefact as {body.get('sha256')}, not {sha256}")
-        stored: JSON = body
-        return stored
-
-    async def command_outcome(self, command_id: str) -> JSON | None:
-        status, body = await self._request("GET", f"/commands/{command_id}")
-        if status == 202 or body.get("status") not in ("accepted", "rejected"):
-            return None
-        outcome: JSON = body
-        return outcome
-
-
-class KafkaDataLoader:
-    """`DataLoader` over the broker: `tierflow.tiers.reader.read_datasource` reads exactly the announced ranges."""
-
-    def __init__(self, kafka: KafkaSettings) -> None:
-        self.kafka = kafka
-
-    async def load(self, datasource: JSON) -> Arrays:
-        from tierflow.tiers.reader import read_datasource  # the reader pulls in aiokafka/fastavro decoders
-
-        read: Callable[..., Any] = read_datasource
-        if inspect.iscoroutinefunction(read):
-            loaded = await read(self.kafka, datasource)
-        else:
-            loaded = await asyncio.to_thread(read, self.kafka, datasource)
-        x, y = loaded
-        return np.asarray(x), np.asarray(y)
+def exit_code(error: JobError) -> int:
+    """The job's exit code for `error`: 2 when retrying cannot help, 1 when a later run may succeed."""
+    return 2 if isinstance(error, PermanentError) else 1
 
 
 # -- the job ------------------------------------------------------------------------------------------------
@@ -345,12 +70,11 @@ class KafkaDataLoader:
 
 def classify(exc: BaseException, phase: str) -> JobError:
     """The job error for an exception raised while `phase` ("reading datasource 3", ...), with a reason."""
-    if isinstance(exc, JobError):
-        return exc
-    permanent = (TrainingSetupError, ModelCodeError, DataError)
-    text = str(getattr(exc, "message", None) or exc) or type(exc).__name__
-    if isinstance(exc, permanent):
+    if isinstance(exc, TrainingSetupError | ModelCodeError | DataError):  # permanent, without the phase yet
+        text = str(getattr(exc, "message", None) or exc) or type(exc).__name__
         return PermanentError(f"{phase}: {text}")
+    if isinstance(exc, PermanentError | TemporaryError):  # the job's own, already phrased
+        return exc
     return TemporaryError(f"{phase}: {training.short_message(exc)}")
 
 
@@ -443,7 +167,7 @@ def _build_models(versions: Sequence[JSON]) -> list[Any]:
         try:
             models.append(build_model(str(version.get("code") or ""), str(version.get("imports") or "")))
         except ModelCodeError as exc:
-            raise PermanentError(f"{_label(version)}: {exc.message}") from exc
+            raise PermanentError(f"{model_label(version)}: {exc.message}") from exc
     return models
 
 
@@ -553,10 +277,21 @@ async def _report_failure(api: TrainingApi, reporter: Reporter, deployment_id: i
         return 1
     if outcome.get("status") != "accepted":
         log.error("the failure report was rejected: %s", outcome.get("reason"))
-    return error.exit_code
+    return exit_code(error)
 
 
 # -- the CLI ------------------------------------------------------------------------------------------------
+
+
+def parse_ids(text: str) -> list[int]:
+    """"7,8,9" -> [7, 8, 9] (for --results)."""
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of result ids") from None
+    if not ids or any(i < 1 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r} must name at least one result id >= 1")
+    return ids
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -27,8 +27,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from tierflow.streams.errors import PermanentError
 from tierflow.tiers.data import reshape_for
 from tierflow.tiers.keras_code import load_keras as _tf_and_keras
+from tierflow.tiers.wire import shape_text
 
 JSON = dict[str, Any]
 #: One exit's metrics as Keras names them (`loss`, `accuracy`, `val_loss`, `val_accuracy`, ...).
@@ -57,7 +59,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 MAX_REASON_CHARS = 1000
 
 
-class TrainingSetupError(ValueError):
+class TrainingSetupError(PermanentError, ValueError):
     """The models, the data and the deployment's options cannot train together; the message says what to change.
 
     Permanent: retrying the same training fails the same way.
@@ -291,10 +293,6 @@ def _shape(shape: Any) -> tuple[int | None, ...]:
     return tuple(None if d is None else int(d) for d in shape)
 
 
-def _describe_shape(shape: Sequence[int | None]) -> str:
-    return "x".join("?" if d is None else str(d) for d in shape) or "scalar"
-
-
 def _outputs(model: Any, tensors: Any) -> list[Any]:
     return list(tensors) if isinstance(tensors, list | tuple) else [tensors]
 
@@ -337,8 +335,8 @@ def build_global_model(sub_models: Sequence[Any]) -> Any:
             given = _shape(outs[0].shape)[1:]
             if wanted != given:
                 raise TrainingSetupError(
-                    f"sub-model '{model.name}' forwards a {_describe_shape(given)} tensor but its upper model "
-                    f"'{sub_models[i + 1].name}' takes {_describe_shape(wanted)}"
+                    f"sub-model '{model.name}' forwards a {shape_text(given)} tensor but its upper model "
+                    f"'{sub_models[i + 1].name}' takes {shape_text(wanted)}"
                 )
             tensor = outs[0]
         exits.append(keras.layers.Identity(name=exit_name(i))(outs[-1]))

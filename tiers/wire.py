@@ -1,8 +1,12 @@
 """Data-plane wire formats of the tiers: decoding inputs, routing samples, encoding answers and forwards.
 
-Pure functions over numpy and orjson (no Kafka client, no TensorFlow, no Faust). Called by the tier agent
-(`tierflow.tiers.tier_agent`) on every consumed batch, by tierflow's clients to build batched inputs and
-read answers (`encode_tensor`, `read_answers`), and by the unit tests.
+Pure functions over numpy and orjson (no Kafka client, no TensorFlow, no Faust); a core module that imports
+nothing of tierflow but `streams.errors`. Called by the tier agent (`tierflow.tiers.tier_agent`) on every
+consumed batch; by tierflow's clients, the demo and the benchmarks to build batched inputs and read answers
+(`encode_tensor`, `read_answers`); by the API, which lists answers and their statistics from the output
+topic (`answer_fields`, `percentile`) and a tier's backlog from its consumer group (`tier_group`); and by
+the unit tests. It is also the one home of the codecs' small rules: dtype names (`parse_dtype`, which
+Kafka-ML's input_config in `tiers/data.py` and the sinks use too) and shapes in messages (`shape_text`).
 
 Inputs a tier accepts (any mix within one batch)
 ------------------------------------------------
@@ -54,7 +58,9 @@ ONE record, per-sample fields as parallel lists::
      "timestamps": [{"input": ..., "forwarded": [...], "answered": ...}, ...], "latencies_ms": [5.9, 6.1],
      "tier": 1, "exit": 1}
 
-`read_answers` turns either form back into one `Answer` per sample.
+`answer_fields` is the one reader of both forms: one `AnswerFields` per sample, each field as the record
+holds it (None where it has none: Kafka-ML's own outputs carry only `values`); `read_answers` types them
+as one `Answer` per sample and refuses a record that lacks what a tier's answer carries.
 
 Forwards (the upper topic)
 --------------------------
@@ -75,6 +81,8 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from tierflow.streams.errors import PermanentError
+
 Array = npt.NDArray[Any]
 Headers = list[tuple[str, bytes]]
 #: Where a sample originally entered the chain: (topic, partition, offset, index in that record).
@@ -91,10 +99,14 @@ _PREFIX = "tierflow."
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 #: Types a wrong-size raw record is compared with, to hint at a producer sending the wrong dtype.
 _HINT_DTYPES = ("float32", "float64", "float16", "uint8", "int32", "int64")
+#: TensorFlow's names that numpy reads differently (Kafka-ML decodes with tf.io.decode_raw: "float" is float32).
+_TF_ALIASES = {"float": "float32", "half": "float16", "double": "float64"}
 
 
-class WireError(ValueError):
-    """A record (or an argument) that does not follow the wire format; the message says what is wrong."""
+class WireError(PermanentError, ValueError):
+    """A record (or an argument) that does not follow the wire format; the message says what is wrong.
+
+    Permanent: the record is dead-lettered, never retried."""
 
 
 class RecordLike(Protocol):
@@ -131,19 +143,35 @@ class WireRecord:
     timestamp: int = -1
 
 
-def parse_numeric_dtype(name: str) -> np.dtype[Any]:
-    """A little-endian numeric dtype from its numpy name; WireError for anything else."""
+def parse_dtype(name: str, what: str = "dtype") -> np.dtype[Any]:
+    """A numeric little-endian dtype (as tf.io.decode_raw reads) from its numpy or TensorFlow name.
+
+    The one parser of dtype names: tensor message headers, Kafka-ML's input_config (`tiers/data.py`), the
+    sinks' arguments. WireError naming `what` for a name that is not a numeric type.
+    """
+    text = name.strip().lower()
+    text = _TF_ALIASES.get(text, text)
     try:
-        dtype = np.dtype(name)
+        dtype = np.dtype(text)
     except TypeError:
-        raise WireError(f"dtype {name!r} is not a numpy type name (e.g. float32, uint8)") from None
+        raise WireError(f"{what} {name!r} is not a numeric type (e.g. uint8, int64, float32)") from None
     if dtype.kind not in "biuf":
-        raise WireError(f"dtype {name!r} is not numeric")
+        raise WireError(f"{what} {name!r} is not numeric (e.g. uint8, int64, float32)")
     return dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
 
 
-def shape_text(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape)) or "scalar"
+def shape_text(shape: Sequence[int | None] | None) -> str:
+    """A shape as messages show it: 28x28; ? for a dimension not known (None, or -1 in a reshape); "scalar"
+    for (); "(any shape)" for None."""
+    if shape is None:
+        return "(any shape)"
+    return "x".join("?" if d is None or d == -1 else str(d) for d in shape) or "scalar"
+
+
+def tier_group(inference_id: int, tier_index: int) -> str:
+    """The consumer group of tier `tier_index` of inference `inference_id`: the tier's replicas share its
+    input partitions in it, a restarted tier resumes from its commits, and the API reads its backlog from it."""
+    return f"tierflow-inference-{inference_id}-tier-{tier_index}"
 
 
 @dataclass(frozen=True)
@@ -288,7 +316,7 @@ def _decode_tensor(rec: RecordLike, value: bytes, meta: dict[str, bytes], spec: 
                         f"{WIRE_VERSION}")
     if H_DTYPE not in meta or H_SHAPE not in meta:
         raise WireError(f"a tierflow tensor message needs the headers {H_DTYPE} and {H_SHAPE}")
-    dtype = parse_numeric_dtype(meta[H_DTYPE].decode("ascii", "replace"))
+    dtype = parse_dtype(meta[H_DTYPE].decode("ascii", "replace"))
     shape_raw = meta[H_SHAPE].decode("ascii", "replace").strip()
     try:
         shape = tuple(int(p) for p in shape_raw.split(",") if p.strip())
@@ -473,7 +501,7 @@ def encode_tensor(x: Array, *, origins: Sequence[SampleOrigin] | None = None,
         raise WireError("a tensor message holds at least one sample: x must have shape (n, ...) with n >= 1")
     if arr.dtype.kind not in "biuf":
         raise WireError(f"dtype {arr.dtype} is not numeric")
-    dtype = parse_numeric_dtype(arr.dtype.name)
+    dtype = parse_dtype(arr.dtype.name)
     arr = np.ascontiguousarray(arr, dtype=dtype)
     headers: Headers = [
         (H_VERSION, str(WIRE_VERSION).encode()),
@@ -513,7 +541,49 @@ def encode_forwards(batch: DecodedBatch, tensor: Array, forwarded: npt.NDArray[n
     return out
 
 
-# -- reading answers (clients, tests) ------------------------------------------------------------------------
+# -- reading answers (clients, the API, the demo, tests) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnswerFields:
+    """One sample's fields as an output record holds them (JSON values; None where the record has none)."""
+
+    values: Any
+    tier: Any  # `tier`, else `exit`
+    cls: Any
+    confidence: Any
+    origin: Any
+    timestamps: Any
+    latency_ms: Any
+    batched: bool
+
+
+#: A batched record's per-sample lists, by the field a single-sample record gives them.
+_BATCHED_FIELDS = {"values": "values", "confidence": "confidences", "origin": "origins",
+                   "timestamps": "timestamps", "latency_ms": "latencies_ms"}
+
+
+def answer_fields(value: bytes) -> list[AnswerFields]:
+    """The samples of one output record, single-sample or batched (`classes` is a list), as the record
+    holds them; WireError when the record is not a JSON object with `values`."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"an output record is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or "values" not in doc:
+        raise WireError("an output record is a JSON object with 'values'")
+    tier = doc.get("tier", doc.get("exit"))
+    classes = doc.get("classes")
+    if not isinstance(classes, list):
+        return [AnswerFields(doc["values"], tier, doc.get("class"), doc.get("confidence"), doc.get("origin"),
+                             doc.get("timestamps"), doc.get("latency_ms"), batched=False)]
+
+    def at(field: str, i: int) -> Any:
+        seq = doc.get(_BATCHED_FIELDS[field])
+        return seq[i] if isinstance(seq, list) and i < len(seq) else None
+
+    return [AnswerFields(at("values", i), tier, cls, at("confidence", i), at("origin", i), at("timestamps", i),
+                         at("latency_ms", i), batched=True) for i, cls in enumerate(classes)]
 
 
 @dataclass(frozen=True)
@@ -531,21 +601,26 @@ class Answer:
 
 
 def read_answers(value: bytes) -> list[Answer]:
-    """The answers in one output record (single-sample or batched form); WireError if it is neither."""
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise WireError(f"an output record is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or "values" not in doc:
-        raise WireError("an output record is a JSON object with 'values'")
+    """The answers in one output record (single-sample or batched form); WireError if it is neither, or if it
+    lacks what a tier's answer carries (an origin, a class, a confidence)."""
+    answers: list[Answer] = []
+    for f in answer_fields(value):
+        try:
+            o = f.origin
+            origin = (str(o["topic"]), int(o["partition"]), int(o["offset"]), int(o.get("index", 0)))
+            answers.append(Answer(origin, -1 if f.tier is None else int(f.tier), int(f.cls), float(f.confidence),
+                                  list(f.values), dict(f.timestamps or {}),
+                                  0.0 if f.latency_ms is None else float(f.latency_ms), f.batched))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise WireError(f"an output record lacks what a tier's answer carries ({type(exc).__name__}: {exc})") \
+                from None
+    return answers
 
-    def origin(o: dict[str, Any]) -> SampleOrigin:
-        return (str(o["topic"]), int(o["partition"]), int(o["offset"]), int(o.get("index", 0)))
 
-    tier = int(doc.get("tier", -1))
-    if "origins" in doc:
-        return [Answer(origin(o), tier, int(c), float(p), list(v), dict(t), float(lat), True)
-                for o, c, p, v, t, lat in zip(doc["origins"], doc["classes"], doc["confidences"], doc["values"],
-                                              doc["timestamps"], doc["latencies_ms"], strict=True)]
-    return [Answer(origin(doc["origin"]), tier, int(doc["class"]), float(doc["confidence"]), list(doc["values"]),
-                   dict(doc.get("timestamps") or {}), float(doc.get("latency_ms", 0.0)), False)]
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The `q` quantile (0..1) of ascending values, interpolated linearly; None for none (answer latencies)."""
+    if not sorted_values:
+        return None
+    k = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)

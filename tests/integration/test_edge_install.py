@@ -21,7 +21,8 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
-from tests.conftest import ARTIFACTS, FIXTURES, Infra, wait_until
+from tests.conftest import ARTIFACTS, Infra, wait_until
+from tests.fixtures import model_code
 from tierflow.deploy import services
 from tierflow.streams import kafka as kio
 from tierflow.streams.settings import KafkaSettings
@@ -49,7 +50,7 @@ def edge_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     _, keras = load_keras()
     keras.utils.set_random_seed(11)
-    model = build_model((FIXTURES / "edge.py").read_text())
+    model = build_model(model_code("edge"))
     path = tmp_path_factory.mktemp("edge-model") / "edge.tflite"
     path.write_bytes(export_tflite(model).data)
     return path
@@ -60,7 +61,7 @@ def test_the_edge_install_has_no_server_packages(edge_venv: Path) -> None:
     code = (
         "import importlib.util, sys\n"
         f"print(','.join(m for m in {SERVER_ONLY!r} if importlib.util.find_spec(m)))\n"
-        "import ai_edge_litert, faust, tierflow.tiers.tier_agent, tierflow.deploy.cli\n"
+        "import ai_edge_litert, faust, tierflow.tiers.tier_app, tierflow.deploy.cli\n"
         "tierflow.deploy.cli.build_parser()\n"
     )
     done = subprocess.run([str(edge_venv / "bin" / "python"), "-c", code], capture_output=True, text=True,

@@ -39,7 +39,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from fastavro import parse_schema, schemaless_writer
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from tests.conftest import ARTIFACTS, FIXTURES, Infra, wait_until
+from tests.conftest import ARTIFACTS, Infra, wait_until
+from tests.fixtures import model_code
 from tierflow.deploy import services
 from tierflow.streams import kafka as kio
 from tierflow.streams.settings import KafkaSettings
@@ -47,17 +48,10 @@ from tierflow.streams.topics import TopicSpec, ensure_topics
 from tierflow.tiers import wire
 from tierflow.tiers.data import InputConfig
 from tierflow.tiers.engines import Engine, KerasEngine, LiteRTEngine
-from tierflow.tiers.tier_agent import (
-    BulkHistogram,
-    TierApp,
-    TierConfig,
-    TierConfigError,
-    create_app,
-    input_spec,
-    keep_freed_memory,
-    web_port,
-)
+from tierflow.tiers.tier_app import TierApp, create_app, keep_freed_memory, web_port
 from tierflow.tiers.tier_cli import TierSetupError, config_from_api
+from tierflow.tiers.tier_config import TierConfig, TierConfigError, input_spec
+from tierflow.tiers.tier_metrics import BulkHistogram
 
 CHAIN = ("edge", "fog", "cloud")
 #: Scale of each exit's last layer: spreads the random models' confidences (see the module docstring).
@@ -112,7 +106,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
     folder = tmp_path_factory.mktemp("chain")
     files: dict[str, Path] = {}
     for name in CHAIN:
-        model = build_model((FIXTURES / f"{name}.py").read_text())
+        model = build_model(model_code(name))
         layer_name, scale = EXIT_SCALE[name]
         layer = model.get_layer(layer_name)
         weights, bias = layer.get_weights()

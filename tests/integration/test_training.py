@@ -19,11 +19,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.unit.test_training_plan import SETTINGS, FakeLoader, FakeReporter, datasource, deployment_api
+from tierflow.streams.errors import TemporaryError
 from tierflow.tiers import training
 from tierflow.tiers.data import InputConfig, decode_raw
 from tierflow.tiers.datasets import load_digits
 from tierflow.tiers.keras_code import build_model
-from tierflow.tiers.train_job import ApiNotFound, HttpTrainingApi, TemporaryError, run_training
+from tierflow.tiers.train_io import ApiNotFound, HttpTrainingApi
+from tierflow.tiers.train_job import run_training
 from tierflow.tiers.training import Metrics, TrainingOptions
 
 JSON = dict[str, Any]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from tierflow.api.outputs import flatten_output, percentile, statistics
+from tierflow.api.outputs import flatten_output, statistics
+from tierflow.tiers.wire import percentile
 
 
 def test_single_and_batched_outputs_flatten_to_samples() -> None:

@@ -19,24 +19,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.settings import Settings
+from tierflow.streams.statuses import FINAL_STATUSES, ResultStatus
+from tierflow.tiers import train_plan
 from tierflow.tiers.data import DataError
 from tierflow.tiers.keras_code import ModelCodeError
-from tierflow.tiers.train_job import (
-    ApiNotFound,
-    PermanentError,
-    TemporaryError,
-    chain_order,
-    classify,
-    describe_progress,
-    latest_datasource,
-    make_plan,
-    parse_ids,
-    progress_payload,
-    register,
-    run_cli,
-    run_training,
-)
+from tierflow.tiers.train_io import ApiNotFound
+from tierflow.tiers.train_job import classify, parse_ids, register, run_cli, run_training
+from tierflow.tiers.train_plan import chain_order, describe_progress, latest_datasource, make_plan, progress_payload
 from tierflow.tiers.training import (
     Artefact,
     TrainingOptions,
@@ -252,6 +243,20 @@ def test_the_plan_refuses_a_result_that_already_ended() -> None:
 
     with pytest.raises(PermanentError, match="result 12 already ended"):
         make_plan(api.deployments[4], list(api.results.values()), versions)
+
+
+def test_the_plan_ends_where_the_domain_says_a_result_ended() -> None:
+    # One definition of "final": the plan refuses exactly the statuses the domain never changes again.
+    assert train_plan.FINAL_STATUSES is FINAL_STATUSES
+    versions = {mid: v for (mid, _), v in deployment_api().versions.items()}
+    for status in ResultStatus:
+        api = deployment_api()
+        api.results[12]["status"] = str(status)
+        if status in FINAL_STATUSES:
+            with pytest.raises(PermanentError, match="result 12 already ended"):
+                make_plan(api.deployments[4], list(api.results.values()), versions)
+        else:
+            assert make_plan(api.deployments[4], list(api.results.values()), versions).result_ids == [11, 12, 13]
 
 
 def test_the_plan_refuses_a_result_of_another_deployment() -> None:
