@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tierflow.streams.settings import Settings
+from tierflow.streams.stack_state import read_stack_state
 
 JSON = dict[str, Any]
 
@@ -218,8 +219,6 @@ def resolve_api_url(settings: Settings) -> str:
     configured: str = settings.api.url
     if configured:
         return configured.rstrip("/")
-    from tierflow.deploy.stack import read_stack_state  # the stack module is heavy and only needed here
-
     state = read_stack_state(settings.stack.home.expanduser())
     if state is not None and state.alive() and state.api_url:
         return str(state.api_url).rstrip("/")

@@ -35,6 +35,7 @@ from tierflow.api.outputs import percentile
 from tierflow.deploy.cli_args import non_negative, positive_int
 from tierflow.deploy.client import ApiClient, ApiClientError
 from tierflow.streams.settings import KafkaSettings, Settings
+from tierflow.streams.stack_state import read_stack_state, resolve_home
 
 JSON = dict[str, Any]
 
@@ -530,15 +531,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _say(out, f"using the tierflow at {api_url} (Kafka {settings.kafka.bootstrap_servers})")
         resolved = settings
     else:
-        home = stack.resolve_home(settings)
-        state = stack.read_stack_state(home)
+        home = resolve_home(settings)
+        state = read_stack_state(home)
         if state is None or not state.alive() or not stack.healthy(state.api_url):
             _say(out, f"no running stack for {home}: starting one")
             code = stack.up_detached(settings, timeout_s=options.timeout_s)
             if code != 0:
                 return code
             started_stack = True
-            state = stack.read_stack_state(home)
+            state = read_stack_state(home)
             if state is None:
                 print("tierflow demo: the stack started but wrote no state file", file=sys.stderr)
                 return 1

@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,16 @@ from tierflow.deploy.services import (
     postgres_url,
     tansu_spec,
 )
-from tierflow.deploy.supervisor import RestartPolicy, Supervisor, group_members, pid_alive
+from tierflow.deploy.supervisor import RestartPolicy, Supervisor, group_members
 from tierflow.streams.settings import Settings
+from tierflow.streams.stack_state import (
+    StackState,
+    pid_alive,
+    read_stack_state,
+    resolve_home,
+    stack_file,
+    write_stack_state,
+)
 
 log = logging.getLogger("tierflow.stack")
 
@@ -54,111 +62,7 @@ _POLL_S = 0.1  # polling interval of conditions with a deadline
 _PORT_DEADLINE_S = 30.0
 
 
-# --- stack.json ---------------------------------------------------------------------------------------
-
-class StackStateError(ValueError):
-    """stack.json exists but cannot be read as a stack state; the message names the problem."""
-
-
-@dataclass(frozen=True)
-class StackState:
-    """What `<home>/stack.json` says about a running stack."""
-
-    pid: int  # the supervisor (`tierflow up`)
-    api_url: str
-    bootstrap_servers: str
-    database_url: str
-    home: Path
-    started_at: datetime
-    children: dict[str, int] = field(default_factory=dict)  # name -> pid of its latest process
-
-    def alive(self) -> bool:
-        """Whether the supervisor process still runs."""
-        return pid_alive(self.pid)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "api_url": self.api_url,
-            "bootstrap_servers": self.bootstrap_servers,
-            "database_url": self.database_url,
-            "home": str(self.home),
-            "started_at": self.started_at.isoformat(),
-            "children": dict(self.children),
-        }
-
-
-def _field(data: Mapping[str, Any], name: str, kind: type) -> Any:
-    if name not in data:
-        raise StackStateError(f"stack.json lacks {name!r}")
-    value = data[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise StackStateError(f"stack.json field {name!r} is {value!r}, not a {kind.__name__}")
-    return value
-
-
-def parse_stack_state(text: str) -> StackState:
-    """Parse the content of stack.json (pure; raises StackStateError)."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StackStateError(f"stack.json is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise StackStateError("stack.json is not a JSON object")
-    children = _field(data, "children", dict)
-    for name, pid in children.items():
-        if not isinstance(pid, int) or isinstance(pid, bool):
-            raise StackStateError(f"stack.json child {name!r} has pid {pid!r}, not an integer")
-    started = _field(data, "started_at", str)
-    try:
-        started_at = datetime.fromisoformat(started)
-    except ValueError:
-        raise StackStateError(f"stack.json field 'started_at' is {started!r}, not an ISO 8601 time") from None
-    return StackState(
-        pid=_field(data, "pid", int),
-        api_url=_field(data, "api_url", str),
-        bootstrap_servers=_field(data, "bootstrap_servers", str),
-        database_url=_field(data, "database_url", str),
-        home=Path(_field(data, "home", str)),
-        started_at=started_at,
-        children=dict(children),
-    )
-
-
-def stack_file(home: Path) -> Path:
-    return home / "stack.json"
-
-
-def read_stack_state(home: Path) -> StackState | None:
-    """The state of the stack of `home`, or None when it has no (readable) stack.json.
-
-    Does not check that the stack still runs: call `alive()`.
-    """
-    path = stack_file(home)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        return parse_stack_state(text)
-    except StackStateError as exc:
-        log.warning("ignoring %s: %s", path, exc)
-        return None
-
-
-def write_stack_state(home: Path, state: StackState) -> None:
-    """Replace stack.json atomically, so a reader never sees half a file."""
-    path = stack_file(home)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
-    tmp.replace(path)
-
-
 # --- small helpers ------------------------------------------------------------------------------------
-
-def resolve_home(settings: Settings) -> Path:
-    return settings.stack.home.expanduser().resolve()
-
 
 def healthy(api_url: str, *, timeout_s: float = 2.0) -> bool:
     """Whether `GET <api_url>/healthz` answers 200."""
@@ -710,15 +614,3 @@ def up_detached(settings: Settings, *, timeout_s: float = 180.0) -> int:
 def down(settings: Settings, *, timeout_s: float = 60.0) -> int:
     """`tierflow down` for other commands; the exit code."""
     return _down(argparse.Namespace(timeout=timeout_s), settings)
-
-
-def with_stack_endpoints(settings: Settings) -> Settings | None:
-    """`settings` with the running embedded stack's broker and Postgres filled in where the environment gave
-    none; None when something is missing and no stack runs (the caller says so and exits 2)."""
-    if settings.kafka.bootstrap_servers and settings.database.url:
-        return settings
-    state = read_stack_state(settings.stack.home)
-    if state is None:
-        return None
-    return settings.with_endpoints(bootstrap_servers=settings.kafka.bootstrap_servers or state.bootstrap_servers,
-                                   database_url=settings.database.url or state.database_url)

@@ -166,7 +166,7 @@ class Worker:
 
 def run_worker(settings: Settings, launcher_factory: LauncherFactory | None = None) -> int:
     """Run the worker until SIGTERM; `launcher_factory` (wired by the entry point) enables the orchestrator."""
-    from tierflow.deploy.stack import with_stack_endpoints
+    from tierflow.streams.stack_state import with_stack_endpoints
 
     resolved = with_stack_endpoints(settings)
     if resolved is None:

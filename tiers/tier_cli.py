@@ -168,7 +168,7 @@ def _api_message(body: bytes) -> str:
 def _default_servers(settings: Settings) -> str:
     if settings.kafka.bootstrap_servers:
         return settings.kafka.bootstrap_servers
-    from tierflow.tiers.send_cli import resolve_bootstrap
+    from tierflow.streams.stack_state import resolve_bootstrap
 
     try:
         return resolve_bootstrap(settings)

@@ -212,7 +212,7 @@ async def test_an_unreachable_api_says_what_to_do(capsys: pytest.CaptureFixture[
 
 
 def test_the_api_url_comes_from_the_setting_then_the_running_stack(tmp_path: Path) -> None:
-    from tierflow.deploy.stack import StackState, write_stack_state
+    from tierflow.streams.stack_state import StackState, write_stack_state
 
     env = {"TIERFLOW_HOME": str(tmp_path)}
     assert resolve_api_url(Settings.from_env(env)) == DEFAULT_API_URL
