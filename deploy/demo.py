@@ -32,8 +32,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from tierflow.api.outputs import percentile
-from tierflow.deploy.cli_args import non_negative, positive_int
 from tierflow.deploy.client import ApiClient, ApiClientError
+from tierflow.streams.cli_args import non_negative, positive_int
 from tierflow.streams.settings import KafkaSettings, Settings
 from tierflow.streams.stack_state import read_stack_state, resolve_home
 

@@ -45,6 +45,7 @@ from tierflow.deploy.services import (
     tansu_spec,
 )
 from tierflow.deploy.supervisor import RestartPolicy, Supervisor, group_members
+from tierflow.streams.cli_args import positive_seconds
 from tierflow.streams.settings import Settings
 from tierflow.streams.stack_state import (
     StackState,
@@ -575,13 +576,6 @@ def _down(args: argparse.Namespace, settings: Settings) -> int:
     return 1
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `up`, `status` and `down` to the front door."""
     up = subparsers.add_parser("up", help="run the embedded stack (broker, Postgres, worker, API)")
@@ -590,7 +584,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="supervise in this terminal until Ctrl-C (the default)")
     mode.add_argument("--detach", action="store_true",
                       help="supervise in the background (output in <home>/logs/stack.log); return once healthy")
-    up.add_argument("--timeout", type=_positive, default=180.0, metavar="SECONDS",
+    up.add_argument("--timeout", type=positive_seconds, default=180.0, metavar="SECONDS",
                     help="how long to wait for the API to become healthy (default 180)")
     up.set_defaults(func=_up)
 
@@ -599,7 +593,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     status.set_defaults(func=_status)
 
     down = subparsers.add_parser("down", help="stop the embedded stack started by `tierflow up`")
-    down.add_argument("--timeout", type=_positive, default=60.0, metavar="SECONDS",
+    down.add_argument("--timeout", type=positive_seconds, default=60.0, metavar="SECONDS",
                       help="how long to wait for every process to exit before killing them (default 60)")
     down.set_defaults(func=_down)
 

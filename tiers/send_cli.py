@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from tierflow.deploy.cli_args import positive_int
+from tierflow.streams.cli_args import positive_int
 from tierflow.streams.settings import Settings
 from tierflow.streams.stack_state import resolve_bootstrap
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from tierflow.deploy.cli_args import non_negative, port, positive_int
+from tierflow.streams.cli_args import non_negative, port, positive_int
 from tierflow.streams.settings import Settings, SettingsError
 from tierflow.tiers.data import DataError, InputConfig
 from tierflow.tiers.engines import ENGINES
