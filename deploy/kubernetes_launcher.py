@@ -1,6 +1,6 @@
 """KubernetesLauncher: workloads as Jobs (training) and Deployments (inference tiers), the `Launcher` port.
 
-Wired in by deploy/launchers.py for `TIERFLOW_LAUNCHER=kubernetes`; the orchestrator agent calls it. Manifests
+Wired in by deploy/bootstrap.py for `TIERFLOW_LAUNCHER=kubernetes`; the orchestrator agent calls it. Manifests
 come from the pure builders of deploy/manifests.py; every Kubernetes call goes through `KubernetesApi`, thin
 keyword-only wrappers around the official client (blocking, so each call runs in `asyncio.to_thread`) that
 turn API errors into a taxonomy saying what happens next:

@@ -1,6 +1,6 @@
 """LocalLauncher: the embedded stack's workloads as local subprocesses (the `Launcher` port of streams/launcher.py).
 
-Wired in by deploy/launchers.py for `TIERFLOW_LAUNCHER=local`; the orchestrator agent calls it, `tierflow down`
+Wired in by deploy/bootstrap.py for `TIERFLOW_LAUNCHER=local`; the orchestrator agent calls it, `tierflow down`
 calls `stop_all()`. Each workload runs the command a pod would run (`tierflow <args>`, here
 `python -m tierflow.deploy.cli <args>`), in its own session, under a small supervisor started as
 `python -m tierflow.deploy.local_launcher run <dir>`. The supervisor detaches (so it outlives a worker

@@ -23,10 +23,10 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import Infra, new_plane, start_plane, stop_plane
 from tierflow.api.app import create_app
+from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.deploy.cli import main
 from tierflow.deploy.client import DEFAULT_API_URL, resolve_api_url
 from tierflow.streams.settings import Settings
-from tierflow.streams.validator import sandbox_validate
 
 TOKEN = "cli-test-token"
 
