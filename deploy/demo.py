@@ -518,6 +518,7 @@ def where_next(api_url: str, summary: JSON) -> str:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from tierflow.deploy import stack
+    from tierflow.deploy.stack_processes import healthy
 
     logging.getLogger("tierflow.sinks").setLevel(logging.WARNING)  # the demo says what its sink did
     options = DemoOptions(dataset=args.dataset, epochs=args.epochs, limit=args.limit,
@@ -533,7 +534,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         home = resolve_home(settings)
         state = read_stack_state(home)
-        if state is None or not state.alive() or not stack.healthy(state.api_url):
+        if state is None or not state.alive() or not healthy(state.api_url):
             _say(out, f"no running stack for {home}: starting one")
             code = stack.up_detached(settings, timeout_s=options.timeout_s)
             if code != 0:

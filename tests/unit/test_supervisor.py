@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tierflow.deploy.stack import format_table, redact
+from tierflow.deploy.stack import format_table
+from tierflow.deploy.stack_processes import redact
 from tierflow.deploy.supervisor import RestartPlan, RestartPolicy, describe_exit, plan_restart
 from tierflow.streams.stack_state import StackState, StackStateError, parse_stack_state
 
