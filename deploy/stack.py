@@ -1,7 +1,7 @@
 """The embedded stack's commands: `tierflow up`, `tierflow status`, `tierflow down`.
 
 Registered into the front door by deploy/cli.py (`register(subparsers)`); each handler calls a plain function
-(`up`, `status`, `down`, `up_detached`) that the demo (deploy/demo_run.py) calls too. `up` runs the supervisor
+(`up`, `status`, `down`, `up_detached`) that the demo (deploy/demo.py) calls too. `up` runs the supervisor
 process (deploy/stack_runtime.py) here or detached; `status` and `down` read `<home>/stack.json`
 (streams/stack_state.py) and act on the processes it names (deploy/stack_processes.py).
 """
