@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import Settings
 from tierflow.streams.stack_state import read_stack_state
 
@@ -36,7 +37,7 @@ AGGREGATE_PATHS: dict[str, str] = {"model": "/models", "configuration": "/config
                                    "deployment": "/deployments"}
 
 
-class ApiClientError(Exception):
+class ApiClientError(TierflowError):
     """The API answered an error (or could not be asked). `status` is 0 when no answer came back."""
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from tierflow.streams.errors import PermanentError
+
 #: The demo's models, in the form Kafka-ML users write them (`tf` and `keras` are in scope). The edge runs a
 #: small convolution on the device and exits early; the fog and the cloud refine its features.
 EDGE_CODE = """\
@@ -47,7 +49,7 @@ model = keras.Sequential([
 CHAIN = ("edge", "fog", "cloud")
 
 
-class DemoError(RuntimeError):
+class DemoError(PermanentError):
     """A step of the demo failed; the message says which and why."""
 
 

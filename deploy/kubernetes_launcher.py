@@ -3,8 +3,9 @@
 Wired in by deploy/bootstrap.py for `TIERFLOW_LAUNCHER=kubernetes`; the orchestrator agent calls it. Manifests
 come from the pure builders of deploy/manifests.py; every Kubernetes call goes through `KubernetesApi`, thin
 keyword-only wrappers around the official client (blocking, so each call runs in `asyncio.to_thread`) that
-turn API errors into a taxonomy saying what happens next:
-- `TemporaryError(delay=...)`: retry after `delay` seconds (429, 5xx, API unreachable);
+turn API errors into tierflow's taxonomy (streams/errors.py, as the `Launcher` port declares), saying what
+happens next:
+- `TemporaryError(delay_s=...)`: retry after `delay_s` seconds (429, 5xx, API unreachable);
 - `PermanentError`: the same request will fail again (400, 401, 403, 422...); the message says what to fix.
 `AlreadyExistsError` (409 on create) and `NotFoundError` (404) are permanent errors the launcher expects:
 a replayed launch finds its workload there (success), a stop of a gone workload has nothing to do (success).
@@ -36,7 +37,15 @@ from tierflow.deploy.manifests import (
     inference_deployment,
     training_job,
 )
-from tierflow.streams.launcher import LABEL_KIND, LABEL_MANAGED, MANAGED_BY, WorkloadSpec, WorkloadStatus
+from tierflow.streams.errors import PermanentError, TemporaryError
+from tierflow.streams.launcher import (
+    LABEL_KIND,
+    LABEL_MANAGED,
+    MANAGED_BY,
+    WorkloadRefused,
+    WorkloadSpec,
+    WorkloadStatus,
+)
 from tierflow.streams.settings import WorkloadSettings
 
 log = logging.getLogger("tierflow.launcher.kubernetes")
@@ -48,20 +57,9 @@ _EXIT_CODE = re.compile(r"exit code (\d+)")
 
 # --- error taxonomy ------------------------------------------------------------------------------------
 
-class KubernetesError(Exception):
-    """A Kubernetes call failed; the subclass says whether retrying can help."""
-
-
-class PermanentError(KubernetesError):
-    """The same request will fail again: fix what the message names (RBAC, namespace, manifest)."""
-
-
-class TemporaryError(KubernetesError):
-    """Retry after `delay` seconds: the API is overloaded, restarting or unreachable."""
-
-    def __init__(self, message: str, *, delay: float = 5.0) -> None:
-        super().__init__(message)
-        self.delay = delay
+#: A failed Kubernetes call: PermanentError (fix what the message names: RBAC, namespace, manifest) or
+#: TemporaryError (retry after `delay_s`: the API is overloaded, restarting or unreachable).
+KubernetesError = PermanentError | TemporaryError
 
 
 class AlreadyExistsError(PermanentError):
@@ -91,9 +89,9 @@ def classify(status: int, message: str, *, what: str, retry_after: str | None = 
         return NotFoundError(text)
     if status == 429:
         delay = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
-        return TemporaryError(f"{text} (throttled; retrying in {delay:g} s)", delay=delay)
+        return TemporaryError(f"{text} (throttled; retrying in {delay:g} s)", delay_s=delay)
     if status >= 500 or status in (0, 408, 410):
-        return TemporaryError(f"{text} (the API server failed; retrying)", delay=5.0)
+        return TemporaryError(f"{text} (the API server failed; retrying)", delay_s=5.0)
     return PermanentError(f"{text} ({_ADVICE.get(status, 'retrying will not help')})")
 
 
@@ -140,7 +138,7 @@ class KubernetesApi:
         except ApiException as exc:
             raise _from_api_exception(exc, what) from exc
         except urllib3.exceptions.HTTPError as exc:
-            raise TemporaryError(f"{what}: the Kubernetes API is unreachable: {exc}", delay=5.0) from exc
+            raise TemporaryError(f"{what}: the Kubernetes API is unreachable: {exc}", delay_s=5.0) from exc
 
     async def create_job(self, *, namespace: str, body: k8s.V1Job) -> k8s.V1Job:
         return await self._call(f"create Job {meta_of(body).name}", self.batch.create_namespaced_job,
@@ -294,7 +292,7 @@ class KubernetesLauncher:
             elif spec.kind == "inference":
                 await self.api.create_deployment(namespace=self.namespace, body=self.inference_deployment(spec))
             else:
-                raise ValueError(f"workload {spec.name}: unknown kind {spec.kind!r} (training or inference)")
+                raise WorkloadRefused(f"workload {spec.name}: unknown kind {spec.kind!r} (training or inference)")
         except AlreadyExistsError:
             log.debug("workload %s exists already: launched", spec.name)
 
@@ -344,10 +342,13 @@ class KubernetesLauncher:
             newest = max(metas, key=lambda m: m.created)
             return await self.api.read_pod_log(namespace=self.namespace, name=newest.name,
                                                container=CONTAINER, tail_lines=LOG_TAIL_LINES)
-        except KubernetesError as exc:
+        except (PermanentError, TemporaryError) as exc:
             # The failure is reported all the same; only its log lines are missing.
             log.warning("no log lines for failed Job %s: %s", job_name, exc)
             return None if isinstance(exc, TemporaryError) else ""
+
+    async def stop_all(self) -> None:
+        """Nothing: Jobs and Deployments outlive the worker, and a restarted worker finds them."""
 
     async def close(self) -> None:
         """Close the client this launcher created; Jobs and Deployments keep running."""

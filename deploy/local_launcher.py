@@ -40,7 +40,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tierflow.streams.launcher import WorkloadSpec, WorkloadStatus
+from tierflow.streams.errors import TemporaryError
+from tierflow.streams.launcher import WorkloadRefused, WorkloadSpec, WorkloadStatus
 
 log = logging.getLogger("tierflow.launcher.local")
 
@@ -55,8 +56,8 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
 
-class LaunchError(RuntimeError):
-    """A workload could not be started at all (its supervisor could not be spawned)."""
+class LaunchError(TemporaryError):
+    """A workload could not be started at all (its supervisor could not be spawned); a later pass tries again."""
 
 
 # --- processes, from /proc (Linux) --------------------------------------------------------------------
@@ -242,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
-        raise ValueError(f"workload name {name!r} is not usable as a folder name: use letters, digits, '.', '_', '-'")
+        raise WorkloadRefused(f"workload name {name!r} is not usable as a folder name: use letters, digits, '.', '_', "
+                              "'-'")
 
 
 class LocalLauncher:
@@ -338,7 +340,7 @@ class LocalLauncher:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         if not await _wait_for(lambda: not group_members(pgid), _KILL_WAIT_S):
-            raise RuntimeError(f"processes {group_members(pgid)} of workload {name} survived SIGKILL")
+            raise TemporaryError(f"processes {group_members(pgid)} of workload {name} survived SIGKILL")
 
     async def list(self, kind: str | None = None) -> list[WorkloadStatus]:
         if not self.state_dir.exists():

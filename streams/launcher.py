@@ -2,14 +2,22 @@
 
 Owned by `streams/` and implemented in `deploy/` (LocalLauncher: subprocesses; KubernetesLauncher: Jobs and
 Deployments through the official client). The control plane never imports a Kubernetes client: the entry
-point wires a launcher in. Workload names are deterministic (`tierflow-train-<deployment>-<result>`), so a
-replayed launch finds the workload there and counts it as launched.
+point wires a launcher in (deploy/bootstrap.py). Workload names are deterministic
+(`tierflow-train-<deployment>-<result>`), so a replayed launch finds the workload there and counts it as launched.
+
+Errors (streams/errors.py): a launcher raises `TemporaryError` when the same call may work later (the cluster's
+API throttles, restarts or cannot be reached, a process could not be spawned; `delay_s` says how long to wait),
+and `PermanentError` when it will fail the same way again (permissions, a rejected manifest; `WorkloadRefused`: a
+spec this launcher cannot run). The message says what to fix. Either ends the orchestrator's pass; the worker
+restarts the orchestrator with backoff, and its next pass plans again from the projections.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from tierflow.streams.errors import PermanentError
 
 #: Labels every workload carries; the orchestrator selects on them.
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
@@ -19,6 +27,12 @@ LABEL_RESULTS = "tierflow.io/results"  # result ids joined by "-"
 LABEL_INFERENCE = "tierflow.io/inference"
 LABEL_TIER = "tierflow.io/tier"
 MANAGED_BY = "tierflow"
+
+
+class WorkloadRefused(PermanentError, ValueError):
+    """A spec this launcher cannot run (an unknown kind, a name it cannot use): fix the spec, not the cluster.
+
+    Also a ValueError: the spec is a bad argument."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class WorkloadStatus:
 
 
 class Launcher(Protocol):
+    """Starts, lists and stops workloads; raises TemporaryError or PermanentError (see the module docstring)."""
+
     async def launch(self, spec: WorkloadSpec) -> None:
         """Start the workload; an existing workload of that name counts as success (idempotent)."""
 
@@ -65,6 +81,11 @@ class Launcher(Protocol):
 
     async def list(self, kind: str | None = None) -> list[WorkloadStatus]:
         """The tierflow workloads that exist now (running or finished and not yet removed)."""
+
+    async def stop_all(self) -> None:
+        """At a graceful stop of the worker (`tierflow down`): stop the workloads that would otherwise be orphaned
+        on this machine (local processes; the orchestrator relaunches open results on the next start). A no-op
+        where workloads outlive the worker by design (Kubernetes: a restarted worker finds them)."""
 
     async def close(self) -> None:
         """Release clients; running workloads keep running (a restarted worker finds them)."""

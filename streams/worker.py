@@ -184,9 +184,7 @@ def run_worker(settings: Settings, validation: ValidationFactory, launcher_facto
                 # Local workloads are this machine's processes: a graceful stop (`tierflow down`) takes them
                 # along so none is orphaned; the orchestrator relaunches open results on the next start.
                 # A crashed worker does not get here, and its restart finds them still running.
-                stop_all = getattr(launcher, "stop_all", None)
-                if stop_all is not None:
-                    await stop_all()
+                await launcher.stop_all()
                 await launcher.close()
 
     asyncio.run(main())
