@@ -33,6 +33,7 @@ from tierflow.deploy.demo_data import (
 )
 from tierflow.deploy.demo_summary import Answered, number, summarize
 from tierflow.streams.settings import KafkaSettings, Settings
+from tierflow.streams.statuses import FINAL_STATUSES, ResultStatus
 
 JSON = dict[str, Any]
 
@@ -138,7 +139,7 @@ class Demo:
                 name = names.get(model_id, str(model_id))
                 if seen_status.get(r["id"]) != r["status"]:
                     seen_status[r["id"]] = r["status"]
-                    if r["status"] not in ("created", "deployed"):
+                    if r["status"] not in (ResultStatus.CREATED, ResultStatus.DEPLOYED):
                         say(self.out, f"  {name:<6} {r['status']}")
                 for h in (r.get("history") or [])[seen_epochs.get(r["id"], 0):]:
                     say(self.out, f"  {name:<6} epoch {h.get('epoch', '?')}/{self.options.epochs}  "
@@ -147,14 +148,14 @@ class Demo:
                                   f"val_accuracy {number(h.get('val_accuracy'))}")
                 seen_epochs[r["id"]] = len(r.get("history") or [])
             statuses = {r["status"] for r in results.values()}
-            if results and statuses <= {"finished", "failed", "stopped"}:
+            if results and statuses <= FINAL_STATUSES:
                 break
             if self.clock() > deadline:
                 raise DemoError(f"training did not finish within {self.options.timeout_s:.0f} s "
                                 f"(statuses: {', '.join(sorted(statuses))})")
             self.sleep(0.5)
         failed = [f"{names.get(m, m)}: {r.get('error') or r['status']}" for m, r in results.items()
-                  if r["status"] != "finished"]
+                  if r["status"] != ResultStatus.FINISHED]
         if failed:
             raise DemoError("training did not finish: " + "; ".join(failed))
         return results

@@ -42,6 +42,8 @@ from tierflow.streams.launcher import (
     LABEL_KIND,
     LABEL_MANAGED,
     MANAGED_BY,
+    WorkloadKind,
+    WorkloadPhase,
     WorkloadRefused,
     WorkloadSpec,
     WorkloadStatus,
@@ -210,16 +212,16 @@ def job_status(job: k8s.V1Job, log_tail: str = "") -> WorkloadStatus:
     """A Job's phase: conditions first (Complete/SuccessCriteriaMet, Failed/FailureTarget), then pod counts."""
     meta = meta_of(job)
     labels, name = meta.labels, meta.annotations.get(ANNOTATION_NAME, meta.name)
-    kind = labels.get(LABEL_KIND, "training")
+    kind = labels.get(LABEL_KIND, WorkloadKind.TRAINING)
     conditions = _true_conditions(job)
     status = job.status or k8s.V1JobStatus()
     backoff_limit = job.spec.backoff_limit if job.spec and job.spec.backoff_limit is not None else 6
     failed = next((conditions[t] for t in ("Failed", "FailureTarget") if t in conditions), None)
     succeeded = "Complete" in conditions or "SuccessCriteriaMet" in conditions or (status.succeeded or 0) > 0
     if failed is None and succeeded:
-        return WorkloadStatus(name, kind, labels, "succeeded", exit_code=0)
+        return WorkloadStatus(name, kind, labels, WorkloadPhase.SUCCEEDED, exit_code=0)
     if failed is None and (status.failed or 0) <= backoff_limit:
-        return WorkloadStatus(name, kind, labels, "running")
+        return WorkloadStatus(name, kind, labels, WorkloadPhase.RUNNING)
     if failed is not None:
         why = f"{failed.reason or 'Failed'}: {failed.message or 'no message'}"
     else:
@@ -228,14 +230,14 @@ def job_status(job: k8s.V1Job, log_tail: str = "") -> WorkloadStatus:
     exit_code = int(match.group(1)) if match else None
     log_part = f"\nlast log lines:\n{log_tail.rstrip()}" if log_tail.strip() else ""
     reason = f"Job {meta.name} failed: {why}{log_part}"
-    return WorkloadStatus(name, kind, labels, "failed", exit_code=exit_code, reason=reason)
+    return WorkloadStatus(name, kind, labels, WorkloadPhase.FAILED, exit_code=exit_code, reason=reason)
 
 
 def deployment_status(deployment: k8s.V1Deployment) -> WorkloadStatus:
     """A Deployment runs until it is removed (its pods restart on failure)."""
     meta = meta_of(deployment)
     name = meta.annotations.get(ANNOTATION_NAME, meta.name)
-    return WorkloadStatus(name, meta.labels.get(LABEL_KIND, "inference"), meta.labels, "running")
+    return WorkloadStatus(name, meta.labels.get(LABEL_KIND, WorkloadKind.INFERENCE), meta.labels, WorkloadPhase.RUNNING)
 
 
 def _ours(obj: Any, kind: str | None) -> bool:
@@ -287,9 +289,9 @@ class KubernetesLauncher:
 
     async def launch(self, spec: WorkloadSpec) -> None:
         try:
-            if spec.kind == "training":
+            if spec.kind == WorkloadKind.TRAINING:
                 await self.api.create_job(namespace=self.namespace, body=self.training_job(spec))
-            elif spec.kind == "inference":
+            elif spec.kind == WorkloadKind.INFERENCE:
                 await self.api.create_deployment(namespace=self.namespace, body=self.inference_deployment(spec))
             else:
                 raise WorkloadRefused(f"workload {spec.name}: unknown kind {spec.kind!r} (training or inference)")
@@ -307,17 +309,17 @@ class KubernetesLauncher:
     async def list(self, kind: str | None = None) -> list[WorkloadStatus]:
         selector = f"{LABEL_MANAGED}={MANAGED_BY}" + (f",{LABEL_KIND}={kind}" if kind else "")
         statuses: list[WorkloadStatus] = []
-        if kind in (None, "training"):
+        if kind in (None, WorkloadKind.TRAINING):
             jobs = [j for j in await self.api.list_jobs(namespace=self.namespace, label_selector=selector)
                     if _ours(j, kind)]
             for job in jobs:
                 status = job_status(job)
-                if status.phase == "failed":
+                if status.phase == WorkloadPhase.FAILED:
                     status = job_status(job, await self._log_tail(job))
                 statuses.append(status)
             listed = {(meta_of(j).name, meta_of(j).uid) for j in jobs}
             self._log_tails = {key: tail for key, tail in self._log_tails.items() if key in listed}
-        if kind in (None, "inference"):
+        if kind in (None, WorkloadKind.INFERENCE):
             deployments = await self.api.list_deployments(namespace=self.namespace, label_selector=selector)
             statuses.extend(deployment_status(d) for d in deployments if _ours(d, kind))
         return statuses

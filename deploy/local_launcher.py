@@ -41,7 +41,7 @@ from types import FrameType
 from typing import Any
 
 from tierflow.streams.errors import TemporaryError
-from tierflow.streams.launcher import WorkloadRefused, WorkloadSpec, WorkloadStatus
+from tierflow.streams.launcher import WorkloadPhase, WorkloadRefused, WorkloadSpec, WorkloadStatus
 
 log = logging.getLogger("tierflow.launcher.local")
 
@@ -153,9 +153,9 @@ def workload_status(spec: Mapping[str, Any], *, returncode: int | None, pid: int
     """The status of one workload from what its folder and /proc say."""
     name, kind, labels = spec["name"], spec["kind"], dict(spec["labels"])
     if returncode is None and alive:
-        return WorkloadStatus(name, kind, labels, "running")
+        return WorkloadStatus(name, kind, labels, WorkloadPhase.RUNNING)
     if returncode == 0:
-        return WorkloadStatus(name, kind, labels, "succeeded", exit_code=0)
+        return WorkloadStatus(name, kind, labels, WorkloadPhase.SUCCEEDED, exit_code=0)
     if returncode is not None:
         exit_code, what = describe_returncode(returncode)
     elif pid is None:
@@ -164,7 +164,8 @@ def workload_status(spec: Mapping[str, Any], *, returncode: int | None, pid: int
         exit_code, what = None, (f"ended without an exit code: its supervisor (pid {pid}) was killed (e.g. kill -9) "
                                  "or the machine restarted, and the workload was killed with it")
     log_part = "\nlast log lines:\n" + "\n".join(tail) if tail else "\n(empty log)"
-    return WorkloadStatus(name, kind, labels, "failed", exit_code=exit_code, reason=f"workload {name} {what}{log_part}")
+    return WorkloadStatus(name, kind, labels, WorkloadPhase.FAILED, exit_code=exit_code,
+                          reason=f"workload {name} {what}{log_part}")
 
 
 # --- the supervisor (runs detached, in the workload's own session) ---------------------------------------

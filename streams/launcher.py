@@ -15,18 +15,34 @@ restarts the orchestrator with backoff, and its next pass plans again from the p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 from tierflow.streams.errors import PermanentError
 
 #: Labels every workload carries; the orchestrator selects on them.
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
-LABEL_KIND = "tierflow.io/kind"  # "training" | "inference"
+LABEL_KIND = "tierflow.io/kind"  # a WorkloadKind
 LABEL_DEPLOYMENT = "tierflow.io/deployment"
 LABEL_RESULTS = "tierflow.io/results"  # result ids joined by "-"
 LABEL_INFERENCE = "tierflow.io/inference"
 LABEL_TIER = "tierflow.io/tier"
 MANAGED_BY = "tierflow"
+
+
+class WorkloadKind(StrEnum):
+    """What a workload runs (the `tierflow.io/kind` label)."""
+
+    TRAINING = "training"  # a training job: runs once (a Kubernetes Job)
+    INFERENCE = "inference"  # a tier agent: runs until it is removed (a Kubernetes Deployment)
+
+
+class WorkloadPhase(StrEnum):
+    """Where a workload is, as a launcher lists it."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
 
 
 class WorkloadRefused(PermanentError, ValueError):
@@ -47,7 +63,7 @@ class WorkloadSpec:
     """One workload: the `tierflow` sub-command a pod (or a local subprocess) runs."""
 
     name: str
-    kind: str  # "training" | "inference"
+    kind: str  # a WorkloadKind
     args: list[str]  # arguments of the `tierflow` command, e.g. ["train", "--deployment", "3", ...]
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
@@ -61,13 +77,13 @@ class WorkloadStatus:
     name: str
     kind: str
     labels: dict[str, str]
-    phase: str  # "running" | "succeeded" | "failed"
+    phase: str  # a WorkloadPhase
     exit_code: int | None = None
     reason: str | None = None  # for failures: exit code, signal, last log lines
 
     @property
     def finished(self) -> bool:
-        return self.phase in ("succeeded", "failed")
+        return self.phase in (WorkloadPhase.SUCCEEDED, WorkloadPhase.FAILED)
 
 
 class Launcher(Protocol):
