@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def run_api(settings: Settings) -> int:
-    from tierflow.deploy.stack import with_stack_endpoints
+    from tierflow.streams.stack_state import with_stack_endpoints
 
     resolved = with_stack_endpoints(settings)
     if resolved is None:

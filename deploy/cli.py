@@ -16,10 +16,10 @@ from tierflow.streams.settings import Settings, SettingsError
 
 
 def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from tierflow.deploy.launchers import make_launcher
+    from tierflow.deploy.bootstrap import make_launcher, sandbox_validation
     from tierflow.streams.worker import run_worker
 
-    return run_worker(settings, launcher_factory=make_launcher)
+    return run_worker(settings, sandbox_validation, launcher_factory=make_launcher)
 
 
 def _run_api(args: argparse.Namespace, settings: Settings) -> int:

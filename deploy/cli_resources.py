@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tierflow.deploy.client import JSON, ApiClient, ApiClientError, client_for, with_query
+from tierflow.streams.errors import PermanentError
 from tierflow.streams.settings import Settings
 
 EXIT_API_ERROR = 1
@@ -27,7 +28,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 Action = Callable[[argparse.Namespace, ApiClient], JSON]
 
 
-class UsageError(ValueError):
+class UsageError(PermanentError):
     """The arguments cannot make a request (missing field, unreadable file, bad JSON); exit code 2."""
 
 

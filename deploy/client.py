@@ -19,7 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import Settings
+from tierflow.streams.stack_state import read_stack_state
 
 JSON = dict[str, Any]
 
@@ -35,7 +37,7 @@ AGGREGATE_PATHS: dict[str, str] = {"model": "/models", "configuration": "/config
                                    "deployment": "/deployments"}
 
 
-class ApiClientError(Exception):
+class ApiClientError(TierflowError):
     """The API answered an error (or could not be asked). `status` is 0 when no answer came back."""
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
@@ -218,8 +220,6 @@ def resolve_api_url(settings: Settings) -> str:
     configured: str = settings.api.url
     if configured:
         return configured.rstrip("/")
-    from tierflow.deploy.stack import read_stack_state  # the stack module is heavy and only needed here
-
     state = read_stack_state(settings.stack.home.expanduser())
     if state is not None and state.alive() and state.api_url:
         return str(state.api_url).rstrip("/")

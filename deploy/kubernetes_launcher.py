@@ -1,10 +1,11 @@
 """KubernetesLauncher: workloads as Jobs (training) and Deployments (inference tiers), the `Launcher` port.
 
-Wired in by deploy/launchers.py for `TIERFLOW_LAUNCHER=kubernetes`; the orchestrator agent calls it. Manifests
+Wired in by deploy/bootstrap.py for `TIERFLOW_LAUNCHER=kubernetes`; the orchestrator agent calls it. Manifests
 come from the pure builders of deploy/manifests.py; every Kubernetes call goes through `KubernetesApi`, thin
 keyword-only wrappers around the official client (blocking, so each call runs in `asyncio.to_thread`) that
-turn API errors into a taxonomy saying what happens next:
-- `TemporaryError(delay=...)`: retry after `delay` seconds (429, 5xx, API unreachable);
+turn API errors into tierflow's taxonomy (streams/errors.py, as the `Launcher` port declares), saying what
+happens next:
+- `TemporaryError(delay_s=...)`: retry after `delay_s` seconds (429, 5xx, API unreachable);
 - `PermanentError`: the same request will fail again (400, 401, 403, 422...); the message says what to fix.
 `AlreadyExistsError` (409 on create) and `NotFoundError` (404) are permanent errors the launcher expects:
 a replayed launch finds its workload there (success), a stop of a gone workload has nothing to do (success).
@@ -36,7 +37,17 @@ from tierflow.deploy.manifests import (
     inference_deployment,
     training_job,
 )
-from tierflow.streams.launcher import LABEL_KIND, LABEL_MANAGED, MANAGED_BY, WorkloadSpec, WorkloadStatus
+from tierflow.streams.errors import PermanentError, TemporaryError
+from tierflow.streams.launcher import (
+    LABEL_KIND,
+    LABEL_MANAGED,
+    MANAGED_BY,
+    WorkloadKind,
+    WorkloadPhase,
+    WorkloadRefused,
+    WorkloadSpec,
+    WorkloadStatus,
+)
 from tierflow.streams.settings import WorkloadSettings
 
 log = logging.getLogger("tierflow.launcher.kubernetes")
@@ -48,20 +59,9 @@ _EXIT_CODE = re.compile(r"exit code (\d+)")
 
 # --- error taxonomy ------------------------------------------------------------------------------------
 
-class KubernetesError(Exception):
-    """A Kubernetes call failed; the subclass says whether retrying can help."""
-
-
-class PermanentError(KubernetesError):
-    """The same request will fail again: fix what the message names (RBAC, namespace, manifest)."""
-
-
-class TemporaryError(KubernetesError):
-    """Retry after `delay` seconds: the API is overloaded, restarting or unreachable."""
-
-    def __init__(self, message: str, *, delay: float = 5.0) -> None:
-        super().__init__(message)
-        self.delay = delay
+#: A failed Kubernetes call: PermanentError (fix what the message names: RBAC, namespace, manifest) or
+#: TemporaryError (retry after `delay_s`: the API is overloaded, restarting or unreachable).
+KubernetesError = PermanentError | TemporaryError
 
 
 class AlreadyExistsError(PermanentError):
@@ -91,9 +91,9 @@ def classify(status: int, message: str, *, what: str, retry_after: str | None = 
         return NotFoundError(text)
     if status == 429:
         delay = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
-        return TemporaryError(f"{text} (throttled; retrying in {delay:g} s)", delay=delay)
+        return TemporaryError(f"{text} (throttled; retrying in {delay:g} s)", delay_s=delay)
     if status >= 500 or status in (0, 408, 410):
-        return TemporaryError(f"{text} (the API server failed; retrying)", delay=5.0)
+        return TemporaryError(f"{text} (the API server failed; retrying)", delay_s=5.0)
     return PermanentError(f"{text} ({_ADVICE.get(status, 'retrying will not help')})")
 
 
@@ -140,7 +140,7 @@ class KubernetesApi:
         except ApiException as exc:
             raise _from_api_exception(exc, what) from exc
         except urllib3.exceptions.HTTPError as exc:
-            raise TemporaryError(f"{what}: the Kubernetes API is unreachable: {exc}", delay=5.0) from exc
+            raise TemporaryError(f"{what}: the Kubernetes API is unreachable: {exc}", delay_s=5.0) from exc
 
     async def create_job(self, *, namespace: str, body: k8s.V1Job) -> k8s.V1Job:
         return await self._call(f"create Job {meta_of(body).name}", self.batch.create_namespaced_job,
@@ -212,16 +212,16 @@ def job_status(job: k8s.V1Job, log_tail: str = "") -> WorkloadStatus:
     """A Job's phase: conditions first (Complete/SuccessCriteriaMet, Failed/FailureTarget), then pod counts."""
     meta = meta_of(job)
     labels, name = meta.labels, meta.annotations.get(ANNOTATION_NAME, meta.name)
-    kind = labels.get(LABEL_KIND, "training")
+    kind = labels.get(LABEL_KIND, WorkloadKind.TRAINING)
     conditions = _true_conditions(job)
     status = job.status or k8s.V1JobStatus()
     backoff_limit = job.spec.backoff_limit if job.spec and job.spec.backoff_limit is not None else 6
     failed = next((conditions[t] for t in ("Failed", "FailureTarget") if t in conditions), None)
     succeeded = "Complete" in conditions or "SuccessCriteriaMet" in conditions or (status.succeeded or 0) > 0
     if failed is None and succeeded:
-        return WorkloadStatus(name, kind, labels, "succeeded", exit_code=0)
+        return WorkloadStatus(name, kind, labels, WorkloadPhase.SUCCEEDED, exit_code=0)
     if failed is None and (status.failed or 0) <= backoff_limit:
-        return WorkloadStatus(name, kind, labels, "running")
+        return WorkloadStatus(name, kind, labels, WorkloadPhase.RUNNING)
     if failed is not None:
         why = f"{failed.reason or 'Failed'}: {failed.message or 'no message'}"
     else:
@@ -230,14 +230,14 @@ def job_status(job: k8s.V1Job, log_tail: str = "") -> WorkloadStatus:
     exit_code = int(match.group(1)) if match else None
     log_part = f"\nlast log lines:\n{log_tail.rstrip()}" if log_tail.strip() else ""
     reason = f"Job {meta.name} failed: {why}{log_part}"
-    return WorkloadStatus(name, kind, labels, "failed", exit_code=exit_code, reason=reason)
+    return WorkloadStatus(name, kind, labels, WorkloadPhase.FAILED, exit_code=exit_code, reason=reason)
 
 
 def deployment_status(deployment: k8s.V1Deployment) -> WorkloadStatus:
     """A Deployment runs until it is removed (its pods restart on failure)."""
     meta = meta_of(deployment)
     name = meta.annotations.get(ANNOTATION_NAME, meta.name)
-    return WorkloadStatus(name, meta.labels.get(LABEL_KIND, "inference"), meta.labels, "running")
+    return WorkloadStatus(name, meta.labels.get(LABEL_KIND, WorkloadKind.INFERENCE), meta.labels, WorkloadPhase.RUNNING)
 
 
 def _ours(obj: Any, kind: str | None) -> bool:
@@ -289,12 +289,12 @@ class KubernetesLauncher:
 
     async def launch(self, spec: WorkloadSpec) -> None:
         try:
-            if spec.kind == "training":
+            if spec.kind == WorkloadKind.TRAINING:
                 await self.api.create_job(namespace=self.namespace, body=self.training_job(spec))
-            elif spec.kind == "inference":
+            elif spec.kind == WorkloadKind.INFERENCE:
                 await self.api.create_deployment(namespace=self.namespace, body=self.inference_deployment(spec))
             else:
-                raise ValueError(f"workload {spec.name}: unknown kind {spec.kind!r} (training or inference)")
+                raise WorkloadRefused(f"workload {spec.name}: unknown kind {spec.kind!r} (training or inference)")
         except AlreadyExistsError:
             log.debug("workload %s exists already: launched", spec.name)
 
@@ -309,17 +309,17 @@ class KubernetesLauncher:
     async def list(self, kind: str | None = None) -> list[WorkloadStatus]:
         selector = f"{LABEL_MANAGED}={MANAGED_BY}" + (f",{LABEL_KIND}={kind}" if kind else "")
         statuses: list[WorkloadStatus] = []
-        if kind in (None, "training"):
+        if kind in (None, WorkloadKind.TRAINING):
             jobs = [j for j in await self.api.list_jobs(namespace=self.namespace, label_selector=selector)
                     if _ours(j, kind)]
             for job in jobs:
                 status = job_status(job)
-                if status.phase == "failed":
+                if status.phase == WorkloadPhase.FAILED:
                     status = job_status(job, await self._log_tail(job))
                 statuses.append(status)
             listed = {(meta_of(j).name, meta_of(j).uid) for j in jobs}
             self._log_tails = {key: tail for key, tail in self._log_tails.items() if key in listed}
-        if kind in (None, "inference"):
+        if kind in (None, WorkloadKind.INFERENCE):
             deployments = await self.api.list_deployments(namespace=self.namespace, label_selector=selector)
             statuses.extend(deployment_status(d) for d in deployments if _ours(d, kind))
         return statuses
@@ -344,10 +344,13 @@ class KubernetesLauncher:
             newest = max(metas, key=lambda m: m.created)
             return await self.api.read_pod_log(namespace=self.namespace, name=newest.name,
                                                container=CONTAINER, tail_lines=LOG_TAIL_LINES)
-        except KubernetesError as exc:
+        except (PermanentError, TemporaryError) as exc:
             # The failure is reported all the same; only its log lines are missing.
             log.warning("no log lines for failed Job %s: %s", job_name, exc)
             return None if isinstance(exc, TemporaryError) else ""
+
+    async def stop_all(self) -> None:
+        """Nothing: Jobs and Deployments outlive the worker, and a restarted worker finds them."""
 
     async def close(self) -> None:
         """Close the client this launcher created; Jobs and Deployments keep running."""

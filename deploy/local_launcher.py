@@ -1,6 +1,6 @@
 """LocalLauncher: the embedded stack's workloads as local subprocesses (the `Launcher` port of streams/launcher.py).
 
-Wired in by deploy/launchers.py for `TIERFLOW_LAUNCHER=local`; the orchestrator agent calls it, `tierflow down`
+Wired in by deploy/bootstrap.py for `TIERFLOW_LAUNCHER=local`; the orchestrator agent calls it, `tierflow down`
 calls `stop_all()`. Each workload runs the command a pod would run (`tierflow <args>`, here
 `python -m tierflow.deploy.cli <args>`), in its own session, under a small supervisor started as
 `python -m tierflow.deploy.local_launcher run <dir>`. The supervisor detaches (so it outlives a worker
@@ -40,7 +40,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tierflow.streams.launcher import WorkloadSpec, WorkloadStatus
+from tierflow.streams.errors import TemporaryError
+from tierflow.streams.launcher import WorkloadPhase, WorkloadRefused, WorkloadSpec, WorkloadStatus
 
 log = logging.getLogger("tierflow.launcher.local")
 
@@ -55,8 +56,8 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
 
-class LaunchError(RuntimeError):
-    """A workload could not be started at all (its supervisor could not be spawned)."""
+class LaunchError(TemporaryError):
+    """A workload could not be started at all (its supervisor could not be spawned); a later pass tries again."""
 
 
 # --- processes, from /proc (Linux) --------------------------------------------------------------------
@@ -152,9 +153,9 @@ def workload_status(spec: Mapping[str, Any], *, returncode: int | None, pid: int
     """The status of one workload from what its folder and /proc say."""
     name, kind, labels = spec["name"], spec["kind"], dict(spec["labels"])
     if returncode is None and alive:
-        return WorkloadStatus(name, kind, labels, "running")
+        return WorkloadStatus(name, kind, labels, WorkloadPhase.RUNNING)
     if returncode == 0:
-        return WorkloadStatus(name, kind, labels, "succeeded", exit_code=0)
+        return WorkloadStatus(name, kind, labels, WorkloadPhase.SUCCEEDED, exit_code=0)
     if returncode is not None:
         exit_code, what = describe_returncode(returncode)
     elif pid is None:
@@ -163,7 +164,8 @@ def workload_status(spec: Mapping[str, Any], *, returncode: int | None, pid: int
         exit_code, what = None, (f"ended without an exit code: its supervisor (pid {pid}) was killed (e.g. kill -9) "
                                  "or the machine restarted, and the workload was killed with it")
     log_part = "\nlast log lines:\n" + "\n".join(tail) if tail else "\n(empty log)"
-    return WorkloadStatus(name, kind, labels, "failed", exit_code=exit_code, reason=f"workload {name} {what}{log_part}")
+    return WorkloadStatus(name, kind, labels, WorkloadPhase.FAILED, exit_code=exit_code,
+                          reason=f"workload {name} {what}{log_part}")
 
 
 # --- the supervisor (runs detached, in the workload's own session) ---------------------------------------
@@ -242,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_name(name: str) -> None:
     if not _NAME.match(name):
-        raise ValueError(f"workload name {name!r} is not usable as a folder name: use letters, digits, '.', '_', '-'")
+        raise WorkloadRefused(f"workload name {name!r} is not usable as a folder name: use letters, digits, '.', '_', "
+                              "'-'")
 
 
 class LocalLauncher:
@@ -338,7 +341,7 @@ class LocalLauncher:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         if not await _wait_for(lambda: not group_members(pgid), _KILL_WAIT_S):
-            raise RuntimeError(f"processes {group_members(pgid)} of workload {name} survived SIGKILL")
+            raise TemporaryError(f"processes {group_members(pgid)} of workload {name} survived SIGKILL")
 
     async def list(self, kind: str | None = None) -> list[WorkloadStatus]:
         if not self.state_dir.exists():

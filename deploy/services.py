@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
+from tierflow.streams.errors import PermanentError
+
 PG_USER = "tierflow"
 PG_DATABASE = "tierflow"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(PermanentError):
     """A service could not be started; the message says what to do."""
 
 

@@ -99,30 +99,6 @@ def tail_lines(path: Path, count: int = 10, max_bytes: int = 8192) -> list[str]:
 
 # --- processes ----------------------------------------------------------------------------------------
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:][:1] in ("Z", "X")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists and has not exited (an exited child nobody reaped yet is a zombie).
-
-    It never reaps: reaping a child that a `Popen` owns would hide its exit code from it.
-    """
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
-
-
 def group_members(pgid: int) -> list[int]:
     """The live (non-zombie) processes of process group `pgid`."""
     proc = Path("/proc")

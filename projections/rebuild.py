@@ -72,7 +72,7 @@ async def rebuild(settings: Settings) -> int:
 
 
 def run_rebuild(settings: Settings) -> int:
-    from tierflow.deploy.stack import with_stack_endpoints
+    from tierflow.streams.stack_state import with_stack_endpoints
 
     resolved = with_stack_endpoints(settings)
     if resolved is None:

@@ -41,23 +41,6 @@ def needs_validation(cmd: Command) -> bool:
     return isinstance(code, str) and bool(code.strip())
 
 
-def sandbox_validate(pool: Any) -> ValidateFn:
-    """Adapt tiers.sandbox.SandboxPool to the verdict the decider reads."""
-    from tierflow.tiers.sandbox import CodeInvalid, SandboxError
-
-    async def validate(code: str, imports: str) -> JSON:
-        try:
-            summary = await pool.validate(code, imports)
-        except CodeInvalid as exc:
-            return {"ok": False, "error": str(exc)}
-        except SandboxError as exc:
-            return {"ok": False, "error": f"the sandbox stopped building it: {exc}"}
-        result: JSON = summary.to_dict()
-        return {"ok": True, "summary": result}
-
-    return validate
-
-
 class Validator:
     def __init__(self, kafka: KafkaSettings, database_url: str, validate: ValidateFn, *, concurrency: int = 2) -> None:
         self.kafka = kafka

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 import asyncpg
 
@@ -28,13 +29,16 @@ from tierflow.streams.launcher import Launcher
 from tierflow.streams.orchestrator import Orchestrator
 from tierflow.streams.projector import Projector
 from tierflow.streams.settings import Settings
-from tierflow.streams.validator import ValidateFn, Validator, sandbox_validate
+from tierflow.streams.stack_state import with_stack_endpoints
+from tierflow.streams.validator import ValidateFn, Validator
 
 log = logging.getLogger("tierflow.worker")
 
 DECIDER_LOCK = 7_310_003
 
 LauncherFactory = Callable[[Settings], Launcher]
+#: Opens the validator's validate function for the worker's lifetime (deploy/bootstrap.py: the sandbox pool).
+ValidationFactory = Callable[[Settings], AbstractAsyncContextManager[ValidateFn]]
 
 
 async def supervise(name: str, run: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:
@@ -58,7 +62,7 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], stopping: asy
 
 
 class Worker:
-    def __init__(self, settings: Settings, validate: ValidateFn | None = None, launcher: Launcher | None = None,
+    def __init__(self, settings: Settings, validate: ValidateFn, launcher: Launcher | None = None,
                  workload_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self._validate = validate
@@ -115,15 +119,7 @@ class Worker:
     async def run(self) -> None:
         await migrate(self.settings.database.url)
         await self._ensure_topics()
-        pool = None
-        validate = self._validate
-        if validate is None:
-            from tierflow.tiers.sandbox import SandboxPool
-
-            pool = SandboxPool(self.settings.sandbox)
-            await pool.start()
-            validate = sandbox_validate(pool)
-        self.validator = Validator(self.settings.kafka, self.settings.database.url, validate,
+        self.validator = Validator(self.settings.kafka, self.settings.database.url, self._validate,
                                    concurrency=self.settings.sandbox.pool_size)
         validator = self.validator
         self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url)
@@ -152,8 +148,6 @@ class Worker:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if pool is not None:
-                await pool.close()
 
     async def _run_orchestrator(self) -> None:
         if self.orchestrator is None:
@@ -164,10 +158,11 @@ class Worker:
         self.stopping.set()
 
 
-def run_worker(settings: Settings, launcher_factory: LauncherFactory | None = None) -> int:
-    """Run the worker until SIGTERM; `launcher_factory` (wired by the entry point) enables the orchestrator."""
-    from tierflow.deploy.stack import with_stack_endpoints
-
+def run_worker(settings: Settings, validation: ValidationFactory, launcher_factory: LauncherFactory | None = None
+               ) -> int:
+    """Run the worker until SIGTERM, with the adapters the entry point wires in (deploy/bootstrap.py): `validation`
+    opens the validator's validate function (the sandbox pool) for the worker's lifetime; `launcher_factory`
+    enables the orchestrator."""
     resolved = with_stack_endpoints(settings)
     if resolved is None:
         log.error("no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack in %s", settings.stack.home)
@@ -177,20 +172,19 @@ def run_worker(settings: Settings, launcher_factory: LauncherFactory | None = No
     async def main() -> None:
         launcher = launcher_factory(settings) if launcher_factory is not None else None
         env = {**settings.workload_env(), "PYTHONUNBUFFERED": "1"}
-        worker = Worker(settings, launcher=launcher, workload_env=env)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
         try:
-            await worker.run()
+            async with validation(settings) as validate:
+                worker = Worker(settings, validate, launcher=launcher, workload_env=env)
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, worker.stop)
+                await worker.run()
         finally:
             if launcher is not None:
                 # Local workloads are this machine's processes: a graceful stop (`tierflow down`) takes them
                 # along so none is orphaned; the orchestrator relaunches open results on the next start.
                 # A crashed worker does not get here, and its restart finds them still running.
-                stop_all = getattr(launcher, "stop_all", None)
-                if stop_all is not None:
-                    await stop_all()
+                await launcher.stop_all()
                 await launcher.close()
 
     asyncio.run(main())

@@ -13,8 +13,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from tierflow.deploy.cli_args import positive_int
+from tierflow.streams.cli_args import positive_int
 from tierflow.streams.settings import Settings
+from tierflow.streams.stack_state import resolve_bootstrap
 
 _CHUNK = 2_000  # samples per send_many call between progress updates
 
@@ -51,20 +52,6 @@ class ProgressBar:
         self.update(done, force=True)
         self.stream.write("\n")
         self.stream.flush()
-
-
-def resolve_bootstrap(settings: Settings) -> str:
-    """KAFKA_BOOTSTRAP_SERVERS, else the running embedded stack's broker; a clear error otherwise."""
-    if settings.kafka.bootstrap_servers:
-        return settings.kafka.bootstrap_servers
-    from tierflow.deploy.stack import read_stack_state, resolve_home
-
-    home = resolve_home(settings)
-    state = read_stack_state(home)
-    if state is None or not state.alive():
-        raise RuntimeError(f"no broker: the embedded stack of {home} is not running; start it with `tierflow up`, "
-                           "or set KAFKA_BOOTSTRAP_SERVERS")
-    return state.bootstrap_servers
 
 
 def _rate(text: str) -> float:

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from tierflow.deploy.cli_args import non_negative, port, positive_int
+from tierflow.streams.cli_args import non_negative, port, positive_int
 from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import Settings, SettingsError
 from tierflow.streams.statuses import InferenceStatus
@@ -169,7 +169,7 @@ def _api_message(body: bytes) -> str:
 def _default_servers(settings: Settings) -> str:
     if settings.kafka.bootstrap_servers:
         return settings.kafka.bootstrap_servers
-    from tierflow.tiers.send_cli import resolve_bootstrap
+    from tierflow.streams.stack_state import resolve_bootstrap
 
     try:
         return resolve_bootstrap(settings)

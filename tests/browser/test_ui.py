@@ -28,11 +28,11 @@ from playwright.async_api import Page, async_playwright, expect
 
 from tests.conftest import ARTIFACTS, Infra, new_plane, start_plane, stop_plane
 from tierflow.api.app import create_app
+from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
 from tierflow.streams.topics import TopicSpec, ensure_topics
-from tierflow.streams.validator import sandbox_validate
 
 pytestmark = pytest.mark.slow
 

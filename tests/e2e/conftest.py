@@ -18,10 +18,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import Infra, RunningPlane, new_plane, start_plane, stop_plane, wait_until
 from tierflow.api.app import create_app
+from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.deploy.local_launcher import LocalLauncher
 from tierflow.deploy.services import free_port
 from tierflow.streams.settings import Settings
-from tierflow.streams.validator import sandbox_validate
 from tierflow.tiers.datasets import load_digits
 from tierflow.tiers.sinks import RawSink
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ARTIFACTS
-from tierflow.deploy.stack import read_stack_state
+from tierflow.streams.stack_state import read_stack_state
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,7 @@ import pytest
 from tests.fixtures import model_code
 from tests.integration.test_stack import _missing_modules, _stack_log, nothing_left, stack_home, tierflow
 from tierflow.deploy.client import ApiClient
-from tierflow.deploy.stack import read_stack_state
-from tierflow.deploy.supervisor import pid_alive
+from tierflow.streams.stack_state import pid_alive, read_stack_state
 
 __all__ = ["stack_home"]
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import Infra, new_plane, start_plane, stop_plane
 from tierflow.api.app import create_app
-from tierflow.streams.validator import sandbox_validate
+from tierflow.deploy.bootstrap import sandbox_validate
 
 pytestmark = pytest.mark.slow
 

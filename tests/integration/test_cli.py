@@ -23,10 +23,10 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import Infra, new_plane, start_plane, stop_plane
 from tierflow.api.app import create_app
+from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.deploy.cli import main
 from tierflow.deploy.client import DEFAULT_API_URL, resolve_api_url
 from tierflow.streams.settings import Settings
-from tierflow.streams.validator import sandbox_validate
 
 TOKEN = "cli-test-token"
 
@@ -212,7 +212,7 @@ async def test_an_unreachable_api_says_what_to_do(capsys: pytest.CaptureFixture[
 
 
 def test_the_api_url_comes_from_the_setting_then_the_running_stack(tmp_path: Path) -> None:
-    from tierflow.deploy.stack import StackState, write_stack_state
+    from tierflow.streams.stack_state import StackState, write_stack_state
 
     env = {"TIERFLOW_HOME": str(tmp_path)}
     assert resolve_api_url(Settings.from_env(env)) == DEFAULT_API_URL

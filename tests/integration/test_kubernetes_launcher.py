@@ -23,12 +23,11 @@ from tierflow.deploy.kubernetes_launcher import (
     AlreadyExistsError,
     KubernetesLauncher,
     NotFoundError,
-    PermanentError,
-    TemporaryError,
     classify,
     job_status,
 )
 from tierflow.deploy.manifests import as_manifest
+from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.launcher import LABEL_KIND, LABEL_MANAGED, LABEL_RESULTS, LABEL_TIER, WorkloadSpec
 from tierflow.streams.settings import WorkloadSettings
 
@@ -204,7 +203,7 @@ async def test_api_errors_become_the_taxonomy(cluster: Cluster) -> None:
     cluster.emulator[f"get {jobs_path}"] << 429 << {"Retry-After": "7"} << {"kind": "Status", "code": 429}
     with pytest.raises(TemporaryError) as throttled:
         await cluster.launcher.list("training")
-    assert throttled.value.delay == 7.0
+    assert throttled.value.delay_s == 7.0
 
 
 async def test_an_unreachable_api_is_a_temporary_error() -> None:
@@ -223,9 +222,9 @@ def test_classify_says_what_happens_next() -> None:
     assert isinstance(classify(404, "gone", what="delete Job x"), NotFoundError)
     assert isinstance(classify(422, "invalid", what="create Job x"), PermanentError)
     unavailable = classify(503, "busy", what="list Jobs")
-    assert isinstance(unavailable, TemporaryError) and unavailable.delay == 5.0
+    assert isinstance(unavailable, TemporaryError) and unavailable.delay_s == 5.0
     throttled = classify(429, "slow down", what="list Jobs", retry_after="3")
-    assert isinstance(throttled, TemporaryError) and throttled.delay == 3.0
+    assert isinstance(throttled, TemporaryError) and throttled.delay_s == 3.0
     assert "create Job x: HTTP 403" in str(classify(403, "forbidden", what="create Job x"))
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from tierflow.deploy.services import ChildSpec
-from tierflow.deploy.stack import read_stack_state
-from tierflow.deploy.supervisor import RestartPolicy, Supervisor, group_members, pid_alive
+from tierflow.deploy.supervisor import RestartPolicy, Supervisor, group_members
+from tierflow.streams.stack_state import pid_alive, read_stack_state
 
 FAST = RestartPolicy(initial_s=0.05, max_s=0.4, reset_after_s=60.0)
 

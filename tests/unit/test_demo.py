@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierflow.deploy.demo import Answered, DemoError, choose_dataset, format_summary, split_holdout, summarize
+from tierflow.deploy.demo_data import DemoError, choose_dataset, split_holdout
+from tierflow.deploy.demo_summary import Answered, format_summary, summarize
 
 
 def test_auto_picks_fashion_mnist_only_when_installed() -> None:

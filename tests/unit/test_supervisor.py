@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tierflow.deploy.stack import StackState, StackStateError, format_table, parse_stack_state, redact
+from tierflow.deploy.stack import format_table
+from tierflow.deploy.stack_processes import redact
 from tierflow.deploy.supervisor import RestartPlan, RestartPolicy, describe_exit, plan_restart
+from tierflow.streams.stack_state import StackState, StackStateError, parse_stack_state
 
 POLICY = RestartPolicy(initial_s=0.5, max_s=30.0, reset_after_s=60.0)
 

@@ -1,5 +1,8 @@
 """Argument types shared by the CLI's sub-commands: each turns a flag's text into a value or an argparse error
-that says what is wrong with it."""
+that says what is wrong with it.
+
+In the core (stdlib only) because the front door's commands (deploy/) and the workloads' commands (tiers/, which
+a device runs without the server extra) both use them, and tiers may not import deploy."""
 
 from __future__ import annotations
 
@@ -33,4 +36,14 @@ def port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0 picks a free one)")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return value
