@@ -2,7 +2,7 @@
 
 Called by the inference routes (`GET /inferences/{id}/predictions` and `/stats`). Outputs are JSON records
 written by the tier agents: Kafka-ML's `{"values": [...]}` plus tierflow's fields, one sample or a batch per
-record. They are read by the one reader of that format (`tiers/wire.py: answer_fields`) and shown here as
+record. They are read by the one reader of that format (`streams/wire.py: answer_fields`) and shown here as
 one entry per sample, each field as the record holds it (null where it has none). Statistics are computed
 over the latest outputs (a window), so they describe recent traffic: exit distribution per tier,
 throughput, and latency percentiles.
@@ -16,11 +16,9 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tierflow.streams import kafka as kio
+from tierflow.streams import wire
 from tierflow.streams.settings import KafkaSettings
-from tierflow.tiers import wire
-
-# Re-exported while deploy/demo.py imports it from here; its home is tiers/wire.py.
-from tierflow.tiers.wire import percentile as percentile
+from tierflow.streams.wire import percentile
 
 JSON = dict[str, Any]
 

@@ -57,9 +57,10 @@ from aiokafka import TopicPartition
 
 from tierflow.deploy import services
 from tierflow.streams import kafka as kio
+from tierflow.streams import wire
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import TopicSpec, ensure_topics
-from tierflow.tiers import tier_agent, tier_config, wire
+from tierflow.tiers import tier_agent, tier_config
 
 SNIPPETS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kafka_ml_models"
 CHAIN = ("edge", "fog", "cloud")

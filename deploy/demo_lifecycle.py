@@ -4,7 +4,7 @@
 public API (deploy/client.py) and Kafka, as a user's own scripts would: register the chain and a single model,
 deploy them, send the training data with a Kafka-ML style sink, watch training per epoch and exit, serve the
 chain tier by tier, stream the held-out inputs as a Kafka-ML client (one raw sample per record) and read the
-answers (tiers/wire.py). This process never imports TensorFlow.
+answers (streams/wire.py). This process never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class Demo:
         from aiokafka import TopicPartition
 
         from tierflow.streams import kafka as kio
-        from tierflow.tiers import wire
+        from tierflow.streams import wire
         from tierflow.tiers.send_cli import ProgressBar
 
         kafka = self.settings.kafka
@@ -235,7 +235,7 @@ class Demo:
         """Wait until every tier has loaded its model and answers, so that latencies measure serving, not start-up:
         one probe per tier, written to that tier's input topic (a raw sample for the first tier, a tensor of the
         demo's 64 features above it), is answered with an origin naming that topic."""
-        from tierflow.tiers import wire
+        from tierflow.streams import wire
 
         started = self.clock()
         probes: dict[str, int] = {}

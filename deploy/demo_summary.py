@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierflow.api.outputs import percentile
+from tierflow.streams.wire import percentile
 
 JSON = dict[str, Any]
 

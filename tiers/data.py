@@ -29,7 +29,7 @@ import orjson
 from fastavro import parse_schema, schemaless_reader
 
 from tierflow.streams.errors import PermanentError
-from tierflow.tiers.wire import WireError, parse_dtype, shape_text
+from tierflow.streams.wire import WireError, parse_dtype, shape_text
 
 
 class DataError(PermanentError, ValueError):

@@ -39,8 +39,8 @@ import orjson
 from fastavro import parse_schema, schemaless_writer
 
 from tierflow.streams.errors import TierflowError
+from tierflow.streams.wire import WireError, parse_dtype, shape_text
 from tierflow.tiers.data import DataError, InputConfig, parse_scheme, parse_shape
-from tierflow.tiers.wire import WireError, parse_dtype, shape_text
 
 with warnings.catch_warnings():
     # kafka-python 3 loads its protocol schemas with importlib.resources.read_text, deprecated since

@@ -2,10 +2,10 @@
 
 Run by the tier's Faust app (`tierflow.tiers.tier_app`, whose service calls `run()` and, on SIGTERM,
 `request_stop()`); its config comes from `tierflow.tiers.tier_config`, its numbers go to
-`tierflow.tiers.tier_metrics`, its records are read and written by `tierflow.tiers.wire`.
+`tierflow.tiers.tier_metrics`, its records are read and written by `tierflow.streams.wire`.
 
 What it does, per batch: take the records available on the input topic (up to `max_batch`, waiting at most
-`linger_ms` for more; 0 = never wait for a batch to fill), decode them (`tiers.wire`), run the sub-model
+`linger_ms` for more; 0 = never wait for a batch to fill), decode them (`streams.wire`), run the sub-model
 ONCE on all their samples (in the model thread, so the event loop keeps acknowledging and committing),
 route each sample (`max(p) >= limit` -> an answer on the output topic, else its tensor -> the upper topic;
 the top tier answers everything), produce, and commit a batch's offsets only once every record it
@@ -50,9 +50,9 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from tierflow.streams import kafka as kio
+from tierflow.streams import wire
 from tierflow.streams.errors import PermanentError
 from tierflow.streams.settings import KafkaSettings
-from tierflow.tiers import wire
 from tierflow.tiers.engines import Engine, load_engine
 from tierflow.tiers.tier_config import TierConfig, TierConfigError, input_spec
 from tierflow.tiers.tier_metrics import TierMetrics, TierStats

@@ -3,7 +3,7 @@
 Built by `tierflow tier run` (`tierflow.tiers.tier_cli`, from the API's inference or from flags) and by tests
 and benchmarks; read by the batching loop (`tierflow.tiers.tier_agent`) and the Faust app around it
 (`tierflow.tiers.tier_app`). `input_spec` turns the config and the loaded model's input into the decoder
-settings of `tierflow.tiers.wire` (RAW per the datasource's input_config, AVRO, or float32 tensors); a
+settings of `tierflow.streams.wire` (RAW per the datasource's input_config, AVRO, or float32 tensors); a
 config or input_config that cannot work is a `TierConfigError` that names the setting.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from fastavro import parse_schema, schemaless_reader
 
+from tierflow.streams import wire
 from tierflow.streams.errors import PermanentError
-from tierflow.tiers import wire
 from tierflow.tiers.data import DataError, InputConfig, flatten_record
 from tierflow.tiers.engines import ENGINES, Engine
 

@@ -28,9 +28,9 @@ import numpy as np
 import numpy.typing as npt
 
 from tierflow.streams.errors import PermanentError
+from tierflow.streams.wire import shape_text
 from tierflow.tiers.data import reshape_for
 from tierflow.tiers.keras_code import load_keras as _tf_and_keras
-from tierflow.tiers.wire import shape_text
 
 JSON = dict[str, Any]
 #: One exit's metrics as Keras names them (`loss`, `accuracy`, `val_loss`, `val_accuracy`, ...).

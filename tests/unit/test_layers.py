@@ -73,8 +73,8 @@ def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
     ("streams/envelope.py", "tierflow.deploy.cli", False),  # the core may not import the front door
     ("streams/worker.py", "tierflow.tiers.sandbox", True),  # the worker is handed its sandbox instead
     ("projections/queries.py", "tierflow.streams.orchestrator", True),  # projections sit below the agents
-    ("tiers/wire.py", "tierflow.api.outputs", True),  # the API and the tiers are siblings: neither imports
-    ("api/outputs.py", "tierflow.tiers.wire", False),  # the other
+    ("tiers/data.py", "tierflow.api.outputs", True),  # the API and the tiers are siblings: neither imports
+    ("api/outputs.py", "tierflow.tiers.data", False),  # the other
 ])
 def test_an_upward_import_breaks_the_layers(tmp_path: Path, path: str, imported: str, inside_function: bool) -> None:
     text, line = with_import(path, f"import {imported}", inside_function=inside_function)
@@ -86,13 +86,13 @@ def test_an_upward_import_breaks_the_layers(tmp_path: Path, path: str, imported:
 
 
 def test_a_device_tier_reaching_a_server_only_package_breaks_the_device_contract(tmp_path: Path) -> None:
-    # tiers/wire.py is run by every tier agent; asyncpg comes only with the server extra.
-    text, line = with_import("tiers/wire.py", "import asyncpg", inside_function=True)
-    run = lint_imports(tmp_path, {"tiers/wire.py": text})
+    # streams/wire.py is run by every tier agent; asyncpg comes only with the server extra.
+    text, line = with_import("streams/wire.py", "import asyncpg", inside_function=True)
+    run = lint_imports(tmp_path, {"streams/wire.py": text})
     assert run.returncode == 1, run.stdout + run.stderr
     assert verdicts(run.stdout) == {"Layers": "KEPT", "Every module": "KEPT", "A device tier": "BROKEN"}
     assert "tierflow.tiers.tier_agent is not allowed to import asyncpg" in run.stdout
-    assert f"tierflow.tiers.wire -> asyncpg (l.{line})" in run.stdout
+    assert f"tierflow.streams.wire -> asyncpg (l.{line})" in run.stdout
 
 
 def test_a_new_streams_module_must_be_placed_in_a_layer(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 
 from tierflow.api.outputs import flatten_output, statistics
-from tierflow.tiers.wire import percentile
+from tierflow.streams.wire import percentile
 
 
 def test_single_and_batched_outputs_flatten_to_samples() -> None:
@@ -34,10 +34,10 @@ def test_statistics_give_shares_per_tier_throughput_and_percentiles() -> None:
 
 
 def test_the_agents_own_output_records_flatten_like_the_wire_reader() -> None:
-    # What a tier agent writes (tiers/wire.py): a single-sample record and a batched one, origins as objects.
+    # What a tier agent writes (streams/wire.py): a single-sample record and a batched one, origins as objects.
     import numpy as np
 
-    from tierflow.tiers import wire
+    from tierflow.streams import wire
 
     spec = wire.InputSpec((2,))
     value, headers = wire.encode_tensor(np.array([[1, 2], [3, 4], [5, 6]], dtype=np.float32))

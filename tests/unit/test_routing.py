@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierflow.tiers import wire
+from tierflow.streams import wire
+from tierflow.streams.wire import InputSpec, WireRecord
 from tierflow.tiers.tier_cli import TierSetupError, config_from_inference, verify_sha256
-from tierflow.tiers.wire import InputSpec, WireRecord
 
 PROBS = np.array([[0.1, 0.9], [0.5, 0.5], [0.79, 0.21], [0.8, 0.2]], dtype=np.float32)
 

@@ -1,4 +1,4 @@
-"""The tiers' data-plane wire formats (tiers/wire.py): inputs decoded, answers and forwards encoded (no I/O)."""
+"""The tiers' data-plane wire formats (streams/wire.py): inputs decoded, answers and forwards encoded (no I/O)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import orjson
 import pytest
 
-from tierflow.tiers import wire
-from tierflow.tiers.wire import InputSpec, WireRecord
+from tierflow.streams import wire
+from tierflow.streams.wire import InputSpec, WireRecord
 
 IMAGES = InputSpec((28, 28, 1), raw_dtype=np.dtype(np.uint8), raw_shape=(28, 28))  # a first tier, Kafka-ML's
 TENSORS = InputSpec((64,))  # a fog tier: float32 tensors of the fog model's input

@@ -1,9 +1,9 @@
-"""The data plane's small rules have one implementation each, in tiers/wire.py, and the callers use it.
+"""The data plane's small rules have one implementation each, in streams/wire.py, and the callers use it.
 
 The answer format (written by the tiers, read by the API, the demo, the clients), dtype names, shapes in
 messages, the tier's consumer group name and answer-latency percentiles each had two or three copies that
 had begun to disagree. These tests read the package's source (its syntax trees, nothing is imported) and
-fail when a second implementation appears outside tiers/wire.py.
+fail when a second implementation appears outside streams/wire.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("streams", "projections", "api", "tiers", "deploy")
-HOME = "tiers/wire.py"
+HOME = "streams/wire.py"
 #: Callers in files another branch of issue 11 rewrites; each entry names the line that moves onto wire.
 PENDING = {
     "tierflow-inference-": {"api/routes.py"},  # _lags: group = wire.tier_group(inference["id"], tier["index"])
