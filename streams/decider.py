@@ -21,7 +21,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tierflow.streams import kafka as kio
 from tierflow.streams.catalogue import upcasters as make_upcasters
 from tierflow.streams.commandlog import read_log_id
-from tierflow.streams.domain import State, apply, decide
+from tierflow.streams.domain import decide
+from tierflow.streams.domain.state import State, apply
 from tierflow.streams.envelope import CommandLogMarker, EnvelopeError, Position, decode_command, decode_event, now_iso
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import check_single_partition

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, upcasters
-from tierflow.streams.domain import State, apply, decide, needs_validation
+from tierflow.streams.domain import decide, needs_validation
+from tierflow.streams.domain.state import State, apply
 from tierflow.streams.envelope import JSON, Command, Event, Position, decode_event, event_id_for
 
 AT = "2024-05-01T10:00:00.000000Z"
