@@ -23,6 +23,7 @@ from tierflow.api.state import AppState, get_state
 from tierflow.projections import queries
 from tierflow.streams import catalogue
 from tierflow.streams.envelope import Command, new_command_id
+from tierflow.streams.statuses import ResultStatus
 
 JSON = dict[str, Any]
 routes = web.RouteTableDef()
@@ -272,7 +273,7 @@ async def download_model(request: web.Request) -> web.StreamResponse:
     if result is None:
         raise not_found("result", ident)
     artefacts = result.get("artefacts") or {}
-    if result["status"] != "finished" or fmt not in artefacts:
+    if result["status"] != ResultStatus.FINISHED or fmt not in artefacts:
         have = ", ".join(sorted(artefacts)) or "none"
         raise ApiError(404, "not_found", f"result {ident} has no '{fmt}' artefact (status {result['status']}; "
                                          f"artefacts: {have})", "format")

@@ -20,8 +20,8 @@ import asyncpg
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from tierflow.streams import kafka as kio
-from tierflow.streams.catalogue import CODE_COMMANDS
 from tierflow.streams.commandlog import read_log_id
+from tierflow.streams.domain import needs_validation
 from tierflow.streams.envelope import JSON, Command, EnvelopeError, decode_command
 from tierflow.streams.positions import load_position, save_position
 from tierflow.streams.settings import KafkaSettings
@@ -32,13 +32,6 @@ AGENT = "validator"
 
 #: validate(code, imports) -> {"ok": True, "summary": {...}} | {"ok": False, "error": "..."}
 ValidateFn = Callable[[str, str], Awaitable[JSON]]
-
-
-def needs_validation(cmd: Command) -> bool:
-    if cmd.type not in CODE_COMMANDS or cmd.validation is not None:
-        return False
-    code = cmd.payload.get("code")
-    return isinstance(code, str) and bool(code.strip())
 
 
 def sandbox_validate(pool: Any) -> ValidateFn:

@@ -60,8 +60,11 @@ def _decide(state: State, cmd: Command, at: str) -> Decision:
     return handler(state, cmd, at)
 
 
-def needs_validation(state: State, cmd: Command) -> bool:
-    """Whether the validator agent must build this command's code (the decider will wait for it)."""
+def needs_validation(cmd: Command) -> bool:
+    """Whether the validator agent must build this command's code (the model rules wait for its verdict).
+
+    Called by the validator agent (streams/validator.py) on every command it reads.
+    """
     if cmd.type not in CODE_COMMANDS or cmd.validation is not None:
         return False
     code = cmd.payload.get("code")

@@ -22,6 +22,7 @@ from tierflow.streams.catalogue import (
 from tierflow.streams.domain.decision import Decision, Handler
 from tierflow.streams.domain.state import ResultState, State
 from tierflow.streams.envelope import JSON, Command
+from tierflow.streams.statuses import ResultStatus
 
 
 def _request_deployment(state: State, cmd: Command, at: str) -> Decision:
@@ -125,7 +126,7 @@ def _status_event(event_type: str, results: list[ResultState], extra: JSON, at: 
 def _report_launched(state: State, cmd: Command, at: str) -> Decision:
     results = _results(state, cmd.payload)
     _not_final(results, "launch training")
-    started = [r for r in results if r.status != "created"]
+    started = [r for r in results if r.status != ResultStatus.CREATED]
     if started:
         raise Invalid(f"result(s) {[r.id for r in started]} were launched already", "result_ids", "conflict")
     workload = parse_workload(cmd.payload)
@@ -193,7 +194,7 @@ def _delete_result(state: State, cmd: Command, at: str) -> Decision:
     if served:
         raise Invalid(f"result {rid} is served by inference(s) {', '.join(map(str, served))}; stop and delete "
                       "those first", "id", "conflict")
-    if res.status in ("deployed", "training"):
+    if res.status in (ResultStatus.DEPLOYED, ResultStatus.TRAINING):
         raise Invalid(f"result {rid} is {res.status}; stop it first (POST /results/{rid}/stop)", "id", "conflict")
     return "ResultDeleted", f"deployment:{res.deployment_id}", 1, {"id": rid, "deployment_id": res.deployment_id}
 

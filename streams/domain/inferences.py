@@ -11,6 +11,7 @@ from tierflow.streams.catalogue import Invalid, input_format_field, parse_infere
 from tierflow.streams.domain.decision import Decision, Handler
 from tierflow.streams.domain.state import State
 from tierflow.streams.envelope import JSON, Command
+from tierflow.streams.statuses import InferenceStatus, ResultStatus
 
 
 def _request_inference(state: State, cmd: Command, at: str) -> Decision:
@@ -21,7 +22,8 @@ def _request_inference(state: State, cmd: Command, at: str) -> Decision:
         raise Invalid(f"result {entry_id} does not exist", "result_id")
     chain = entry.chain or [entry_id]
     tier_ids = chain[chain.index(entry_id):]  # from the entry up to the top of its chain
-    unfinished = [f"{r} ({state.results[r].status})" for r in tier_ids if state.results[r].status != "finished"]
+    unfinished = [f"{r} ({state.results[r].status})" for r in tier_ids
+                  if state.results[r].status != ResultStatus.FINISHED]
     if unfinished:
         raise Invalid(f"only finished results can be served; result(s) {', '.join(unfinished)} are not", "result_id",
                       "conflict")
@@ -67,7 +69,7 @@ def _inference(state: State, cmd: Command) -> int:
 
 def _stop_inference(state: State, cmd: Command, at: str) -> Decision:
     ident = _inference(state, cmd)
-    if state.inference_status.get(ident) == "stopped":
+    if state.inference_status.get(ident) == InferenceStatus.STOPPED:
         raise Invalid(f"inference {ident} is already stopped", "id", "conflict")
     return "InferenceStopped", f"inference:{ident}", 2, {"id": ident, "at": at}
 

@@ -11,12 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tierflow.streams.envelope import JSON, Event, Position
+from tierflow.streams.statuses import FINAL_STATUSES, InferenceStatus, ResultStatus
 
 Shape = list[int | None]
-
-#: A result in one of these states never changes status again.
-FINAL_STATUSES = frozenset({"finished", "failed", "stopped"})
-
 
 @dataclass
 class ModelState:
@@ -51,7 +48,7 @@ class ResultState:
     id: int
     deployment_id: int
     model_id: int
-    status: str
+    status: ResultStatus
     #: result ids trained together (one chain, bottom first); a single model's result is a chain of one
     chain: list[int] = field(default_factory=list)
 
@@ -76,8 +73,8 @@ class State:
     datasource_records: dict[int, JSON] = field(default_factory=dict)
     #: inference id -> result ids it serves (kept until the inference is deleted)
     inferences: dict[int, list[int]] = field(default_factory=dict)
-    #: inference id -> status ("running" | "stopped")
-    inference_status: dict[int, str] = field(default_factory=dict)
+    #: inference id -> its status
+    inference_status: dict[int, InferenceStatus] = field(default_factory=dict)
 
     def next_id(self, kind: str) -> int:
         return self.next_ids.get(kind, 0) + 1
@@ -141,7 +138,8 @@ def apply(state: State, event: Event) -> None:
         chains = p.get("chains") or [[r["id"]] for r in p["results"]]
         chain_of = {rid: chain for chain in chains for rid in chain}
         for r in p["results"]:
-            state.results[r["id"]] = ResultState(r["id"], p["id"], r["model_id"], "created", chain_of[r["id"]])
+            state.results[r["id"]] = ResultState(r["id"], p["id"], r["model_id"], ResultStatus.CREATED,
+                                                 chain_of[r["id"]])
             _bump(state, "result", r["id"])
     elif t == "DeploymentDeleted":
         dep = state.deployments.pop(p["id"], None)
@@ -158,10 +156,10 @@ def apply(state: State, event: Event) -> None:
             state.deployments[res.deployment_id].result_ids.remove(res.id)
     elif t == "InferenceRequested":
         state.inferences[p["id"]] = [tier["result_id"] for tier in p["tiers"]]
-        state.inference_status[p["id"]] = "running"
+        state.inference_status[p["id"]] = InferenceStatus.RUNNING
         _bump(state, "inference", p["id"])
     elif t == "InferenceStopped":
-        state.inference_status[p["id"]] = "stopped"
+        state.inference_status[p["id"]] = InferenceStatus.STOPPED
     elif t == "InferenceDeleted":
         state.inferences.pop(p["id"], None)
         state.inference_status.pop(p["id"], None)
@@ -174,10 +172,10 @@ def apply(state: State, event: Event) -> None:
 
 
 _STATUS_BY_EVENT = {
-    "TrainingLaunched": "deployed",
-    "TrainingStarted": "training",
-    "TrainingProgressed": "training",
-    "TrainingResultReported": "finished",
-    "TrainingFailed": "failed",
-    "TrainingStopped": "stopped",
+    "TrainingLaunched": ResultStatus.DEPLOYED,
+    "TrainingStarted": ResultStatus.TRAINING,
+    "TrainingProgressed": ResultStatus.TRAINING,
+    "TrainingResultReported": ResultStatus.FINISHED,
+    "TrainingFailed": ResultStatus.FAILED,
+    "TrainingStopped": ResultStatus.STOPPED,
 }
