@@ -15,10 +15,11 @@ import asyncpg
 import orjson
 
 from tierflow.streams.envelope import Event
+from tierflow.streams.errors import PermanentError
 from tierflow.streams.statuses import InferenceStatus, ResultStatus
 
 
-class ProjectionError(RuntimeError):
+class ProjectionError(PermanentError, RuntimeError):
     """An accepted event could not be applied: the projector stops and /readyz reports this."""
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from tierflow.streams.envelope import JSON, Upcasters
+from tierflow.streams.errors import PermanentError
 
 
-class Invalid(ValueError):
+class Invalid(PermanentError, ValueError):
     """A command field is wrong. `code` says what the API answers: invalid -> 422, not_found -> 404,
-    conflict -> 409."""
+    conflict -> 409. (Still a ValueError, as parsers that wrap `int()` and friends expect.)"""
 
     def __init__(self, message: str, field: str | None = None, code: str = "invalid") -> None:
         super().__init__(message)

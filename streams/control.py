@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError
 
 from tierflow.streams import kafka as kio
 from tierflow.streams.envelope import JSON, TIERFLOW_NS, Command
+from tierflow.streams.errors import PermanentError
 from tierflow.streams.positioned import PositionedReader, Record, first_record
 from tierflow.streams.positions import AgentPositions
 from tierflow.streams.settings import KafkaSettings
@@ -37,7 +38,7 @@ AGENT = "control-bridge"
 EMPTY_LOG = "empty"
 
 
-class ControlMessageError(ValueError):
+class ControlMessageError(PermanentError, ValueError):
     """A control message tierflow cannot use; the message says what is wrong."""
 
 

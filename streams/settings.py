@@ -14,8 +14,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tierflow.streams.errors import PermanentError
 
-class SettingsError(ValueError):
+
+class SettingsError(PermanentError, ValueError):
     """An environment variable holds a value tierflow cannot use; the message names the variable."""
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from tierflow.streams.catalogue import Invalid, expected_version
 from tierflow.streams.domain.state import ModelState, State
 from tierflow.streams.envelope import JSON, Command
+from tierflow.streams.errors import TierflowError
 
 #: (event type, aggregate, aggregate version, payload) of the one event a command produces
 Decision = tuple[str, str, int, JSON]
@@ -20,8 +21,9 @@ Decision = tuple[str, str, int, JSON]
 Handler = Callable[[State, Command, str], Decision]
 
 
-class Pending(Exception):
-    """The command needs its model code validated first; the validator agent will re-send it."""
+class Pending(TierflowError):
+    """The command needs its model code validated first; the validator agent will re-send it (not a failure:
+    `decide` answers no event yet)."""
 
 
 def model_of(state: State, model_id: int, field_name: str = "id") -> ModelState:
