@@ -351,8 +351,9 @@ def path_id_value(raw: str, name: str) -> int:
 async def create_inference(request: web.Request) -> web.Response:
     data = await body(request)
     catalogue.req_id(data, "result_id")
+    reserved = catalogue.reserved_topics(get_state(request).settings.kafka)
     for name in ("input_topic", "output_topic"):
-        catalogue.topic_name(data.get(name), name)  # the decider's rule; tiers' upper topics are checked there
+        catalogue.topic_name(data.get(name), name, reserved)  # the decider's rule; it checks tiers' upper topics
     return await submit(request, "RequestInference", data, read=queries.get_inference, status=201)
 
 

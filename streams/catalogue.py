@@ -14,6 +14,7 @@ from typing import Any
 
 from tierflow.streams.envelope import JSON, Upcasters
 from tierflow.streams.errors import PermanentError
+from tierflow.streams.settings import KafkaSettings
 
 
 class Invalid(PermanentError, ValueError):
@@ -398,8 +399,11 @@ def input_format_field(value: Any) -> str:
     return str(value)
 
 
-def parse_announcement(payload: JSON) -> tuple[list[JSON], JSON]:
-    """The ranges of a datasource announcement and its other fields, as the DatasourceAnnounced event holds them."""
+def parse_announcement(payload: JSON, reserved: frozenset[str] | None = None) -> tuple[list[JSON], JSON]:
+    """The ranges of a datasource announcement and its other fields, as the DatasourceAnnounced event holds them.
+
+    `reserved`: the topics no range may read (`reserved_topics`; the default stack's when None).
+    """
     p = payload
     ranges = p.get("ranges")
     if not isinstance(ranges, list) or not ranges or not all(
@@ -407,6 +411,8 @@ def parse_announcement(payload: JSON) -> tuple[list[JSON], JSON]:
             and all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) and r[k] >= 0
                     for k in ("partition", "start", "end")) and r["start"] <= r["end"] for r in ranges):
         raise Invalid("'ranges' must list {topic, partition, start, end} with 0 <= start <= end", "ranges")
+    for i, r in enumerate(ranges):
+        topic_name(r["topic"], f"ranges[{i}].topic", reserved)
     input_format_field(p.get("input_format"))
     if not isinstance(p.get("input_config", {}), dict):
         raise Invalid("'input_config' must be a JSON object", "input_config")
@@ -430,12 +436,39 @@ def parse_announcement(payload: JSON) -> tuple[list[JSON], JSON]:
 
 # --- inferences ---------------------------------------------------------------------------------------
 
-def topic_name(value: Any, field_name: str, required: bool = True) -> str | None:
-    """A Kafka topic a user names (the one check of topic names: the API and the decider both call it)."""
+#: Kafka keeps topics whose names start with this for itself (`__consumer_offsets`, `__transaction_state`).
+KAFKA_INTERNAL_PREFIX = "__"
+
+
+def reserved_topics(kafka: KafkaSettings) -> frozenset[str]:
+    """The topics no user-supplied topic name may be: the control plane's commands, events and dead letters and
+    the datasource control topic, for these settings and for the defaults (another stack on the same broker
+    may use those). Names starting with `KAFKA_INTERNAL_PREFIX` are refused as well."""
+    names: set[str] = set()
+    for k in (kafka, KafkaSettings()):
+        names |= {k.commands_topic, k.events_topic, k.deadletter_topic, k.control_topic}
+    return frozenset(names)
+
+
+#: The reserved topics of a stack with the default settings (what a caller that passes none gets).
+DEFAULT_RESERVED: frozenset[str] = reserved_topics(KafkaSettings())
+
+
+def topic_name(value: Any, field_name: str, reserved: frozenset[str] | None = None,
+               required: bool = True) -> str | None:
+    """A Kafka topic a user names (the one check of topic names: the API and the decider both call it).
+
+    An answer written to tierflow's event log stops the control plane for good, so the reserved topics
+    (`reserved_topics`; the default stack's when `reserved` is None) and Kafka's internal ones are refused.
+    """
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > 249 or any(c.isspace() for c in value):
         raise Invalid(f"'{field_name}' must be a Kafka topic name (1-249 characters, no spaces)", field_name)
+    if value in (DEFAULT_RESERVED if reserved is None else reserved) or value.startswith(KAFKA_INTERNAL_PREFIX):
+        raise Invalid(f"'{field_name}' is {value!r}, a reserved topic: tierflow's commands, events and dead letters, "
+                      f"the datasource control topic and Kafka's internal topics ('{KAFKA_INTERNAL_PREFIX}...') "
+                      "cannot be named; choose another topic", field_name)
     return value
 
 
@@ -472,12 +505,13 @@ class InferenceFields:
     replicas: int
     bootstrap_servers: str | None
 
-    def tier(self, k: int, result_id: int, *, top: bool) -> TierFields:
+    def tier(self, k: int, result_id: int, *, top: bool, reserved: frozenset[str] | None = None) -> TierFields:
         """The settings of tier `k` (serving `result_id`): its override, else the inference's defaults."""
         o = self.overrides.get(result_id, {})
         limit = limit_field(o["limit"], f"tiers[{k}].limit") if "limit" in o else (
             float(self.limits[str(result_id)]) if str(result_id) in self.limits else self.limit)
-        upper = None if top else topic_name(o.get("upper_topic"), f"tiers[{k}].upper_topic", required=False)
+        upper = None if top else topic_name(o.get("upper_topic"), f"tiers[{k}].upper_topic", reserved,
+                                            required=False)
         servers = o.get("bootstrap_servers", self.bootstrap_servers)
         if servers is not None and not isinstance(servers, str):
             raise Invalid(f"'tiers[{k}].bootstrap_servers' must be a string", f"tiers[{k}].bootstrap_servers")
@@ -485,15 +519,15 @@ class InferenceFields:
         return TierFields(limit=limit, upper_topic=upper, bootstrap_servers=servers, replicas=replicas)
 
 
-def parse_inference(payload: JSON, tier_ids: list[int]) -> InferenceFields:
+def parse_inference(payload: JSON, tier_ids: list[int], reserved: frozenset[str] | None = None) -> InferenceFields:
     """The topics, limits, replicas and per-tier overrides of a RequestInference.
 
     `tier_ids`: the results the inference serves, entry first (the decider resolves them from the entry
-    result's chain); limits and overrides may name only those.
+    result's chain); limits and overrides may name only those. `reserved`: the topics none may name.
     """
     p = payload
-    input_topic = topic_name(p.get("input_topic"), "input_topic")
-    output_topic = topic_name(p.get("output_topic"), "output_topic")
+    input_topic = topic_name(p.get("input_topic"), "input_topic", reserved)
+    output_topic = topic_name(p.get("output_topic"), "output_topic", reserved)
     assert input_topic is not None and output_topic is not None
     default_limit = limit_field(p.get("limit", 0.8), "limit")
     limits = p.get("limits") or {}

@@ -20,6 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tierflow.streams import kafka as kio
+from tierflow.streams.catalogue import reserved_topics
 from tierflow.streams.catalogue import upcasters as make_upcasters
 from tierflow.streams.commandlog import read_log_id
 from tierflow.streams.domain import decide
@@ -69,7 +70,7 @@ class Decider:
         self.kafka = kafka
         self.clock = clock
         self.batch_size = batch_size
-        self.state = State()
+        self.state = State(reserved_topics=reserved_topics(kafka))
         self.log_id = ""
         self.decided = 0
         self.ready = asyncio.Event()
@@ -86,7 +87,7 @@ class Decider:
         try:
             events_c.assign([events_tp])
             started = time.monotonic()
-            self.state = await fold_events(events_c, events_tp)
+            self.state = await fold_events(events_c, events_tp, State(reserved_topics=reserved_topics(self.kafka)))
             await events_c.stop()
             await commands.start()
             self.log_id = commands.log_id

@@ -17,7 +17,7 @@ def _announce_datasource(state: State, cmd: Command, at: str) -> Decision:
     did = req_id(cmd.payload, "deployment_id")
     if did not in state.deployments:
         raise Invalid(f"datasource announced for deployment {did}, which does not exist", "deployment_id")
-    ranges, fields = parse_announcement(cmd.payload)
+    ranges, fields = parse_announcement(cmd.payload, state.reserved_topics)
     ident = state.next_id("datasource")
     return "DatasourceAnnounced", f"datasource:{ident}", 1, fields | {
         "id": ident, "deployment_id": did, "ranges": ranges, "created_at": at,

@@ -27,7 +27,7 @@ def _request_inference(state: State, cmd: Command, at: str) -> Decision:
     if unfinished:
         raise Invalid(f"only finished results can be served; result(s) {', '.join(unfinished)} are not", "result_id",
                       "conflict")
-    f = parse_inference(p, tier_ids)
+    f = parse_inference(p, tier_ids, state.reserved_topics)
     ident = state.next_id("inference")
     input_format = p.get("input_format")
     input_config = p.get("input_config")
@@ -44,7 +44,7 @@ def _request_inference(state: State, cmd: Command, at: str) -> Decision:
     tiers: list[JSON] = []
     for k, rid in enumerate(tier_ids):
         top = k == len(tier_ids) - 1
-        t = f.tier(k, rid, top=top)
+        t = f.tier(k, rid, top=top, reserved=state.reserved_topics)
         upper = None if top else (t.upper_topic or f"tierflow.inference.{ident}.tier{k + 1}")
         model = state.models.get(state.results[rid].model_id)
         tiers.append({"index": k, "level": chain.index(rid), "result_id": rid, "model_id": state.results[rid].model_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tierflow.streams.catalogue import DEFAULT_RESERVED
 from tierflow.streams.envelope import JSON, Event, Position
 from tierflow.streams.statuses import FINAL_STATUSES, InferenceStatus, ResultStatus
 
@@ -75,6 +76,8 @@ class State:
     inferences: dict[int, list[int]] = field(default_factory=dict)
     #: inference id -> its status
     inference_status: dict[int, InferenceStatus] = field(default_factory=dict)
+    #: the topics no command may name (`catalogue.reserved_topics` of the decider's settings; not folded)
+    reserved_topics: frozenset[str] = DEFAULT_RESERVED
 
     def next_id(self, kind: str) -> int:
         return self.next_ids.get(kind, 0) + 1
