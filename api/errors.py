@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from tierflow.streams.catalogue import Invalid
+from tierflow.streams.errors import TierflowError
 
 log = logging.getLogger("tierflow.api")
 
@@ -20,7 +21,9 @@ STATUS_BY_CODE = {"invalid": 422, "not_found": 404, "conflict": 409, "unauthoriz
                   "bad_request": 400, "too_large": 413, "unavailable": 503}
 
 
-class ApiError(Exception):
+class ApiError(TierflowError):
+    """An answer other than success: the HTTP status, the error code and the field it names."""
+
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status = status

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tierflow.streams.statuses import InferenceStatus, ResultStatus
+
 JSON = dict[str, Any]
 
 _INT = {"type": "integer"}
@@ -57,8 +59,7 @@ SCHEMAS: JSON = {
                         "model_versions": {"type": "object"}, "result_ids": {"type": "array", "items": _INT},
                         "created_at": _TS}),
     "Result": _obj({"id": _INT, "deployment_id": _INT, "model_id": _INT, "model_name": _STR,
-                    "model_version": _INT, "status": {"enum": ["created", "deployed", "training", "finished",
-                                                               "failed", "stopped"]},
+                    "model_version": _INT, "status": {"enum": [s.value for s in ResultStatus]},
                     "chain": {"type": "array", "items": _INT}, "workload": {"type": ["string", "null"]},
                     "queued": {"type": ["object", "null"]}, "seed": {"type": ["integer", "null"]},
                     "samples": {}, "history": {"type": "array", "items": {"type": "object"}},
@@ -85,7 +86,7 @@ SCHEMAS: JSON = {
                                                                    "replicas": _INT, "limit": {"type": "number"},
                                                                    "upper_topic": _STR}, ["result_id"])}},
                         ["result_id", "input_topic", "output_topic"]),
-    "Inference": _obj({"id": _INT, "status": {"enum": ["running", "stopped"]}, "result_id": _INT,
+    "Inference": _obj({"id": _INT, "status": {"enum": [s.value for s in InferenceStatus]}, "result_id": _INT,
                        "deployment_id": _INT, "input_topic": _STR, "output_topic": _STR, "input_format": _STR,
                        "input_config": {"type": "object"},
                        "tiers": {"type": "array", "items": _obj({

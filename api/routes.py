@@ -23,6 +23,7 @@ from tierflow.api.state import AppState, get_state
 from tierflow.projections import queries
 from tierflow.streams import catalogue
 from tierflow.streams.envelope import Command, new_command_id
+from tierflow.streams.statuses import ResultStatus
 
 JSON = dict[str, Any]
 routes = web.RouteTableDef()
@@ -272,7 +273,7 @@ async def download_model(request: web.Request) -> web.StreamResponse:
     if result is None:
         raise not_found("result", ident)
     artefacts = result.get("artefacts") or {}
-    if result["status"] != "finished" or fmt not in artefacts:
+    if result["status"] != ResultStatus.FINISHED or fmt not in artefacts:
         have = ", ".join(sorted(artefacts)) or "none"
         raise ApiError(404, "not_found", f"result {ident} has no '{fmt}' artefact (status {result['status']}; "
                                          f"artefacts: {have})", "format")
@@ -350,9 +351,9 @@ def path_id_value(raw: str, name: str) -> int:
 async def create_inference(request: web.Request) -> web.Response:
     data = await body(request)
     catalogue.req_id(data, "result_id")
+    reserved = catalogue.reserved_topics(get_state(request).settings.kafka)
     for name in ("input_topic", "output_topic"):
-        if not isinstance(data.get(name), str) or not data[name]:
-            raise ApiError(422, "invalid", f"'{name}' is required: a Kafka topic name", name)
+        catalogue.topic_name(data.get(name), name, reserved)  # the decider's rule; it checks tiers' upper topics
     return await submit(request, "RequestInference", data, read=queries.get_inference, status=201)
 
 

@@ -15,9 +15,11 @@ import asyncpg
 import orjson
 
 from tierflow.streams.envelope import Event
+from tierflow.streams.errors import PermanentError
+from tierflow.streams.statuses import InferenceStatus, ResultStatus
 
 
-class ProjectionError(RuntimeError):
+class ProjectionError(PermanentError, RuntimeError):
     """An accepted event could not be applied: the projector stops and /readyz reports this."""
 
 
@@ -110,7 +112,7 @@ async def _deployment_requested(conn: asyncpg.Connection, s: str, e: Event) -> N
     chain_of = {rid: chain for chain in chains for rid in chain}
     await conn.executemany(
         f"""INSERT INTO {s}.results (id, deployment_id, model_id, model_version, status, chain, created_at,
-                updated_at) VALUES ($1, $2, $3, $4, 'created', $5, $6, $6)""",
+                updated_at) VALUES ($1, $2, $3, $4, '{ResultStatus.CREATED}', $5, $6, $6)""",
         [(r["id"], p["id"], r["model_id"], r["model_version"], chain_of[r["id"]], at) for r in p["results"]],
     )
 
@@ -134,13 +136,13 @@ async def _datasource_announced(conn: asyncpg.Connection, s: str, e: Event) -> N
 
 async def _training_launched(conn: asyncpg.Connection, s: str, e: Event) -> None:
     p = e.payload
-    await conn.execute(f"UPDATE {s}.results SET status = 'deployed', workload = $2, updated_at = $3 "
+    await conn.execute(f"UPDATE {s}.results SET status = '{ResultStatus.DEPLOYED}', workload = $2, updated_at = $3 "
                        "WHERE id = ANY($1::int[])", p["result_ids"], p["workload"], ts(p["at"]))
 
 
 async def _training_started(conn: asyncpg.Connection, s: str, e: Event) -> None:
     p = e.payload
-    await conn.execute(f"UPDATE {s}.results SET status = 'training', seed = $2, samples = $3::jsonb, "
+    await conn.execute(f"UPDATE {s}.results SET status = '{ResultStatus.TRAINING}', seed = $2, samples = $3::jsonb, "
                        "started_at = $4, updated_at = $4 WHERE id = ANY($1::int[])",
                        p["result_ids"], p["seed"], js(p["samples"]), ts(p["at"]))
 
@@ -150,21 +152,22 @@ async def _training_progressed(conn: asyncpg.Connection, s: str, e: Event) -> No
     at = ts(p["at"])
     for rid in p["result_ids"]:
         entry = {"epoch": p["epoch"], "epochs": p["epochs"], **(p["metrics"].get(str(rid)) or {})}
-        await conn.execute(f"UPDATE {s}.results SET status = 'training', history = history || $2::jsonb, "
-                           "updated_at = $3 WHERE id = $1", rid, js([entry]), at)
+        await conn.execute(f"UPDATE {s}.results SET status = '{ResultStatus.TRAINING}', "
+                           "history = history || $2::jsonb, updated_at = $3 WHERE id = $1", rid, js([entry]), at)
 
 
 async def _training_result(conn: asyncpg.Connection, s: str, e: Event) -> None:
     p = e.payload
-    await conn.execute(f"UPDATE {s}.results SET status = 'finished', metrics = $2::jsonb, artefacts = $3::jsonb, "
-                       "finished_at = $4, updated_at = $4 WHERE id = $1",
+    await conn.execute(f"UPDATE {s}.results SET status = '{ResultStatus.FINISHED}', metrics = $2::jsonb, "
+                       "artefacts = $3::jsonb, finished_at = $4, updated_at = $4 WHERE id = $1",
                        p["result_id"], js(p["metrics"]), js(p["artefacts"]), ts(p["at"]))
 
 
 async def _training_ended(conn: asyncpg.Connection, s: str, e: Event) -> None:
     p = e.payload
-    status = "failed" if e.type == "TrainingFailed" else "stopped"
-    error = p.get("reason") if status == "failed" else f"stopped on request (result {p.get('requested_for')})"
+    failed = e.type == "TrainingFailed"
+    status = ResultStatus.FAILED if failed else ResultStatus.STOPPED
+    error = p.get("reason") if failed else f"stopped on request (result {p.get('requested_for')})"
     await conn.execute(f"UPDATE {s}.results SET status = $2, error = $3, finished_at = $4, updated_at = $4 "
                        "WHERE id = ANY($1::int[])", p["result_ids"], status, error, ts(p["at"]))
 
@@ -179,14 +182,14 @@ async def _inference_requested(conn: asyncpg.Connection, s: str, e: Event) -> No
     await conn.execute(
         f"""INSERT INTO {s}.inferences (id, result_id, deployment_id, status, input_topic, output_topic,
                 input_format, input_config, tiers, created_at, updated_at)
-            VALUES ($1, $2, $3, 'running', $4, $5, $6, $7::jsonb, $8::jsonb, $9, $9)""",
+            VALUES ($1, $2, $3, '{InferenceStatus.RUNNING}', $4, $5, $6, $7::jsonb, $8::jsonb, $9, $9)""",
         p["id"], p["result_id"], p["deployment_id"], p["input_topic"], p["output_topic"], p["input_format"],
         js(p["input_config"]), js(p["tiers"]), at,
     )
 
 
 async def _inference_stopped(conn: asyncpg.Connection, s: str, e: Event) -> None:
-    await conn.execute(f"UPDATE {s}.inferences SET status = 'stopped', updated_at = $2 WHERE id = $1",
+    await conn.execute(f"UPDATE {s}.inferences SET status = '{InferenceStatus.STOPPED}', updated_at = $2 WHERE id = $1",
                        e.payload["id"], ts(e.payload["at"]))
 
 

@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 
 from tierflow.projections.schema import LIVE_SCHEMA as S
+from tierflow.streams.statuses import ResultStatus
 
 JSON = dict[str, Any]
 
@@ -113,7 +114,7 @@ async def get_deployment(conn: asyncpg.Connection, did: int) -> JSON | None:
 _RESULT_SQL = f"""SELECT r.*, m.name AS model_name, q.position AS queue_position, q.note AS queue_note
                   FROM {S}.results r
                   LEFT JOIN {S}.model_versions m ON m.model_id = r.model_id AND m.version = r.model_version
-                  LEFT JOIN public.training_queue q ON q.result_id = r.id AND r.status = 'created'"""
+                  LEFT JOIN public.training_queue q ON q.result_id = r.id AND r.status = '{ResultStatus.CREATED}'"""
 
 
 def _result(r: asyncpg.Record) -> JSON:

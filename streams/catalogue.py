@@ -1,8 +1,9 @@
 """The command and event catalogue: names, schema versions, and field-level parsing of command payloads.
 
 Pure code. The API parses request bodies with these functions to answer 422 naming the field before a
-command is even sent; the decider parses every command again (commands may be produced straight to
-Kafka) and rejects what does not parse. docs/commands.md documents the same shapes.
+command is even sent; the decider's rules (streams/domain/) parse every command again (commands may be
+produced straight to Kafka) and reject what does not parse, then check what needs the state (ids that
+exist, limits naming the inference's tiers). docs/commands.md documents the same shapes.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tierflow.streams.envelope import JSON, Upcasters
+from tierflow.streams.errors import PermanentError
+from tierflow.streams.settings import KafkaSettings
 
 
-class Invalid(ValueError):
+class Invalid(PermanentError, ValueError):
     """A command field is wrong. `code` says what the API answers: invalid -> 422, not_found -> 404,
-    conflict -> 409."""
+    conflict -> 409. (Still a ValueError, as parsers that wrap `int()` and friends expect.)"""
 
     def __init__(self, message: str, field: str | None = None, code: str = "invalid") -> None:
         super().__init__(message)
@@ -332,3 +335,223 @@ def parse_deployment(payload: Any) -> DeploymentFields:
         metrics=list(metrics),
         loss_weights=loss_weights,
     )
+
+
+# --- training reports (sent by the orchestrator and the training workloads) ---------------------------
+
+def parse_workload(payload: JSON) -> str:
+    workload = payload.get("workload")
+    if not isinstance(workload, str) or not workload:
+        raise Invalid("'workload' must name the launched workload", "workload")
+    return workload
+
+
+def parse_training_started(payload: JSON) -> tuple[int | None, JSON]:
+    """The seed and the sample counts a training workload starts with."""
+    samples = payload.get("samples") or {}
+    seed = payload.get("seed")
+    if not isinstance(samples, dict) or (seed is not None and not isinstance(seed, int)):
+        raise Invalid("'samples' must be an object and 'seed' an integer", "samples")
+    return seed, samples
+
+
+def metrics_object(value: Any, field_name: str) -> JSON:
+    if not isinstance(value, dict):
+        raise Invalid(f"'{field_name}' must be an object of metrics", field_name)
+    return value
+
+
+def parse_progress(payload: JSON) -> tuple[int, int | None, JSON]:
+    """The epoch, the epochs planned and the metrics (by result id) of a progress report."""
+    epoch, epochs = payload.get("epoch"), payload.get("epochs")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise Invalid("'epoch' must be an integer >= 1", "epoch")
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < epoch):
+        raise Invalid("'epochs' must be an integer >= epoch", "epochs")
+    return epoch, epochs, metrics_object(payload.get("metrics"), "metrics")
+
+
+def parse_trained(payload: JSON) -> tuple[JSON, JSON]:
+    """The metrics and the artefact references (each with its sha256; `keras` required) of a trained result."""
+    metrics = metrics_object(payload.get("metrics"), "metrics")
+    artefacts = metrics_object(payload.get("artefacts") or {}, "artefacts")
+    for kind, ref in artefacts.items():
+        sha = ref.get("sha256") if isinstance(ref, dict) else None
+        if not isinstance(sha, str) or len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+            raise Invalid(f"artefact '{kind}' needs a sha256 (64 lowercase hex digits)", f"artefacts.{kind}")
+    if "keras" not in artefacts:
+        raise Invalid("a trained result needs its 'keras' artefact", "artefacts")
+    return metrics, artefacts
+
+
+def parse_failure_reason(payload: JSON) -> str:
+    reason = payload.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise Invalid("'reason' must say why the training failed", "reason")
+    return reason[:20_000]
+
+
+# --- datasources --------------------------------------------------------------------------------------
+
+def input_format_field(value: Any) -> str:
+    if value not in ("RAW", "AVRO"):
+        raise Invalid(f"'input_format' must be RAW or AVRO, got {value!r}", "input_format")
+    return str(value)
+
+
+def parse_announcement(payload: JSON, reserved: frozenset[str] | None = None) -> tuple[list[JSON], JSON]:
+    """The ranges of a datasource announcement and its other fields, as the DatasourceAnnounced event holds them.
+
+    `reserved`: the topics no range may read (`reserved_topics`; the default stack's when None).
+    """
+    p = payload
+    ranges = p.get("ranges")
+    if not isinstance(ranges, list) or not ranges or not all(
+            isinstance(r, dict) and isinstance(r.get("topic"), str) and r["topic"]
+            and all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) and r[k] >= 0
+                    for k in ("partition", "start", "end")) and r["start"] <= r["end"] for r in ranges):
+        raise Invalid("'ranges' must list {topic, partition, start, end} with 0 <= start <= end", "ranges")
+    for i, r in enumerate(ranges):
+        topic_name(r["topic"], f"ranges[{i}].topic", reserved)
+    input_format_field(p.get("input_format"))
+    if not isinstance(p.get("input_config", {}), dict):
+        raise Invalid("'input_config' must be a JSON object", "input_config")
+    for rate in ("validation_rate", "test_rate"):
+        value = p.get(rate, 0) or 0
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise Invalid(f"'{rate}' must be a number in [0, 1), got {value!r}", rate)
+    if (p.get("validation_rate") or 0) + (p.get("test_rate") or 0) >= 1:
+        raise Invalid("validation_rate + test_rate must leave data for training (< 1)", "test_rate")
+    if not isinstance(p.get("description", ""), str):
+        raise Invalid("'description' must be a string", "description")
+    warnings = p.get("warnings") or []
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        raise Invalid("'warnings' must be a list of strings", "warnings")
+    fields = {k: p.get(k) for k in ("input_format", "total_msg", "origin")} | {"warnings": warnings} | {
+        "input_config": p.get("input_config") or {}, "description": p.get("description") or "",
+        "validation_rate": float(p.get("validation_rate") or 0), "test_rate": float(p.get("test_rate") or 0),
+    }
+    return ranges, fields
+
+
+# --- inferences ---------------------------------------------------------------------------------------
+
+#: Kafka keeps topics whose names start with this for itself (`__consumer_offsets`, `__transaction_state`).
+KAFKA_INTERNAL_PREFIX = "__"
+
+
+def reserved_topics(kafka: KafkaSettings) -> frozenset[str]:
+    """The topics no user-supplied topic name may be: the control plane's commands, events and dead letters and
+    the datasource control topic, for these settings and for the defaults (another stack on the same broker
+    may use those). Names starting with `KAFKA_INTERNAL_PREFIX` are refused as well."""
+    names: set[str] = set()
+    for k in (kafka, KafkaSettings()):
+        names |= {k.commands_topic, k.events_topic, k.deadletter_topic, k.control_topic}
+    return frozenset(names)
+
+
+#: The reserved topics of a stack with the default settings (what a caller that passes none gets).
+DEFAULT_RESERVED: frozenset[str] = reserved_topics(KafkaSettings())
+
+
+def topic_name(value: Any, field_name: str, reserved: frozenset[str] | None = None,
+               required: bool = True) -> str | None:
+    """A Kafka topic a user names (the one check of topic names: the API and the decider both call it).
+
+    An answer written to tierflow's event log stops the control plane for good, so the reserved topics
+    (`reserved_topics`; the default stack's when `reserved` is None) and Kafka's internal ones are refused.
+    """
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 249 or any(c.isspace() for c in value):
+        raise Invalid(f"'{field_name}' must be a Kafka topic name (1-249 characters, no spaces)", field_name)
+    if value in (DEFAULT_RESERVED if reserved is None else reserved) or value.startswith(KAFKA_INTERNAL_PREFIX):
+        raise Invalid(f"'{field_name}' is {value!r}, a reserved topic: tierflow's commands, events and dead letters, "
+                      f"the datasource control topic and Kafka's internal topics ('{KAFKA_INTERNAL_PREFIX}...') "
+                      "cannot be named; choose another topic", field_name)
+    return value
+
+
+def limit_field(value: Any, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
+        raise Invalid(f"'{field_name}' must be a number in [0, 2] (> 1 sends every sample to the top tier)",
+                      field_name)
+    return float(value)
+
+
+def replicas_field(value: Any, field_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise Invalid(f"'{field_name}' must be an integer from 1 to 64", field_name)
+    return value
+
+
+@dataclass(frozen=True)
+class TierFields:
+    limit: float
+    upper_topic: str | None  # None: the top tier, or the name the decider gives it
+    bootstrap_servers: str | None
+    replicas: int
+
+
+@dataclass(frozen=True)
+class InferenceFields:
+    input_topic: str
+    output_topic: str
+    limit: float
+    #: result id (as the JSON key) -> limit, as sent
+    limits: JSON
+    #: result id -> its tier's overrides {result_id, bootstrap_servers?, replicas?, limit?, upper_topic?}
+    overrides: dict[int, JSON]
+    replicas: int
+    bootstrap_servers: str | None
+
+    def tier(self, k: int, result_id: int, *, top: bool, reserved: frozenset[str] | None = None) -> TierFields:
+        """The settings of tier `k` (serving `result_id`): its override, else the inference's defaults."""
+        o = self.overrides.get(result_id, {})
+        limit = limit_field(o["limit"], f"tiers[{k}].limit") if "limit" in o else (
+            float(self.limits[str(result_id)]) if str(result_id) in self.limits else self.limit)
+        upper = None if top else topic_name(o.get("upper_topic"), f"tiers[{k}].upper_topic", reserved,
+                                            required=False)
+        servers = o.get("bootstrap_servers", self.bootstrap_servers)
+        if servers is not None and not isinstance(servers, str):
+            raise Invalid(f"'tiers[{k}].bootstrap_servers' must be a string", f"tiers[{k}].bootstrap_servers")
+        replicas = replicas_field(o.get("replicas", self.replicas), f"tiers[{k}].replicas")
+        return TierFields(limit=limit, upper_topic=upper, bootstrap_servers=servers, replicas=replicas)
+
+
+def parse_inference(payload: JSON, tier_ids: list[int], reserved: frozenset[str] | None = None) -> InferenceFields:
+    """The topics, limits, replicas and per-tier overrides of a RequestInference.
+
+    `tier_ids`: the results the inference serves, entry first (the decider resolves them from the entry
+    result's chain); limits and overrides may name only those. `reserved`: the topics none may name.
+    """
+    p = payload
+    input_topic = topic_name(p.get("input_topic"), "input_topic", reserved)
+    output_topic = topic_name(p.get("output_topic"), "output_topic", reserved)
+    assert input_topic is not None and output_topic is not None
+    default_limit = limit_field(p.get("limit", 0.8), "limit")
+    limits = p.get("limits") or {}
+    if not isinstance(limits, dict):
+        raise Invalid("'limits' must map result ids to limits", "limits")
+    for key, value in limits.items():
+        if not str(key).isdigit() or int(key) not in tier_ids:
+            raise Invalid(f"'limits' names result {key}, which is not a tier of this inference ({tier_ids})",
+                          "limits")
+        limit_field(value, f"limits.{key}")
+    overrides = p.get("tiers") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
+        raise Invalid("'tiers' must be a list of objects {result_id, bootstrap_servers?, replicas?, limit?, "
+                      "upper_topic?}", "tiers")
+    by_result: dict[int, JSON] = {}
+    for i, o in enumerate(overrides):
+        rid = as_id(o.get("result_id"), f"tiers[{i}].result_id")
+        if rid not in tier_ids:
+            raise Invalid(f"'tiers[{i}]' names result {rid}, which is not a tier of this inference ({tier_ids})",
+                          f"tiers[{i}].result_id")
+        by_result[rid] = o
+    default_replicas = replicas_field(p.get("replicas", 1), "replicas")
+    default_servers = p.get("bootstrap_servers")
+    if default_servers is not None and not isinstance(default_servers, str):
+        raise Invalid("'bootstrap_servers' must be a string host:port[,host:port]", "bootstrap_servers")
+    return InferenceFields(input_topic=input_topic, output_topic=output_topic, limit=default_limit, limits=limits,
+                           overrides=by_result, replicas=default_replicas, bootstrap_servers=default_servers)

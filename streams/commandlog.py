@@ -14,7 +14,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tierflow.streams.envelope import CommandLogMarker, EnvelopeError, decode_command
-from tierflow.streams.kafka import fetch_highwater
+from tierflow.streams.positioned import first_record
 
 UNMARKED = "unmarked"
 
@@ -28,20 +28,14 @@ async def write_marker(p: AIOKafkaProducer, topic: str) -> str:
 async def read_log_id(c: AIOKafkaConsumer, tp: TopicPartition) -> str:
     """The log id in the first record of the (assigned) commands partition; UNMARKED when there is none.
 
-    Leaves the consumer positioned at the start of the log.
+    Leaves the consumer positioned at the start of the log. The `LogIdFn` of the decider's and the
+    validator's `PositionedReader`.
     """
-    await c.seek_to_beginning(tp)
-    hw = await fetch_highwater(c, tp)
-    start = await c.position(tp)
-    if hw <= start:
-        return UNMARKED
-    batch = await c.getmany(tp, timeout_ms=5000, max_records=1)
-    records = batch.get(tp, [])
-    c.seek(tp, start)
-    if not records:
+    record = await first_record(c, tp)
+    if record is None:
         return UNMARKED
     try:
-        first = decode_command(records[0].value)
+        first = decode_command(record.value)
     except EnvelopeError:
         return UNMARKED
     return first.log_id if isinstance(first, CommandLogMarker) else UNMARKED

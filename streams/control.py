@@ -20,21 +20,25 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from tierflow.streams import kafka as kio
 from tierflow.streams.envelope import JSON, TIERFLOW_NS, Command
-from tierflow.streams.positions import load_position, save_position
+from tierflow.streams.errors import PermanentError
+from tierflow.streams.positioned import PositionedReader, Record, first_record
+from tierflow.streams.positions import AgentPositions
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import admin_client
 
 log = logging.getLogger("tierflow.control")
 
 AGENT = "control-bridge"
+#: The name of a control log that had no record when the bridge started (named by its first record later).
+EMPTY_LOG = "empty"
 
 
-class ControlMessageError(ValueError):
+class ControlMessageError(PermanentError, ValueError):
     """A control message tierflow cannot use; the message says what is wrong."""
 
 
@@ -114,6 +118,17 @@ def parse_control_message(key: bytes | None, value: bytes | None) -> JSON:
     }
 
 
+def log_identity(first: Record) -> str:
+    """The name of a control log: its first record's offset, timestamp and digest."""
+    return f"{first.offset}:{first.timestamp}:{hashlib.sha256(first.value or b'').hexdigest()[:16]}"
+
+
+async def control_log_id(c: AIOKafkaConsumer, tp: TopicPartition) -> str:
+    """The control topic has no marker (other tools read it): its first record identifies the log."""
+    first = await first_record(c, tp)
+    return EMPTY_LOG if first is None else log_identity(first)
+
+
 def command_id_for(topic: str, partition: int, offset: int, timestamp: int, value: bytes) -> str:
     digest = hashlib.sha256(value).hexdigest()
     return str(uuid.uuid5(TIERFLOW_NS, f"control:{topic}:{partition}:{offset}:{timestamp}:{digest}"))
@@ -126,49 +141,24 @@ class ControlBridge:
         self.bridged = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
-        tp = TopicPartition(self.kafka.control_topic, 0)
-        c = kio.consumer(self.kafka)
         prod = kio.producer(self.kafka)
         conn = await asyncpg.connect(self.database_url)
-        await c.start()
-        await prod.start()
+        control = PositionedReader(self.kafka, self.kafka.control_topic, store=AgentPositions(conn, AGENT),
+                                   log_id=control_log_id, max_records=500)
         try:
-            c.assign([tp])
-            log_id = await self._log_id(c, tp)
-            last = await load_position(conn, AGENT, log_id)
-            if last is not None:
-                c.seek(tp, last + 1)
-            else:
-                await c.seek_to_beginning(tp)
-            while not stopping.is_set():
-                batch = await c.getmany(tp, timeout_ms=100, max_records=500)
-                records = batch.get(tp, [])
-                if not records:
-                    continue
-                if log_id == "empty":
-                    log_id = self._identity(records[0]) if records[0].offset == 0 else log_id
+            await control.start()
+            await prod.start()
+
+            async def handle(records: list[Record]) -> None:
+                if control.log_id == EMPTY_LOG and records[0].offset == 0:
+                    control.log_id = log_identity(records[0])  # the log was empty at start: now it has a name
                 await self._bridge(records, prod)
-                await save_position(conn, AGENT, log_id, records[-1].offset)
+
+            await control.run(stopping, handle)
         finally:
-            await c.stop()
+            await control.stop()
             await prod.stop()
             await conn.close()
-
-    @staticmethod
-    def _identity(record: Any) -> str:
-        return f"{record.offset}:{record.timestamp}:{hashlib.sha256(record.value or b'').hexdigest()[:16]}"
-
-    async def _log_id(self, c: Any, tp: TopicPartition) -> str:
-        """The control topic has no marker (other tools read it): its first record identifies the log."""
-        await c.seek_to_beginning(tp)
-        start = await c.position(tp)
-        hw = await kio.fetch_highwater(c, tp)
-        if hw <= start:
-            return "empty"
-        batch = await c.getmany(tp, timeout_ms=5000, max_records=1)
-        c.seek(tp, start)
-        records = batch.get(tp, [])
-        return self._identity(records[0]) if records else "empty"
 
     async def _check_ranges(self, ranges: list[JSON]) -> list[str]:
         """Compare each announced range with its partition's high-water mark (fetched, not looked up).
@@ -213,7 +203,7 @@ class ControlBridge:
             await probe.stop()
         return warnings
 
-    async def _bridge(self, records: list[Any], prod: AIOKafkaProducer) -> None:
+    async def _bridge(self, records: list[Record], prod: AIOKafkaProducer) -> None:
         for record in records:
             try:
                 payload = parse_control_message(record.key, record.value)

@@ -4,8 +4,9 @@ Run by the worker (streams/worker.py) while it holds the decider lock, so one de
 `tierflow.events` at a time. On start it checks that both topics have one partition, folds
 `tierflow.events` up to the fetch high-water mark into its state, and resumes after the last command
 position recorded in those events (when they name the current commands log; otherwise it reads the new log
-from its start). Decisions are made by the pure `streams.domain.decide`; undecodable commands go to the
-dead-letter topic. Commands are taken in batches: decide all, produce all, await the acknowledgements.
+from its start), reading the commands through a `PositionedReader` (streams/positioned.py). Decisions are
+made by the pure `streams.domain.decide`; undecodable commands go to the dead-letter topic. Commands are
+taken in batches: decide all, produce all, await the acknowledgements.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tierflow.streams import kafka as kio
+from tierflow.streams.catalogue import reserved_topics
 from tierflow.streams.catalogue import upcasters as make_upcasters
 from tierflow.streams.commandlog import read_log_id
-from tierflow.streams.domain import State, apply, decide
+from tierflow.streams.domain import decide
+from tierflow.streams.domain.state import State, apply
 from tierflow.streams.envelope import CommandLogMarker, EnvelopeError, Position, decode_command, decode_event, now_iso
+from tierflow.streams.positioned import PositionedReader, Record
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import check_single_partition
 
@@ -45,13 +49,28 @@ async def fold_events(c: AIOKafkaConsumer, tp: TopicPartition, state: State | No
     return state
 
 
+class DecidedPosition:
+    """The decider's `PositionStore`: its position is the last command position its events name, so writing an
+    event records it (nothing to save apart) and folding the events on start loads it."""
+
+    def __init__(self, state_of: Callable[[], State]) -> None:
+        self.state_of = state_of
+
+    async def load(self, log_id: str) -> int | None:
+        pos = self.state_of().position
+        return pos.offset if pos is not None and pos.log_id == log_id else None
+
+    async def save(self, log_id: str, offset: int) -> None:
+        return None
+
+
 class Decider:
     def __init__(self, kafka: KafkaSettings, *, clock: Callable[[], str] = now_iso,
                  batch_size: int = 2000) -> None:
         self.kafka = kafka
         self.clock = clock
         self.batch_size = batch_size
-        self.state = State()
+        self.state = State(reserved_topics=reserved_topics(kafka))
         self.log_id = ""
         self.decided = 0
         self.ready = asyncio.Event()
@@ -59,45 +78,37 @@ class Decider:
     async def run(self, stopping: asyncio.Event) -> None:
         await check_single_partition(self.kafka)
         events_tp = TopicPartition(self.kafka.events_topic, 0)
-        commands_tp = TopicPartition(self.kafka.commands_topic, 0)
         events_c = kio.consumer(self.kafka)
-        commands_c = kio.consumer(self.kafka, max_poll_records=self.batch_size)
         prod = kio.producer(self.kafka)
+        commands = PositionedReader(self.kafka, self.kafka.commands_topic, store=DecidedPosition(lambda: self.state),
+                                    log_id=read_log_id, max_records=self.batch_size)
         await events_c.start()
-        await commands_c.start()
         await prod.start()
         try:
             events_c.assign([events_tp])
             started = time.monotonic()
-            self.state = await fold_events(events_c, events_tp)
+            self.state = await fold_events(events_c, events_tp, State(reserved_topics=reserved_topics(self.kafka)))
             await events_c.stop()
-            commands_c.assign([commands_tp])
-            self.log_id = await read_log_id(commands_c, commands_tp)
-            pos = self.state.position
-            if pos is not None and pos.log_id == self.log_id:
-                commands_c.seek(commands_tp, pos.offset + 1)
-                where = f"offset {pos.offset + 1}"
+            await commands.start()
+            self.log_id = commands.log_id
+            if commands.resumed_after is not None:
+                where = f"offset {commands.resumed_after + 1}"
             else:
-                await commands_c.seek_to_beginning(commands_tp)
-                where = "the start of a new commands log" if pos is not None else "the start"
+                where = "the start of a new commands log" if self.state.position is not None else "the start"
             log.info("decider ready: %d events folded in %.2f s, commands log %s, resuming at %s",
                      self.state.seq, time.monotonic() - started, self.log_id, where)
             self.ready.set()
-            await self._loop(commands_c, commands_tp, prod, stopping)
+
+            async def handle(records: list[Record]) -> None:
+                await self.decide_batch(records, prod)
+
+            await commands.run(stopping, handle)
         finally:
-            await commands_c.stop()
+            await commands.stop()
             await events_c.stop()
             await prod.stop()
 
-    async def _loop(self, c: AIOKafkaConsumer, tp: TopicPartition, prod: AIOKafkaProducer,
-                    stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            batch = await c.getmany(tp, timeout_ms=100, max_records=self.batch_size)
-            records = batch.get(tp, [])
-            if records:
-                await self.decide_batch(records, prod)
-
-    async def decide_batch(self, records: list[Any], prod: AIOKafkaProducer) -> None:
+    async def decide_batch(self, records: list[Record], prod: AIOKafkaProducer) -> None:
         pending: list[asyncio.Future[Any]] = []
         for record in records:
             try:

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from tierflow.streams.errors import PermanentError
+
 JSON = dict[str, Any]
 
 #: Namespace for ids derived from other ids (event ids from command ids), so decisions are deterministic.
@@ -24,7 +26,7 @@ TIERFLOW_NS = uuid.UUID("6f1c1f7e-3c43-4d0b-9a55-7a8e5e0e3b11")
 COMMAND_LOG_STARTED = "CommandLogStarted"
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(PermanentError, ValueError):
     """A record is not a valid envelope; the message says which field is wrong."""
 
 

@@ -47,11 +47,13 @@ from tierflow.streams.launcher import (
     training_workload_name,
 )
 from tierflow.streams.settings import Settings
+from tierflow.streams.statuses import InferenceStatus, ResultStatus
 from tierflow.streams.topics import TopicSpec, create_topics
 
 log = logging.getLogger("tierflow.orchestrator")
 
-OPEN = frozenset({"created", "deployed", "training"})
+#: A result in one of these statuses still needs its workload.
+OPEN = frozenset({ResultStatus.CREATED, ResultStatus.DEPLOYED, ResultStatus.TRAINING})
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Group:
 
     @property
     def launched(self) -> bool:
-        return any(s in ("deployed", "training") for s in self.statuses)
+        return any(s in (ResultStatus.DEPLOYED, ResultStatus.TRAINING) for s in self.statuses)
 
     @property
     def open_ids(self) -> list[int]:
@@ -175,7 +177,7 @@ def plan_inference(inferences: list[dict[str, Any]], workloads: list[WorkloadSta
     existing = {w.name: w for w in workloads if w.kind == "inference"}
     wanted: set[str] = set()
     for inf in inferences:
-        if inf["status"] != "running":
+        if inf["status"] != InferenceStatus.RUNNING:
             continue
         plan.topics.append(inf)
         for tier in inf["tiers"]:

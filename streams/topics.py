@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from tierflow.streams.errors import PermanentError
 from tierflow.streams.settings import KafkaSettings
 
 log = logging.getLogger("tierflow.topics")
@@ -21,7 +22,7 @@ DAY_MS = 24 * 3600 * 1000
 TOPIC_ALREADY_EXISTS = 36
 
 
-class TopicLayoutError(RuntimeError):
+class TopicLayoutError(PermanentError, RuntimeError):
     """A control-plane topic exists with a layout tierflow cannot run on (e.g. several partitions)."""
 
 

@@ -14,16 +14,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from tierflow.streams import kafka as kio
-from tierflow.streams.catalogue import CODE_COMMANDS
 from tierflow.streams.commandlog import read_log_id
+from tierflow.streams.domain import needs_validation
 from tierflow.streams.envelope import JSON, Command, EnvelopeError, decode_command
-from tierflow.streams.positions import load_position, save_position
+from tierflow.streams.positioned import PositionedReader, Record
+from tierflow.streams.positions import AgentPositions
 from tierflow.streams.settings import KafkaSettings
 
 log = logging.getLogger("tierflow.validator")
@@ -32,13 +32,6 @@ AGENT = "validator"
 
 #: validate(code, imports) -> {"ok": True, "summary": {...}} | {"ok": False, "error": "..."}
 ValidateFn = Callable[[str, str], Awaitable[JSON]]
-
-
-def needs_validation(cmd: Command) -> bool:
-    if cmd.type not in CODE_COMMANDS or cmd.validation is not None:
-        return False
-    code = cmd.payload.get("code")
-    return isinstance(code, str) and bool(code.strip())
 
 
 class Validator:
@@ -50,34 +43,25 @@ class Validator:
         self.validated = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
-        tp = TopicPartition(self.kafka.commands_topic, 0)
-        c = kio.consumer(self.kafka)
         prod = kio.producer(self.kafka)
         conn = await asyncpg.connect(self.database_url)
-        await c.start()
-        await prod.start()
+        commands = PositionedReader(self.kafka, self.kafka.commands_topic, store=AgentPositions(conn, AGENT),
+                                    log_id=read_log_id, max_records=200)
         try:
-            c.assign([tp])
-            log_id = await read_log_id(c, tp)
-            last = await load_position(conn, AGENT, log_id)
-            if last is not None:
-                c.seek(tp, last + 1)
-            else:
-                await c.seek_to_beginning(tp)
+            await commands.start()
+            await prod.start()
             gate = asyncio.Semaphore(self.concurrency)
-            while not stopping.is_set():
-                batch = await c.getmany(tp, timeout_ms=100, max_records=200)
-                records = batch.get(tp, [])
-                if not records:
-                    continue
+
+            async def handle(records: list[Record]) -> None:
                 await self._handle(records, conn, prod, gate)
-                await save_position(conn, AGENT, log_id, records[-1].offset)
+
+            await commands.run(stopping, handle)
         finally:
-            await c.stop()
+            await commands.stop()
             await prod.stop()
             await conn.close()
 
-    async def _handle(self, records: list[Any], conn: asyncpg.Connection, prod: AIOKafkaProducer,
+    async def _handle(self, records: list[Record], conn: asyncpg.Connection, prod: AIOKafkaProducer,
                       gate: asyncio.Semaphore) -> None:
         todo: list[Command] = []
         for record in records:

@@ -63,6 +63,17 @@ async def test_errors_are_json_and_name_the_problem(env: tuple[TestClient[Any, A
     assert r.status == 405 and "error" in await r.json()
 
 
+async def test_the_api_checks_topic_names_by_the_deciders_rule(env: tuple[TestClient[Any, Any], Settings]) -> None:
+    c, _ = env
+    # A malformed topic is refused by the API itself, before a command is sent (the decider would have
+    # answered first that result 999 does not exist), with the decider's own message.
+    r = await c.post("/inferences", json={"result_id": 999, "input_topic": "in put", "output_topic": "out"},
+                     headers=AUTH)
+    err = (await r.json())["error"]
+    assert r.status == 422 and err["field"] == "input_topic", err
+    assert "1-249 characters, no spaces" in err["message"]
+
+
 async def test_openapi_matches_the_routes(env: tuple[TestClient[Any, Any], Settings]) -> None:
     c, _ = env
     spec = await (await c.get("/openapi.json")).json()

@@ -4,6 +4,7 @@ event upcasting chain. Every rejection must name its field and carry the code th
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from tierflow.streams.catalogue import (
     parse_model,
     parse_model_ids,
     req_id,
+    topic_name,
     upcasters,
 )
 from tierflow.streams.envelope import JSON, EnvelopeError, decode_event, event_id_for
@@ -428,3 +430,25 @@ def test_reading_a_v1_rejection_from_the_log_upcasts_it() -> None:
 def test_a_rejection_from_a_newer_tierflow_is_refused() -> None:
     with pytest.raises(EnvelopeError, match="newer"):
         upcasters().upcast("CommandRejected", 3, {})
+
+
+# -- topic names ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [None, "", "   ", "a b", "tab\there", "x" * 250, 7])
+def test_a_topic_name_is_1_to_249_characters_without_spaces(bad: Any) -> None:
+    err = invalid(topic_name, bad, "output_topic")
+    assert (err.field, err.code) == ("output_topic", "invalid")
+    assert "Kafka topic name" in err.message
+
+
+def test_a_topic_name_may_be_absent_where_it_is_optional() -> None:
+    assert topic_name(None, "tiers[0].upper_topic", required=False) is None
+    assert topic_name("x" * 249, "input_topic") == "x" * 249
+
+
+def test_topic_names_are_checked_in_one_place() -> None:
+    # The API and the decider both call topic_name; a second check (the API's used to be looser) would drift.
+    root = Path(__file__).resolve().parents[2]
+    sources = [p for name in ("streams", "api", "projections", "tiers", "deploy") for p in (root / name).rglob("*.py")]
+    checking = sorted(str(p.relative_to(root)) for p in sources if "a Kafka topic name" in p.read_text())
+    assert checking == ["streams/catalogue.py"]

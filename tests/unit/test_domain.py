@@ -11,14 +11,17 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, upcasters
-from tierflow.streams.domain import State, apply, decide, needs_validation
+from tierflow.streams.domain import decide, needs_validation
+from tierflow.streams.domain.state import State, apply
 from tierflow.streams.envelope import JSON, Command, Event, Position, decode_event, event_id_for
 
+ROOT = Path(__file__).resolve().parents[2]
 AT = "2024-05-01T10:00:00.000000Z"
 LOG = "log-1"
 
@@ -202,13 +205,13 @@ def test_an_unknown_command_type_is_rejected(decider: Decider) -> None:
 def test_a_new_model_waits_for_its_verdict(decider: Decider) -> None:
     # Without the sandbox verdict the command is pending: no event, not decided.
     cmd = command("RegisterModel", {"name": "edge", "code": "model = ..."})
-    assert needs_validation(decider.state, cmd)
+    assert needs_validation(cmd)
     assert decider.send(cmd) is None
     assert cmd.command_id not in decider.state.decided
     assert decider.state.seq == 0
     # The validator re-sends the same command with the verdict: now it is decided, once.
     twin = replace(cmd, validation=single(), source="client+validator")
-    assert not needs_validation(decider.state, twin)
+    assert not needs_validation(twin)
     event = decider.send(twin)
     assert event is not None
     assert event.type == "ModelCreated"
@@ -236,10 +239,21 @@ def test_code_that_does_not_build_is_rejected_with_the_sandbox_error(decider: De
 
 
 def test_only_code_commands_with_code_need_validation(chain: Decider) -> None:
-    assert needs_validation(chain.state, command("UpdateModel", {"id": 1, "code": "new"}))
-    assert not needs_validation(chain.state, command("UpdateModel", {"id": 1, "description": "d"}))
-    assert not needs_validation(chain.state, command("RegisterModel", {"name": "m", "code": "   "}))
-    assert not needs_validation(chain.state, command("DeleteModel", {"id": 1, "code": "c"}))
+    assert needs_validation(command("UpdateModel", {"id": 1, "code": "new"}))
+    assert not needs_validation(command("UpdateModel", {"id": 1, "description": "d"}))
+    assert not needs_validation(command("RegisterModel", {"name": "m", "code": "   "}))
+    assert not needs_validation(command("DeleteModel", {"id": 1, "code": "c"}))
+
+
+def test_the_validator_agent_uses_this_one_needs_validation() -> None:
+    # The validator builds exactly what the model rules wait for: one rule, not a copy that could drift.
+    from tierflow.streams import validator
+
+    assert validator.needs_validation is needs_validation
+    packages = [ROOT / name for name in ("streams", "api", "projections", "tiers", "deploy")]
+    defining = sorted(str(path.relative_to(ROOT)) for package in packages for path in package.rglob("*.py")
+                      if "def needs_validation(" in path.read_text())
+    assert defining == ["streams/domain/__init__.py"]
 
 
 def test_an_incomplete_verdict_is_rejected_not_raised(decider: Decider) -> None:

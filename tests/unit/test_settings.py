@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import pytest
 
-from tierflow.streams.settings import Settings, SettingsError
+from tierflow.streams.settings import Settings, SettingsError, env_names
 
 
 def test_to_env_rebuilds_the_same_settings() -> None:
@@ -45,3 +47,29 @@ def test_workloads_get_no_database_url_and_no_token_when_a_secret_carries_it() -
     env = cluster.workload_env()
     assert "s3cret" not in env.values() and "postgresql://u:pw@db/t" not in env.values()
     assert env["TIERFLOW_WORKLOAD_SECRET"] == "wl-secrets"
+
+
+class _Recording(Mapping[str, str]):
+    """An empty environment that records the names looked up in it."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.names.add(key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def test_each_variable_and_default_is_declared_once() -> None:
+    # from_env reads exactly the variables the fields declare (the README test lists the same), and an empty
+    # environment gives the dataclasses' own defaults: no second copy of a name or a default to drift.
+    env = _Recording()
+    assert Settings.from_env(env) == Settings()
+    assert env.names == set(env_names())
+    assert len(env_names()) == len(set(env_names()))

@@ -1,0 +1,71 @@
+"""The positioned reader the decider, validator and control bridge share: it resumes after the position stored
+for the log it reads, ignores a position recorded in another log, and records its position after each batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.conftest import wait_until
+from tierflow.streams import kafka as kio
+from tierflow.streams.positioned import PositionedReader, Record
+from tierflow.streams.settings import Settings
+from tierflow.streams.topics import TopicSpec, ensure_topics
+
+
+class MemoryPositions:
+    """A position store in memory: {log_id: offset}."""
+
+    def __init__(self, positions: dict[str, int]) -> None:
+        self.positions = dict(positions)
+
+    async def load(self, log_id: str) -> int | None:
+        return self.positions.get(log_id)
+
+    async def save(self, log_id: str, offset: int) -> None:
+        self.positions[log_id] = offset
+
+
+async def log_a(c: AIOKafkaConsumer, tp: TopicPartition) -> str:
+    return "log-a"
+
+
+async def read(plane: Settings, topic: str, store: MemoryPositions, until: int) -> list[bytes]:
+    """Run a reader until it has handled offset `until`; the values it was handed, in order."""
+    reader = PositionedReader(plane.kafka, topic, store=store, log_id=log_a, max_records=2)
+    seen: list[bytes] = []
+    stopping = asyncio.Event()
+
+    async def handle(records: list[Record]) -> None:
+        assert len(records) <= 2  # batches never exceed max_records
+        seen.extend(r.value for r in records)
+
+    await reader.start()
+    try:
+        task = asyncio.create_task(reader.run(stopping, handle))
+        await wait_until(lambda: store.positions.get("log-a") == until, what=f"position {until}")
+        stopping.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await reader.stop()
+    return seen
+
+
+async def test_the_reader_resumes_after_its_position_in_the_same_log(plane: Settings) -> None:
+    topic = f"{plane.kafka.topic_prefix}.positioned"
+    await ensure_topics(plane.kafka, extra=[TopicSpec(topic, 1, -1)])
+    p = kio.producer(plane.kafka)
+    await p.start()
+    try:
+        for i in range(5):
+            await p.send_and_wait(topic, f"r{i}".encode())
+    finally:
+        await p.stop()
+    # A position in this log: the reader goes on after it, and records where it got to.
+    store = MemoryPositions({"log-a": 1})
+    assert await read(plane, topic, store, until=4) == [b"r2", b"r3", b"r4"]
+    # A position recorded in another log (a previous broker's) is not applied: the log is read from its start.
+    store = MemoryPositions({"log-b": 3})
+    assert await read(plane, topic, store, until=4) == [b"r0", b"r1", b"r2", b"r3", b"r4"]
+    assert store.positions == {"log-a": 4, "log-b": 3}
