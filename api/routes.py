@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from tierflow.api.errors import ApiError, from_reason, not_found
 from tierflow.api.state import AppState, get_state
 from tierflow.projections import queries
-from tierflow.streams import catalogue
+from tierflow.streams import catalogue, wire
 from tierflow.streams.envelope import Command, new_command_id
 from tierflow.streams.statuses import ResultStatus
 
@@ -430,7 +430,7 @@ async def _lags(request: web.Request, inference: JSON, unreachable: list[str]) -
     lags: list[int | None] = []
     for tier in inference["tiers"]:
         servers = tier.get("bootstrap_servers") or kafka.bootstrap_servers
-        group = f"tierflow-inference-{inference['id']}-tier-{tier['index']}"
+        group = wire.tier_group(inference['id'], tier['index'])
         try:
             lags.append(await asyncio.wait_for(
                 consumer_lag(replace(kafka, bootstrap_servers=servers), group, tier["input_topic"]), 15))
