@@ -1,11 +1,11 @@
 """Choosing a chain's limits from an accuracy target, with a one-sided 90% bound (pure Python, no numpy).
 
-Called by the decider (part of the pure core: `decide` runs it on `RequestInference` with a `target`), on
-the frontier record the training job stored with the result (tiers/frontier.py writes it). Two entry points:
+For the decider's pure core (`decide`, on a `RequestInference` that carries a `target`: wired in a later
+phase), on the frontier record the training job stored with the result (tiers/frontier.py writes it). Two entry points:
 `parse_frontier(obj)` checks a stored record and rejects a malformed one naming the field, and
 `choose_limits(record, target, entry=..., costs_s=...)` returns the limits to serve with what they are
-predicted to do, or raises `TargetUnreachable` / `SplitTooSmall` (both `ExitsError`, a `PermanentError`:
-the API answers 422 with the message).
+predicted to do, or raises `TargetUnreachable` / `SplitTooSmall` (both `ExitsError`: a `PermanentError` and
+a `ValueError` with the culprit in `field`, which the decider turns into a rejection and the API into a 422).
 
 **The record (version 1; JSON).**
 ```
