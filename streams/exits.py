@@ -98,7 +98,7 @@ class TargetUnreachable(ExitsError):
 
 
 class SplitTooSmall(ExitsError):
-    """Some point meets the target on its estimate, none with 90% confidence over the `n` validation samples."""
+    """Some point meets the target on its estimate, none with the bounds' confidence over `n` validation samples."""
 
     def __init__(self, message: str, target: Target, best: float, n: int) -> None:
         super().__init__(message, "target")
@@ -293,6 +293,8 @@ def _split(obj: Any, path: str, n_points: int, tiers: int) -> SplitCounts:
             raise _fail(at, "a tier is right more often than it answers")
         if any(g > a for g, a in zip(agreeing[i], answered[i], strict=False)):
             raise _fail(at, "a tier agrees with the top exit more often than it answers")
+        if b[i] > top_correct or c[i] > n - top_correct:
+            raise _fail(at, "b counts samples the top exit gets right and c ones it gets wrong: more than there are")
         if sum(correct[i]) != top_correct - b[i] + c[i]:
             raise _fail(at, f"correct answers {sum(correct[i])} != top_correct - b + c = "
                             f"{top_correct - b[i] + c[i]}")

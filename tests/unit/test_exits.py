@@ -293,6 +293,11 @@ V0 = ["entries", 0, "validation"]
     (_set([*V0, "b", 0], 61), "top_correct - b \\+ c"),
     (_set([*V0, "b"], [60, 20, 5, 0]), "b: must have 5 items"),
     (_set(["entries", 0, "test", "c", 2], 3), "test point 2: correct answers"),
+    (_set(["entries", 1, "validation", "top_correct"], 10), "b counts samples the top exit gets right"),
+    (_set([*V0, "correct", 3], [1, 0, 899]), "point 3: a tier is right more often than it answers"),
+    (_set([*V0, "b", 3], 1), "point 3: correct answers"),
+    (lambda raw: raw["entries"][0]["validation"].update(b=[60, 20, 5, 1, 55], c=[10, 8, 4, 1, 10]),
+     "point 3: more disagreements with the top exit than answers below it"),
 ])
 def test_malformed_records_are_refused_naming_the_field(mutate: Callable[[dict[str, Any]], None], match: str) -> None:
     raw = make_record()
