@@ -212,6 +212,15 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """The stack's secret: every signing key (workload tokens, proofs on commands) is derived from it."""
+
+    #: hex or text secret of at least 32 characters; `tierflow up` generates one into the stack's state
+    #: (mode 0600). Never given to workloads (see `Settings.workload_env`).
+    secret_key: str = setting("TIERFLOW_SECRET_KEY", "")
+
+
+@dataclass(frozen=True)
 class SandboxSettings:
     """The model-code validation sandbox (a warm pool of single-use subprocesses)."""
 
@@ -281,6 +290,7 @@ class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     stack: StackSettings = field(default_factory=StackSettings)
     workloads: WorkloadSettings = field(default_factory=WorkloadSettings)
@@ -313,9 +323,11 @@ class Settings:
 
     def workload_env(self) -> dict[str, str]:
         """The environment of training and tier workloads: these settings without what workloads never use
-        (the database URL) and, when a workload Secret carries them (Kubernetes), without the secrets."""
+        (the database URL, the stack's secret key) and, when a workload Secret carries them (Kubernetes),
+        without the secrets."""
         env = self.to_env()
         del env[env_var(DatabaseSettings, "url").name]
+        del env[env_var(SecuritySettings, "secret_key").name]
         if self.workloads.launcher == "kubernetes" and self.workloads.secret:
             del env[env_var(ApiSettings, "token").name]
         return env
