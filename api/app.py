@@ -25,6 +25,7 @@ from tierflow.api.state import STATE_KEY, AppState, get_state
 from tierflow.api.ui import setup_ui
 from tierflow.projections.schema import migrate
 from tierflow.streams import kafka as kio
+from tierflow.streams.proofs import API, Signer
 from tierflow.streams.settings import Settings
 
 log = logging.getLogger("tierflow.api")
@@ -74,6 +75,9 @@ def create_app(settings: Settings) -> web.Application:
     setup_ui(app)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        # The key that vouches for workloads' reports (streams/proofs.py); a short secret fails the start here.
+        secret = settings.security.secret_key
+        signer = Signer.from_secret(secret, API) if secret else None
         await migrate(settings.database.url)
         pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=settings.database.pool_size)
         producer = kio.producer(settings.kafka)
@@ -84,7 +88,8 @@ def create_app(settings: Settings) -> web.Application:
         outcomes = OutcomeWaiter(pool)
         await outcomes.start(settings.database.url)
         app[STATE_KEY] = AppState(settings=settings, pool=pool, producer=producer, outcomes=outcomes,
-                                  events_consumer=probe, artefacts=ArtefactStore(settings.artefacts_path()))
+                                  events_consumer=probe, artefacts=ArtefactStore(settings.artefacts_path()),
+                                  report_signer=signer)
         try:
             yield
         finally:

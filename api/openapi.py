@@ -31,6 +31,10 @@ def _list(name: str) -> JSON:
 
 SCHEMAS: JSON = {
     "Error": _obj({"error": _obj({"code": _STR, "message": _STR, "field": {"type": ["string", "null"]}})}),
+    "ReportIn": _obj({"type": {"enum": ["ReportTrainingStarted", "ReportTrainingProgress", "ReportTrainingResult",
+                                         "ReportTrainingFailure"]},
+                      "payload": {"type": "object", "description": "as in docs/commands.md"},
+                      "command_id": {"type": "string", "format": "uuid"}}, ["type", "payload"]),
     "Pending": _obj({"command_id": _STR, "status": {"const": "pending"}, "message": _STR}),
     "ModelIn": _obj({"name": {"type": "string", "minLength": 1, "maxLength": 64}, "description": _STR,
                      "imports": _STR, "code": {"type": "string", "description": "Keras snippet or Keras JSON"},
@@ -194,6 +198,13 @@ def paths() -> JSON:
             "responses": {"200": {"description": "the artefact; X-Sha256 header carries its hash",
                                   "content": {"application/octet-stream": {}}},
                           **_resp("404", "Error", "no such result or artefact")}}},
+        "/reports": {"post": {
+            "summary": "A training workload's report (started, progress, result, failure): the API vouches for it "
+                       "(docs/commands.md); the outcome is at the Location",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ReportIn")}}},
+            "responses": {**_resp("202", "Pending", "on the commands topic; poll its Location for the outcome"),
+                          **_resp("422", "Error", "not a workload's report (the error names the field)"),
+                          **_resp("503", "Error", "the API has no TIERFLOW_SECRET_KEY to vouch with")}}},
         "/artefacts": {"put": {
             "summary": "Upload an artefact (content-addressed); X-Sha256 is verified when sent",
             "requestBody": {"required": True, "content": {"application/octet-stream": {}}},

@@ -10,6 +10,7 @@ Request bodies are parsed with the same catalogue functions the decider uses, so
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from tierflow.api.state import AppState, get_state
 from tierflow.projections import queries
 from tierflow.streams import catalogue, wire
 from tierflow.streams.envelope import Command, new_command_id
+from tierflow.streams.proofs import WORKLOAD_REPORTS
 from tierflow.streams.statuses import ResultStatus
 
 JSON = dict[str, Any]
@@ -264,6 +266,50 @@ async def delete_result(request: web.Request) -> web.Response:
     return response
 
 
+# --- training reports ---------------------------------------------------------------------------------
+
+def reported_results(payload: JSON) -> list[int]:
+    """The result ids a workload's report speaks for (`result_ids`, or `result_id` of a trained result): what a
+    workload's credentials must cover. 422 when it names none."""
+    raw = payload.get("result_ids", [payload["result_id"]] if "result_id" in payload else None)
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(422, "invalid", "a report names its results ('result_ids', or 'result_id')", "payload")
+    return [catalogue.as_id(r, "payload.result_ids") for r in raw]
+
+
+@routes.post("/reports")
+async def training_report(request: web.Request) -> web.Response:
+    """A training workload's report (ReportTrainingStarted, -Progress, -Result, -Failure), sent with the API's proof.
+
+    Only the stack's components may report training (streams/proofs.py): the decider rejects a report that no
+    component vouches for, so a workload reports here and the API, which authenticated it, signs the command.
+    Answers 202 with the command id once the broker has it (Location: `/commands/{id}`, the outcome); a
+    client-made `command_id` makes a re-sent report count once.
+    """
+    st = get_state(request)
+    data = await body(request)
+    command_type = data.get("type")
+    if command_type not in WORKLOAD_REPORTS:
+        raise ApiError(422, "invalid", f"'type' must be a workload's report: {', '.join(sorted(WORKLOAD_REPORTS))}",
+                       "type")
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        raise ApiError(422, "invalid", "'payload' must be a JSON object (docs/commands.md)", "payload")
+    reported_results(payload)
+    command_id = data.get("command_id") or new_command_id()
+    try:
+        command_id = str(uuid.UUID(str(command_id)))
+    except ValueError:
+        raise ApiError(422, "invalid", f"'command_id' {command_id!r} is not a UUID", "command_id") from None
+    if st.report_signer is None:
+        raise ApiError(503, "unavailable", "this API has no TIERFLOW_SECRET_KEY, so it cannot vouch for reports")
+    cmd = st.report_signer.sign(Command(command_id=command_id, type=str(command_type), payload=payload,
+                                        source="api"))
+    await st.producer.send_and_wait(st.settings.kafka.commands_topic, cmd.encode(), key=cmd.key())
+    return json_response({"command_id": command_id, "status": "pending"}, status=202,
+                         headers={"Location": f"/commands/{command_id}"})
+
+
 @routes.get("/results/{id}/model")
 async def download_model(request: web.Request) -> web.StreamResponse:
     ident = path_id(request)
@@ -473,8 +519,6 @@ async def inference_stats(request: web.Request) -> web.Response:
 async def get_command(request: web.Request) -> web.Response:
     command_id = request.match_info["command_id"]
     try:
-        import uuid
-
         uuid.UUID(command_id)
     except ValueError:
         raise ApiError(404, "not_found", f"{command_id!r} is not a command id") from None

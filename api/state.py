@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from tierflow.api.artefacts import ArtefactStore
 from tierflow.api.outcomes import OutcomeWaiter
 from tierflow.streams.kafka import fetch_highwater
+from tierflow.streams.proofs import Signer
 from tierflow.streams.settings import Settings
 
 
@@ -46,6 +47,8 @@ class AppState:
     events_consumer: AIOKafkaConsumer
     artefacts: ArtefactStore
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    #: signs the workloads' training reports (POST /reports); None when the API has no TIERFLOW_SECRET_KEY
+    report_signer: Signer | None = None
     max_ready_lag: int = 1000
     _hw_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

@@ -9,6 +9,9 @@ in the API (`GET /commands/{command_id}`). See docs/commands.md for the envelope
     command_id = await client.send("CreateConfiguration", {"name": "c1", "model_ids": [3]})
     outcome = await client.wait(command_id)      # reads tierflow.events
     await client.stop()
+
+A component of the stack that sends commands only it may send (the orchestrator's reports) passes its
+`signer` (streams/proofs.py): every command the client sends then carries its proof.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tierflow.streams import kafka as kio
 from tierflow.streams.catalogue import upcasters as make_upcasters
 from tierflow.streams.envelope import JSON, Command, Event, decode_event, new_command_id
+from tierflow.streams.proofs import Signer
 from tierflow.streams.settings import KafkaSettings
 
 
 class CommandClient:
-    def __init__(self, kafka: KafkaSettings, *, source: str = "client") -> None:
+    def __init__(self, kafka: KafkaSettings, *, source: str = "client", signer: Signer | None = None) -> None:
         self.kafka = kafka
         self.source = source
+        self.signer = signer
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
@@ -56,9 +61,13 @@ class CommandClient:
         await self.send_command(cmd)
         return cmd.command_id
 
+    def _signed(self, cmd: Command) -> Command:
+        return cmd if self.signer is None else self.signer.sign(cmd)
+
     async def send_command(self, cmd: Command) -> None:
         if self._producer is None:
             raise RuntimeError("CommandClient.start() was not called")
+        cmd = self._signed(cmd)
         await self._producer.send_and_wait(self.kafka.commands_topic, cmd.encode(), key=cmd.key())
 
     async def send_many(self, commands: list[Command]) -> None:
@@ -66,7 +75,7 @@ class CommandClient:
         if self._producer is None:
             raise RuntimeError("CommandClient.start() was not called")
         futures: list[asyncio.Future[Any]] = []
-        for cmd in commands:
+        for cmd in map(self._signed, commands):
             futures.append(await self._producer.send(self.kafka.commands_topic, cmd.encode(), key=cmd.key()))
         await asyncio.gather(*futures)
 

@@ -27,6 +27,7 @@ from tierflow.streams.domain import decide
 from tierflow.streams.domain.state import State, apply
 from tierflow.streams.envelope import CommandLogMarker, EnvelopeError, Position, decode_command, decode_event, now_iso
 from tierflow.streams.positioned import PositionedReader, Record
+from tierflow.streams.proofs import Verifier
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.topics import check_single_partition
 
@@ -65,9 +66,13 @@ class DecidedPosition:
 
 
 class Decider:
-    def __init__(self, kafka: KafkaSettings, *, clock: Callable[[], str] = now_iso,
+    """`secret_key`: the stack's secret, from which the keys that check proofs on commands are derived
+    (streams/proofs.py); without one the decider does not start (MissingSecret says how to set it)."""
+
+    def __init__(self, kafka: KafkaSettings, *, secret_key: str = "", clock: Callable[[], str] = now_iso,
                  batch_size: int = 2000) -> None:
         self.kafka = kafka
+        self.secret_key = secret_key
         self.clock = clock
         self.batch_size = batch_size
         self.state = State(reserved_topics=reserved_topics(kafka))
@@ -76,6 +81,7 @@ class Decider:
         self.ready = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        proofs = Verifier.from_secret(self.secret_key)
         await check_single_partition(self.kafka)
         events_tp = TopicPartition(self.kafka.events_topic, 0)
         events_c = kio.consumer(self.kafka)
@@ -87,7 +93,8 @@ class Decider:
         try:
             events_c.assign([events_tp])
             started = time.monotonic()
-            self.state = await fold_events(events_c, events_tp, State(reserved_topics=reserved_topics(self.kafka)))
+            self.state = await fold_events(events_c, events_tp, State(reserved_topics=reserved_topics(self.kafka),
+                                                                      proofs=proofs))
             await events_c.stop()
             await commands.start()
             self.log_id = commands.log_id

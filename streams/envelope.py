@@ -63,7 +63,8 @@ def _loads(raw: bytes | None) -> JSON:
 
 @dataclass(frozen=True)
 class Command:
-    """What a client asks for. `validation` is attached by the validator agent to model-code commands."""
+    """What a client asks for. `validation` is attached by the validator agent to model-code commands; `proof`
+    says which component of the stack vouches for the command ({by, sig}: streams/proofs.py)."""
 
     command_id: str
     type: str
@@ -72,6 +73,7 @@ class Command:
     issued_at: str = field(default_factory=now_iso)
     source: str = "client"
     validation: JSON | None = None
+    proof: JSON | None = None
 
     def to_json(self) -> JSON:
         out: JSON = {
@@ -84,6 +86,8 @@ class Command:
         }
         if self.validation is not None:
             out["validation"] = self.validation
+        if self.proof is not None:
+            out["proof"] = self.proof
         return out
 
     def encode(self) -> bytes:
@@ -126,6 +130,9 @@ def decode_command(raw: bytes | None) -> Command | CommandLogMarker:
     validation = obj.get("validation")
     if validation is not None and not isinstance(validation, dict):
         raise EnvelopeError("envelope field 'validation' must be an object")
+    proof = obj.get("proof")
+    if proof is not None and not isinstance(proof, dict):
+        raise EnvelopeError("envelope field 'proof' must be an object")
     return Command(
         command_id=command_id,
         type=_require(obj, "type", str),
@@ -134,6 +141,7 @@ def decode_command(raw: bytes | None) -> Command | CommandLogMarker:
         issued_at=str(obj.get("issued_at", "")),
         source=str(obj.get("source", "kafka")),
         validation=validation,
+        proof=proof,
     )
 
 

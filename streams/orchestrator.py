@@ -12,7 +12,9 @@ the pure `plan_training(...)` and applies the plan:
 - a finished result is never retrained: only results in `created` are launched, so a replay, a restart or a
   Job garbage-collected by Kubernetes changes nothing. A result launched earlier whose workload vanished
   while it was still open is launched again (same deterministic name).
-The commands it sends have ids derived from the workload, so a restart that re-sends one is decided once.
+The commands it sends have ids derived from the workload, so a restart that re-sends one is decided once, and
+carry the worker's proof (streams/proofs.py): no other writer of the commands topic can report a launch or a
+dead workload.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tierflow.streams.launcher import (
     results_label,
     training_workload_name,
 )
+from tierflow.streams.proofs import WORKER, Signer
 from tierflow.streams.settings import Settings
 from tierflow.streams.statuses import InferenceStatus, ResultStatus
 from tierflow.streams.topics import TopicSpec, create_topics
@@ -254,10 +257,11 @@ class Orchestrator:
         self._wake = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        signer = Signer.from_secret(self.settings.security.secret_key, WORKER)
         conn = await asyncpg.connect(self.settings.database.url)
         listen = await asyncpg.connect(self.settings.database.url)
         await listen.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
-        client = CommandClient(self.settings.kafka, source="orchestrator")
+        client = CommandClient(self.settings.kafka, source="orchestrator", signer=signer)
         await client.start()
         try:
             while not stopping.is_set():

@@ -3,9 +3,11 @@
 Run by the worker beside the decider. It reads `tierflow.commands` on its own (its position, per commands
 log, lives in Postgres `agent_positions`), builds each new piece of model code in a warm, single-use
 sandbox subprocess (tiers/sandbox.py: TensorFlow is never imported here), and re-sends the command with
-the verdict attached (`validation`: input shape, output shapes, parameter count, or the error). The
-decider decides the command when that copy arrives, so a slow build never holds other commands up.
-Commands the decider already decided (e.g. rejected for a duplicate name) are not built.
+the verdict attached (`validation`: input shape, output shapes, parameter count, or the error) and signed
+with the validator's key (streams/proofs.py), so no other writer of the commands topic can attach a verdict.
+The decider decides the command when that copy arrives, so a slow build never holds other commands up.
+Commands the decider already decided (e.g. rejected for a duplicate name) are not built; a command that came
+with a verdict the validator did not sign is built like one without.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tierflow.streams.domain import needs_validation
 from tierflow.streams.envelope import JSON, Command, EnvelopeError, decode_command
 from tierflow.streams.positioned import PositionedReader, Record
 from tierflow.streams.positions import AgentPositions
+from tierflow.streams.proofs import VALIDATOR, Signer, Verifier
 from tierflow.streams.settings import KafkaSettings
 
 log = logging.getLogger("tierflow.validator")
@@ -35,14 +38,20 @@ ValidateFn = Callable[[str, str], Awaitable[JSON]]
 
 
 class Validator:
-    def __init__(self, kafka: KafkaSettings, database_url: str, validate: ValidateFn, *, concurrency: int = 2) -> None:
+    """`secret_key`: the stack's secret, from which the key that signs verdicts is derived; without one the
+    validator does not start (MissingSecret says how to set it)."""
+
+    def __init__(self, kafka: KafkaSettings, database_url: str, validate: ValidateFn, *, concurrency: int = 2,
+                 secret_key: str = "") -> None:
         self.kafka = kafka
+        self.secret_key = secret_key
         self.database_url = database_url
         self.validate = validate
         self.concurrency = concurrency
         self.validated = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
+        signer = Signer.from_secret(self.secret_key, VALIDATOR)
         prod = kio.producer(self.kafka)
         conn = await asyncpg.connect(self.database_url)
         commands = PositionedReader(self.kafka, self.kafka.commands_topic, store=AgentPositions(conn, AGENT),
@@ -53,7 +62,7 @@ class Validator:
             gate = asyncio.Semaphore(self.concurrency)
 
             async def handle(records: list[Record]) -> None:
-                await self._handle(records, conn, prod, gate)
+                await self._handle(records, conn, prod, gate, signer)
 
             await commands.run(stopping, handle)
         finally:
@@ -62,14 +71,15 @@ class Validator:
             await conn.close()
 
     async def _handle(self, records: list[Record], conn: asyncpg.Connection, prod: AIOKafkaProducer,
-                      gate: asyncio.Semaphore) -> None:
+                      gate: asyncio.Semaphore, signer: Signer) -> None:
+        mine = Verifier({signer.name: signer.key})  # its own proofs: a copy it sent is never built again
         todo: list[Command] = []
         for record in records:
             try:
                 cmd = decode_command(record.value)
             except EnvelopeError:
                 continue  # the decider dead-letters it
-            if isinstance(cmd, Command) and needs_validation(cmd):
+            if isinstance(cmd, Command) and needs_validation(cmd, mine):
                 todo.append(cmd)
         if not todo:
             return
@@ -88,7 +98,7 @@ class Validator:
                 log.info("%s %s: code builds (%s params)", cmd.type, cmd.command_id, verdict["summary"].get("params"))
             else:
                 log.info("%s %s: code rejected: %s", cmd.type, cmd.command_id, verdict.get("error"))
-            twin = replace(cmd, validation=verdict, source=f"{cmd.source}+validator")
+            twin = signer.sign(replace(cmd, validation=verdict, source=f"{cmd.source}+validator"))
             await prod.send_and_wait(self.kafka.commands_topic, twin.encode(), key=twin.key())
 
         await asyncio.gather(*(one(cmd) for cmd in todo))

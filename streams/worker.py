@@ -70,7 +70,7 @@ class Worker:
         self.orchestrator: Orchestrator | None = None
         if launcher is not None:
             self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.workload_env())
-        self.decider = Decider(settings.kafka)
+        self.decider = Decider(settings.kafka, secret_key=settings.security.secret_key)
         self.projector = Projector(settings.kafka, settings.database.url)
         self.validator: Validator | None = None
         self.stopping = asyncio.Event()
@@ -90,7 +90,7 @@ class Worker:
                     lock.cancel()
                     return
                 stop.cancel()
-            self.decider = Decider(self.settings.kafka)
+            self.decider = Decider(self.settings.kafka, secret_key=self.settings.security.secret_key)
             await self.decider.run(self._control_stopping)
         finally:
             await conn.close()
@@ -120,7 +120,8 @@ class Worker:
         await migrate(self.settings.database.url)
         await self._ensure_topics()
         self.validator = Validator(self.settings.kafka, self.settings.database.url, self._validate,
-                                   concurrency=self.settings.sandbox.pool_size)
+                                   concurrency=self.settings.sandbox.pool_size,
+                                   secret_key=self.settings.security.secret_key)
         validator = self.validator
         self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url)
         bridge = self.bridge

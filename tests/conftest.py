@@ -7,6 +7,7 @@ shared broker and their own database on the shared Postgres, so tests never see 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,9 @@ import pytest
 
 from tests.fixtures import all_model_code
 from tierflow.deploy import services
+from tierflow.streams.client import CommandClient
+from tierflow.streams.envelope import Command
+from tierflow.streams.proofs import ENTITLED, Signer
 from tierflow.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,10 +80,26 @@ async def new_plane(infra: Infra, name: str = "t") -> Settings:
         bootstrap_servers=infra.bootstrap_servers, database_url=services.postgres_url(infra.postgres_port, db)
     )
     settings = replace(settings, kafka=replace(settings.kafka, topic_prefix=f"{name}-{suffix}",
-                                               control_topic=f"{name}-{suffix}.control"))
+                                               control_topic=f"{name}-{suffix}.control"),
+                       # The plane's own secret: the keys its agents and API sign and check proofs with.
+                       security=replace(settings.security, secret_key=secrets.token_hex(32)))
     await ensure_topics(settings.kafka)
     await migrate(settings.database.url)
     return settings
+
+
+class StackClient(CommandClient):
+    """A commands client that plays the stack's components: each command only a component may send (a training
+    report) carries the proof of one entitled to it (streams/proofs.py), as the API or the worker would sign it.
+    For tests that drive training by hand; tests/security shows what happens without the proofs."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.kafka, source="test-components")
+        self.secret_key = settings.security.secret_key
+
+    def _signed(self, cmd: Command) -> Command:
+        who = ENTITLED.get(cmd.type)
+        return cmd if who is None else Signer.from_secret(self.secret_key, sorted(who)[0]).sign(cmd)
 
 
 @pytest.fixture

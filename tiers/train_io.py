@@ -2,10 +2,11 @@
 
 `tierflow.tiers.train_job.run_training` reads the deployment, its results, model versions and datasources
 and uploads artefacts through a `TrainingApi`, loads the announced records through a `DataLoader` and
-produces its reports through a `Reporter` (`streams.client.CommandClient` is one). The job's CLI wires the
-real adapters below (`HttpTrainingApi` over the tierflow API, `KafkaDataLoader` over the broker); the tests
-wire fakes. An API answer becomes streams.errors' pair: a 404 is `ApiNotFound` (permanent), other 4xx
-answers are permanent, 5xx answers and an unreachable API temporary.
+sends its reports through a `Reporter`. The job's CLI wires the real adapters below (`HttpTrainingApi` over
+the tierflow API, which is also the job's `Reporter`: only a report the API vouches for is accepted, see
+streams/proofs.py; `KafkaDataLoader` over the broker); the tests wire fakes. An API answer becomes
+streams.errors' pair: a 404 is `ApiNotFound` (permanent), other 4xx answers are permanent, 5xx answers and
+an unreachable API temporary.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -66,7 +68,7 @@ class DataLoader(Protocol):
 
 
 class Reporter(Protocol):
-    """Produces one command to `tierflow.commands` (`CommandClient` is one); answers its command_id."""
+    """Sends one training report (`HttpTrainingApi` through the API); answers its command_id."""
 
     async def send(self, command_type: str, payload: JSON) -> str: ...
 
@@ -164,6 +166,14 @@ class HttpTrainingApi:
             raise TemporaryError(f"the API stored the artefact as {body.get('sha256')}, not {sha256}")
         stored: JSON = body
         return stored
+
+    async def send(self, command_type: str, payload: JSON) -> str:
+        """`Reporter`: the report goes to `POST /reports`, where the API vouches for it (the decider accepts no
+        training report straight from the commands topic)."""
+        command_id = str(uuid.uuid4())  # made here: a report the API got but did not answer counts once
+        body = orjson.dumps({"type": command_type, "payload": payload, "command_id": command_id})
+        await self._request("POST", "/reports", data=body, headers={"Content-Type": "application/json"})
+        return command_id
 
     async def command_outcome(self, command_id: str) -> JSON | None:
         status, body = await self._request("GET", f"/commands/{command_id}")

@@ -4,9 +4,9 @@ Started by the orchestrator's launcher (a local subprocess or a Kubernetes Job),
 deployment (bottom first) or per non-distributed model. It reads the deployment, its results and the
 pinned model code over HTTP from the API, waits for the deployment's datasource, reads the announced
 records into memory, trains the chain jointly (`tierflow.tiers.training`), uploads every trained
-sub-model with `PUT /artefacts` and reports by producing commands (ReportTrainingStarted, one
-ReportTrainingProgress per epoch, one ReportTrainingResult per result, or ReportTrainingFailure with a
-reason the user can act on). It exits 0 only once its final reports have an outcome
+sub-model with `PUT /artefacts` and reports through the API, which vouches for them (`POST /reports`:
+ReportTrainingStarted, one ReportTrainingProgress per epoch, one ReportTrainingResult per result, or
+ReportTrainingFailure with a reason the user can act on). It exits 0 only once its final reports have an outcome
 (`GET /commands/{id}`), 2 when retrying cannot help (bad data, model code or options), 1 otherwise.
 
 `run_training` is the pure-ish core: what it trains is planned by `tierflow.tiers.train_plan`, and its I/O
@@ -313,22 +313,11 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _main(args: argparse.Namespace, settings: Settings) -> int:
-    from tierflow.streams.client import CommandClient
-
     api_url = str(args.api or settings.api.url)
     if not api_url:
         log.error("no API to read the deployment from: pass --api URL or set TIERFLOW_API_URL")
         return 2
-    client: CommandClient = CommandClient(settings.kafka, source="training")
-    try:
-        await client.start()
-    except Exception as exc:  # no broker, no reports: the orchestrator sees the exit code and this log
-        log.error("cannot reach the broker at %r to report: %s", settings.kafka.bootstrap_servers,
-                  training.short_message(exc))
-        return 1
-    try:
-        async with HttpTrainingApi(api_url, settings.api.token) as api:
-            return await run_training(settings, args.deployment, args.results, api=api, reporter=client,
-                                      seed=args.seed, datasource_timeout_s=args.datasource_timeout)
-    finally:
-        await client.stop()
+    async with HttpTrainingApi(api_url, settings.api.token) as api:
+        # The API is the reporter too: the decider accepts training reports only with the API's proof.
+        return await run_training(settings, args.deployment, args.results, api=api, reporter=api,
+                                  seed=args.seed, datasource_timeout_s=args.datasource_timeout)

@@ -14,6 +14,7 @@ from tierflow.streams.domain import configurations, datasources, deployments, in
 from tierflow.streams.domain.decision import Decision, Handler, Pending
 from tierflow.streams.domain.state import State
 from tierflow.streams.envelope import Command, Event, Position, event_id_for
+from tierflow.streams.proofs import ENTITLED, VALIDATOR, Verifier
 
 _HANDLERS: dict[str, Handler] = {
     **models.HANDLERS,
@@ -57,15 +58,24 @@ def _decide(state: State, cmd: Command, at: str) -> Decision:
     if handler is None:
         known = ", ".join(sorted(COMMAND_EVENTS))
         raise Invalid(f"unknown command type {cmd.type!r} (known: {known})", "type")
+    entitled = ENTITLED.get(cmd.type)
+    if entitled is not None and not state.proofs.vouched(cmd, entitled):
+        who = " or ".join(sorted(entitled))
+        raise Invalid(f"{cmd.type} is accepted only from the stack's {who} (with its proof); this one carries no "
+                      "valid proof. A training workload reports through the API (POST /reports)", "proof",
+                      "forbidden")
     return handler(state, cmd, at)
 
 
-def needs_validation(cmd: Command) -> bool:
-    """Whether the validator agent must build this command's code (the model rules wait for its verdict).
+def needs_validation(cmd: Command, proofs: Verifier) -> bool:
+    """Whether the validator agent must build this command's code (the model rules wait for its verdict): model
+    code without a verdict, or with one the validator did not vouch for (ignored, as if absent).
 
-    Called by the validator agent (streams/validator.py) on every command it reads.
+    Called by the validator agent (streams/validator.py) on every command it reads, with its own key.
     """
-    if cmd.type not in CODE_COMMANDS or cmd.validation is not None:
+    if cmd.type not in CODE_COMMANDS:
+        return False
+    if cmd.validation is not None and proofs.vouched(cmd, frozenset({VALIDATOR})):
         return False
     code = cmd.payload.get("code")
     return isinstance(code, str) and bool(code.strip())

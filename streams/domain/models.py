@@ -12,12 +12,14 @@ from tierflow.streams.catalogue import Invalid, ModelFields, parse_model, req_id
 from tierflow.streams.domain.decision import Decision, Handler, Pending, check_version, model_of
 from tierflow.streams.domain.state import ModelState, Shape, State
 from tierflow.streams.envelope import JSON, Command
+from tierflow.streams.proofs import VALIDATOR
 
 
-def _validated_summary(cmd: Command) -> JSON:
-    """The sandbox's verdict attached by the validator agent; Pending until it is there."""
+def _validated_summary(state: State, cmd: Command) -> JSON:
+    """The sandbox's verdict attached by the validator agent; Pending until it is there. A verdict without the
+    validator's proof is no verdict (anyone can write one): still Pending, the validator builds the code."""
     v = cmd.validation
-    if v is None:
+    if v is None or not state.proofs.vouched(cmd, frozenset({VALIDATOR})):
         raise Pending
     if not v.get("ok"):
         raise Invalid(f"the model code does not build: {v.get('error', 'unknown error')}", "code")
@@ -118,7 +120,7 @@ def _register_model(state: State, cmd: Command, at: str) -> Decision:
         raise Invalid(f"a model named '{f.name}' already exists (id {clash.id})", "name", "conflict")
     if f.upper_id is not None:
         model_of(state, f.upper_id, "upper_id")  # fail fast, before the sandbox spends time on it
-    summary = _validated_summary(cmd)
+    summary = _validated_summary(state, cmd)
     ident = state.next_id("model")
     _check_chain(state, None, f.name, bool(f.distributed), f.upper_id, summary["input_shape"],
                  summary["output_shapes"])
@@ -145,7 +147,7 @@ def _update_model(state: State, cmd: Command, at: str) -> Decision:
     code_changed = f.code is not None and f.code != model.record.get("code")
     imports_changed = f.imports is not None and f.imports != model.record.get("imports")
     if code_changed or imports_changed:
-        summary = _validated_summary(cmd)
+        summary = _validated_summary(state, cmd)
     input_shape: Shape = summary["input_shape"] if summary is not None else model.input_shape
     output_shapes: list[Shape] = summary["output_shapes"] if summary is not None else model.output_shapes
     name = f.name or model.name

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from tierflow.streams.catalogue import DEFAULT_RESERVED
 from tierflow.streams.envelope import JSON, Event, Position
+from tierflow.streams.proofs import Verifier
 from tierflow.streams.statuses import FINAL_STATUSES, InferenceStatus, ResultStatus
 
 Shape = list[int | None]
@@ -78,6 +79,9 @@ class State:
     inference_status: dict[int, InferenceStatus] = field(default_factory=dict)
     #: the topics no command may name (`catalogue.reserved_topics` of the decider's settings; not folded)
     reserved_topics: frozenset[str] = DEFAULT_RESERVED
+    #: the keys proofs on commands are checked with (streams/proofs.py; from the decider's secret; not folded).
+    #: The default holds none: no verdict and no training report is believed.
+    proofs: Verifier = field(default_factory=Verifier, compare=False)
 
     def next_id(self, kind: str) -> int:
         return self.next_ids.get(kind, 0) + 1

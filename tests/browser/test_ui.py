@@ -26,7 +26,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.conftest import ARTIFACTS, Infra, new_plane, start_plane, stop_plane
+from tests.conftest import ARTIFACTS, Infra, StackClient, new_plane, start_plane, stop_plane
 from tierflow.api.app import create_app
 from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.streams import kafka as kio
@@ -264,7 +264,7 @@ async def flow(page: Page, env: Env, snippets: dict[str, str]) -> None:
     chains = [list(ch) for ch in sorted({tuple(r["chain"]) for r in results})]
     await announce_datasource(env.settings, deployment_id)
     await expect(page.locator(".alert-info")).to_contain_text("ui-digits:0 [0, 1000) (RAW)")
-    client = CommandClient(env.settings.kafka)
+    client = StackClient(env.settings)  # the orchestrator's and workloads' reports, with their proofs
     await client.start()
     try:
         await flow_training(page, client, deployment_id, chains)

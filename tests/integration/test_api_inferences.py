@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, StackClient, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.api.app import create_app
-from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
 
 
@@ -33,7 +32,7 @@ async def env(infra: Infra) -> AsyncIterator[tuple[TestClient[Any, Any], Setting
 
 
 async def finish(settings: Settings, result_ids: list[int]) -> None:
-    async with CommandClient(settings.kafka) as client:
+    async with StackClient(settings) as client:  # the workloads' reports, vouched for as the API does
         for rid in result_ids:
             event = await client.wait(await client.send("ReportTrainingResult", {
                 "result_id": rid, "metrics": {}, "artefacts": {"keras": {"sha256": "a" * 64, "size": 1}}}))

@@ -19,6 +19,7 @@ from tierflow.api.ui import is_ui_path
 from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import Event
+from tierflow.streams.proofs import WORKER, Signer
 from tierflow.streams.settings import Settings
 
 TOKEN = "s3cret"
@@ -146,16 +147,21 @@ async def test_training_lifecycle_and_artefacts(env: tuple[TestClient[Any, Any],
     r = await c.put("/artefacts", data=blob, headers=AUTH | {"X-Sha256": sha})
     assert r.status == 201 and (await r.json()) == {"sha256": sha, "size": len(blob)}
     assert await (await c.get(f"/artefacts/{sha}")).read() == blob
-    # The workload's reports, produced straight to Kafka, move the result through its states.
-    async with CommandClient(settings.kafka) as client:
-        async def report(kind: str, payload: dict[str, Any]) -> Event:
-            return await client.wait(await client.send(kind, payload))
-
-        assert (await report("ReportTrainingLaunched", {"deployment_id": dep["id"], "result_ids": [rid],
-                                                        "workload": "w"})).type == "TrainingLaunched"
-        again = await report("ReportTrainingLaunched", {"deployment_id": dep["id"], "result_ids": [rid],
-                                                        "workload": "w"})
+    # The orchestrator's launch report carries the worker's proof; the workload's reports go through the API,
+    # which vouches for them (POST /reports); they move the result through its states.
+    worker = Signer.from_secret(settings.security.secret_key, WORKER)
+    async with CommandClient(settings.kafka, signer=worker) as orchestrator, CommandClient(settings.kafka) as client:
+        launch = {"deployment_id": dep["id"], "result_ids": [rid], "workload": "w"}
+        assert (await orchestrator.wait(await orchestrator.send("ReportTrainingLaunched", launch))).type \
+            == "TrainingLaunched"
+        again = await orchestrator.wait(await orchestrator.send("ReportTrainingLaunched", launch))
         assert again.type == "CommandRejected" and "launched already" in again.payload["reason"]["message"]
+
+        async def report(kind: str, payload: dict[str, Any]) -> Event:
+            r = await c.post("/reports", json={"type": kind, "payload": payload}, headers=AUTH)
+            assert r.status == 202, await r.text()
+            return await client.wait((await r.json())["command_id"])
+
         await report("ReportTrainingStarted", {"deployment_id": dep["id"], "result_ids": [rid], "seed": 7,
                                                "samples": {"train": 80, "validation": 10, "test": 10}})
         for epoch in (1, 2):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from tierflow.streams.client import CommandClient
 from tierflow.streams.domain import decide
 from tierflow.streams.domain.state import State, apply
 from tierflow.streams.envelope import JSON, Command, Event
+from tierflow.streams.proofs import API, ENTITLED, VALIDATOR, Signer, Verifier
 from tierflow.streams.settings import KafkaSettings, Settings
 
 AT = "2026-01-01T00:00:00.000000Z"
@@ -37,6 +39,8 @@ DEFAULT_RESERVED = [DEFAULT.events_topic, DEFAULT.commands_topic, DEFAULT.deadle
                     *KAFKA_INTERNAL]
 TOPIC_FIELDS = ["input_topic", "output_topic", "tiers[0].upper_topic"]
 SHA = "a" * 64
+SECRET = "reserved-topics-test-secret-" + "0" * 32
+PROOFS = Verifier.from_secret(SECRET)
 
 
 def summary(input_shape: list[int | None], *outputs: list[int | None]) -> JSON:
@@ -44,13 +48,16 @@ def summary(input_shape: list[int | None], *outputs: list[int | None]) -> JSON:
 
 
 class Log:
-    """The decider's pure core driven without Kafka: decide, fold, keep the events."""
+    """The decider's pure core driven without Kafka: decide, fold, keep the events. It plays the stack's
+    components as well: verdicts and training reports carry their proofs."""
 
     def __init__(self, state: State) -> None:
-        self.state = state
+        self.state = replace(state, proofs=PROOFS)
 
     def send(self, type_: str, payload: JSON, validation: JSON | None = None) -> Event:
         cmd = Command(command_id=str(uuid.uuid4()), type=type_, payload=payload, validation=validation)
+        if validation is not None or type_ in ENTITLED:
+            cmd = Signer.from_secret(SECRET, VALIDATOR if validation is not None else API).sign(cmd)
         event = decide(self.state, cmd, occurred_at=AT, position=None)
         assert event is not None
         apply(self.state, event)
@@ -143,10 +150,11 @@ async def test_the_running_decider_refuses_its_own_topics(plane: Settings) -> No
         await send("RegisterModel", {"name": "edge", "code": "# mid", "distributed": True, "upper_id": 1})
         await send("CreateConfiguration", {"name": "chain", "model_ids": [1]})
         await send("RequestDeployment", {"configuration_id": 1})
-        for rid in (1, 2):
-            done = await send("ReportTrainingResult", {"result_id": rid, "metrics": {},
-                                                       "artefacts": {"keras": {"sha256": SHA}}})
-            assert done.type == "TrainingResultReported", done.payload
+        async with CommandClient(kafka, signer=Signer.from_secret(plane.security.secret_key, API)) as api:
+            for rid in (1, 2):  # the workload's reports, as the API vouches for them
+                done = await api.wait(await api.send("ReportTrainingResult", {
+                    "result_id": rid, "metrics": {}, "artefacts": {"keras": {"sha256": SHA}}}))
+                assert done.type == "TrainingResultReported", done.payload
         for field, topic in [("output_topic", kafka.events_topic), ("tiers[0].upper_topic", kafka.commands_topic),
                              ("output_topic", kafka.deadletter_topic), ("output_topic", kafka.control_topic),
                              ("input_topic", "__consumer_offsets")]:

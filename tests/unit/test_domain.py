@@ -1,6 +1,8 @@
 """Unit tests of the decider's pure core, `tierflow.streams.domain`: `decide` turns each command into
 exactly one event, `apply` folds events into `State`. No Kafka: a tiny in-memory loop plays the decider
-agent (decide, apply, keep the log), and the sandbox verdict is written by hand.
+agent (decide, apply, keep the log), and the sandbox verdict is written by hand. The loop plays the stack's
+components too: it signs verdicts and training reports as the validator, the API and the worker would
+(tests/security/test_forged_commands.py shows what happens to commands nobody vouches for).
 
 The chain used throughout is the thesis one, registered top-down:
 cloud (1) <- fog (2) <- edge (3), plus a non-distributed model single (4).
@@ -20,6 +22,7 @@ from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, upcasters
 from tierflow.streams.domain import decide, needs_validation
 from tierflow.streams.domain.state import State, apply
 from tierflow.streams.envelope import JSON, Command, Event, Position, decode_event, event_id_for
+from tierflow.streams.proofs import ENTITLED, VALIDATOR, Signer, Verifier
 
 ROOT = Path(__file__).resolve().parents[2]
 AT = "2024-05-01T10:00:00.000000Z"
@@ -55,19 +58,33 @@ def command(type_: str, payload: JSON, validation: JSON | None = None, command_i
     return Command(command_id=command_id or str(uuid.uuid4()), type=type_, payload=payload, validation=validation)
 
 
+SECRET = "unit-test-secret-" + "0" * 32
+PROOFS = Verifier.from_secret(SECRET)
+
+
+def vouch(cmd: Command) -> Command:
+    """The command as the entitled component sends it: a verdict signed by the validator, a training report by
+    the API or the worker; anything else as it is."""
+    if cmd.validation is not None:
+        return Signer.from_secret(SECRET, VALIDATOR).sign(cmd)
+    if cmd.type in ENTITLED:
+        return Signer.from_secret(SECRET, sorted(ENTITLED[cmd.type])[0]).sign(cmd)
+    return cmd
+
+
 # -- the decider loop without Kafka --------------------------------------------------------------------
 
 class Decider:
     """Decide each command against the state, fold the event in, keep the events log."""
 
     def __init__(self) -> None:
-        self.state = State()
+        self.state = State(proofs=PROOFS)
         self.events: list[Event] = []
         self.offset = -1
 
     def send(self, cmd: Command) -> Event | None:
         self.offset += 1
-        event = decide(self.state, cmd, occurred_at=AT, position=Position(LOG, self.offset))
+        event = decide(self.state, vouch(cmd), occurred_at=AT, position=Position(LOG, self.offset))
         if event is not None:
             apply(self.state, event)
             self.events.append(event)
@@ -205,13 +222,13 @@ def test_an_unknown_command_type_is_rejected(decider: Decider) -> None:
 def test_a_new_model_waits_for_its_verdict(decider: Decider) -> None:
     # Without the sandbox verdict the command is pending: no event, not decided.
     cmd = command("RegisterModel", {"name": "edge", "code": "model = ..."})
-    assert needs_validation(cmd)
+    assert needs_validation(cmd, PROOFS)
     assert decider.send(cmd) is None
     assert cmd.command_id not in decider.state.decided
     assert decider.state.seq == 0
     # The validator re-sends the same command with the verdict: now it is decided, once.
-    twin = replace(cmd, validation=single(), source="client+validator")
-    assert not needs_validation(twin)
+    twin = vouch(replace(cmd, validation=single(), source="client+validator"))
+    assert not needs_validation(twin, PROOFS)
     event = decider.send(twin)
     assert event is not None
     assert event.type == "ModelCreated"
@@ -239,10 +256,10 @@ def test_code_that_does_not_build_is_rejected_with_the_sandbox_error(decider: De
 
 
 def test_only_code_commands_with_code_need_validation(chain: Decider) -> None:
-    assert needs_validation(command("UpdateModel", {"id": 1, "code": "new"}))
-    assert not needs_validation(command("UpdateModel", {"id": 1, "description": "d"}))
-    assert not needs_validation(command("RegisterModel", {"name": "m", "code": "   "}))
-    assert not needs_validation(command("DeleteModel", {"id": 1, "code": "c"}))
+    assert needs_validation(command("UpdateModel", {"id": 1, "code": "new"}), PROOFS)
+    assert not needs_validation(command("UpdateModel", {"id": 1, "description": "d"}), PROOFS)
+    assert not needs_validation(command("RegisterModel", {"name": "m", "code": "   "}), PROOFS)
+    assert not needs_validation(command("DeleteModel", {"id": 1, "code": "c"}), PROOFS)
 
 
 def test_the_validator_agent_uses_this_one_needs_validation() -> None:
@@ -692,7 +709,7 @@ def run(commands: list[Command]) -> Decider:
 
 def replay(events: list[Event]) -> State:
     """Rebuild the state from the events log as written to Kafka (encoded, decoded, upcast)."""
-    state = State()
+    state = State(proofs=PROOFS)
     ups = upcasters()
     for event in events:
         apply(state, decode_event(event.encode(), ups))
