@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError
 from tierflow.api.errors import ApiError, from_reason, not_found
 from tierflow.api.state import AppState, get_state
 from tierflow.projections import queries
-from tierflow.streams import catalogue, wire
+from tierflow.streams import catalogue, health, wire
 from tierflow.streams.envelope import Command, new_command_id
 from tierflow.streams.proofs import WORKLOAD_REPORTS
 from tierflow.streams.statuses import ResultStatus
@@ -535,6 +535,21 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+def agent_check(agent: JSON) -> JSON:
+    """One agent of the worker in `/readyz`: ok while it starts or runs and its worker reports (streams/health.py);
+    otherwise the reason (its error, `stopped`, or no report for `STALE_S`)."""
+    error = agent["error"]
+    ok = agent["state"] in health.HEALTHY
+    if agent["age_s"] > health.STALE_S:
+        ok = False
+        error = (f"no report from the worker for {agent['age_s']:.0f} s (last: {agent['state']}); is `tierflow "
+                 "worker` running?")
+    elif agent["state"] == health.STOPPED:
+        error = "stopped: the worker stopped this agent"
+    return {"ok": ok, "state": agent["state"], "error": error, "restarts": agent["restarts"],
+            "deadletter_failures": agent["deadletter_failures"], "updated_at": agent["updated_at"]}
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     st: AppState = get_state(request)
@@ -545,7 +560,10 @@ async def readyz(request: web.Request) -> web.Response:
             await conn.fetchval("SELECT 1")
             status = await queries.projector_status(conn)
             _, last_offset = await queries.projection_position(conn)
+            agents = await queries.agent_health(conn)
         checks["postgres"] = {"ok": True}
+        checks["agents"] = {a["agent"]: agent_check(a) for a in agents}
+        ready = ready and all(check["ok"] for check in checks["agents"].values())
         if status is not None and status["state"] == "stopped":
             ready = False
             checks["projector"] = {"ok": False, "error": status["error"]}
@@ -570,7 +588,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    data, content_type = get_state(request).metrics.render()
+    st = get_state(request)
+    try:  # the worker has no HTTP port: its agents' restarts and lost dead letters are exported here
+        async with st.pool.acquire() as conn:
+            st.metrics.observe_agents(await queries.agent_health(conn))
+    except (asyncpg.PostgresError, OSError):
+        pass  # /readyz says Postgres is away; the other metrics still render
+    data, content_type = st.metrics.render()
     return web.Response(body=data, headers={"Content-Type": content_type})
 
 

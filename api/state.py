@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from tierflow.api.artefacts import ArtefactStore
 from tierflow.api.outcomes import OutcomeWaiter
+from tierflow.streams.health import HEALTHY, STALE_S
 from tierflow.streams.kafka import fetch_highwater
 from tierflow.streams.proofs import Signer
 from tierflow.streams.settings import Settings
@@ -30,6 +31,20 @@ class ApiMetrics:
                                 ["type", "outcome"], registry=self.registry)
         self.projection_lag = Gauge("tierflow_projection_lag_events", "Events not yet projected",
                                     registry=self.registry)
+        # The worker's agents, as they last reported to Postgres (streams/health.py; the worker serves no HTTP).
+        self.agent_up = Gauge("tierflow_agent_up", "1 while a worker agent starts or runs (and its worker reports), "
+                              "0 otherwise", ["agent"], registry=self.registry)
+        self.agent_restarts = Gauge("tierflow_agent_restarts", "Restarts of a worker agent since its worker "
+                                    "started", ["agent"], registry=self.registry)
+        self.agent_deadletter_failures = Gauge(
+            "tierflow_agent_deadletter_failures", "Dead letters a worker agent could not send (logged and skipped) "
+            "since its worker started", ["agent"], registry=self.registry)
+
+    def observe_agents(self, agents: list[dict[str, Any]]) -> None:
+        for a in agents:
+            self.agent_up.labels(a["agent"]).set(1 if a["state"] in HEALTHY and a["age_s"] <= STALE_S else 0)
+            self.agent_restarts.labels(a["agent"]).set(a["restarts"])
+            self.agent_deadletter_failures.labels(a["agent"]).set(a["deadletter_failures"])
 
     def observe_command(self, command_type: str, outcome: dict[str, Any] | None) -> None:
         self.commands.labels(command_type, "pending" if outcome is None else str(outcome["status"])).inc()

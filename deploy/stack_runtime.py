@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -167,6 +168,11 @@ class _Stack:
                                                 api_url=self.api_url)
         self.settings = replace(settings, api=replace(settings.api, port=api_port),
                                 stack=replace(settings.stack, home=self.home))
+        if not self.settings.security.secret_key:
+            # The worker and the API sign and check proofs on commands with keys derived from it
+            # (streams/proofs.py); a stack without one would believe no verdict and no training report.
+            self.settings = replace(self.settings, security=replace(self.settings.security,
+                                                                    secret_key=secrets.token_hex(32)))
 
         print("creating topics and migrating the schema ...", flush=True)
         await ensure_topics(self.settings.kafka)

@@ -209,3 +209,13 @@ async def projection_position(conn: asyncpg.Connection) -> tuple[int, int]:
 async def projector_status(conn: asyncpg.Connection) -> JSON | None:
     r = await conn.fetchrow("SELECT state, error, updated_at FROM public.projector_status WHERE consumer = 'projector'")
     return None if r is None else {"state": r["state"], "error": r["error"], "updated_at": _iso(r["updated_at"])}
+
+
+async def agent_health(conn: asyncpg.Connection) -> list[JSON]:
+    """The worker's agents as it last reported them (streams/health.py), with the age of each report."""
+    rows = await conn.fetch("SELECT agent, state, error, restarts, deadletter_failures, updated_at, "
+                            "extract(epoch FROM now() - updated_at)::float8 AS age_s "
+                            "FROM public.agent_health ORDER BY agent")
+    return [{"agent": r["agent"], "state": r["state"], "error": r["error"], "restarts": r["restarts"],
+             "deadletter_failures": r["deadletter_failures"], "updated_at": _iso(r["updated_at"]),
+             "age_s": float(r["age_s"])} for r in rows]

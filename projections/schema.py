@@ -7,7 +7,8 @@ creates the same tables in a fresh schema, replays the events into it and swaps 
   rebuilds identical rows), including the projector's tracking row, so a swap moves rows and position
   together.
 - Schema `public` holds what is not derived from the events log: the event archive (the copy of the log
-  that survives the embedded broker's restart), agent positions in the commands log, projector status.
+  that survives the embedded broker's restart), agent positions in the commands log, projector status, the
+  worker's agents' health (streams/health.py).
 """
 
 from __future__ import annotations
@@ -178,6 +179,14 @@ CREATE TABLE IF NOT EXISTS public.projector_status (
     state      text NOT NULL,
     error      text,
     updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS public.agent_health (
+    agent               text PRIMARY KEY,
+    state               text NOT NULL,
+    error               text,
+    restarts            integer NOT NULL DEFAULT 0,
+    deadletter_failures bigint NOT NULL DEFAULT 0,
+    updated_at          timestamptz NOT NULL DEFAULT now()
 );
 """
 

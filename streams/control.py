@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 from tierflow.streams import kafka as kio
 from tierflow.streams.envelope import JSON, TIERFLOW_NS, Command
 from tierflow.streams.errors import PermanentError
+from tierflow.streams.health import AgentHealth
 from tierflow.streams.positioned import PositionedReader, Record, first_record
 from tierflow.streams.positions import AgentPositions
 from tierflow.streams.settings import KafkaSettings
@@ -135,9 +136,10 @@ def command_id_for(topic: str, partition: int, offset: int, timestamp: int, valu
 
 
 class ControlBridge:
-    def __init__(self, kafka: KafkaSettings, database_url: str) -> None:
+    def __init__(self, kafka: KafkaSettings, database_url: str, *, health: AgentHealth | None = None) -> None:
         self.kafka = kafka
         self.database_url = database_url
+        self.health = health or AgentHealth()
         self.bridged = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -208,8 +210,9 @@ class ControlBridge:
             try:
                 payload = parse_control_message(record.key, record.value)
             except ControlMessageError as exc:
-                await kio.send_deadletter(prod, self.kafka, record, f"not a datasource announcement: {exc}",
-                                          "control-bridge")
+                if not await kio.send_deadletter(prod, self.kafka, record, f"not a datasource announcement: {exc}",
+                                                 AGENT):
+                    self.health.deadletter_failed(AGENT)
                 continue
             payload["origin"] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
             payload["warnings"] = await self._check_ranges(payload["ranges"])

@@ -26,6 +26,7 @@ from tierflow.streams.commandlog import read_log_id
 from tierflow.streams.domain import decide
 from tierflow.streams.domain.state import State, apply
 from tierflow.streams.envelope import CommandLogMarker, EnvelopeError, Position, decode_command, decode_event, now_iso
+from tierflow.streams.health import AgentHealth
 from tierflow.streams.positioned import PositionedReader, Record
 from tierflow.streams.proofs import Verifier
 from tierflow.streams.settings import KafkaSettings
@@ -70,9 +71,10 @@ class Decider:
     (streams/proofs.py); without one the decider does not start (MissingSecret says how to set it)."""
 
     def __init__(self, kafka: KafkaSettings, *, secret_key: str = "", clock: Callable[[], str] = now_iso,
-                 batch_size: int = 2000) -> None:
+                 batch_size: int = 2000, health: AgentHealth | None = None) -> None:
         self.kafka = kafka
         self.secret_key = secret_key
+        self.health = health or AgentHealth()
         self.clock = clock
         self.batch_size = batch_size
         self.state = State(reserved_topics=reserved_topics(kafka))
@@ -123,7 +125,7 @@ class Decider:
             except EnvelopeError as exc:
                 await asyncio.gather(*pending)  # keep the dead letter after what precedes it
                 pending.clear()
-                await kio.send_deadletter(prod, self.kafka, record, f"not a command: {exc}", "decider")
+                await self._deadletter(prod, record, f"not a command: {exc}")
                 continue
             if isinstance(cmd, CommandLogMarker):
                 continue
@@ -134,9 +136,8 @@ class Decider:
                 log.exception("deciding %s %s failed", cmd.type, cmd.command_id)
                 await asyncio.gather(*pending)
                 pending.clear()
-                await kio.send_deadletter(prod, self.kafka, record,
-                                          f"the decider failed on this command: {type(exc).__name__}: {exc}",
-                                          "decider")
+                await self._deadletter(prod, record,
+                                       f"the decider failed on this command: {type(exc).__name__}: {exc}")
                 continue
             if event is None:
                 continue
@@ -147,3 +148,7 @@ class Decider:
             pending.append(await prod.send(self.kafka.events_topic, event.encode(), key=event.key()))
         if pending:
             await asyncio.gather(*pending)
+
+    async def _deadletter(self, prod: AIOKafkaProducer, record: Record, reason: str) -> None:
+        if not await kio.send_deadletter(prod, self.kafka, record, reason, "decider"):
+            self.health.deadletter_failed("decider")

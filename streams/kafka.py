@@ -4,16 +4,21 @@ Used by every agent of the worker, the API, the archive restore and the benchmar
 short `fetch_max_wait_ms` (Tansu holds a fetch for the whole wait even when data arrives) and manual
 partition assignment where the position is owned by tierflow (events log, Postgres tracking), so no
 consumer-group join (slow on Tansu) is on any start-up path.
+
+Dead letters are bounded in size, and one that cannot be sent is logged and skipped (`send_deadletter`), so
+no record can make an agent fail on it over and over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from tierflow.streams.envelope import now_iso
 from tierflow.streams.settings import KafkaSettings
@@ -86,32 +91,76 @@ class Origin:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
-def deadletter_value(origin: Origin, reason: str, value: bytes | None, agent: str) -> bytes:
-    """A dead letter: the original bytes (as text if they decode, else hex), the reason and the origin."""
+#: The largest dead letter sent: below Kafka's default largest message (1 MiB, `message.max.bytes`), so a dead
+#: letter fits any broker and topic left at their defaults, and far below the producer's `max_request_size`.
+DEADLETTER_MAX_BYTES = 1024 * 1024 - 64 * 1024
+#: How much of a value (and of a key) too large for a dead letter is kept, hex-encoded (twice its size).
+DEADLETTER_KEEP_BYTES = 64 * 1024
+#: A key longer than this is not reused as the dead letter's key (the dead letter names its size and digest).
+KEY_MAX_BYTES = 1024
+#: Longest reason kept (a reason may quote the record).
+REASON_MAX = 10_000
+
+
+def _as_text(value: bytes) -> tuple[str, str]:
+    """The bytes as UTF-8 text when they decode, else hex; and which."""
+    try:
+        return value.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return value.hex(), "hex"
+
+
+def deadletter_value(origin: Origin, reason: str, value: bytes | None, agent: str, *,
+                     key: bytes | None = None, limit: int = DEADLETTER_MAX_BYTES) -> bytes:
+    """A dead letter: the original bytes (as text if they decode, else hex), the reason and the origin.
+
+    Bounded: when the whole record would make a dead letter over `limit` bytes (JSON escapes a NUL byte as six
+    bytes, so a 1.5 MB record can make a 9 MB letter), it keeps the first `DEADLETTER_KEEP_BYTES` of the value
+    (hex), with the value's size and sha256, `truncated: true`; the record itself stays at its origin. A key
+    over `KEY_MAX_BYTES` is described the same way.
+    """
     payload: dict[str, Any] = {
-        "reason": reason,
+        "reason": reason[:REASON_MAX],
         "origin": origin.to_json(),
         "agent": agent,
         "at": now_iso(),
     }
+    if key is not None and len(key) > KEY_MAX_BYTES:
+        payload["key"] = {"size": len(key), "sha256": hashlib.sha256(key).hexdigest(),
+                          "head": key[:KEY_MAX_BYTES].hex(), "encoding": "hex"}
     if value is None:
         payload["value"] = None
-    else:
-        try:
-            payload["value"] = value.decode("utf-8")
-            payload["encoding"] = "utf-8"
-        except UnicodeDecodeError:
-            payload["value"] = value.hex()
-            payload["encoding"] = "hex"
+        return orjson.dumps(payload)
+    payload["value"], payload["encoding"] = _as_text(value)
+    whole = orjson.dumps(payload)
+    if len(whole) <= limit:
+        return whole
+    payload["value"], payload["encoding"] = value[:DEADLETTER_KEEP_BYTES].hex(), "hex"
+    payload |= {"truncated": True, "size": len(value), "sha256": hashlib.sha256(value).hexdigest()}
     return orjson.dumps(payload)
 
 
 async def send_deadletter(p: AIOKafkaProducer, kafka: KafkaSettings, record: ConsumerRecord[Any, Any],
-                          reason: str, agent: str) -> None:
+                          reason: str, agent: str) -> bool:
+    """Send the record's dead letter; whether it was sent.
+
+    A dead letter that cannot be sent (the broker refused it, or did not answer in time) is logged with the
+    record's origin, size and digest and skipped, never raised: the record is still at its origin, and raising
+    would restart the agent at the same record forever. The caller counts it (a Prometheus metric).
+    """
     origin = Origin.of(record)
-    log.warning("dead-lettering %s[%d]@%d: %s", origin.topic, origin.partition, origin.offset, reason)
+    log.warning("dead-lettering %s[%d]@%d: %s", origin.topic, origin.partition, origin.offset, reason[:1000])
+    key = record.key if record.key is None or len(record.key) <= KEY_MAX_BYTES else None
     headers = [("tierflow.reason", reason.encode()[:1000]), ("tierflow.origin.topic", origin.topic.encode()),
                ("tierflow.origin.partition", str(origin.partition).encode()),
                ("tierflow.origin.offset", str(origin.offset).encode())]
-    await p.send_and_wait(kafka.deadletter_topic, deadletter_value(origin, reason, record.value, agent),
-                          key=record.key, headers=headers)
+    value = deadletter_value(origin, reason, record.value, agent, key=record.key)
+    try:
+        await p.send_and_wait(kafka.deadletter_topic, value, key=key, headers=headers)
+    except KafkaError as exc:
+        size = len(record.value or b"")
+        digest = hashlib.sha256(record.value or b"").hexdigest()
+        log.error("could not dead-letter %s[%d]@%d (%d bytes, sha256 %s): %s: %s; skipped, the record stays at its "
+                  "origin", origin.topic, origin.partition, origin.offset, size, digest, type(exc).__name__, exc)
+        return False
+    return True

@@ -2,9 +2,11 @@
 
 Started by the embedded stack's supervisor (or as a Deployment in cluster mode). Each agent runs as a
 task that is restarted with backoff when it fails, so one agent's crash never takes the others down and
-every agent resumes from its own durable position. Only the worker holding the decider lock (a Postgres
-advisory lock) runs a decider, so a second replica waits as a hot standby. SIGTERM stops the decider and
-the validator first and lets the projector drain what was decided, so `tierflow down` archives it.
+every agent resumes from its own durable position; each agent's state and last error are published to
+Postgres (streams/health.py), where the API's `/readyz` reports a failing agent. Only the worker holding the
+decider lock (a Postgres advisory lock) runs a decider, so a second replica waits as a hot standby. SIGTERM
+stops the decider and the validator first and lets the projector drain what was decided, so `tierflow down`
+archives it.
 
 Why not Faust `@app.agent`s here: the control plane owns its positions (events log, Postgres tracking
 rows), needs manual partition assignment and short fetch waits, and cannot use Faust tables or
@@ -25,6 +27,7 @@ import asyncpg
 from tierflow.projections.schema import migrate
 from tierflow.streams.control import ControlBridge
 from tierflow.streams.decider import Decider
+from tierflow.streams.health import HEALTHY_AFTER_S, AgentHealth
 from tierflow.streams.launcher import Launcher
 from tierflow.streams.orchestrator import Orchestrator
 from tierflow.streams.projector import Projector
@@ -41,24 +44,36 @@ LauncherFactory = Callable[[Settings], Launcher]
 ValidationFactory = Callable[[Settings], AbstractAsyncContextManager[ValidateFn]]
 
 
-async def supervise(name: str, run: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:
-    """Run an agent until `stopping`; restart it with backoff when it fails (and log why)."""
+async def supervise(name: str, run: Callable[[], Awaitable[None]], stopping: asyncio.Event,
+                    health: AgentHealth | None = None) -> None:
+    """Run an agent until `stopping`; restart it with backoff when it fails (and log why). `health` records
+    each (re)start, failure and stop, and marks the agent running once it survived `HEALTHY_AFTER_S`."""
+    health = health or AgentHealth()
     delay = 0.5
     while not stopping.is_set():
+        health.starting(name)
+        survived = asyncio.get_running_loop().call_later(HEALTHY_AFTER_S, health.running, name)
         try:
             await run()
+            health.stopped(name)
             return
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
+                health.stopped(name)
                 raise  # the worker is stopping this agent
             # A library raised CancelledError from inside (e.g. aiokafka on some stop paths): a failure.
             log.exception("agent %s failed with an internal cancellation; restarting in %.1f s", name, delay)
-        except Exception:
+            health.failed(name, "CancelledError: an internal cancellation", delay)
+        except Exception as exc:
             log.exception("agent %s failed; restarting in %.1f s", name, delay)
+            health.failed(name, f"{type(exc).__name__}: {exc}", delay)
+        finally:
+            survived.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), timeout=delay)
         delay = min(delay * 2, 30.0)
+    health.stopped(name)
 
 
 class Worker:
@@ -70,7 +85,8 @@ class Worker:
         self.orchestrator: Orchestrator | None = None
         if launcher is not None:
             self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.workload_env())
-        self.decider = Decider(settings.kafka, secret_key=settings.security.secret_key)
+        self.health = AgentHealth()
+        self.decider = Decider(settings.kafka, secret_key=settings.security.secret_key, health=self.health)
         self.projector = Projector(settings.kafka, settings.database.url)
         self.validator: Validator | None = None
         self.stopping = asyncio.Event()
@@ -90,7 +106,8 @@ class Worker:
                     lock.cancel()
                     return
                 stop.cancel()
-            self.decider = Decider(self.settings.kafka, secret_key=self.settings.security.secret_key)
+            self.decider = Decider(self.settings.kafka, secret_key=self.settings.security.secret_key,
+                                   health=self.health)
             await self.decider.run(self._control_stopping)
         finally:
             await conn.close()
@@ -123,36 +140,44 @@ class Worker:
                                    concurrency=self.settings.sandbox.pool_size,
                                    secret_key=self.settings.security.secret_key)
         validator = self.validator
-        self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url)
+        self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url, health=self.health)
         bridge = self.bridge
+        health = self.health
+        published = asyncio.Event()
+        publisher = asyncio.create_task(health.publish(self.settings.database.url, published))
         tasks = [
-            asyncio.create_task(supervise("decider", self._run_decider, self._control_stopping)),
+            asyncio.create_task(supervise("decider", self._run_decider, self._control_stopping, health)),
             asyncio.create_task(supervise("validator", lambda: validator.run(self._control_stopping),
-                                          self._control_stopping)),
+                                          self._control_stopping, health)),
             asyncio.create_task(supervise("control-bridge", lambda: bridge.run(self._control_stopping),
-                                          self._control_stopping)),
-            asyncio.create_task(supervise("orchestrator", self._run_orchestrator, self._control_stopping)),
-            asyncio.create_task(supervise("projector",
-                                          lambda: self.projector.run(self._projector_stopping, self._drain),
-                                          self._projector_stopping)),
+                                          self._control_stopping, health)),
         ]
+        if self.orchestrator is not None:  # without a launcher this worker runs the control plane only
+            tasks.append(asyncio.create_task(supervise("orchestrator", self._run_orchestrator,
+                                                       self._control_stopping, health)))
+        projector = asyncio.create_task(supervise(
+            "projector", lambda: self.projector.run(self._projector_stopping, self._drain),
+            self._projector_stopping, health))
         try:
             await self.stopping.wait()
         finally:
             self._control_stopping.set()
-            await asyncio.gather(*tasks[:4], return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            tasks.append(projector)
             # Let the projector archive what the decider wrote, within a deadline.
             self._drain.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(tasks[4]), timeout=10)
+                await asyncio.wait_for(asyncio.shield(projector), timeout=10)
             self._projector_stopping.set()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            published.set()  # one last write: the agents' `stopped`
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(publisher, timeout=5)
 
     async def _run_orchestrator(self) -> None:
-        if self.orchestrator is None:
-            return  # no launcher wired in: this worker runs the control plane only
+        assert self.orchestrator is not None
         await self.orchestrator.run(self._control_stopping)
 
     def stop(self) -> None:

@@ -1,0 +1,91 @@
+"""Attack: an agent that fails over and over while `/readyz` stays green.
+
+The worker restarts a failing agent (decider, validator, control bridge, orchestrator, projector) with backoff,
+forever. While it does, nothing it owns moves: a model waits for a validator that crashes on every command, a
+write answers 202 for minutes, and `/readyz` said "ready" all along (it looked at Postgres, the broker and the
+projector only), so neither an operator nor Kubernetes could tell.
+
+Defence: the worker's supervisor records each agent's state, last error and restarts in Postgres
+(`public.agent_health`, streams/health.py, with a heartbeat); `/readyz` answers 503 naming the failing agent and
+its error, and turns ready again once the agent runs again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from tests.conftest import start_plane, stop_plane, wait_until
+from tierflow.api.app import create_app
+from tierflow.streams.client import CommandClient
+from tierflow.streams.settings import Settings
+
+SINGLE = {"input_shape": [None, 28, 28], "output_shapes": [[None, 10]], "params": 7850}
+
+
+class Sandbox:
+    """The validator's port, broken until repaired (as a sandbox pool whose isolation tool went missing)."""
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    async def __call__(self, code: str, imports: str) -> dict[str, Any]:
+        if self.broken:
+            raise RuntimeError("the sandbox pool is gone: no isolation tool")
+        return {"ok": True, "summary": SINGLE}
+
+
+async def test_readyz_names_a_failing_agent_and_recovers(plane: Settings) -> None:
+    sandbox = Sandbox()
+    running = await start_plane(plane, sandbox)
+    try:
+        async with TestClient(TestServer(create_app(plane))) as c, CommandClient(plane.kafka) as client:
+            cid = await client.send("RegisterModel", {"name": "waits", "code": "# single"})
+
+            async def validator_reported() -> bool:
+                r = await c.get("/readyz")
+                agents = (await r.json())["checks"].get("agents", {})
+                return r.status == 503 and not agents.get("validator", {"ok": True})["ok"]
+
+            await wait_until(validator_reported, timeout=20, what="/readyz to report the failing validator")
+            body = await (await c.get("/readyz")).json()
+            validator = body["checks"]["agents"]["validator"]
+            assert validator["state"] == "failing", validator
+            assert "RuntimeError: the sandbox pool is gone" in validator["error"], validator
+            assert validator["restarts"] >= 1
+            # The other agents are fine, and say so.
+            assert body["checks"]["agents"]["decider"]["ok"], body
+
+            # Repaired: the validator runs again, the model is decided, /readyz is green again.
+            sandbox.broken = False
+            assert (await client.wait(cid, timeout=60)).type == "ModelCreated"
+
+            async def ready() -> bool:
+                return (await c.get("/readyz")).status == 200
+
+            await wait_until(ready, timeout=30, what="/readyz ready again")
+            agents = (await (await c.get("/readyz")).json())["checks"]["agents"]
+            assert agents["validator"]["ok"] and agents["validator"]["error"] is None, agents
+    finally:
+        await stop_plane(running)
+
+
+async def test_readyz_says_when_the_worker_stopped_reporting(plane: Settings) -> None:
+    # A worker that was killed (or hangs) leaves its last rows behind: once they are older than STALE_S,
+    # /readyz stops trusting them.
+    import asyncpg
+
+    conn = await asyncpg.connect(plane.database.url)
+    try:
+        await conn.execute("INSERT INTO public.agent_health (agent, state, restarts, updated_at) "
+                           "VALUES ('decider', 'running', 0, now() - interval '1 hour')")
+    finally:
+        await conn.close()
+    async with TestClient(TestServer(create_app(plane))) as c:
+        r = await c.get("/readyz")
+        decider = (await r.json())["checks"]["agents"]["decider"]
+        assert r.status == 503 and not decider["ok"], decider
+        assert "no report from the worker for 3600 s" in decider["error"], decider
+        metrics = await (await c.get("/metrics")).text()
+        assert 'tierflow_agent_up{agent="decider"} 0.0' in metrics
