@@ -235,9 +235,12 @@ class DecodedBatch:
 # -- decoding ------------------------------------------------------------------------------------------------
 
 
-def _tierflow_headers(headers: Sequence[tuple[str, bytes]]) -> dict[str, bytes] | None:
+def _tierflow_headers(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, bytes] | None:
     found = {k: v for k, v in headers if k.startswith(_PREFIX)}
-    return found or None
+    empty = sorted(k for k, v in found.items() if v is None)
+    if empty:  # Kafka headers may carry no value at all
+        raise WireError(f"header {empty[0]} has no value")
+    return {k: v for k, v in found.items() if v is not None} or None
 
 
 def _size_hint(nbytes: int, spec: InputSpec) -> str:
@@ -366,13 +369,17 @@ def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: fl
             rejected.append(Rejection(i, f"empty value: an inference input holds one sample ({spec.describe_raw()}) "
                                          "or a tierflow tensor message"))
             continue
-        meta = _tierflow_headers(rec.headers) if rec.headers else None
-        if meta is not None:
-            try:
+        try:
+            meta = _tierflow_headers(rec.headers) if rec.headers else None
+            if meta is not None:
                 x, o, t, s = _decode_tensor(rec, value, meta, spec, t_record)
-            except WireError as exc:
-                rejected.append(Rejection(i, f"bad tierflow tensor message: {exc}"))
-                continue
+        except WireError as exc:
+            rejected.append(Rejection(i, f"bad tierflow tensor message: {exc}"))
+            continue
+        except Exception as exc:  # whatever else hostile headers make numpy or JSON raise: the record's fault
+            rejected.append(Rejection(i, f"bad tierflow tensor message: {type(exc).__name__}: {exc}"))
+            continue
+        if meta is not None:
             flush_run()
             parts.append(x)
             origins.extend(o)
@@ -386,6 +393,9 @@ def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: fl
                 sample = np.asarray(spec.plain(value)).reshape(1, *spec.sample_shape).astype(spec.dtype)
             except ValueError as exc:
                 rejected.append(Rejection(i, str(exc)))
+                continue
+            except Exception as exc:  # a decoder (Avro) reading garbage raises EOFError, IndexError, ...
+                rejected.append(Rejection(i, f"cannot decode the record: {type(exc).__name__}: {exc}"))
                 continue
             flush_run()
             parts.append(sample)

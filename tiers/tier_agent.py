@@ -351,8 +351,11 @@ class TierAgent:
 
     async def _deadletter(self, records: list[Any], rejected: list[wire.Rejection]) -> None:
         producer = self._producers[self.config.bootstrap_servers]
-        await asyncio.gather(*(kio.send_deadletter(producer, self.kafka, records[r.index], r.reason,
-                                                   agent=f"tier-{self.config.tier_index}") for r in rejected))
+        sent = await asyncio.gather(*(kio.send_deadletter(producer, self.kafka, records[r.index], r.reason,
+                                                          agent=f"tier-{self.config.tier_index}") for r in rejected))
+        # A dead letter that could not be sent is logged and counted, never fatal: the record stays at its
+        # origin, and failing here would restart the tier at the same record forever.
+        self.metrics.deadletter_failures.inc(sent.count(False))
         self.metrics.deadlettered.inc(len(rejected))
         self.stats.deadlettered += len(rejected)
 

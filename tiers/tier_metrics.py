@@ -74,6 +74,8 @@ class TierMetrics:
         self.answered = counter("tierflow_tier_answered", "Samples answered by this tier's exit")
         self.forwarded = counter("tierflow_tier_forwarded", "Samples forwarded to the upper tier")
         self.deadlettered = counter("tierflow_tier_deadlettered", "Records sent to the dead-letter topic")
+        self.deadletter_failures = counter("tierflow_tier_deadletter_failures",
+                                           "Dead letters that could not be sent (logged and skipped)")
         self.batch_records = histogram("tierflow_tier_batch_records", "Records per consumed batch", _SIZE_BUCKETS)
         self.batch_samples = histogram("tierflow_tier_batch_samples", "Samples per model call batch", _SIZE_BUCKETS)
         self.latency = BulkHistogram("tierflow_tier_latency_seconds",

@@ -13,7 +13,7 @@ from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid
 from tierflow.streams.domain import configurations, datasources, deployments, inferences, models
 from tierflow.streams.domain.decision import Decision, Handler, Pending
 from tierflow.streams.domain.state import State
-from tierflow.streams.envelope import Command, Event, Position, event_id_for
+from tierflow.streams.envelope import JSON, Command, Event, Position, event_id_for
 from tierflow.streams.proofs import ENTITLED, VALIDATOR, Verifier
 
 _HANDLERS: dict[str, Handler] = {
@@ -25,10 +25,20 @@ _HANDLERS: dict[str, Handler] = {
 }
 
 
+#: The largest event the decider writes: an accepted event larger than this (a command can carry megabytes
+#: of description or input_config) is rejected instead, so no command makes an event the broker refuses
+#: (the decider's producer sends up to 8 MiB; a cluster's events topic must allow this much: docs/cluster.md).
+EVENT_MAX_BYTES = 4 * 1024 * 1024
+#: Longest text a rejection echoes from the command (its type, the message quoting a field's value).
+ECHO_MAX = 2000
+
+
 def decide(state: State, cmd: Command, *, occurred_at: str, position: Position | None) -> Event | None:
     """The one event the command produces, or None if it was decided before or awaits validation.
 
-    Never raises on bad input: anything wrong becomes a CommandRejected event naming the culprit.
+    Never raises on bad input: anything wrong becomes a CommandRejected event naming the culprit (bounded in
+    size: it quotes at most `ECHO_MAX` characters of the command), and so does an accepted event that would
+    be larger than `EVENT_MAX_BYTES`.
     """
     if cmd.command_id in state.decided:
         return None
@@ -37,8 +47,32 @@ def decide(state: State, cmd: Command, *, occurred_at: str, position: Position |
     except Pending:
         return None
     except Invalid as exc:
-        event_type, aggregate, agg_version = "CommandRejected", f"command:{cmd.command_id}", 1
-        payload = {"command_id": cmd.command_id, "command_type": cmd.type, "reason": exc.to_json()}
+        return _rejected(state, cmd, exc, occurred_at, position)
+    event = _event(state, cmd, event_type, aggregate, agg_version, payload, occurred_at, position)
+    size = len(event.encode())
+    if size > EVENT_MAX_BYTES:
+        return _rejected(state, cmd, Invalid(f"the {event_type} event of this command would be {size} bytes, over "
+                                             f"the {EVENT_MAX_BYTES}-byte limit of an event; send less (e.g. a "
+                                             "shorter description or input_config)", "payload", "too_large"),
+                         occurred_at, position)
+    return event
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= ECHO_MAX else f"{text[:ECHO_MAX]}... ({len(text)} characters)"
+
+
+def _rejected(state: State, cmd: Command, exc: Invalid, at: str, position: Position | None) -> Event:
+    reason = exc.to_json()
+    reason["message"] = _clip(str(reason["message"]))
+    if isinstance(reason["field"], str):
+        reason["field"] = _clip(reason["field"])
+    payload = {"command_id": cmd.command_id, "command_type": _clip(cmd.type), "reason": reason}
+    return _event(state, cmd, "CommandRejected", f"command:{cmd.command_id}", 1, payload, at, position)
+
+
+def _event(state: State, cmd: Command, event_type: str, aggregate: str, agg_version: int, payload: JSON, at: str,
+           position: Position | None) -> Event:
     return Event(
         id=event_id_for(cmd.command_id),
         seq=state.seq + 1,
@@ -47,7 +81,7 @@ def decide(state: State, cmd: Command, *, occurred_at: str, position: Position |
         aggregate=aggregate,
         aggregate_version=agg_version,
         command_id=cmd.command_id,
-        occurred_at=occurred_at,
+        occurred_at=at,
         payload=payload,
         position=position,
     )
