@@ -135,7 +135,7 @@ async def main(args: argparse.Namespace) -> None:
         broker_port, pg_port, api_port = services.free_port(), services.free_port(), services.free_port()
         procs.append(services.spawn(services.tansu_spec(broker_port), home / "tansu.log"))
         services.wait_for_port(broker_port, deadline_s=20, proc=procs[-1], what="broker")
-        services.init_postgres(home / "pg")
+        services.init_postgres(home / "pg", superuser_password=None)
         procs.append(services.spawn(services.postgres_spec(home / "pg", pg_port), home / "pg.log"))
         services.wait_for_port(pg_port, deadline_s=20, proc=procs[-1], what="postgres")
         services.ensure_database(pg_port)

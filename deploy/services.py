@@ -16,14 +16,19 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
+from urllib.parse import quote
 
 from tierflow.streams.errors import PermanentError
 
+#: The role the worker and the API connect as: it owns the tierflow database and is not a superuser.
 PG_USER = "tierflow"
+#: The embedded server's superuser, used only to create and keep up `PG_USER` (deploy/postgres_auth.py).
+PG_SUPERUSER = "postgres"
 PG_DATABASE = "tierflow"
 
 
@@ -166,8 +171,14 @@ def _as_postgres_user(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if _is_root() else argv
 
 
-def init_postgres(data_dir: Path) -> None:
-    """initdb once (trust auth on loopback only; the cluster is private to this stack)."""
+def init_postgres(data_dir: Path, *, superuser_password: str | None) -> None:
+    """initdb once.
+
+    With `superuser_password` (the embedded stack, deploy/postgres_auth.py): every connection, TCP or Unix
+    socket, authenticates with a password (scram-sha-256), and the bootstrap superuser is `postgres` with that
+    password; the stack's own role is made by `postgres_auth.secure_postgres` once the server runs. Without
+    (the test suite's throwaway server only): trust, with `tierflow` the superuser, as stacks were made before.
+    """
     if (data_dir / "PG_VERSION").exists():
         return
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -175,9 +186,23 @@ def init_postgres(data_dir: Path) -> None:
         pg = pwd.getpwnam("postgres")
         os.chown(data_dir, pg.pw_uid, pg.pw_gid)
     data_dir.chmod(0o700)
-    argv = _as_postgres_user([str(postgres_bindir() / "initdb"), "-D", str(data_dir), "-U", PG_USER,
-                              "--auth=trust", "--encoding=UTF8", "--no-sync"])
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    initdb = [str(postgres_bindir() / "initdb"), "-D", str(data_dir), "--encoding=UTF8", "--no-sync"]
+    if superuser_password is None:
+        done = subprocess.run(_as_postgres_user([*initdb, "-U", PG_USER, "--auth=trust"]), capture_output=True,
+                              text=True, check=False)
+    else:
+        # initdb reads the password from a file the server's user can read; it is removed at once.
+        with tempfile.TemporaryDirectory(prefix="tierflow-initdb-") as tmp:
+            pwfile = Path(tmp) / "pw"
+            pwfile.write_text(superuser_password + "\n")
+            pwfile.chmod(0o600)
+            if _is_root():
+                pg = pwd.getpwnam("postgres")
+                for path in (Path(tmp), pwfile):
+                    os.chown(path, pg.pw_uid, pg.pw_gid)
+            done = subprocess.run(_as_postgres_user([*initdb, "-U", PG_SUPERUSER, "--auth=scram-sha-256",
+                                                     f"--pwfile={pwfile}"]),
+                                  capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise ServiceError(f"initdb failed in {data_dir}: {done.stderr.strip() or done.stdout.strip()}")
 
@@ -193,8 +218,10 @@ def postgres_spec(data_dir: Path, port: int) -> ChildSpec:
     return ChildSpec(name="postgres", argv=argv)
 
 
-def postgres_url(port: int, database: str = PG_DATABASE) -> str:
-    return f"postgresql://{PG_USER}@127.0.0.1:{port}/{database}"
+def postgres_url(port: int, database: str = PG_DATABASE, password: str | None = None) -> str:
+    """The URL of the stack's role (`PG_USER`); its password in it when the server wants one."""
+    secret = "" if password is None else f":{quote(password, safe='')}"
+    return f"postgresql://{PG_USER}{secret}@127.0.0.1:{port}/{database}"
 
 
 def ensure_database(port: int, database: str = PG_DATABASE, *, deadline_s: float = 20.0) -> None:

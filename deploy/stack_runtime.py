@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -22,11 +23,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tierflow.deploy.postgres_auth import PostgresCredentials, credentials_file, secure_postgres
 from tierflow.deploy.services import (
     ChildSpec,
     ServiceError,
     choose_port,
-    ensure_database,
     free_port,
     init_postgres,
     port_is_free,
@@ -141,16 +142,18 @@ class _Stack:
 
     async def _start_postgres(self) -> str:
         data_dir = postgres_data_dir(self.home)
-        await asyncio.to_thread(init_postgres, data_dir)
+        # Passwords for every connection (deploy/postgres_auth.py); a data dir from before them is upgraded.
+        creds = PostgresCredentials.load_or_create(credentials_file(self.home))
+        await asyncio.to_thread(functools.partial(init_postgres, data_dir, superuser_password=creds.superuser_password))
         port = choose_port(self.settings.stack.postgres_port, "Postgres", "TIERFLOW_POSTGRES_PORT")
         print(f"starting Postgres on 127.0.0.1:{port} (data in {data_dir}) ...", flush=True)
 
         async def ready(proc: subprocess.Popen[bytes]) -> None:
             await _wait_port(port, proc, "Postgres")
-            await asyncio.to_thread(ensure_database, port)
+            await secure_postgres(data_dir, port, creds)
 
         await self.supervisor.start(postgres_spec(data_dir, port), ready=ready, stop_signal=stop_signal("postgres"))
-        return postgres_url(port)
+        return postgres_url(port, password=creds.password)
 
     async def start(self) -> None:
         from tierflow.projections.migrate import migrate

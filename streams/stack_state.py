@@ -146,10 +146,13 @@ def read_stack_state(home: Path) -> StackState | None:
 
 
 def write_stack_state(home: Path, state: StackState) -> None:
-    """Replace stack.json atomically, so a reader never sees half a file."""
+    """Replace stack.json atomically, so a reader never sees half a file. Mode 0600: it holds the database URL
+    with its password."""
     path = stack_file(home)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(json.dumps(state.to_json(), indent=2) + "\n")
     tmp.replace(path)
 
 

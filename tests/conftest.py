@@ -51,7 +51,7 @@ def infra() -> Iterator[Infra]:
     pg: subprocess.Popen[bytes] | None = None
     try:
         services.wait_for_port(broker_port, deadline_s=20, proc=broker, what="Tansu broker")
-        services.init_postgres(data_dir)
+        services.init_postgres(data_dir, superuser_password=None)  # trust: throwaway test databases only
         pg = services.spawn(services.postgres_spec(data_dir, pg_port), ARTIFACTS / "postgres.log")
         services.wait_for_port(pg_port, deadline_s=30, proc=pg, what="Postgres")
         services.ensure_database(pg_port)
