@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from tierflow.streams import kafka as kio
 from tierflow.streams import wire
 from tierflow.streams.settings import KafkaSettings
+from tierflow.streams.topics import admin_client
 from tierflow.streams.wire import percentile
 
 JSON = dict[str, Any]
@@ -67,7 +67,7 @@ async def consumer_lag(kafka: KafkaSettings, group: str, topic: str) -> int | No
     The committed offsets are read by a consumer of that group that only assigns partitions by hand, so it
     never joins (or rebalances) the tiers' group. (aiokafka's admin `list_consumer_group_offsets` cannot
     decode Tansu's OffsetFetch answer.)"""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=10000)
+    admin = admin_client(kafka)  # with this process's Kafka credentials
     await admin.start()
     try:
         if topic not in set(await admin.list_topics()):  # never auto-create it by asking for its metadata
@@ -95,7 +95,7 @@ async def consumer_lag(kafka: KafkaSettings, group: str, topic: str) -> int | No
 
 async def latest_outputs(kafka: KafkaSettings, topic: str, limit: int) -> list[JSON]:
     """The latest `limit` output records of `topic` (all partitions), flattened to samples, newest first."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=10000)
+    admin = admin_client(kafka)  # with this process's Kafka credentials
     await admin.start()
     try:
         if topic not in set(await admin.list_topics()):  # never auto-create it by asking for its metadata

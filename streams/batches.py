@@ -29,6 +29,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.record.memory_records import MemoryRecords
 
+from tierflow.streams import kafka as kio
 from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import KafkaSettings
 
@@ -86,7 +87,8 @@ class BatchReader:
         self._leaders: dict[TopicPartition, int] = {}
 
     async def __aenter__(self) -> BatchReader:
-        self._client = AIOKafkaClient(bootstrap_servers=self.kafka.bootstrap_servers,
+        self._client = AIOKafkaClient(**kio.security_options(self.kafka),
+                                      bootstrap_servers=self.kafka.bootstrap_servers,
                                       request_timeout_ms=self.request_timeout_ms)
         try:
             await self._client.bootstrap()

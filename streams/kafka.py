@@ -26,8 +26,26 @@ from tierflow.streams.settings import KafkaSettings
 log = logging.getLogger("tierflow.kafka")
 
 
+def security_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """How a client signs in: nothing on a PLAINTEXT broker (the embedded one); the user and password of this
+    process on a Kafka that authenticates (SASL, each component its own user with ACLs: docs/cluster.md).
+    Every client tierflow makes takes these (producers, consumers, admin clients)."""
+    if kafka.security_protocol == "PLAINTEXT":
+        return {}
+    options: dict[str, Any] = {"security_protocol": kafka.security_protocol}
+    if kafka.security_protocol.startswith("SASL"):
+        options |= {"sasl_mechanism": kafka.sasl_mechanism, "sasl_plain_username": kafka.sasl_username,
+                    "sasl_plain_password": kafka.sasl_password}
+    if kafka.security_protocol.endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        options["ssl_context"] = create_ssl_context()  # the system's CAs
+    return options
+
+
 def producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     options: dict[str, Any] = {
+        **security_options(kafka),
         "bootstrap_servers": kafka.bootstrap_servers,
         "acks": "all",
         "linger_ms": 0,
@@ -42,6 +60,7 @@ def producer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
 def consumer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer:
     """A consumer without a group: the caller assigns partitions and seeks."""
     options: dict[str, Any] = {
+        **security_options(kafka),
         "bootstrap_servers": kafka.bootstrap_servers,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",

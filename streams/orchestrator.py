@@ -49,7 +49,7 @@ from tierflow.streams.launcher import (
     training_workload_name,
 )
 from tierflow.streams.proofs import WORKER, Signer
-from tierflow.streams.settings import Settings
+from tierflow.streams.settings import KafkaSettings, Settings
 from tierflow.streams.statuses import InferenceStatus, ResultStatus
 from tierflow.streams.topics import TopicSpec, create_topics
 
@@ -235,12 +235,13 @@ def inference_topics(inference: dict[str, Any], default_servers: str, partitions
     return by_cluster
 
 
-async def ensure_inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1) -> None:
+async def ensure_inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1,
+                                  kafka: KafkaSettings | None = None) -> None:
     """Create what `inference_topics` lists and is missing (explicitly: an auto-created topic would get the
-    broker's default partition count); existing topics are left as they are."""
+    broker's default partition count); existing topics are left as they are. `kafka`: whose credentials sign in."""
     by_cluster = inference_topics(inference, default_servers, partitions)
     for servers, specs in by_cluster.items():
-        await create_topics(servers, specs)
+        await create_topics(servers, specs, kafka)
 
 
 def derived_command_id(*parts: object) -> str:
@@ -320,7 +321,7 @@ class Orchestrator:
         for inference in plan.topics:
             if inference["id"] not in self._topics_ready:
                 await ensure_inference_topics(inference, self.settings.kafka.bootstrap_servers,
-                                              self.settings.workloads.tier_partitions)
+                                              self.settings.workloads.tier_partitions, self.settings.kafka)
                 self._topics_ready.add(inference["id"])
         for name in plan.remove:
             await self.launcher.stop(name)

@@ -174,6 +174,13 @@ class KafkaSettings:
     #: the Kafka-ML datasource control topic (Kafka-ML's own variable, KAFKA_ML_CONTROL_TOPIC, is read too).
     control_topic: str = setting("TIERFLOW_CONTROL_TOPIC", "KAFKA_ML_CONTROL_TOPIC",
                                  aliases=("KAFKA_ML_CONTROL_TOPIC",))
+    #: how clients sign in to a Kafka that authenticates them (each component as its own user, with ACLs):
+    #: PLAINTEXT (no sign-in: the embedded broker), SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: str = setting("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", normalize=str.upper)
+    sasl_mechanism: str = setting("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512", normalize=str.upper)
+    #: this process's Kafka user and password; never passed on to workloads (`Settings.workload_env`)
+    sasl_username: str = setting("KAFKA_SASL_USERNAME", "")
+    sasl_password: str = setting("KAFKA_SASL_PASSWORD", "")
 
     @property
     def commands_topic(self) -> str:
@@ -323,11 +330,14 @@ class Settings:
 
     def workload_env(self) -> dict[str, str]:
         """The environment of training and tier workloads: these settings without what workloads never use
-        (the database URL, the stack's secret key) and, when a workload Secret carries them (Kubernetes),
-        without the secrets."""
+        (the database URL, the stack's secret key, this process's Kafka user) and, when a workload Secret
+        carries them (Kubernetes), without the secrets."""
         env = self.to_env()
         del env[env_var(DatabaseSettings, "url").name]
         del env[env_var(SecuritySettings, "secret_key").name]
+        # A workload signs in to Kafka as its own user (the workload Secret), never as this process.
+        del env[env_var(KafkaSettings, "sasl_username").name]
+        del env[env_var(KafkaSettings, "sasl_password").name]
         if self.workloads.launcher == "kubernetes" and self.workloads.secret:
             del env[env_var(ApiSettings, "token").name]
         return env

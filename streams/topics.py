@@ -8,12 +8,13 @@ partitions, which would break the total order of commands and events.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from tierflow.streams.errors import PermanentError
+from tierflow.streams.kafka import security_options
 from tierflow.streams.settings import KafkaSettings
 
 log = logging.getLogger("tierflow.topics")
@@ -46,7 +47,8 @@ def control_plane_topics(kafka: KafkaSettings) -> list[TopicSpec]:
 
 
 def admin_client(kafka: KafkaSettings) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, request_timeout_ms=10000)
+    return AIOKafkaAdminClient(**security_options(kafka), bootstrap_servers=kafka.bootstrap_servers,
+                               request_timeout_ms=10000)
 
 
 async def partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
@@ -125,9 +127,11 @@ async def check_single_partition(kafka: KafkaSettings) -> None:
         await admin.close()
 
 
-async def create_topics(bootstrap_servers: str, specs: list[TopicSpec]) -> list[str]:
-    """Create data-plane topics (inference tiers) on any cluster; existing ones are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=10000)
+async def create_topics(bootstrap_servers: str, specs: list[TopicSpec], kafka: KafkaSettings | None = None
+                        ) -> list[str]:
+    """Create data-plane topics (inference tiers) on any cluster; existing ones are left as they are. `kafka`:
+    the settings whose credentials sign in (the stack's own cluster's)."""
+    admin = admin_client(replace(kafka or KafkaSettings(), bootstrap_servers=bootstrap_servers))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
