@@ -23,7 +23,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tierflow.deploy.postgres_auth import PostgresCredentials, credentials_file, secure_postgres
 from tierflow.deploy.services import (
     ChildSpec,
     ServiceError,
@@ -141,6 +140,8 @@ class _Stack:
             await self.supervisor.restart("worker")
 
     async def _start_postgres(self) -> str:
+        from tierflow.deploy.postgres_auth import PostgresCredentials, credentials_file, secure_postgres
+
         data_dir = postgres_data_dir(self.home)
         # Passwords for every connection (deploy/postgres_auth.py); a data dir from before them is upgraded.
         creds = PostgresCredentials.load_or_create(credentials_file(self.home))

@@ -6,6 +6,7 @@ Also: garbage on the commands topic goes to the dead-letter topic and the worker
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -18,6 +19,7 @@ from tierflow.projections.schema import PROJECTION_TABLES
 from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import Command, new_command_id
+from tierflow.streams.proofs import VALIDATOR, Signer
 from tierflow.streams.settings import Settings
 
 CHAIN = {
@@ -44,8 +46,9 @@ async def dump(conn: asyncpg.Connection) -> dict[str, list[Any]]:
     return out
 
 
-def scripted_history(rng: random.Random, n: int) -> list[Command]:
-    """A history of n commands touching every aggregate, with rejections and duplicates in it."""
+def scripted_history(rng: random.Random, n: int, validator: Signer) -> list[Command]:
+    """A history of n commands touching every aggregate, with rejections and duplicates in it; model code comes
+    with its verdict already signed by `validator` (as the validator would re-send it)."""
     cmds: list[Command] = []
     model_ids: list[int] = []
     next_model = 1
@@ -58,12 +61,12 @@ def scripted_history(rng: random.Random, n: int) -> list[Command]:
         roll = rng.random()
         if roll < 0.25 or not model_ids:
             top = c("RegisterModel", {"name": f"top{next_model}", "code": "# top", "distributed": True})
-            cmds.append(Command(**{**top.__dict__, "validation": {"ok": True, "summary": CHAIN["top"]}}))
+            cmds.append(validator.sign(replace(top, validation={"ok": True, "summary": CHAIN["top"]})))
             top_id = next_model
             next_model += 1
             mid = c("RegisterModel", {"name": f"mid{next_model}", "code": "# mid", "distributed": True,
                                       "upper_id": top_id})
-            cmds.append(Command(**{**mid.__dict__, "validation": {"ok": True, "summary": CHAIN["mid"]}}))
+            cmds.append(validator.sign(replace(mid, validation={"ok": True, "summary": CHAIN["mid"]})))
             model_ids += [top_id, next_model]
             next_model += 1
         elif roll < 0.45:
@@ -90,7 +93,7 @@ def scripted_history(rng: random.Random, n: int) -> list[Command]:
 async def test_rebuild_from_offset_zero_gives_identical_tables(infra: Infra) -> None:
     plane = await new_plane(infra, "replay")
     running = await start_plane(plane, shape_validate)
-    cmds = scripted_history(random.Random(7), 240)
+    cmds = scripted_history(random.Random(7), 240, Signer.from_secret(plane.security.secret_key, VALIDATOR))
     unique = {cmd.command_id for cmd in cmds}
     async with CommandClient(plane.kafka) as client:
         await client.send_many(cmds)
