@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -139,7 +140,9 @@ async def main(args: argparse.Namespace) -> None:
         procs.append(services.spawn(services.postgres_spec(home / "pg", pg_port), home / "pg.log"))
         services.wait_for_port(pg_port, deadline_s=20, proc=procs[-1], what="postgres")
         services.ensure_database(pg_port)
-        settings = Settings.from_env({"TIERFLOW_SANDBOX_POOL": "1", "TIERFLOW_API_PORT": str(api_port)})
+        # The stack's secret: the worker's decider and validator sign and check proofs with keys derived from it.
+        settings = Settings.from_env({"TIERFLOW_SANDBOX_POOL": "1", "TIERFLOW_API_PORT": str(api_port),
+                                      "TIERFLOW_SECRET_KEY": secrets.token_hex(32)})
         settings = settings.with_endpoints(bootstrap_servers=f"127.0.0.1:{broker_port}",
                                            database_url=services.postgres_url(pg_port))
         await ensure_topics(settings.kafka)

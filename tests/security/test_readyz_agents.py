@@ -89,3 +89,32 @@ async def test_readyz_says_when_the_worker_stopped_reporting(plane: Settings) ->
         assert "no report from the worker for 3600 s" in decider["error"], decider
         metrics = await (await c.get("/metrics")).text()
         assert 'tierflow_agent_up{agent="decider"} 0.0' in metrics
+
+
+async def test_a_worker_without_the_stacks_secret_fails_closed_and_says_why(plane: Settings) -> None:
+    # Without TIERFLOW_SECRET_KEY the decider could check no proof and the validator sign no verdict: they do
+    # not run (rather than believe nothing, or everything), and /readyz says what to do.
+    import asyncio
+    from dataclasses import replace
+
+    from tierflow.streams.worker import Worker
+
+    keyless = replace(plane, security=replace(plane.security, secret_key=""))
+    worker = Worker(keyless, validate=Sandbox())
+    task = asyncio.create_task(worker.run())
+    try:
+        async with TestClient(TestServer(create_app(keyless))) as c:
+            async def both_reported() -> bool:
+                agents = (await (await c.get("/readyz")).json())["checks"].get("agents", {})
+                return all(not agents.get(name, {"ok": True})["ok"] for name in ("decider", "validator"))
+
+            await wait_until(both_reported, timeout=20, what="/readyz to report the decider and the validator")
+            r = await c.get("/readyz")
+            agents = (await r.json())["checks"]["agents"]
+            assert r.status == 503
+            for name in ("decider", "validator"):
+                assert "MissingSecret: TIERFLOW_SECRET_KEY must hold at least 32 characters" in agents[name]["error"]
+            assert agents["projector"]["ok"] and agents["control-bridge"]["ok"]
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
