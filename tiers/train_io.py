@@ -98,13 +98,13 @@ class HttpTrainingApi:
             self._session = None
 
     async def _request(self, method: str, path: str, *, data: bytes | None = None,
-                       headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+                       headers: Mapping[str, str] | None = None, idempotent: bool = False) -> tuple[int, Any]:
         if self._session is None:
             raise RuntimeError("use `async with HttpTrainingApi(...)`")
         sent = {"Accept": "application/json", **(headers or {})}
         if self.token:
             sent["Authorization"] = f"Bearer {self.token}"
-        attempts = self.retries if method == "GET" else 1
+        attempts = self.retries if method == "GET" or idempotent else 1
         for attempt in range(1, attempts + 1):
             try:
                 async with self._session.request(method, self.base_url + path, data=data, headers=sent) as resp:
@@ -170,9 +170,10 @@ class HttpTrainingApi:
     async def send(self, command_type: str, payload: JSON) -> str:
         """`Reporter`: the report goes to `POST /reports`, where the API vouches for it (the decider accepts no
         training report straight from the commands topic)."""
-        command_id = str(uuid.uuid4())  # made here: a report the API got but did not answer counts once
+        command_id = str(uuid.uuid4())  # made here, so a report sent again after a lost answer counts once
         body = orjson.dumps({"type": command_type, "payload": payload, "command_id": command_id})
-        await self._request("POST", "/reports", data=body, headers={"Content-Type": "application/json"})
+        await self._request("POST", "/reports", data=body, headers={"Content-Type": "application/json"},
+                            idempotent=True)
         return command_id
 
     async def command_outcome(self, command_id: str) -> JSON | None:

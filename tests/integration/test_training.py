@@ -290,7 +290,16 @@ async def test_the_http_adapter_reads_uploads_and_polls_the_api() -> None:
     async def broken(request: web.Request) -> web.Response:
         return web.Response(status=503, text="down")
 
+    reports: list[dict[str, Any]] = []
+
+    async def post_report(request: web.Request) -> web.Response:
+        reports.append(await request.json())
+        if len(reports) == 1:  # the first try is lost: the report is sent again with the same command id
+            return web.Response(status=503, text="restarting")
+        return web.json_response({"command_id": reports[-1]["command_id"], "status": "pending"}, status=202)
+
     app = web.Application()
+    app.router.add_post("/reports", post_report)
     app.router.add_get("/deployments/{id}", get_deployment)
     app.router.add_get("/datasources", list_datasources)
     app.router.add_put("/artefacts", put_artefact)
@@ -305,6 +314,11 @@ async def test_the_http_adapter_reads_uploads_and_polls_the_api() -> None:
         assert await api.put_artefact(data, training.sha256_hex(data)) == {"sha256": training.sha256_hex(data),
                                                                              "size": len(data)}
         assert stored[training.sha256_hex(data)] == data
+        # Reports go to the API, which vouches for them (the decider accepts none straight from Kafka).
+        cid = await api.send("ReportTrainingStarted", {"deployment_id": 4, "result_ids": [11]})
+        assert [r["command_id"] for r in reports] == [cid, cid]
+        assert reports[-1] == {"type": "ReportTrainingStarted", "command_id": cid,
+                               "payload": {"deployment_id": 4, "result_ids": [11]}}
         assert await api.command_outcome("c1") is None
         assert (await api.command_outcome("c1"))["status"] == "accepted"  # type: ignore[index]
         with pytest.raises(TemporaryError, match="HTTP 503"):
