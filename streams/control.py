@@ -35,6 +35,10 @@ from tierflow.streams.topics import admin_client
 log = logging.getLogger("tierflow.control")
 
 AGENT = "control-bridge"
+#: The largest announcement bridged (a Kafka-ML datasource has a range per partition: far below it).
+ANNOUNCEMENT_MAX_BYTES = 1024 * 1024
+#: Range warnings kept on a datasource (the rest are counted).
+WARNINGS_MAX = 100
 #: The name of a control log that had no record when the bridge started (named by its first record later).
 EMPTY_LOG = "empty"
 
@@ -107,9 +111,10 @@ def parse_control_message(key: bytes | None, value: bytes | None) -> JSON:
     total = obj.get("total_msg")
     if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
         raise ControlMessageError(f"'total_msg' must be a non-negative integer, got {total!r}")
-    return {
+    ranges = parse_ranges(obj.get("topic"))
+    payload: JSON = {
         "deployment_id": deployment_id,
-        "ranges": parse_ranges(obj.get("topic")),
+        "ranges": ranges,
         "input_format": fmt,
         "input_config": config,
         "description": str(obj.get("description", "")),
@@ -117,6 +122,13 @@ def parse_control_message(key: bytes | None, value: bytes | None) -> JSON:
         "test_rate": test_rate,
         "total_msg": total,
     }
+    # A short `topic` spec expands (200,000 ranges from 1.6 MB): bound the command before anything is probed,
+    # or the bridge would fail on producing it, at the same record, forever.
+    size = len(orjson.dumps(payload))
+    if size > ANNOUNCEMENT_MAX_BYTES:
+        raise ControlMessageError(f"the announcement is too large: {size} bytes as a command "
+                                  f"({len(ranges)} ranges), over the {ANNOUNCEMENT_MAX_BYTES}-byte limit")
+    return payload
 
 
 def log_identity(first: Record) -> str:
@@ -215,7 +227,9 @@ class ControlBridge:
                     self.health.deadletter_failed(AGENT)
                 continue
             payload["origin"] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-            payload["warnings"] = await self._check_ranges(payload["ranges"])
+            warnings = await self._check_ranges(payload["ranges"])
+            payload["warnings"] = warnings[:WARNINGS_MAX] + (
+                [f"... and {len(warnings) - WARNINGS_MAX} more warnings"] if len(warnings) > WARNINGS_MAX else [])
             for warning in payload["warnings"]:
                 log.warning("datasource for deployment %s: %s", payload["deployment_id"], warning)
             cmd = Command(command_id=command_id_for(record.topic, record.partition, record.offset,

@@ -256,3 +256,30 @@ async def test_a_dead_letter_that_cannot_be_sent_is_logged_and_skipped(caplog: p
                                          "bad", "decider")
     assert sent is False
     assert "could not dead-letter inputs[0]@7 (1500000 bytes, sha256 " in caplog.text
+
+
+async def test_an_announcement_that_expands_past_any_limit_is_dead_lettered(plane: Settings) -> None:
+    # 1.6 MB of "t:0:0:1," becomes 200,000 ranges: an AnnounceDatasource command over 8 MB, which the producer
+    # refuses. The announcement is dead-lettered; the next one is announced.
+    running = await start_plane(plane, shape_validate)
+    conn = await asyncpg.connect(plane.database.url)
+    try:
+        async with CommandClient(plane.kafka) as client:
+            for type_, payload in [("RegisterModel", {"name": "single", "code": "# single"}),
+                                   ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
+                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
+                assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        huge = {"topic": ",".join(["t:0:0:1"] * 200_000), "input_format": "RAW", "deployment_id": 1}
+        huge_at = await produce(plane.kafka, plane.kafka.control_topic, orjson.dumps(huge), key=bytes([1]))
+        announcement = {"topic": "data:0:0:10", "input_format": "RAW", "deployment_id": 1}
+        await produce(plane.kafka, plane.kafka.control_topic, orjson.dumps(announcement), key=bytes([1]))
+
+        async def announced() -> bool:
+            return bool(await conn.fetchval("SELECT count(*) FROM proj.datasources") == 1)
+
+        await wait_until(announced, timeout=WITHIN_S, what="the announcement after the huge one")
+        letters = {d["origin"]["offset"]: d for _, d in await dead_letters(plane.kafka, plane.kafka.control_topic)}
+        assert "too large" in letters[huge_at]["reason"], letters[huge_at]["reason"]
+    finally:
+        await conn.close()
+        await stop_plane(running)
