@@ -9,7 +9,7 @@ inferences), each rejection naming the culprit; request fields are parsed by the
 
 from __future__ import annotations
 
-from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid
+from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid, parse_model
 from tierflow.streams.domain import configurations, datasources, deployments, inferences, models
 from tierflow.streams.domain.decision import Decision, Handler, Pending
 from tierflow.streams.domain.state import State
@@ -111,5 +111,9 @@ def needs_validation(cmd: Command, proofs: Verifier) -> bool:
         return False
     if cmd.validation is not None and proofs.vouched(cmd, frozenset({VALIDATOR})):
         return False
+    try:
+        parse_model(cmd.payload, partial=cmd.type == "UpdateModel")
+    except Invalid:
+        return False  # the rules reject it without a verdict: never build it (nor copy megabytes back)
     code = cmd.payload.get("code")
     return isinstance(code, str) and bool(code.strip())

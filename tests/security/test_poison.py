@@ -283,3 +283,18 @@ async def test_an_announcement_that_expands_past_any_limit_is_dead_lettered(plan
     finally:
         await conn.close()
         await stop_plane(running)
+
+
+def test_code_the_rules_refuse_is_never_built() -> None:
+    # A RegisterModel with 7 MB of code: the rules reject it on its size alone, so the validator neither runs it
+    # in the sandbox nor re-sends its megabytes with a verdict (a copy over the producer's limit).
+    from tierflow.streams.catalogue import CODE_MAX
+    from tierflow.streams.domain import needs_validation
+    from tierflow.streams.envelope import Command
+    from tierflow.streams.proofs import Verifier
+
+    huge = Command(new_command_id(), "RegisterModel", {"name": "huge", "code": "x" * 7_000_000})
+    assert not needs_validation(huge, Verifier())
+    assert not needs_validation(Command(new_command_id(), "RegisterModel", {"name": "", "code": "x"}), Verifier())
+    assert needs_validation(Command(new_command_id(), "RegisterModel", {"name": "ok", "code": "x" * CODE_MAX}),
+                            Verifier())
