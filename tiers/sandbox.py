@@ -15,8 +15,10 @@ Protocol: the pool and the zygote talk over a SOCK_SEQPACKET pair, one JSON obje
 `{"fork": id}` with the runner's socket attached (SCM_RIGHTS) and `{"kill": id}`; the zygote says
 `{"ready": true, "isolation": {...}}` once, or `{"error": "..."}` when it refuses to run (isolation missing),
 and `{"exited": id, "returncode": n}` for each runner. Each runner talks to the pool on its own stream socket:
-`{"ready": true, "isolation": {...}}` (or `{"error": ...}`), then one request line `{"code", "imports"}`, one
-answer line `{"ok": true, "summary": {...}}` or `{"ok": false, "error": "..."}`. The zygote never sees code.
+`{"ready": true, "isolation": {...}}` (or `{"error": ...}`), then one request line `{"code", "imports"}`,
+`{"accepted": true}` before any of the code runs (so a runner that died idle is told apart from code that
+killed it), one answer line `{"ok": true, "summary": {...}}` or `{"ok": false, "error": "..."}`. The zygote
+never sees code.
 
 Fails closed: with TIERFLOW_SANDBOX_ISOLATION=bwrap (the default), a missing or failing bwrap, or a sandbox
 whose checks find root, capabilities or a network interface, refuses to run code and says how to get the
@@ -155,6 +157,10 @@ def describe_exit(returncode: int, memory_mb: int, *, starting: bool = False) ->
     return f"was killed by {name}"
 
 
+
+
+class _RunnerLost(Exception):
+    """A runner ended before it took the request (killed while idle, even if its death had not shown yet)."""
 
 
 def scrub(text: str, secrets: tuple[str, ...]) -> str:
@@ -345,12 +351,16 @@ class SandboxPool:
         """Build `code` in a fresh sandbox and summarize the model; raises CodeInvalid or SandboxError."""
         await self.start()
         async with self._slots:
-            runner = await self._acquire()
-            try:
-                return await self._run(runner, code, imports)
-            finally:
-                await self._retire(runner)
-                self._spawn_soon()
+            for _ in range(MAX_START_FAILURES):
+                runner = await self._acquire()
+                try:
+                    return await self._run(runner, code, imports)
+                except _RunnerLost:
+                    continue  # it died idle, before taking the code: the code is not to blame, try another
+                finally:
+                    await self._retire(runner)
+                    self._spawn_soon()
+            raise SandboxError(f"{MAX_START_FAILURES} sandboxes in a row died before taking the code")
 
     async def close(self) -> None:
         """Kill every sandbox (and anything it forked) and stop refilling; idempotent."""
@@ -403,10 +413,18 @@ class SandboxPool:
         request = orjson.dumps({"code": code, "imports": imports}) + b"\n"
         timeout_s = self._settings.timeout_s
         line = b""
+        accepted = False
         try:
             async with asyncio.timeout(timeout_s):
                 runner.writer.write(request)
                 await runner.writer.drain()
+                # The runner says it took the request before it runs anything of it (see _RunnerLost).
+                first = await runner.reader.readline()
+                if not first:
+                    raise _RunnerLost
+                if first.rstrip() != b'{"accepted":true}':
+                    raise SandboxError(f"the sandbox said {first[:200]!r} instead of accepting the code")
+                accepted = True
                 line = await runner.reader.readline()
         except TimeoutError:
             logger.warning("sandbox %d: model code ran past the %g s timeout; killing it", runner.id, timeout_s)
@@ -415,7 +433,9 @@ class SandboxPool:
                 "while defining the model?); the sandbox was stopped"
             ) from None
         except (BrokenPipeError, ConnectionResetError):
-            line = b""  # the runner died before reading: explained by its exit status below
+            if not accepted:
+                raise _RunnerLost from None
+            line = b""  # it died building the model: explained by its exit status below
         except ValueError as exc:  # the answer line overran MAX_LINE_BYTES
             raise SandboxError(f"the sandbox sent an oversized answer: {exc}") from None
         if not line:
