@@ -312,14 +312,18 @@ def _runner(channel_fd: int, keeper_alive: int, args: argparse.Namespace) -> Non
     channel = _Channel(channel_fd)
     os.chdir(SCRATCH)
     report: dict[str, str] = {}
-    if isolated:
-        drop_capabilities()
-        report.update(verify_isolation(own_namespaces=True))
-        report["processes"] = "a pid namespace per validation (its whole tree is killed with it)"
-        report["filesystem"] = f"read-only system and installation, a private {SCRATCH_MB} MB tmpfs scratch"
-    else:
-        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-    set_dumpable(False)
+    try:
+        if isolated:
+            drop_capabilities()
+            report.update(verify_isolation(own_namespaces=True))
+            report["processes"] = "a pid namespace per validation (its whole tree is killed with it)"
+            report["filesystem"] = f"read-only system and installation, a private {SCRATCH_MB} MB tmpfs scratch"
+        else:
+            _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        set_dumpable(False)
+    except (IsolationError, OSError) as exc:
+        channel.send({"error": f"isolation check failed: {exc}"})
+        os._exit(3)
 
     from tierflow.tiers import keras_code
 
@@ -327,8 +331,7 @@ def _runner(channel_fd: int, keeper_alive: int, args: argparse.Namespace) -> Non
     # Building a model needs little compute; one thread each keeps the runners light on small machines.
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(1)
-    # Warm Keras up (eager context, layer code paths) before measuring the address space. Not JSON loading:
-    # it costs most of a warm-up (first-time ABC checks) and only JSON configs need it.
+    # Warm Keras up (eager context, layer code paths) before measuring the address space.
     keras_code.summarize(keras_code.build_model(_WARMUP_CODE))
     channel.send({"ready": True, "isolation": report})
 
@@ -347,10 +350,14 @@ def _runner(channel_fd: int, keeper_alive: int, args: argparse.Namespace) -> Non
 
 def _keeper(channel_fd: int, args: argparse.Namespace) -> None:
     """The zygote's child for one validation: new namespaces, then the runner as their PID 1; relay its end."""
-    if args.isolation == "bwrap":
-        enter_namespaces()
-    else:
-        set_dumpable(False)
+    try:
+        if args.isolation == "bwrap":
+            enter_namespaces()
+        else:
+            set_dumpable(False)
+    except OSError as exc:  # e.g. user namespaces refused (a sysctl, an LSM, a restricted container)
+        os.write(channel_fd, orjson.dumps({"error": f"cannot isolate a sandbox: {exc}"}) + b"\n")
+        os._exit(3)
     alive_r, alive_w = os.pipe()
     pid = os.fork()
     if pid == 0:

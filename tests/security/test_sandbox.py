@@ -354,6 +354,18 @@ report["forked"] = forked
     assert (await pool.validate(model_code("fog"))).params == 4810
 
 
+async def test_a_real_fork_bomb_is_stopped_and_leaves_nothing_behind(pool: SandboxPool) -> None:
+    # Not run against the old pool on purpose: as root it had no process limit, so this would have taken the
+    # machine down (the bounded test above showed the missing limit instead).
+    with pytest.raises((CodeInvalid, SandboxError)):
+        await pool.validate("import os\nwhile True:\n    os.fork()\n")
+
+    assert (await pool.validate(model_code("fog"))).params == 4810
+    # Nothing of the bomb is left: bwrap, its init and the zygote, then a keeper and a runner per warm sandbox.
+    await pool.wait_warm(60)
+    await wait_until(lambda: len(pool.pids) == 3 + 2 * 2, timeout=10, what="only the warm sandboxes to remain")
+
+
 async def test_a_huge_allocation_fails_cleanly(pool: SandboxPool) -> None:
     with pytest.raises((CodeInvalid, SandboxError), match=r"(?i)memory"):
         await pool.validate("x = bytearray(10**12)\n" + model_code("fog"))
