@@ -643,17 +643,25 @@ class SandboxPool:
                 data = b""
             if not data:
                 break
-            message = orjson.loads(data)
-            if message.get("ready") is True and not zygote.hello.done():
-                zygote.hello.set_result(message)
-            elif "error" in message and not zygote.hello.done():
-                zygote.hello.set_exception(SandboxError(
-                    f"the sandbox refused to start: {message['error']}" + (f"; {HOW_TO_GET_IT}" if isolated else "")
-                ))
-            elif "exited" in message:
-                runner = zygote.runners.pop(int(message["exited"]), None)
-                if runner is not None:
-                    self._note_exit(runner, int(message["returncode"]))
+            try:
+                message = orjson.loads(data)
+                if message.get("ready") is True and not zygote.hello.done():
+                    zygote.hello.set_result(message)
+                elif "error" in message and not zygote.hello.done():
+                    zygote.hello.set_exception(SandboxError(
+                        f"the sandbox refused to start: {message['error']}"
+                        + (f"; {HOW_TO_GET_IT}" if isolated else "")
+                    ))
+                elif "exited" in message:
+                    runner = zygote.runners.pop(int(message["exited"]), None)
+                    if runner is not None:
+                        self._note_exit(runner, int(message["returncode"]))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # The zygote never says this: treat it as broken and start another.
+                logger.error("sandbox zygote %d sent %r (%s); stopping it", zygote.proc.pid, data[:200], exc)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(zygote.proc.pid, signal.SIGKILL)
+                break
         zygote.dead = True
         returncode = await zygote.proc.wait()
         if not zygote.hello.done():

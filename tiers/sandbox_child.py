@@ -46,6 +46,9 @@ import orjson
 #: The runner's private scratch (a tmpfs of its own): its cwd, $HOME and $TMPDIR.
 SCRATCH = "/tmp"
 SCRATCH_MB = 64
+#: POSIX shared memory (multiprocessing's semaphores), private to the runner too.
+SHM = "/dev/shm"
+SHM_MB = 16
 #: Files the user's code may write (bytes); beyond it a write fails with EFBIG instead of filling the scratch.
 FSIZE_LIMIT = 8 * 1024 * 1024
 #: Tasks (processes and threads) the user's code may add to its runner.
@@ -112,7 +115,7 @@ def die_with_parent() -> None:
 
 
 def enter_namespaces() -> None:
-    """New user, pid (for the children), mount, IPC and UTS namespaces, and a private tmpfs scratch.
+    """New user, pid (for the children), mount, IPC and UTS namespaces, and a private tmpfs scratch and /dev/shm.
 
     Must run single-threaded (a forked child of the zygote is). The user namespace maps this process's own
     uid and gid only, so it stays the same unprivileged user; its capabilities inside the new namespaces serve
@@ -131,9 +134,11 @@ def enter_namespaces() -> None:
                 f.write(text)
     finally:
         set_dumpable(False)
-    options = f"size={SCRATCH_MB}m,nr_inodes=4096,mode=0700".encode()
-    _check(_libc().mount(b"tmpfs", SCRATCH.encode(), b"tmpfs", ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC),
-                         options), f"mount tmpfs on {SCRATCH}")
+    mount_flags = ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    # The scratch, and a private /dev/shm: bwrap's one is shared by every sandbox of the zygote.
+    for target, megabytes in ((SCRATCH, SCRATCH_MB), (SHM, SHM_MB)):
+        options = f"size={megabytes}m,nr_inodes=4096,mode=0700".encode()
+        _check(_libc().mount(b"tmpfs", target.encode(), b"tmpfs", mount_flags, options), f"mount tmpfs on {target}")
 
 
 def drop_capabilities() -> None:

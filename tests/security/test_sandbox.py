@@ -256,6 +256,34 @@ report["scratch"] = open(scratch).read()
             target.unlink(missing_ok=True)
 
 
+async def test_one_sandbox_leaves_nothing_for_the_next(pool: SandboxPool) -> None:
+    name = f"left-{uuid.uuid4().hex[:8]}"
+    places = ["/tmp", "/dev/shm", "/var/tmp", os.path.expanduser("~")]
+
+    wrote = await probe(pool, """
+import os
+report["wrote"] = []
+for place in PLACES:
+    try:
+        with open(os.path.join(place, NAME), "w") as f:
+            f.write("for whoever comes next")
+        report["wrote"].append(place)
+    except OSError:
+        pass
+""", PLACES=places, NAME=name)
+    found = await probe(pool, """
+import os
+report["found"] = [place for place in PLACES if os.path.exists(os.path.join(place, NAME))]
+""", PLACES=places, NAME=name)
+
+    try:
+        assert "/tmp" in wrote["wrote"]  # type: ignore[operator]
+        assert found["found"] == []
+    finally:
+        for place in places:
+            Path(place, name).unlink(missing_ok=True)
+
+
 # -- network ----------------------------------------------------------------------------------------------
 
 
