@@ -9,11 +9,12 @@ the installation and nothing else, a scrubbed environment). Three kinds of proce
   pools: it stays single-threaded, which is what makes `fork()` safe), then forks one child per request the
   pool sends on its control socket and reports each child's exit status. It never sees model code.
 * a **keeper** (`_keeper`), the zygote's direct child, one per validation: enters fresh namespaces of its own
-  (user, pid, mount, IPC, UTS: it is single-threaded, as unshare(CLONE_NEWUSER) requires), mounts a
-  private tmpfs scratch, forks the runner as PID 1 of its new pid namespace, and relays the runner's exit
-  status. Killing the keeper (the pool's timeout) kills the runner (parent-death signal), and the runner's
-  death, as PID 1, makes the kernel kill every process left in its pid namespace: a `setsid()` grandchild
-  cannot outlive its validation.
+  (user, pid, mount, IPC, UTS: it is single-threaded, as unshare(CLONE_NEWUSER) requires; the network namespace
+  stays the sandbox's, which has loopback only), mounts a private tmpfs scratch and /dev/shm, forks the runner
+  as PID 1 of its new pid namespace, drops its own capabilities and relays the runner's exit status.
+  Killing the keeper (the pool's timeout) kills the runner (parent-death signal), and the runner's death, as
+  PID 1, makes the kernel kill every process left in its pid namespace: a `setsid()` grandchild cannot outlive
+  its validation.
 * a **runner** (`_runner`), which drops every capability, turns itself non-dumpable (other sandboxes of the
   same user cannot read its memory or /proc), warms TensorFlow up, says ready, reads ONE request
   `{"code", "imports"}` from its own socket, lowers its resource limits, builds the model and answers one line.
