@@ -1,4 +1,4 @@
-"""`tierflow models|configurations|deployments|results ...`: the catalogue from the command line.
+"""`tierflow models|configurations|deployments|results|datasources ...`: the catalogue from the command line.
 
 Registered by the CLI front door (deploy/cli.py) through `register(subparsers)`. Each sub-command turns its
 arguments into an API request body (pure functions), sends it with `ApiClient` (deploy/client.py) and
@@ -181,6 +181,54 @@ def render_result(r: JSON) -> str:
     return text
 
 
+def _records(ranges: Sequence[JSON] | None) -> int:
+    return sum(int(r["end"]) - int(r["start"]) for r in ranges or [])
+
+
+def _notes(d: JSON) -> str:
+    counts = [(len(d.get("range_reasons") or []), "reason"), (len(d.get("warnings") or []), "warning")]
+    return ", ".join(f"{n} {word}{'s' if n > 1 else ''}" for n, word in counts if n) or "-"
+
+
+def datasource_row(d: JSON) -> list[str]:
+    used, announced = d.get("ranges") or [], d.get("announced_ranges") or d.get("ranges") or []
+    topics = ",".join(dict.fromkeys(str(r.get("topic")) for r in used))
+    return [str(d["id"]), cell(d.get("deployment_id")), cell(d.get("input_format")), topics or "-",
+            format_count(_records(used)), format_count(_records(announced)), _notes(d),
+            format_time(d.get("created_at"))]
+
+
+def render_datasource(d: JSON) -> str:
+    used, announced = d.get("ranges") or [], d.get("announced_ranges") or d.get("ranges") or []
+    n_used, n_announced = _records(used), _records(announced)
+    records = format_count(n_used) + ("" if n_used == n_announced else f" ({format_count(n_announced)} announced)")
+    origin = d.get("origin") or {}
+    source = (f"sent from datasource {origin['datasource_id']}" if "datasource_id" in origin else
+              f"{origin.get('topic')}[{origin.get('partition')}] offset {origin.get('offset')}" if origin else "-")
+    text = format_kv([
+        ("id", str(d["id"])), ("deployment", cell(d.get("deployment_id"))), ("format", cell(d.get("input_format"))),
+        ("input config", cell(d.get("input_config"))), ("description", cell(d.get("description"))),
+        ("split", f"validation {d.get('validation_rate') or 0:.0%}, test {d.get('test_rate') or 0:.0%}"),
+        ("records", records), ("total_msg", format_count(d.get("total_msg"))), ("origin", source),
+        ("created", format_time(d.get("created_at")))])
+    rows = []
+    for u, a in zip(used, announced, strict=False):
+        diff = (u["end"] - u["start"]) - (a["end"] - a["start"])
+        rows.append([str(u.get("topic")), str(u.get("partition")), f"[{a['start']}, {a['end']})",
+                     f"[{u['start']}, {u['end']})",
+                     format_count(u["end"] - u["start"]) + ("" if u == a else f" ({diff:+,})")])
+    text += "\n\nranges (used: what training reads):\n" + format_table(
+        ["TOPIC", "PARTITION", "ANNOUNCED", "USED", "RECORDS"], rows)
+    reasons, warnings = d.get("range_reasons") or [], d.get("warnings") or []
+    if reasons:
+        text += "\n\nwhy the used ranges differ from the announced ones:\n" + "\n".join(f"- {r}" for r in reasons)
+    else:
+        text += "\n\nused as announced"
+    if warnings:
+        text += "\n\nwarnings:\n" + "\n".join(f"- {w}" for w in warnings)
+    return text
+
+
 def _metric(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else cell(value)
 
@@ -209,6 +257,9 @@ DEPLOYMENTS = Resource("deployment", "/deployments",
                        deployment_row, render_deployment)
 RESULTS = Resource("result", "/results", ("ID", "DEPLOYMENT", "MODEL", "NAME", "VERSION", "STATUS", "UPDATED"),
                    result_row, render_result)
+DATASOURCES = Resource("datasource", "/datasources",
+                       ("ID", "DEPLOYMENT", "FORMAT", "TOPIC", "RECORDS", "ANNOUNCED", "NOTES", "CREATED"),
+                       datasource_row, render_datasource)
 
 
 def render_list(resource: Resource, data: JSON) -> str:
@@ -368,6 +419,8 @@ def list_path(resource: Resource, args: argparse.Namespace) -> str:
     base = resource.path
     if resource is RESULTS and args.deployment is not None:
         base = f"/deployments/{args.deployment}/results"
+    if resource is DATASOURCES:
+        params["deployment_id"] = args.deployment
     path: str = with_query(base, params)
     return path
 
@@ -448,8 +501,8 @@ def _register_common(sub: Any, resource: Resource, json_flag: argparse.ArgumentP
     if resource is MODELS:
         lst.add_argument("--distributed", action="store_true", help="only distributed models")
         lst.add_argument("--name", help="only models whose name contains this")
-    if resource is RESULTS:
-        lst.add_argument("--deployment", type=int, metavar="ID", help="only the results of this deployment")
+    if resource in (RESULTS, DATASOURCES):
+        lst.add_argument("--deployment", type=int, metavar="ID", help=f"only the {resource.plural} of this deployment")
     lst.set_defaults(func=_list(resource))
     show = sub.add_parser("show", parents=[json_flag], help=f"show one {resource.name}")
     show.add_argument("id", type=int, metavar="ID")
@@ -466,7 +519,7 @@ def _register_delete(sub: Any, resource: Resource, json_flag: argparse.ArgumentP
 
 
 def register(subparsers: Any) -> None:
-    """Add `models`, `configurations`, `deployments` and `results` to the `tierflow` front door."""
+    """Add `models`, `configurations`, `deployments`, `results` and `datasources` to the `tierflow` front door."""
     json_flag = _json_flag()
 
     models = subparsers.add_parser("models", help="register, list and delete Keras models")
@@ -531,3 +584,7 @@ def register(subparsers: Any) -> None:
                                     lambda d: render_list(RESULTS, d)))
     _register_delete(rsub, RESULTS, json_flag, " (one no inference uses)")
 
+    sources = subparsers.add_parser("datasources", help="training data announced for deployments (announced vs "
+                                                        "used ranges, and why they differ)")
+    ssub = sources.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _register_common(ssub, DATASOURCES, json_flag)

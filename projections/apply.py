@@ -125,12 +125,14 @@ async def _deployment_deleted(conn: asyncpg.Connection, s: str, e: Event) -> Non
 async def _datasource_announced(conn: asyncpg.Connection, s: str, e: Event) -> None:
     p = e.payload
     await conn.execute(
-        f"""INSERT INTO {s}.datasources (id, deployment_id, ranges, input_format, input_config, description,
-                validation_rate, test_rate, total_msg, origin, warnings, created_at)
-            VALUES ($1, $2, $3::jsonb, $4, $5::jsonb, $6, $7, $8, $9, $10::jsonb, $11::jsonb, $12)""",
-        p["id"], p["deployment_id"], js(p["ranges"]), p["input_format"], js(p["input_config"] or {}),
-        p["description"] or "", p["validation_rate"] or 0.0, p["test_rate"] or 0.0, p["total_msg"],
-        js(p["origin"]) if p.get("origin") is not None else None, js(p.get("warnings") or []), ts(p["created_at"]),
+        f"""INSERT INTO {s}.datasources (id, deployment_id, ranges, announced_ranges, range_reasons, input_format,
+                input_config, description, validation_rate, test_rate, total_msg, origin, warnings, created_at)
+            VALUES ($1, $2, $3::jsonb, $4::jsonb, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12::jsonb, $13::jsonb,
+                    $14)""",
+        p["id"], p["deployment_id"], js(p["ranges"]), js(p["announced_ranges"]), js(p["range_reasons"]),
+        p["input_format"], js(p["input_config"] or {}), p["description"] or "", p["validation_rate"] or 0.0,
+        p["test_rate"] or 0.0, p["total_msg"], js(p["origin"]) if p.get("origin") is not None else None,
+        js(p.get("warnings") or []), ts(p["created_at"]),
     )
 
 

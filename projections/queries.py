@@ -152,6 +152,7 @@ async def get_result(conn: asyncpg.Connection, rid: int) -> JSON | None:
 
 def _datasource(r: asyncpg.Record) -> JSON:
     return {"id": r["id"], "deployment_id": r["deployment_id"], "ranges": _j(r["ranges"]),
+            "announced_ranges": _j(r["announced_ranges"]), "range_reasons": _j(r["range_reasons"]),
             "input_format": r["input_format"], "input_config": _j(r["input_config"]),
             "description": r["description"], "validation_rate": r["validation_rate"], "test_rate": r["test_rate"],
             "total_msg": r["total_msg"], "origin": _j(r["origin"]), "warnings": _j(r["warnings"]),

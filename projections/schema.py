@@ -20,7 +20,7 @@ log = logging.getLogger("tierflow.projections")
 
 LIVE_SCHEMA = "proj"
 #: Bump when the projection tables change: the projector then rebuilds them from the events log.
-PROJECTION_VERSION = 4
+PROJECTION_VERSION = 5
 PROJECTOR = "projector"
 NOTIFY_CHANNEL = "tierflow_projected"
 
@@ -111,6 +111,8 @@ CREATE TABLE IF NOT EXISTS {s}.datasources (
     id              integer PRIMARY KEY,
     deployment_id   integer NOT NULL,
     ranges          jsonb NOT NULL,
+    announced_ranges jsonb NOT NULL,
+    range_reasons   jsonb NOT NULL DEFAULT '[]',
     input_format    text NOT NULL,
     input_config    jsonb NOT NULL,
     description     text NOT NULL,

@@ -81,6 +81,16 @@ def upcasters() -> Upcasters:
     """The upcasting chain of every event type (v1 is the first version unless declared otherwise)."""
     ups = Upcasters()
 
+    @ups.register("DatasourceAnnounced", 1)
+    def _announced_and_used_ranges(payload: JSON) -> JSON:
+        # v1 recorded the announced ranges only, and used them as they were; v2 records both (the control
+        # bridge may make an announcement exact, streams/ranges.py) and why they differ.
+        out = dict(payload)
+        out.setdefault("announced_ranges", out.get("ranges"))
+        out.setdefault("range_reasons", [])
+        out.setdefault("warnings", [])
+        return out
+
     @ups.register("CommandRejected", 1)
     def _reason_as_object(payload: JSON) -> JSON:
         # v1 carried the reason as a plain string; v2 names the error code and the field.
@@ -399,20 +409,65 @@ def input_format_field(value: Any) -> str:
     return str(value)
 
 
-def parse_announcement(payload: JSON, reserved: frozenset[str] | None = None) -> tuple[list[JSON], JSON]:
-    """The ranges of a datasource announcement and its other fields, as the DatasourceAnnounced event holds them.
+#: The most ranges one announcement may name (a sink names one per partition of its topic): the control bridge
+#: checks each one on the broker within a time bound, so an announcement cannot be made arbitrarily long.
+MAX_RANGES = 1024
+
+
+def _range_list(value: Any, name: str, reserved: frozenset[str] | None) -> list[JSON]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(r, dict) and isinstance(r.get("topic"), str) and r["topic"]
+            and all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) and r[k] >= 0
+                    for k in ("partition", "start", "end")) and r["start"] <= r["end"] for r in value):
+        raise Invalid(f"'{name}' must list {{topic, partition, start, end}} with 0 <= start <= end", name)
+    if len(value) > MAX_RANGES:
+        raise Invalid(f"'{name}' names {len(value)} ranges; at most {MAX_RANGES} are accepted", name)
+    for i, r in enumerate(value):
+        topic_name(r["topic"], f"{name}[{i}].topic", reserved)
+    return [{"topic": r["topic"], "partition": r["partition"], "start": r["start"], "end": r["end"]} for r in value]
+
+
+def _texts(value: Any, name: str) -> list[str]:
+    texts = value or []
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise Invalid(f"'{name}' must be a list of strings", name)
+    return list(texts)
+
+
+def parse_ranges_used(payload: JSON, reserved: frozenset[str] | None = None) -> JSON:
+    """`ranges` (the ones used), `announced_ranges`, `range_reasons` and `warnings` of an announcement.
+
+    The control bridge may use other ranges than the sink announced (streams/ranges.py): each used range
+    names the same partition as the announced one at its index, moves its ends only forward, and a
+    difference needs a reason. Without `announced_ranges`, the ranges are used as announced.
+    """
+    used = _range_list(payload.get("ranges"), "ranges", reserved)
+    announced = used if payload.get("announced_ranges") is None else _range_list(
+        payload.get("announced_ranges"), "announced_ranges", reserved)
+    reasons = _texts(payload.get("range_reasons"), "range_reasons")
+    if len(announced) != len(used):
+        raise Invalid(f"'announced_ranges' has {len(announced)} ranges and 'ranges' {len(used)}; each used range "
+                      "is one announced range", "announced_ranges")
+    for i, (a, u) in enumerate(zip(announced, used, strict=True)):
+        if (a["topic"], a["partition"]) != (u["topic"], u["partition"]):
+            raise Invalid(f"ranges[{i}] names {u['topic']}[{u['partition']}], announced_ranges[{i}] "
+                          f"{a['topic']}[{a['partition']}]: a used range reads the partition announced", f"ranges[{i}]")
+        if u["start"] < a["start"] or u["end"] < a["end"]:
+            raise Invalid(f"ranges[{i}] starts or ends before the announced range: a used range only moves its "
+                          "ends forward (to a record batch's end)", f"ranges[{i}]")
+    if announced != used and not reasons:
+        raise Invalid("'ranges' differs from 'announced_ranges' without a reason in 'range_reasons'", "range_reasons")
+    return {"ranges": used, "announced_ranges": announced, "range_reasons": reasons,
+            "warnings": _texts(payload.get("warnings"), "warnings")}
+
+
+def parse_announcement(payload: JSON, reserved: frozenset[str] | None = None) -> JSON:
+    """The fields of the DatasourceAnnounced event (v2) for an announcement, as the decider records them.
 
     `reserved`: the topics no range may read (`reserved_topics`; the default stack's when None).
     """
     p = payload
-    ranges = p.get("ranges")
-    if not isinstance(ranges, list) or not ranges or not all(
-            isinstance(r, dict) and isinstance(r.get("topic"), str) and r["topic"]
-            and all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) and r[k] >= 0
-                    for k in ("partition", "start", "end")) and r["start"] <= r["end"] for r in ranges):
-        raise Invalid("'ranges' must list {topic, partition, start, end} with 0 <= start <= end", "ranges")
-    for i, r in enumerate(ranges):
-        topic_name(r["topic"], f"ranges[{i}].topic", reserved)
+    ranges = parse_ranges_used(p, reserved)
     input_format_field(p.get("input_format"))
     if not isinstance(p.get("input_config", {}), dict):
         raise Invalid("'input_config' must be a JSON object", "input_config")
@@ -424,14 +479,10 @@ def parse_announcement(payload: JSON, reserved: frozenset[str] | None = None) ->
         raise Invalid("validation_rate + test_rate must leave data for training (< 1)", "test_rate")
     if not isinstance(p.get("description", ""), str):
         raise Invalid("'description' must be a string", "description")
-    warnings = p.get("warnings") or []
-    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
-        raise Invalid("'warnings' must be a list of strings", "warnings")
-    fields = {k: p.get(k) for k in ("input_format", "total_msg", "origin")} | {"warnings": warnings} | {
+    return ranges | {k: p.get(k) for k in ("input_format", "total_msg", "origin")} | {
         "input_config": p.get("input_config") or {}, "description": p.get("description") or "",
         "validation_rate": float(p.get("validation_rate") or 0), "test_rate": float(p.get("test_rate") or 0),
     }
-    return ranges, fields
 
 
 # --- inferences ---------------------------------------------------------------------------------------

@@ -128,11 +128,19 @@ async def report_results(client: CommandClient, chains: list[list[int]]) -> None
 
 
 async def announce_datasource(settings: Settings, deployment_id: int) -> None:
+    # 1000 records in two record batches, announced as a Kafka-ML sink does on the embedded broker: its end
+    # lookup answers the last batch's first offset + 1, so the control bridge reads [0, 1000) instead of [0, 501).
+    await ensure_topics(settings.kafka, extra=[TopicSpec("ui-digits", 1, -1)])
     p = kio.producer(settings.kafka)
     await p.start()
     try:
+        for first in (0, 500):
+            batch = p.create_batch()
+            for i in range(first, first + 500):
+                assert batch.append(key=bytes([i % 10]), value=bytes(4), timestamp=None) is not None
+            await (await p.send_batch(batch, "ui-digits", partition=0))
         await p.send_and_wait(settings.kafka.control_topic, orjson.dumps({
-            "topic": "ui-digits:0:0:1000", "input_format": "RAW", "deployment_id": deployment_id,
+            "topic": "ui-digits:0:0:501", "input_format": "RAW", "deployment_id": deployment_id,
             "input_config": {"data_type": "float32", "label_type": "uint8", "data_reshape": "28 28",
                              "label_reshape": ""},
             "validation_rate": 0.1, "test_rate": 0.1, "total_msg": 1000, "description": "digits"}))
@@ -291,6 +299,12 @@ async def flow(page: Page, env: Env, snippets: dict[str, str]) -> None:
     row = page.locator("tr", has_text="ui-digits:0 [0, 1000)")
     await expect(row).to_have_count(1)
     await expect(row).to_contain_text("announced")
+    # The range training reads, the one the sink announced, and why they differ.
+    await expect(row.locator(".range-moved")).to_contain_text("announced [0, 501)")
+    reasons = row.locator("details.reasons")
+    await reasons.locator("summary").click()
+    await expect(reasons.locator("div.reason-text")).to_be_visible()
+    await expect(reasons.locator("div.reason-text")).to_contain_text("ui-digits[0]: end 501 -> 1000")
     await row.locator("select[name=deployment_id]").select_option(str(other["id"]))
     await row.locator("text=Send").click()
     await expect(page.locator(".flash")).to_contain_text(f"sent to deployment #{other['id']}")

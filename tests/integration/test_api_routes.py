@@ -20,6 +20,7 @@ from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import Event
 from tierflow.streams.settings import Settings
+from tierflow.streams.topics import TopicSpec, ensure_topics
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -196,13 +197,22 @@ async def test_stop_and_resend_a_datasource(env: tuple[TestClient[Any, Any], Set
     assert r.status == 200
     body = await r.json()
     assert [x["status"] for x in body["items"]] == ["stopped"]
-    # A datasource announced for one deployment is sent to another without re-sending the data.
+    # A datasource announced for one deployment is sent to another without re-sending the data. The sink wrote
+    # two record batches (offsets 0..39 and 40..99) and announced the end Tansu's latest-offset lookup gives,
+    # the last batch's first offset + 1: the datasource reads all 100 records and says why.
+    data = f"{settings.kafka.topic_prefix}.data"
+    await ensure_topics(settings.kafka, extra=[TopicSpec(data, 1, -1)])
     p = kio.producer(settings.kafka)
     await p.start()
     try:
+        for first, n in ((0, 40), (40, 60)):
+            batch = p.create_batch()
+            for i in range(first, first + n):
+                assert batch.append(key=bytes([i % 10]), value=bytes([i]) * 4, timestamp=None) is not None
+            assert (await (await p.send_batch(batch, data, partition=0))).offset == first
         await p.send_and_wait(settings.kafka.control_topic, orjson.dumps(
-            {"topic": "data:0:0:100", "input_format": "RAW", "input_config": {"data_type": "uint8",
-                                                                              "data_reshape": "28 28"},
+            {"topic": f"{data}:0:0:41", "input_format": "RAW", "input_config": {"data_type": "uint8",
+                                                                                "data_reshape": "2 2"},
              "deployment_id": dep1["id"]}))
     finally:
         await p.stop()
@@ -212,10 +222,19 @@ async def test_stop_and_resend_a_datasource(env: tuple[TestClient[Any, Any], Set
 
     await wait_until(announced, what="the datasource")
     source = (await (await c.get(f"/datasources?deployment_id={dep1['id']}")).json())["items"][0]
+    assert source == await (await c.get(f"/datasources/{source['id']}")).json()
+    assert source["ranges"] == [{"topic": data, "partition": 0, "start": 0, "end": 100}], source
+    assert source["announced_ranges"] == [{"topic": data, "partition": 0, "start": 0, "end": 41}]
+    [reason] = source["range_reasons"]
+    assert reason.startswith(f"{data}[0]: end 41 -> 100: the announced last record 40 is inside record batch 40..99")
+    assert "latest-offset lookup answered the batch's first offset + 1" in reason
+    assert source["warnings"] == []
     r = await c.post(f"/datasources/{source['id']}/send", json={"deployment_id": dep2["id"]}, headers=AUTH)
     assert r.status == 201
     copy = await r.json()
-    assert copy["deployment_id"] == dep2["id"] and copy["ranges"] == source["ranges"]
+    assert copy["deployment_id"] == dep2["id"]
+    assert {k: copy[k] for k in ("ranges", "announced_ranges", "range_reasons", "warnings")} == {
+        k: source[k] for k in ("ranges", "announced_ranges", "range_reasons", "warnings")}
     assert copy["origin"] == {"datasource_id": source["id"]}
     r = await c.post(f"/datasources/{source['id']}/send", json={"deployment_id": 999}, headers=AUTH)
     assert r.status == 422 and (await r.json())["error"]["field"] == "deployment_id"
