@@ -64,6 +64,9 @@ from tierflow.streams.errors import PermanentError
 CONFIDENCE = 0.90
 #: The record version this module reads.
 RECORD_VERSION = 1
+#: Probabilities are clipped to [eps, 1] before the log of a calibrated confidence (tiers/calibration.py `EPS`);
+#: a tier comparing the raw max(p) is told this one.
+DEFAULT_EPS = 1e-12
 #: Points per entry a record may hold (the writer stores a few thousand at most).
 MAX_POINTS = 100_000
 

@@ -9,7 +9,7 @@ inferences), each rejection naming the culprit; request fields are parsed by the
 
 from __future__ import annotations
 
-from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid
+from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid, event_version
 from tierflow.streams.domain import configurations, datasources, deployments, inferences, models
 from tierflow.streams.domain.decision import Decision, Handler, Pending
 from tierflow.streams.domain.state import State
@@ -42,7 +42,7 @@ def decide(state: State, cmd: Command, *, occurred_at: str, position: Position |
         id=event_id_for(cmd.command_id),
         seq=state.seq + 1,
         type=event_type,
-        version=2 if event_type == "CommandRejected" else 1,
+        version=event_version(event_type),
         aggregate=aggregate,
         aggregate_version=agg_version,
         command_id=cmd.command_id,
