@@ -227,6 +227,15 @@ def render_exits(d: JSON, points: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _expected_cost(costs: Sequence[float], answered: Sequence[int], n: int) -> float:
+    """Compute per input of a point: each tier's cost per sample times the share of inputs reaching it."""
+    reach, total = n, 0.0
+    for k, c in enumerate(costs):
+        total += c * reach
+        reach -= answered[k]
+    return total / n
+
+
 def _render_frontier(record: JSON, names: list[str], points: int) -> list[str]:
     costs = [float(c) for c in record.get("costs_s") or []]
     lines: list[str] = []
@@ -240,21 +249,18 @@ def _render_frontier(record: JSON, names: list[str], points: int) -> list[str]:
             lines += ["", f"entry at {chain[0]}: one tier, nothing to trade: it answers everything (accuracy "
                           f"{v['top_correct'] / n:.4f} on validation)"]
             continue
-        lines += ["", f"frontier entering at {chain[0]} ({len(limits)} points on {n} validation samples, "
-                      f"{' x '.join(map(str, entry['levels']))} candidate limits; "
-                      f"{'every point' if len(limits) <= points else f'{points} of them'} shown, cheapest first; "
-                      f"top exit alone: accuracy {v['top_correct'] / n:.4f}):"]
+        lines += ["", f"frontier entering at {chain[0]}: {len(limits)} points on {n} validation samples "
+                      f"({' x '.join(map(str, entry['levels']))} candidate limits searched), "
+                      f"{'all' if len(limits) <= points else points} shown, cheapest first; the top exit alone: "
+                      f"accuracy {v['top_correct'] / n:.4f}"]
+
+        cost = [_expected_cost(costs[e:], answered, n) for answered in v["answered"]]
+        order = sorted(range(len(limits)), key=lambda p: (cost[p], -sum(v["correct"][p])))
         rows = []
-        for p in _spread(len(limits), points):
-            answered = v["answered"][p]
-            reach, cost = n, 0.0
-            for k, c in enumerate(costs[e:]):
-                cost += c * reach
-                reach -= answered[k]
-            accuracy = sum(v["correct"][p]) / n
+        for p in (order[i] for i in _spread(len(order), points)):
             rows.append([", ".join("never" if x > 1 else f"{x:g}" for x in limits[p]),
-                         " ".join(f"{100 * a / n:.0f}%" for a in answered), f"{accuracy:.4f}",
-                         f"{(v['b'][p] - v['c'][p]) / n:+.4f}", format_seconds(cost / n),
+                         " ".join(f"{100 * a / n:.0f}%" for a in v["answered"][p]), f"{sum(v['correct'][p]) / n:.4f}",
+                         f"{(v['b'][p] - v['c'][p]) / n:+.4f}", format_seconds(cost[p]),
                          f"{sum(t['correct'][p]) / t['n']:.4f}" if t else "-"])
         lines.append(format_table(["LIMITS", "SHARES " + "/".join(chain), "ACCURACY", "DROP", "COST/INPUT",
                                    "TEST ACCURACY"], rows))
