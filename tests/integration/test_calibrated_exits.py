@@ -14,12 +14,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.integration.test_replay import dump
 from tierflow.api.app import create_app
+from tierflow.projections.rebuild import rebuild
 from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
 from tierflow.tiers import exit_report, frontier, training
@@ -206,3 +209,18 @@ async def test_a_chain_without_validation_samples_has_no_frontier_and_says_why(s
     r = await c.post("/inferences", json=body(chain[0], limit=0.9))
     assert r.status == 201
     assert [(t["compare"], t["temperature"]) for t in (await r.json())["tiers"]] == [("raw", 1.0)] * 3
+
+
+async def test_replaying_the_events_rebuilds_the_exits_and_the_inferences_targets(served: Served) -> None:
+    entry = served.chains["full"][1]
+    r = await served.client.post("/inferences", json=body(entry, target={"max_top_share": 0.5}))
+    assert r.status == 201, await r.text()
+    conn = await asyncpg.connect(served.settings.database.url)
+    try:
+        before = await dump(conn)
+        assert len(before["result_exits"]) == 9
+        assert any(b"max_top_share" in row and b"calibrated" in row for row in before["inferences"])
+        await rebuild(served.settings)
+        assert await dump(conn) == before
+    finally:
+        await conn.close()
