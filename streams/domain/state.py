@@ -157,7 +157,7 @@ def apply(state: State, event: Event) -> None:
         for rid in p.get("result_ids") or [p["result_id"]]:
             if rid in state.results:
                 state.results[rid].status = _STATUS_BY_EVENT[t]
-        if t == "TrainingResultReported" and p["result_id"] in state.results:
+        if t == "TrainingResultReported" and p["result_id"] in state.results and p.get("exits") is not None:
             state.exits[p["result_id"]] = p["exits"]
     elif t == "ResultDeleted":
         state.exits.pop(p["id"], None)

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import numpy as np
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -75,6 +76,14 @@ def test_every_exit_is_better_calibrated_on_the_test_split(trained: Trained) -> 
         cal = e["calibration"]
         assert (cal["measured_on"], cal["n_fit"], cal["n_measured"]) == ("test", 4000, 4000)
         assert cal["ece_after"] < cal["ece_before"], cal
+
+
+def test_the_frontier_travels_once_and_well_under_a_megabyte(trained: Trained) -> None:
+    sizes = [len(orjson.dumps(e)) for e in trained.exits]
+    print(f"\nexits fields: {sizes} bytes of JSON; frontier points per entry "
+          f"{[len(entry['limits']) for entry in trained.exits[-1]['frontier']['entries']]}")
+    assert [e["frontier"] is None for e in trained.exits] == [True, True, False]
+    assert sizes[-1] < exit_report.MAX_RECORD_BYTES < 1_000_000 and max(sizes[:-1]) < 1000
 
 
 # -- the control plane ----------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_outputs_that_are_not_probabilities_are_not_calibrated() -> None:
 
 
 def test_a_record_too_large_for_an_event_drops_the_test_split_then_itself(monkeypatch: pytest.MonkeyPatch) -> None:
-    val, y, test, ty = splits(2000, 2000)
+    val, y, test, ty = splits(1000, 1000)
     full = chain_exits(val, y, test, ty, COSTS)[-1]["frontier"]
     size = len(json.dumps(full))
     bare = len(json.dumps({**full, "entries": [{**e, "test": None} for e in full["entries"]]}))
