@@ -1,7 +1,8 @@
 """Choosing a chain's limits from an accuracy target, with a one-sided 90% bound (pure Python, no numpy).
 
-For the decider's pure core (`decide`, on a `RequestInference` that carries a `target`: wired in a later
-phase), on the frontier record the training job stored with the result (tiers/frontier.py writes it). Two entry points:
+For the decider's pure core (streams/domain/targets.py, on a `RequestInference` that carries a `target`), on
+the frontier record the training job reported with the chain's top result (tiers/frontier.py writes it; the
+catalogue checks it when the result is reported). Two entry points:
 `parse_frontier(obj)` checks a stored record and rejects a malformed one naming the field, and
 `choose_limits(record, target, entry=..., costs_s=...)` returns the limits to serve with what they are
 predicted to do, or raises `TargetUnreachable` / `SplitTooSmall` (both `ExitsError`: a `PermanentError` and
