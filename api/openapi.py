@@ -29,6 +29,13 @@ def _list(name: str) -> JSON:
     return _obj({"items": {"type": "array", "items": _ref(name)}, "total": _INT})
 
 
+_TARGET = {"type": "object", "minProperties": 1, "maxProperties": 1,
+           "description": "exactly one of: the largest accuracy drop against the top exit, the least cascade "
+                          "accuracy, the largest share of inputs reaching the top tier (90% one-sided bounds)",
+           "properties": {"max_accuracy_drop": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                          "min_accuracy": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                          "max_top_share": {"type": "number", "minimum": 0, "maximum": 1}}}
+
 SCHEMAS: JSON = {
     "Error": _obj({"error": _obj({"code": _STR, "message": _STR, "field": {"type": ["string", "null"]}})}),
     "Pending": _obj({"command_id": _STR, "status": {"const": "pending"}, "message": _STR}),
@@ -88,12 +95,17 @@ SCHEMAS: JSON = {
                           "params": _INT, "created_at": _TS}),
     "Results": _obj({"deployment_id": _INT, "items": {"type": "array", "items": _ref("Result")}, "total": _INT}),
     "InferenceIn": _obj({"result_id": _INT, "input_topic": _STR, "output_topic": _STR,
-                         "limit": {"type": "number"}, "limits": {"type": "object"}, "replicas": _INT,
-                         "bootstrap_servers": _STR, "input_format": {"enum": ["RAW", "AVRO"]},
+                         "limit": {"type": "number", "description": "typed limit on the raw max(p) (Kafka-ML)"},
+                         "limits": {"type": "object"}, "target": _TARGET,
+                         "costs_s": {"type": "object", "description": "with a target: {result_id: seconds per "
+                                                                      "sample} overriding the measured costs"},
+                         "shadow_fraction": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.02},
+                         "replicas": _INT, "bootstrap_servers": _STR, "input_format": {"enum": ["RAW", "AVRO"]},
                          "input_config": {"type": "object"},
                          "tiers": {"type": "array", "items": _obj({"result_id": _INT, "bootstrap_servers": _STR,
                                                                    "replicas": _INT, "limit": {"type": "number"},
-                                                                   "upper_topic": _STR}, ["result_id"])}},
+                                                                   "upper_topic": _STR,
+                                                                   "cost_s": {"type": "number"}}, ["result_id"])}},
                         ["result_id", "input_topic", "output_topic"]),
     "Inference": _obj({"id": _INT, "status": {"enum": [s.value for s in InferenceStatus]}, "result_id": _INT,
                        "deployment_id": _INT, "input_topic": _STR, "output_topic": _STR, "input_format": _STR,
@@ -102,8 +114,27 @@ SCHEMAS: JSON = {
                            "index": _INT, "result_id": _INT, "model_id": _INT, "model_name": _STR,
                            "input_topic": _STR, "upper_topic": {"type": ["string", "null"]},
                            "limit": {"type": "number"}, "replicas": _INT,
-                           "bootstrap_servers": {"type": ["string", "null"]}, "top": {"type": "boolean"}})},
+                           "bootstrap_servers": {"type": ["string", "null"]}, "top": {"type": "boolean"},
+                           "compare": {"enum": ["raw", "calibrated"]}, "temperature": {"type": "number"},
+                           "eps": {"type": "number"}, "predicted": {"type": ["object", "null"], "properties": {
+                               "share": {"type": "number"}, "agreement": {"type": ["number", "null"]},
+                               "agreement_lower": {"type": ["number", "null"]}}}})},
+                       "shadow_fraction": {"type": "number"}, "target": {"oneOf": [_TARGET, {"type": "null"}]},
+                       "predicted": {"type": ["object", "null"],
+                                     "description": "the chosen point on the validation split (and `test`)"},
                        "created_at": _TS, "updated_at": _TS}),
+    "ResultExits": _obj({"result_id": _INT, "chain": {"type": "array", "items": _INT}, "finished": {"type": "boolean"},
+                         "exits": {"type": "array", "items": _obj({
+                             "exit": _INT, "result_id": _INT, "model_name": {"type": ["string", "null"]},
+                             "temperature": {"type": "number"}, "cost_s": {"type": ["number", "null"]},
+                             "calibration": {"type": ["object", "null"], "properties": {
+                                 "accuracy": {"type": "number"}, "ece_before": {"type": "number"},
+                                 "ece_after": {"type": "number"}, "nll_before": {"type": "number"},
+                                 "nll_after": {"type": "number"}, "n_fit": _INT, "n_measured": _INT,
+                                 "n_bins": _INT, "measured_on": {"enum": ["test", "validation"]}}}})},
+                         "frontier": {"type": ["object", "null"],
+                                      "description": "the exit frontier record (docs/commands.md)"},
+                         "reason": {"type": ["string", "null"]}}),
     "Predictions": _obj({"inference_id": _INT, "items": {"type": "array", "items": _obj({
         "tier": _INT, "class": _INT, "confidence": {"type": "number"}, "values": {"type": "array"},
         "origin": {}, "latency_ms": {"type": ["number", "null"]}, "timestamp_ms": _INT})}, "total": _INT,
@@ -195,6 +226,13 @@ def paths() -> JSON:
                        params=_ID),
             "delete": _op("Delete a result no inference uses", ("200", "Deleted"), write=True, params=_ID),
         },
+        "/results/{id}/exits": {"get": {
+            "summary": "The calibration of each exit of the result's chain and the chain's exit frontier",
+            "parameters": _ID,
+            "responses": {**_resp("200", "ResultExits", "per exit T, accuracy, ECE before/after; the frontier"),
+                          **_resp("404", "Error", "no such result"),
+                          **_resp("409", "Error", "the chain is still training, or it has no calibration (the "
+                                                  "message says why: e.g. validation_rate 0)")}}},
         "/results/{id}/stop": {"post": _op("Stop the training of a result (its whole chain)", ("200", "Results"),
                                            write=True, params=_ID)},
         "/results/{id}/model": {"get": {
@@ -224,8 +262,8 @@ def paths() -> JSON:
                                                ("201", "Datasource"), "SendDatasource", True, _ID)},
         "/inferences": {
             "get": _op("List inferences", ("200", "list:Inference"), params=_PAGE),
-            "post": _op("Serve a trained result (and the chain above it) for inference", ("201", "Inference"),
-                        "InferenceIn", True),
+            "post": _op("Serve a trained result (and the chain above it) for inference, with typed limits or "
+                        "limits chosen from a target", ("201", "Inference"), "InferenceIn", True),
         },
         "/inferences/{id}": {
             "get": _op("Get an inference", ("200", "Inference"), params=_ID),

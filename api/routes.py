@@ -246,6 +246,20 @@ async def get_result(request: web.Request) -> web.Response:
     return await fetch_one(request, queries.get_result, "result")
 
 
+@routes.get("/results/{id}/exits")
+async def result_exits(request: web.Request) -> web.Response:
+    """The calibration of each exit of the result's chain and the chain's exit frontier (any result of the
+    chain answers); 409 with the reason while the chain trains or when it has no calibration."""
+    ident = path_id(request)
+    async with get_state(request).pool.acquire() as conn:
+        found = await queries.get_chain_exits(conn, ident)
+    if found is None:
+        raise not_found("result", ident)
+    if not found["finished"] or all(e["calibration"] is None for e in found["exits"]):
+        raise ApiError(409, "conflict", f"result {ident} has no exit calibration: {found['reason']}", "id")
+    return json_response(found)
+
+
 @routes.post("/results/{id}/stop")
 async def stop_result(request: web.Request) -> web.Response:
     return await submit(request, "StopTraining", {"id": path_id(request)}, read=_result_of, status=200)
@@ -354,6 +368,9 @@ async def create_inference(request: web.Request) -> web.Response:
     reserved = catalogue.reserved_topics(get_state(request).settings.kafka)
     for name in ("input_topic", "output_topic"):
         catalogue.topic_name(data.get(name), name, reserved)  # the decider's rule; it checks tiers' upper topics
+    if data.get("target") is not None:  # the decider checks it against the chain's frontier
+        catalogue.target_field(data["target"])
+    catalogue.shadow_fraction_field(data.get("shadow_fraction"))
     return await submit(request, "RequestInference", data, read=queries.get_inference, status=201)
 
 

@@ -233,6 +233,88 @@ def _metric(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else cell(value)
 
 
+def format_seconds(value: Any) -> str:
+    """A compute time per sample: "45 us", "3.4 ms", "1.20 s"."""
+    if not isinstance(value, int | float):
+        return "-"
+    if value < 1e-3:
+        return f"{value * 1e6:.0f} us"
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """At most k indices spread evenly over range(n), both ends included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def render_exits(d: JSON, points: int = 10) -> str:
+    """`tierflow results exits R`: per exit T, accuracy and ECE before -> after; then each entry's frontier,
+    `points` of its points spread along it (cheapest first)."""
+    exits: list[JSON] = d.get("exits") or []
+    names = [str(e.get("model_name") or e.get("result_id")) for e in exits]
+    cals = [e.get("calibration") for e in exits]
+    measured = next((c for c in cals if c), None)
+    lines = [f"result {d.get('result_id')}: chain {' -> '.join(names) or format_ids(d.get('chain'))}"]
+    if measured:
+        lines.append(f"temperatures fitted on {measured['n_fit']} validation samples; accuracy and calibration "
+                     f"error (ECE, {measured['n_bins']} bins) measured on {measured['n_measured']} "
+                     f"{measured['measured_on']} samples")
+    rows = [[str(e.get("exit")), cell(e.get("result_id")), names[k], f"{e.get('temperature', 1.0):.3f}",
+             _metric(c.get("accuracy")) if c else "-",
+             f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}" if c else "-", format_seconds(e.get("cost_s"))]
+            for k, (e, c) in enumerate(zip(exits, cals, strict=True))]
+    lines += ["", format_table(["EXIT", "RESULT", "MODEL", "T", "ACCURACY", "ECE BEFORE -> AFTER", "COST/SAMPLE"],
+                               rows)]
+    if d.get("reason"):
+        lines += ["", f"note: {d['reason']}"]
+    record: JSON | None = d.get("frontier")
+    if record:
+        lines += _render_frontier(record, names, points)
+    return "\n".join(lines)
+
+
+def _expected_cost(costs: Sequence[float], answered: Sequence[int], n: int) -> float:
+    """Compute per input of a point: each tier's cost per sample times the share of inputs reaching it."""
+    reach, total = n, 0.0
+    for k, c in enumerate(costs):
+        total += c * reach
+        reach -= answered[k]
+    return total / n
+
+
+def _render_frontier(record: JSON, names: list[str], points: int) -> list[str]:
+    costs = [float(c) for c in record.get("costs_s") or []]
+    lines: list[str] = []
+    for entry in record.get("entries") or []:
+        e = int(entry["entry"])
+        v, t = entry["validation"], entry.get("test")
+        n = int(v["n"])
+        limits: list[list[float]] = entry["limits"]
+        chain = names[e:] or [str(k) for k in range(e, len(costs))]
+        if len(chain) == 1:
+            lines += ["", f"entry at {chain[0]}: one tier, nothing to trade: it answers everything (accuracy "
+                          f"{v['top_correct'] / n:.4f} on validation)"]
+            continue
+        lines += ["", f"frontier entering at {chain[0]}: {len(limits)} points on {n} validation samples "
+                      f"({' x '.join(map(str, entry['levels']))} candidate limits searched), "
+                      f"{'all' if len(limits) <= points else points} shown, cheapest first; the top exit alone: "
+                      f"accuracy {v['top_correct'] / n:.4f}"]
+
+        cost = [_expected_cost(costs[e:], answered, n) for answered in v["answered"]]
+        order = sorted(range(len(limits)), key=lambda p: (cost[p], -sum(v["correct"][p])))
+        rows = []
+        for p in (order[i] for i in _spread(len(order), points)):
+            rows.append([", ".join("never" if x > 1 else f"{x:g}" for x in limits[p]),
+                         " ".join(f"{100 * a / n:.0f}%" for a in v["answered"][p]), f"{sum(v['correct'][p]) / n:.4f}",
+                         f"{(v['b'][p] - v['c'][p]) / n:+.4f}", format_seconds(cost[p]),
+                         f"{sum(t['correct'][p]) / t['n']:.4f}" if t else "-"])
+        lines.append(format_table(["LIMITS", "SHARES " + "/".join(chain), "ACCURACY", "DROP", "COST/INPUT",
+                                   "TEST ACCURACY"], rows))
+    return lines
+
+
 @dataclass(frozen=True)
 class Resource:
     """How one kind of resource is addressed and shown."""
@@ -583,6 +665,11 @@ def register(subparsers: Any) -> None:
     stop.set_defaults(func=_command(lambda args, api: api.post(f"/results/{args.id}/stop", {})[1],
                                     lambda d: render_list(RESULTS, d)))
     _register_delete(rsub, RESULTS, json_flag, " (one no inference uses)")
+    exits = rsub.add_parser("exits", parents=[json_flag],
+                            help="the calibration of each exit of a result's chain and its exit frontier")
+    exits.add_argument("id", type=int, metavar="ID", help="any result of the chain")
+    exits.set_defaults(func=_command(lambda args, api: api.get(f"/results/{args.id}/exits")[1],
+                                     render_exits))
 
     sources = subparsers.add_parser("datasources", help="training data announced for deployments (announced vs "
                                                         "used ranges, and why they differ)")

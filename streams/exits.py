@@ -1,7 +1,8 @@
 """Choosing a chain's limits from an accuracy target, with a one-sided 90% bound (pure Python, no numpy).
 
-For the decider's pure core (`decide`, on a `RequestInference` that carries a `target`: wired in a later
-phase), on the frontier record the training job stored with the result (tiers/frontier.py writes it). Two entry points:
+For the decider's pure core (streams/domain/targets.py, on a `RequestInference` that carries a `target`), on
+the frontier record the training job reported with the chain's top result (tiers/frontier.py writes it; the
+catalogue checks it when the result is reported). Two entry points:
 `parse_frontier(obj)` checks a stored record and rejects a malformed one naming the field, and
 `choose_limits(record, target, entry=..., costs_s=...)` returns the limits to serve with what they are
 predicted to do, or raises `TargetUnreachable` / `SplitTooSmall` (both `ExitsError`: a `PermanentError` and
@@ -64,6 +65,9 @@ from tierflow.streams.errors import PermanentError
 CONFIDENCE = 0.90
 #: The record version this module reads.
 RECORD_VERSION = 1
+#: Probabilities are clipped to [eps, 1] before the log of a calibrated confidence (tiers/calibration.py `EPS`);
+#: a tier comparing the raw max(p) is told this one.
+DEFAULT_EPS = 1e-12
 #: Points per entry a record may hold (the writer stores a few thousand at most).
 MAX_POINTS = 100_000
 

@@ -97,6 +97,11 @@ def config_from_inference(inference: Mapping[str, Any], tier: int, *, model: byt
             input_format=str((inference.get("input_format") if first else None) or "RAW"),
             input_config=input_config, model=model, engine=engine, max_batch=max_batch, linger_ms=linger_ms,
             port=port, commit_interval_ms=commit_interval_ms, check_crcs=check_crcs,
+            # Limits chosen from a target compare the calibrated confidence; an inference that names nothing
+            # (typed limits, or one requested before calibration) compares the raw max(p).
+            compare=str(me.get("compare") or "raw"), temperature=float(me.get("temperature") or 1.0),
+            eps=float(me.get("eps") or 1e-12), shadow_fraction=float(inference.get("shadow_fraction") or 0.0),
+            target=inference.get("target"), predicted=me.get("predicted"), predicted_chain=inference.get("predicted"),
         )
     except TierConfigError as exc:
         raise TierSetupError(f"inference {inference.get('id')} tier {tier}: {exc}") from exc

@@ -5,8 +5,9 @@ deployment (bottom first) or per non-distributed model. It reads the deployment,
 pinned model code over HTTP from the API, waits for the deployment's datasource, reads the announced
 records into memory, trains the chain jointly (`tierflow.tiers.training`), uploads every trained
 sub-model with `PUT /artefacts` and reports by producing commands (ReportTrainingStarted, one
-ReportTrainingProgress per epoch, one ReportTrainingResult per result, or ReportTrainingFailure with a
-reason the user can act on). It exits 0 only once its final reports have an outcome
+ReportTrainingProgress per epoch, one ReportTrainingResult per result with its exit's calibration and, on the
+chain's top result, the chain's exit frontier (`calibrate`, tiers/exit_report.py), or ReportTrainingFailure
+with a reason the user can act on). It exits 0 only once its final reports have an outcome
 (`GET /commands/{id}`), 2 when retrying cannot help (bad data, model code or options), 1 otherwise.
 
 `run_training` is the pure-ish core: what it trains is planned by `tierflow.tiers.train_plan`, and its I/O
@@ -32,7 +33,7 @@ import numpy as np
 
 from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.settings import Settings
-from tierflow.tiers import training
+from tierflow.tiers import exit_report, training
 from tierflow.tiers.data import DataError
 from tierflow.tiers.keras_code import ModelCodeError
 from tierflow.tiers.train_io import DataLoader, HttpTrainingApi, KafkaDataLoader, Reporter, TrainingApi
@@ -171,6 +172,30 @@ def _build_models(versions: Sequence[JSON]) -> list[Any]:
     return models
 
 
+def calibrate(models: Sequence[Any], x: Any, y: Any, options: TrainingOptions) -> list[JSON]:
+    """Per result of the chain, the `exits` field of its report (tiers/exit_report.py): every exit's outputs
+    on the validation and test splits, then temperatures, calibration errors and the exit frontier.
+
+    Calibration never fails a training that succeeded: an unexpected error is logged and reported as the
+    reason the chain has no calibration (its results are served with typed limits, as before)."""
+    try:
+        outputs = training.exit_probabilities(models, x, y, options)
+        fields = exit_report.chain_exits(outputs.val_probs, outputs.val_labels, outputs.test_probs,
+                                         outputs.test_labels, outputs.costs_s)
+    except Exception as exc:  # the models trained: report them, and why their exits are not calibrated
+        log.exception("calibrating the exits failed")
+        return exit_report.uncalibrated(len(models), f"calibrating the exits failed: {training.short_message(exc)}")
+    for k, f in enumerate(fields):
+        cal = f["calibration"]
+        if cal is not None:
+            log.info("exit %d: T %.3f, accuracy %.4f, ECE %.4f -> %.4f (%s split), %.1f us per sample", k,
+                     f["temperature"], cal["accuracy"], cal["ece_before"], cal["ece_after"], cal["measured_on"],
+                     1e6 * (f["cost_s"] or 0.0))
+    if fields[-1]["frontier"] is None:
+        log.info("no exit frontier: %s", fields[-1]["reason"])
+    return fields
+
+
 def _export(models: Sequence[Any]) -> list[dict[str, Artefact]]:
     """Each sub-model as `.keras`, and as LiteRT for `--engine litert` (any tier may run on a small device).
     A model LiteRT cannot convert still has its Keras artefact: a litert tier of it is refused with a 404."""
@@ -234,6 +259,8 @@ async def run_training(settings: Settings, deployment_id: int, result_ids: Seque
                 await bridge.close(quiet=True)  # the training error is the one to report
                 raise
             await bridge.close()
+            phase = "calibrating the exits"
+            exits = await in_tf(calibrate, models, x, y, options)
             phase = "exporting the trained models"
             exported = await in_tf(_export, models)
             phase = "uploading the trained models"
@@ -241,10 +268,12 @@ async def run_training(settings: Settings, deployment_id: int, result_ids: Seque
                 for artefact in artefacts.values():
                     await api.put_artefact(artefact.data, artefact.sha256)
             phase = "reporting the results"
+            # Bottom first: the top result's report, which carries the chain's frontier, comes last.
             reports = [await reporter.send("ReportTrainingResult", {
                 "result_id": rid, "metrics": metrics,
-                "artefacts": {kind: a.describe() for kind, a in artefacts.items()}})
-                for rid, metrics, artefacts in zip(plan.result_ids, per_exit, exported, strict=True)]
+                "artefacts": {kind: a.describe() for kind, a in artefacts.items()}, "exits": exit_fields})
+                for rid, metrics, artefacts, exit_fields in zip(plan.result_ids, per_exit, exported, exits,
+                                                                strict=True)]
         except Exception as exc:  # every failure ends as a report and an exit code, never a silent death
             error = classify(exc, phase)
             log.error("training failed: %s", error, exc_info=not isinstance(error, PermanentError))

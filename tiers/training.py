@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,6 +435,57 @@ def train(models: Sequence[Any], x: npt.NDArray[Any], y: npt.NDArray[Any], optio
         trained, validation = split_validation(last[i])
         results.append({"train": trained, "validation": validation, "test": test_per_exit[i]})
     return results
+
+
+@dataclass(frozen=True)
+class ExitSplits:
+    """Every exit's softmax outputs on the validation and test splits of a training (lowest tier first), the
+    splits' labels, and each sub-model's measured compute per sample (CPU seconds)."""
+
+    val_probs: list[npt.NDArray[np.float32]]
+    val_labels: npt.NDArray[Any]
+    test_probs: list[npt.NDArray[np.float32]]
+    test_labels: npt.NDArray[Any]
+    costs_s: list[float]
+
+
+def exit_probabilities(models: Sequence[Any], x: npt.NDArray[Any], y: npt.NDArray[Any], options: TrainingOptions,
+                       batch: int = 256) -> ExitSplits:
+    """Run the trained chain `models` (bottom first) sub-model by sub-model over the validation and test
+    splits of `train` (same reshape, same seeded split) and keep each exit's probabilities.
+
+    Each sub-model is called directly in batches of `batch` (as a tier runs it; `predict` costs ~40 ms a
+    call here), after one warm-up call, and its cost is the process CPU time of its calls divided by the
+    samples: CPU time, because the machine is shared and wall time would measure the neighbours; the
+    frontier only needs the costs relative to each other, and a user overrides them for their devices."""
+    x = reshape_for(x, _shape(models[0].inputs[0].shape))
+    _, val_idx, test_idx = split(len(x), options.validation_rate, options.test_rate, options.seed)
+    k_exits = len(models)
+    spent = [0.0] * k_exits
+    samples = 0
+
+    def run(idx: Indices) -> list[npt.NDArray[np.float32]]:
+        nonlocal samples
+        per_exit: list[list[npt.NDArray[np.float32]]] = [[] for _ in range(k_exits)]
+        for start in range(0, len(idx), batch):
+            tensor: Any = x[idx[start:start + batch]]
+            for k, model in enumerate(models):
+                began = time.process_time()
+                outs = _outputs(model, model(tensor, training=False))
+                probs = np.asarray(outs[-1], dtype=np.float32)
+                tensor = outs[0] if k < k_exits - 1 else None
+                spent[k] += time.process_time() - began
+                per_exit[k].append(probs)
+            samples += min(batch, len(idx) - start)
+        return [np.concatenate(parts) if parts else np.zeros((0, 0), np.float32) for parts in per_exit]
+
+    if len(val_idx) or len(test_idx):
+        warm = x[(val_idx if len(val_idx) else test_idx)[:1]]
+        for model in models:  # the first call of a Keras model builds its graph: not part of its cost
+            warm = _outputs(model, model(warm, training=False))[0]
+    val_probs, test_probs = run(val_idx), run(test_idx)
+    costs = [t / samples for t in spent] if samples else [0.0] * k_exits
+    return ExitSplits(val_probs, y[val_idx], test_probs, y[test_idx], costs)
 
 
 def export_keras(sub_model: Any) -> Artefact:

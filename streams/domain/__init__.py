@@ -9,7 +9,7 @@ inferences), each rejection naming the culprit; request fields are parsed by the
 
 from __future__ import annotations
 
-from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid, upcasters
+from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid, event_version
 from tierflow.streams.domain import configurations, datasources, deployments, inferences, models
 from tierflow.streams.domain.decision import Decision, Handler, Pending
 from tierflow.streams.domain.state import State
@@ -22,8 +22,6 @@ _HANDLERS: dict[str, Handler] = {
     **datasources.HANDLERS,
     **inferences.HANDLERS,
 }
-#: The schema version each event is written at (the newest the upcasters know).
-_VERSIONS = upcasters()
 
 
 def decide(state: State, cmd: Command, *, occurred_at: str, position: Position | None) -> Event | None:
@@ -44,7 +42,7 @@ def decide(state: State, cmd: Command, *, occurred_at: str, position: Position |
         id=event_id_for(cmd.command_id),
         seq=state.seq + 1,
         type=event_type,
-        version=_VERSIONS.current(event_type),
+        version=event_version(event_type),
         aggregate=aggregate,
         aggregate_version=agg_version,
         command_id=cmd.command_id,

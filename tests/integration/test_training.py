@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.unit.test_training_plan import SETTINGS, FakeLoader, FakeReporter, datasource, deployment_api
+from tierflow.streams.catalogue import parse_result_exits
 from tierflow.streams.errors import TemporaryError
 from tierflow.tiers import training
 from tierflow.tiers.data import InputConfig, decode_raw
@@ -215,6 +216,14 @@ async def test_run_training_trains_uploads_and_reports_every_result(
             assert ref.get("format") == ("keras" if kind == "keras" else None)
     cloud = training.load_keras(api.artefacts[reports[2]["artefacts"]["keras"]["sha256"]])
     assert cloud.output_shape == (None, 10)
+    # Each result reports its exit's calibration (fitted on the 180 validation samples, measured on the 180
+    # test ones) and its sub-model's compute; the top result carries the chain's frontier, as the decider wants.
+    exits = [r["exits"] for r in reports]
+    assert [parse_result_exits(e) for e in exits] == exits
+    assert [(e["calibration"]["n_fit"], e["calibration"]["n_measured"]) for e in exits] == [(180, 180)] * 3
+    assert all(e["cost_s"] > 0 for e in exits)
+    assert [e["frontier"] is None for e in exits] == [True, True, False]
+    assert list(exits[2]["frontier"]["temperatures"]) == [e["temperature"] for e in exits]
 
 
 @pytest.mark.slow

@@ -18,10 +18,12 @@ from tierflow.streams.catalogue import (
     DEFAULT_OPTIMIZER,
     EVAL_OPTION_KEYS,
     EVENT_TYPES,
+    EVENT_VERSIONS,
     FIT_OPTION_KEYS,
     MAX_RANGES,
     NAME_MAX,
     Invalid,
+    event_version,
     expected_version,
     name_field,
     opt_id,
@@ -391,12 +393,14 @@ def test_a_falsy_non_string_optimizer_or_loss_is_rejected(field: str, value: Any
 
 # -- upcasters -----------------------------------------------------------------------------------------
 
-def test_rejections_and_datasources_are_at_version_two_and_other_events_at_one() -> None:
+def test_the_upcasters_reach_the_version_the_decider_writes() -> None:
+    # CommandRejected v2 (reason as an object), DatasourceAnnounced v2 (announced and used ranges),
+    # TrainingResultReported v2 (exits), InferenceRequested v2 (what each tier compares); every other event is v1.
     ups = upcasters()
-    assert ups.current("CommandRejected") == 2
-    assert ups.current("DatasourceAnnounced") == 2
-    for event_type in set(COMMAND_EVENTS.values()) - {"DatasourceAnnounced"}:
-        assert ups.current(event_type) == 1
+    assert EVENT_VERSIONS == {"CommandRejected": 2, "DatasourceAnnounced": 2, "TrainingResultReported": 2,
+                              "InferenceRequested": 2}
+    for event_type in [*COMMAND_EVENTS.values(), "CommandRejected"]:
+        assert ups.current(event_type) == event_version(event_type) == EVENT_VERSIONS.get(event_type, 1)
 
 
 def test_a_v1_datasource_used_its_ranges_as_announced() -> None:
