@@ -48,14 +48,25 @@ async def body(request: web.Request) -> JSON:
     return data
 
 
+#: The largest id the projections can hold (their id columns are Postgres `integer`).
+MAX_ID = 2**31 - 1
+
+
+def as_path_id(raw: str) -> int | None:
+    """The id a path segment names, or None when it names none: ASCII digits only (Python's `int` also takes
+    signs, spaces, `_` and other scripts' digits) and within the projections' range, so a value Postgres
+    cannot bind never reaches a query (it answered 500)."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > len(str(MAX_ID)):
+        return None
+    value = int(raw)
+    return value if 1 <= value <= MAX_ID else None
+
+
 def path_id(request: web.Request, name: str = "id") -> int:
     raw = request.match_info[name]
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(404, "not_found", f"{raw!r} is not an id") from None
-    if value < 1:
-        raise ApiError(404, "not_found", f"{value} is not an id")
+    value = as_path_id(raw)
+    if value is None:
+        raise ApiError(404, "not_found", f"{raw!r} is not an id (1..{MAX_ID})")
     return value
 
 
@@ -320,7 +331,9 @@ async def get_model_version(request: web.Request) -> web.Response:
 async def list_datasources(request: web.Request) -> web.Response:
     limit, offset = paging(request)
     raw = request.query.get("deployment_id")
-    deployment_id = path_id_value(raw, "deployment_id") if raw else None
+    deployment_id = query_id(raw, "deployment_id") if raw else None
+    if raw and deployment_id is None:
+        return json_response({"items": [], "total": 0})
     async with get_state(request).pool.acquire() as conn:
         items, total = await queries.list_datasources(conn, deployment_id=deployment_id, limit=limit, offset=offset)
     return json_response({"items": items, "total": total})
@@ -338,11 +351,12 @@ async def send_datasource(request: web.Request) -> web.Response:
     return await submit(request, "SendDatasource", payload, read=queries.get_datasource, status=201)
 
 
-def path_id_value(raw: str, name: str) -> int:
-    try:
-        return catalogue.as_id(int(raw), name)
-    except ValueError:
-        raise ApiError(422, "invalid", f"'{name}' must be a positive integer id", name) from None
+def query_id(raw: str, name: str) -> int | None:
+    """An id given as a query filter: a field error when malformed, None when no row can have it (the
+    filter then matches nothing, as for any id that does not exist)."""
+    if not raw.isascii() or not raw.isdigit() or not raw.strip("0"):
+        raise ApiError(422, "invalid", f"'{name}' must be a positive integer id", name)
+    return as_path_id(raw)
 
 
 # --- inferences ---------------------------------------------------------------------------------------
