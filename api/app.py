@@ -75,7 +75,8 @@ def create_app(settings: Settings) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await migrate(settings.database.url)
-        pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=settings.database.pool_size)
+        pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=settings.database.pool_size,
+                                         server_settings={"application_name": "tierflow-api"})
         producer = kio.producer(settings.kafka)
         await producer.start()
         probe = kio.consumer(settings.kafka)

@@ -276,16 +276,18 @@ async def terminate(env: Env, where: str) -> int:
 
 async def test_a_write_still_gets_its_outcome_after_the_listener_lost_its_connection(env: Env) -> None:
     c = env.client
-    await post(c, "/configurations", {"name": "before", "model_ids": [1]})
+    model = (await post(c, "/models", {"name": "listened", "code": "# single"}))["id"]
+    await post(c, "/configurations", {"name": "before", "model_ids": [model]})
     # The listener's backend: its last statement was the LISTEN.
     assert await terminate(env, "query ILIKE 'LISTEN%'") == 1
     started = time.monotonic()
-    await post(c, "/configurations", {"name": "after-listener", "model_ids": [1]})  # 201, not 202 after 10 s
+    await post(c, "/configurations", {"name": "after-listener", "model_ids": [model]})  # 201, not 202 after 10 s
     assert time.monotonic() - started < 8
     # Every connection of the API at once (the pool's too), as a Postgres restart does.
     assert await terminate(env, "application_name LIKE 'tierflow-api%'") >= 2
-    await post(c, "/configurations", {"name": "after-restart", "model_ids": [1]})
+    await post(c, "/configurations", {"name": "after-restart", "model_ids": [model]})
     await wait_until(lambda: _listening(env), what="the listener back")
+    assert c.server.app[STATE_KEY].outcomes.reconnects >= 2
 
 
 async def _listening(env: Env) -> bool:
