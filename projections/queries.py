@@ -150,6 +150,14 @@ async def get_result(conn: asyncpg.Connection, rid: int) -> JSON | None:
     return None if r is None else _result(r)
 
 
+async def referenced_artefacts(conn: asyncpg.Connection) -> set[str]:
+    """The sha256 of every artefact a result still names (the API's artefact collection keeps these)."""
+    rows = await conn.fetch(f"SELECT DISTINCT a.value->>'sha256' AS sha256 FROM {S}.results r, "
+                            f"jsonb_each(CASE jsonb_typeof(r.artefacts) WHEN 'object' THEN r.artefacts "
+                            f"ELSE '{{}}'::jsonb END) a")
+    return {r["sha256"] for r in rows if r["sha256"]}
+
+
 def _datasource(r: asyncpg.Record) -> JSON:
     return {"id": r["id"], "deployment_id": r["deployment_id"], "ranges": _j(r["ranges"]),
             "input_format": r["input_format"], "input_config": _j(r["input_config"]),

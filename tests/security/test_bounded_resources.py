@@ -263,6 +263,9 @@ async def test_windows_are_bounded(env: Env) -> None:
 
 # --- the outcome listener survives its connection ----------------------------------------------------------
 
+LISTENER = "application_name = 'tierflow-api-outcomes' OR query ILIKE 'LISTEN%'"
+
+
 async def terminate(env: Env, where: str) -> int:
     """Terminate the backends of the test's database that `where` selects, as a Postgres restart would."""
     conn = await asyncpg.connect(env.settings.database.url)
@@ -278,8 +281,8 @@ async def test_a_write_still_gets_its_outcome_after_the_listener_lost_its_connec
     c = env.client
     model = (await post(c, "/models", {"name": "listened", "code": "# single"}))["id"]
     await post(c, "/configurations", {"name": "before", "model_ids": [model]})
-    # The listener's backend: its last statement was the LISTEN.
-    assert await terminate(env, "query ILIKE 'LISTEN%'") == 1
+    # The listener's backend (before the defence it had no name; its last statement was the LISTEN).
+    assert await terminate(env, LISTENER) == 1
     started = time.monotonic()
     await post(c, "/configurations", {"name": "after-listener", "model_ids": [model]})  # 201, not 202 after 10 s
     assert time.monotonic() - started < 8
@@ -293,8 +296,8 @@ async def test_a_write_still_gets_its_outcome_after_the_listener_lost_its_connec
 async def _listening(env: Env) -> bool:
     conn = await asyncpg.connect(env.settings.database.url)
     try:
-        n = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                "AND query ILIKE 'LISTEN%'")
+        n = await conn.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                f"AND ({LISTENER})")
     finally:
         await conn.close()
     return bool(n == 1)
@@ -367,3 +370,42 @@ async def test_unreferenced_artefacts_are_collected_after_the_grace_period(env: 
     await collect_artefacts(state, grace_s=GRACE_S)
     assert stored(store) == {fresh}
     assert (await c.get(f"/artefacts/{kept[edge]}")).status == 404
+
+
+async def test_the_api_collects_on_its_own(env: Env, tmp_path: Path) -> None:
+    # An API whose grace period is one second collects every second, with no call from outside.
+    store = tmp_path / "artefacts"
+    settings = replace(env.settings, workloads=replace(env.settings.workloads, artefacts_dir=str(store),
+                                                       artefact_grace_s=1.0))
+    orphan = blob(store, b"an upload no report names", 60)
+    async with TestClient(TestServer(create_app(settings)), headers=AUTH):
+        await wait_until(lambda: orphan not in stored(store), timeout=15, what="the orphan collected")
+
+
+def test_an_upload_landing_during_a_collection_is_kept(tmp_path: Path) -> None:
+    from tierflow.api.artefacts import ArtefactStore, unreferenced
+
+    store = ArtefactStore(tmp_path)
+    sha = blob(tmp_path, b"old bytes, uploaded again right now", GRACE_S * 2)
+    cutoff = time.time() - GRACE_S
+    [listed] = unreferenced(store.blobs(), set(), cutoff)  # the collection lists it as old and unreferenced...
+    blob(tmp_path, b"old bytes, uploaded again right now", 0)  # ...then an upload renames a fresh copy into place
+    assert not store.remove_if_stale(listed, cutoff)
+    assert stored(tmp_path) == {sha} and not list(tmp_path.glob(".collect-*"))
+    # Referenced blobs and fresh ones are never listed; old unreferenced ones are.
+    old = blob(tmp_path, b"old and unreferenced", GRACE_S * 2)
+    kept = blob(tmp_path, b"old and referenced", GRACE_S * 2)
+    assert [b.sha256 for b in unreferenced(store.blobs(), {kept}, cutoff)] == [old]
+
+
+def test_a_collection_interrupted_after_its_rename_is_finished_by_the_next(tmp_path: Path) -> None:
+    from tierflow.api.artefacts import ArtefactStore
+
+    store = ArtefactStore(tmp_path)
+    fresh = hashlib.sha256(b"re-uploaded while the collection stopped").hexdigest()
+    (tmp_path / f".collect-{fresh}-0000").write_bytes(b"re-uploaded while the collection stopped")
+    doomed = tmp_path / f".collect-{'e' * 64}-0000"
+    doomed.write_bytes(b"old and unreferenced")
+    os.utime(doomed, (time.time() - GRACE_S * 2, time.time() - GRACE_S * 2))
+    report = store.collect(set(), time.time() - GRACE_S)
+    assert stored(tmp_path) == {fresh} and not doomed.exists() and report.removed == 0
