@@ -223,8 +223,6 @@ async def test_stats_and_predictions_share_one_reader_and_stay_correct(env: Env,
 
 
 async def test_windows_are_bounded(env: Env) -> None:
-    from tierflow.api.outputs import OutputReader
-
     c = env.client
     # The windows a request may ask for have a maximum.
     inferences = (await (await c.get("/inferences")).json())["items"]
@@ -234,6 +232,8 @@ async def test_windows_are_bounded(env: Env) -> None:
         r = await c.get(path)
         assert r.status == 422 and (await r.json())["error"]["field"] == "limit", path
     # Bytes: 40 answers of ~20 kB each on one partition; a reader allowed 100 kB keeps only the newest.
+    from tierflow.api.outputs import OutputReader
+
     topic = f"{env.settings.kafka.topic_prefix}-bytes"
     missing = f"{env.settings.kafka.topic_prefix}-missing"
     await ensure_topics(env.settings.kafka, extra=[TopicSpec(topic, 1, -1)])
