@@ -21,7 +21,7 @@ from tierflow.api.artefacts import ArtefactStore
 from tierflow.api.errors import Handler, error_middleware, error_response
 from tierflow.api.outcomes import OutcomeWaiter
 from tierflow.api.routes import routes
-from tierflow.api.state import STATE_KEY, AppState, get_state
+from tierflow.api.state import STATE_KEY, AppState, background, get_state
 from tierflow.api.ui import setup_ui
 from tierflow.projections.schema import migrate
 from tierflow.streams import kafka as kio
@@ -75,7 +75,8 @@ def create_app(settings: Settings) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         await migrate(settings.database.url)
-        pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=settings.database.pool_size)
+        pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=settings.database.pool_size,
+                                         server_settings={"application_name": "tierflow-api"})
         producer = kio.producer(settings.kafka)
         await producer.start()
         probe = kio.consumer(settings.kafka)
@@ -94,6 +95,7 @@ def create_app(settings: Settings) -> web.Application:
             await pool.close()
 
     app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(background)  # after `resources`: it uses them, and stops before they close
     return app
 
 

@@ -184,8 +184,15 @@ def _q(name: str, schema: JSON) -> JSON:
     return {"name": name, "in": "query", "required": False, "schema": schema}
 
 
-_ID = [{"name": "id", "in": "path", "required": True, "schema": _INT}]
+#: Path ids are the projections' `integer` ids: anything else is a 404 (api/routes.py: path_id).
+_ID = [{"name": "id", "in": "path", "required": True,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}}]
 _PAGE = [_q("limit", _INT), _q("offset", _INT)]
+
+
+def _window(default: int, maximum: int) -> JSON:
+    """A window of answers: how many samples, bounded (api/routes.py: MAX_PREDICTIONS, MAX_STATS_WINDOW)."""
+    return {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}
 
 
 def paths() -> JSON:
@@ -273,9 +280,11 @@ def paths() -> JSON:
         "/inferences/{id}/stop": {"post": _op("Stop an inference's tiers", ("200", "Inference"), write=True,
                                               params=_ID)},
         "/inferences/{id}/predictions": {"get": _op("The latest answers (tier, class, confidence, origin)",
-                                                    ("200", "Predictions"), params=[*_ID, _q("limit", _INT)])},
+                                                    ("200", "Predictions"),
+                                                    params=[*_ID, _q("limit", _window(50, 1000))])},
         "/inferences/{id}/stats": {"get": _op("Exit distribution per tier, throughput, latency percentiles",
-                                              ("200", "InferenceStats"), params=[*_ID, _q("limit", _INT)])},
+                                              ("200", "InferenceStats"),
+                                              params=[*_ID, _q("limit", _window(10_000, 10_000))])},
         "/commands/{command_id}": {"get": _op("Outcome of any command", ("200", "Outcome"), params=[
             {"name": "command_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}])},
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},

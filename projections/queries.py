@@ -198,6 +198,14 @@ def chain_exits(rid: int, chain: list[int], found: dict[int, JSON]) -> JSON:
             "reason": reason}
 
 
+async def referenced_artefacts(conn: asyncpg.Connection) -> set[str]:
+    """The sha256 of every artefact a result still names (the API's artefact collection keeps these)."""
+    rows = await conn.fetch(f"SELECT DISTINCT a.value->>'sha256' AS sha256 FROM {S}.results r, "
+                            f"jsonb_each(CASE jsonb_typeof(r.artefacts) WHEN 'object' THEN r.artefacts "
+                            f"ELSE '{{}}'::jsonb END) a")
+    return {r["sha256"] for r in rows if r["sha256"]}
+
+
 def _datasource(r: asyncpg.Record) -> JSON:
     return {"id": r["id"], "deployment_id": r["deployment_id"], "ranges": _j(r["ranges"]),
             "announced_ranges": _j(r["announced_ranges"]), "range_reasons": _j(r["range_reasons"]),

@@ -257,6 +257,9 @@ class WorkloadSettings:
     training_gpus: int = setting("TIERFLOW_TRAINING_GPUS", 0)
     #: where the API stores trained artefacts (content-addressed); default <home>/artefacts.
     artefacts_dir: str = setting("TIERFLOW_ARTEFACTS", "")
+    #: how long an artefact no result names is kept before the API removes it (seconds; 0: never removed). A
+    #: workload reports right after its upload, so this only has to outlast a stalled control plane.
+    artefact_grace_s: float = setting("TIERFLOW_ARTEFACT_GRACE_S", 86400.0)
     #: how often the orchestrator compares wanted and existing workloads.
     reconcile_s: float = setting("TIERFLOW_RECONCILE_S", 2.0)
     #: partitions of the topics the orchestrator creates for an inference (its input, tier and output topics;
@@ -311,6 +314,9 @@ class Settings:
         w = settings.workloads
         if w.tier_port > 65535:
             raise SettingsError(f"{env_var(WorkloadSettings, 'tier_port').name}={w.tier_port} is not a TCP port")
+        if w.artefact_grace_s < 0:
+            raise SettingsError(f"{env_var(WorkloadSettings, 'artefact_grace_s').name}={w.artefact_grace_s} must "
+                                "be >= 0 (0: artefacts are never collected)")
         if w.launcher not in ("local", "kubernetes"):
             raise SettingsError(f"{env_var(WorkloadSettings, 'launcher').name}={w.launcher!r} must be 'local' or "
                                 "'kubernetes'")
