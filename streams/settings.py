@@ -203,12 +203,25 @@ class ApiSettings:
     port: int = setting("TIERFLOW_API_PORT", 8080)
     #: where CLIs and workloads reach the API (defaults to the embedded stack's).
     url: str = setting("TIERFLOW_API_URL", "")
-    #: when set, writes need `Authorization: Bearer <token>`.
+    #: the admin token: every route but /healthz, /readyz and the UI's files needs `Authorization: Bearer <token>`
+    #: (or a workload's scoped token). `tierflow up` generates one; the CLI, the demo and `tierflow status --json`
+    #: read it from the running stack. The API refuses to start without one unless TIERFLOW_API_AUTH=off.
     token: str = setting("TIERFLOW_API_TOKEN", "")
+    #: "token": requests need a token (the default); "off": no authentication at all, for an API behind a proxy
+    #: that authenticates for it. Host, Origin and content-type checks hold either way.
+    auth: str = setting("TIERFLOW_API_AUTH", "token", normalize=str.lower)
+    #: the Host header values the API answers (`name` or `name:port`, comma-separated); a request for another
+    #: name is refused (DNS rebinding). Empty: 127.0.0.1, localhost and [::1] on the port the request arrived
+    #: on. Required when the API listens beyond loopback (a cluster: its Service, ingress or port-forward names).
+    allowed_hosts: frozenset[str] = setting("TIERFLOW_API_ALLOWED_HOSTS", frozenset())
+    #: "token": /metrics needs a token like every route (the default); "open": scrapers need none.
+    metrics_auth: str = setting("TIERFLOW_METRICS_AUTH", "token", normalize=str.lower)
     #: how long a write waits for its command's outcome before answering 202.
     command_timeout_s: float = setting("TIERFLOW_COMMAND_TIMEOUT_S", 10.0)
     #: largest request body accepted (model code, JSON configs).
     max_body_bytes: int = setting("TIERFLOW_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=1024)
+    #: largest artefact (a trained model) a workload may upload; a larger one is refused with 413 unstored.
+    max_artefact_bytes: int = setting("TIERFLOW_MAX_ARTEFACT_BYTES", 256 * 1024 * 1024, minimum=1024)
 
 
 @dataclass(frozen=True)
@@ -305,6 +318,11 @@ class Settings:
         if w.launcher not in ("local", "kubernetes"):
             raise SettingsError(f"{env_var(WorkloadSettings, 'launcher').name}={w.launcher!r} must be 'local' or "
                                 "'kubernetes'")
+        for attribute, allowed in (("auth", ("token", "off")), ("metrics_auth", ("token", "open"))):
+            value = getattr(settings.api, attribute)
+            if value not in allowed:
+                raise SettingsError(f"{env_var(ApiSettings, attribute).name}={value!r} must be "
+                                    f"{' or '.join(map(repr, allowed))}")
         return settings
 
     def with_endpoints(self, *, bootstrap_servers: str, database_url: str, api_url: str = "") -> Settings:
@@ -334,3 +352,10 @@ class Settings:
 
     def artefacts_path(self) -> Path:
         return Path(self.workloads.artefacts_dir) if self.workloads.artefacts_dir else self.stack.home / "artefacts"
+
+
+def stack_secret_names() -> frozenset[str]:
+    """The variables that hold the stack's own secrets (the database URL, the secret key, the admin token):
+    never in a workload's environment, whatever else it inherits (the launchers strip them)."""
+    return frozenset({env_var(DatabaseSettings, "url").name, env_var(SecuritySettings, "secret_key").name,
+                      env_var(ApiSettings, "token").name})
