@@ -264,6 +264,29 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+#: The types a page may send cross-site without a CORS preflight (an HTML form, a "simple" fetch).
+FORM_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
+
+
+def _refused_type(request: web.Request) -> web.Response | None:
+    """415 for a write whose body is not the route's type, or a bodyless write typed as a form."""
+    given = request.headers.get("Content-Type", "")
+    mimetype = given.split(";", 1)[0].strip().lower()
+    if not request.body_exists:
+        # Clients may type an empty body (aiohttp's says octet-stream); a form's type is refused all the same.
+        refused = mimetype in FORM_TYPES
+        wanted = JSON_TYPE
+    else:
+        resource = request.match_info.route.resource
+        route = (request.method, resource.canonical if resource is not None else "")
+        wanted = UPLOAD_TYPE if route == UPLOAD_ROUTE else JSON_TYPE
+        refused = mimetype != wanted
+    if not refused:
+        return None
+    return error_response(415, "unsupported_media_type",
+                          f"send the body as '{wanted}' (Content-Type {given or 'missing'!r})", "Content-Type")
+
+
 def forbidden(message: str) -> web.Response:
     return error_response(403, "forbidden", message)
 
@@ -310,15 +333,10 @@ def security_middleware(settings: Settings) -> web.middleware:  # type: ignore[v
         ui = is_ui_path(request.path)
         if not ui and request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
             return forbidden("cross-site requests are refused")
-        if request.method in WRITE_METHODS and (request.body_exists or "Content-Type" in request.headers):
-            resource = request.match_info.route.resource
-            route = (request.method, resource.canonical if resource is not None else "")
-            wanted = UPLOAD_TYPE if route == UPLOAD_ROUTE else JSON_TYPE
-            given = request.headers.get("Content-Type", "")
-            if given.split(";", 1)[0].strip().lower() != wanted:
-                return error_response(415, "unsupported_media_type",
-                                      f"send the body as '{wanted}' (Content-Type {given or 'missing'!r})",
-                                      "Content-Type")
+        if request.method in WRITE_METHODS:
+            refused = _refused_type(request)
+            if refused is not None:
+                return refused
         if ui:
             return await handler(request)
         who = authenticate(request)

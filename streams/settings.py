@@ -280,8 +280,8 @@ class WorkloadSettings:
     kubeedge_tiers: frozenset[str] = setting("TIERFLOW_KUBEEDGE_TIERS", frozenset())
     #: the service account training Jobs and tier pods run as (Kubernetes).
     service_account: str = setting("TIERFLOW_WORKLOAD_SERVICE_ACCOUNT", "")
-    #: a Secret whose keys become the workloads' environment (Kubernetes), e.g. the API token; secrets then
-    #: never appear in Job or Deployment specs.
+    #: a Secret whose keys become every workload's environment (Kubernetes), e.g. credentials of the Kafka
+    #: cluster, kept out of Job and Deployment specs. (The API token is not one: each workload gets its own.)
     secret: str = setting("TIERFLOW_WORKLOAD_SECRET", "")
 
 
@@ -340,14 +340,11 @@ class Settings:
         return _render(self, {})
 
     def workload_env(self) -> dict[str, str]:
-        """The environment of training and tier workloads: these settings without what workloads never use
-        (the database URL, the stack's secret key) and, when a workload Secret carries them (Kubernetes),
-        without the secrets."""
+        """The environment of training and tier workloads: these settings without the stack's secrets
+        (`stack_secret_names`): a workload gets its own scoped API token from the orchestrator instead."""
         env = self.to_env()
-        del env[env_var(DatabaseSettings, "url").name]
-        del env[env_var(SecuritySettings, "secret_key").name]
-        if self.workloads.launcher == "kubernetes" and self.workloads.secret:
-            del env[env_var(ApiSettings, "token").name]
+        for name in stack_secret_names():
+            env.pop(name, None)
         return env
 
     def artefacts_path(self) -> Path:

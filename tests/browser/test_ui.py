@@ -64,8 +64,8 @@ async def env(infra: Infra, sandbox_pool: Any) -> AsyncIterator[Env]:
     running = await start_plane(settings, sandbox_validate(sandbox_pool))
     try:
         impatient = replace(settings, api=replace(settings.api, command_timeout_s=0.0))
-        async with TestClient(TestServer(create_app(settings))) as c, \
-                TestClient(TestServer(create_app(impatient))) as slow:
+        async with TestClient(TestServer(create_app(settings)), headers=AUTH) as c, \
+                TestClient(TestServer(create_app(impatient)), headers=AUTH) as slow:
             yield Env(c, settings, str(c.make_url("")).rstrip("/"), str(slow.make_url("")).rstrip("/"))
     finally:
         await stop_plane(running)

@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kmock import KubernetesEmulator, Server
@@ -97,11 +98,24 @@ async def cluster() -> AsyncIterator[tuple[KubernetesEmulator, KubernetesLaunche
         configuration.retries = RETRIES
         api_client = k8s.ApiClient(configuration)
         launcher = KubernetesLauncher(WorkloadSettings(launcher="kubernetes", namespace=NS), api_client)
+        # A real API server gives every object a uid (an owner reference needs it); kmock gives none, so the
+        # launcher's own thin wrappers stamp one on what they answer, as the server would.
+        for method in ("create_job", "create_deployment", "read_job", "read_deployment"):
+            setattr(launcher.api, method, _with_uid(getattr(launcher.api, method)))
         try:
             yield emulator, launcher
         finally:
             await launcher.close()
             api_client.close()  # type: ignore[no-untyped-call]
+
+
+def _with_uid(call: Any) -> Any:
+    async def stamped(**kwargs: Any) -> Any:
+        obj = await call(**kwargs)
+        obj.metadata.uid = f"uid-of-{obj.metadata.name}"
+        return obj
+
+    return stamped
 
 
 async def test_a_pod_reads_its_token_from_a_secret_of_its_own(
@@ -127,6 +141,6 @@ async def test_a_pod_reads_its_token_from_a_secret_of_its_own(
         assert secret["stringData"] == {"TIERFLOW_API_TOKEN": token}
         [owner] = secret["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["name"], owner["uid"]) == (workload["kind"], spec.name,
-                                                                workload["metadata"]["uid"])
+                                                                f"uid-of-{spec.name}")
         await launcher.stop(spec.name)
         assert emulator.objects[SECRETS, NS, secret_name].deleted
