@@ -76,6 +76,7 @@ def test_clients_take_the_flag_then_the_environment_then_the_running_stack(tmp_p
     assert resolve_api_token(from_env) == "env-token"
     assert client_for(from_env, token="flag-token").token == "flag-token"
     # A stack that no longer runs lends nothing.
+    (tmp_path / "dead").mkdir()
     dead = running_stack(tmp_path / "dead")
     write_stack_state(tmp_path / "dead", StackState(**{**dead.__dict__, "pid": 2**22 + 1}))
     assert resolve_api_token(Settings.from_env({"TIERFLOW_HOME": str(tmp_path / "dead")})) == ""
