@@ -286,6 +286,7 @@ def test_up_detach_status_down_leave_nothing_behind(stack_home: Path) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{state.api_url}/models", timeout=10)
     assert refused.value.code == 401
+    refused.value.close()
     listed = tierflow(stack_home, "models", "list")
     assert listed.returncode == 0 and listed.stdout == "no models\n", listed.stdout + listed.stderr
     assert {c["component"]: c["state"] for c in body["components"]} == {
