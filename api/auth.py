@@ -227,7 +227,7 @@ async def _own_model(request: web.Request, claims: WorkloadClaims) -> bool:
     async with get_state(request).pool.acquire() as conn:
         inference = await queries.get_inference(conn, claims.inference)
     if inference is None:
-        return True  # nothing to protect: the token was minted for an inference that is gone or not there yet
+        return False  # deleting an inference revokes its tiers' tokens
     return any(t["index"] == claims.tier and t["result_id"] == ident for t in inference["tiers"])
 
 

@@ -12,6 +12,7 @@ decided from Content-Length before a byte is stored, and by counting when the le
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
@@ -26,9 +27,10 @@ from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tests.security.test_api_doors import AUTH, SECRET, secured
 from tierflow.api.app import create_app
+from tierflow.deploy.cli import main
 from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
-from tierflow.streams.tokens import mint, tier_claims, training_claims
+from tierflow.streams.tokens import mint, tier_claims, training_claims, verify
 
 LIMIT = 64 * 1024
 
@@ -117,12 +119,12 @@ async def test_a_tier_token_reads_only_its_inference_and_its_model(world: World)
     _, rid, _ = world.mine
     _, other_rid, _ = world.theirs
     token = mint(SECRET, tier_claims(41, 0, rid))
-    # Its inference and its model: allowed (404 here: neither exists yet, which is the route's own answer).
+    # Its inference: allowed (404 here: it does not exist, which is the route's own answer). Its model only while
+    # that inference serves it on that tier (test_the_admin_mints_a_tier_token_for_a_device reads one): a deleted
+    # inference revokes its tiers' tokens.
     assert await status(world, "GET", "/inferences/41", token) == 404
-    assert await status(world, "GET", f"/results/{rid}/model", token) == 404
-    assert await status(world, "GET", f"/results/{rid}/model?format=tflite", token) == 404
-    for path in ("/inferences/42", f"/results/{other_rid}/model", f"/results/{rid}", "/inferences", "/models",
-                 "/inferences/41/predictions", "/inferences/41/stats"):
+    for path in ("/inferences/42", f"/results/{rid}/model", f"/results/{other_rid}/model", f"/results/{rid}",
+                 "/inferences", "/models", "/inferences/41/predictions", "/inferences/41/stats"):
         assert await status(world, "GET", path, token) == 403, path
     for method, path in (("POST", "/inferences/41/stop"), ("DELETE", "/inferences/41"), ("POST", "/models")):
         assert await status(world, method, path, token, json={}) == 403, (method, path)
@@ -173,7 +175,8 @@ async def test_an_oversized_upload_is_refused_and_not_stored(world: World) -> No
     assert not list(world.artefacts.rglob(sha))
 
 
-async def test_the_admin_mints_a_tier_token_for_a_device(world: World) -> None:
+async def test_the_admin_mints_a_tier_token_for_a_device(world: World, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     dep, rid, _ = world.mine
     assert await status(world, "POST", "/inferences/999/token", AUTH["Authorization"].split()[1],
                         json={"tier": 0}) == 404
@@ -197,6 +200,16 @@ async def test_the_admin_mints_a_tier_token_for_a_device(world: World) -> None:
     tier_token = minted["token"]
     assert await status(world, "GET", f"/inferences/{inference['id']}", tier_token) == 200
     assert await status(world, "GET", f"/results/{rid}/model", tier_token) == 404  # allowed; no such file here
+    assert await status(world, "GET", f"/results/{rid}/model?format=tflite", tier_token) == 404
     assert await status(world, "GET", f"/inferences/{inference['id'] + 1}", tier_token) == 403
+    wrong_tier = mint(SECRET, tier_claims(inference["id"], 1, rid))  # the inference has no tier 1
+    assert await status(world, "GET", f"/results/{rid}/model", wrong_tier) == 403
     # A workload cannot mint tokens for itself.
     assert await status(world, "POST", f"/inferences/{inference['id']}/token", tier_token, json={"tier": 0}) == 403
+    # The admin's command line prints one for a device: `tierflow inferences token N --tier K`.
+    monkeypatch.setenv("TIERFLOW_API_URL", str(world.client.make_url("")).rstrip("/"))
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["inferences", "token", str(inference["id"]), "--tier", "0",
+                                          "--token", AUTH["Authorization"].split()[1]])
+    printed = capsys.readouterr().out.strip()
+    assert code == 0 and verify(SECRET, printed) == tier_claims(inference["id"], 0, rid)
