@@ -147,6 +147,11 @@ def read_stack_state(home: Path) -> StackState | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except PermissionError:
+        # Mode 0600: another user's stack. Its token is not ours to take; --token or TIERFLOW_API_TOKEN is.
+        log.warning("cannot read %s (only the user who ran `tierflow up` may): pass --token or set "
+                    "TIERFLOW_API_TOKEN and TIERFLOW_API_URL", path)
+        return None
     try:
         return parse_stack_state(text)
     except StackStateError as exc:
