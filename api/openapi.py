@@ -151,6 +151,9 @@ SCHEMAS: JSON = {
     "Outcome": _obj({"command_id": _STR, "status": {"enum": ["accepted", "rejected"]}, "event_type": _STR,
                      "aggregate": _STR, "seq": _INT, "reason": {}, "occurred_at": _TS}),
     "Deleted": _obj({"id": _INT, "deleted": {"type": "boolean"}, "command_id": _STR}),
+    "TokenIn": _obj({"tier": _INT}),
+    "TierToken": _obj({"token": _STR, "scope": {"enum": ["tier"]}, "inference_id": _INT, "tier": _INT,
+                       "result_id": _INT}),
 }
 
 
@@ -170,7 +173,9 @@ def _op(summary: str, ok: tuple[str, str | None], body: str | None = None, write
         responses.update(_resp("202", "Pending", "outcome not known within the command timeout"))
         responses.update(_resp("409", "Error", "conflict with the current state"))
         responses.update(_resp("422", "Error", "a field is invalid (the error names it)"))
-        responses.update(_resp("401", "Error", "TIERFLOW_API_TOKEN is set and the bearer token is missing"))
+        responses.update(_resp("415", "Error", "the body is not application/json"))
+    responses.update(_resp("401", "Error", "no bearer token, or one this API did not issue"))
+    responses.update(_resp("403", "Error", "a foreign Origin or Host, or a workload token outside its scope"))
     responses.update(_resp("404", "Error", "unknown id"))
     op: JSON = {"summary": summary, "responses": responses}
     if body:
@@ -252,7 +257,11 @@ def paths() -> JSON:
             "summary": "Upload an artefact (content-addressed); X-Sha256 is verified when sent",
             "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
             "responses": {"201": {"description": "stored", "content": {"application/json": {"schema": _obj(
-                {"sha256": _STR, "size": _INT})}}}, **_resp("422", "Error", "hash mismatch")}}},
+                {"sha256": _STR, "size": _INT})}}}, **_resp("422", "Error", "hash mismatch"),
+                **_resp("401", "Error", "no token"),
+                **_resp("403", "Error", "not the token of an open training (or the admin's)"),
+                **_resp("413", "Error", "larger than TIERFLOW_MAX_ARTEFACT_BYTES"),
+                **_resp("415", "Error", "not application/octet-stream")}}},
         "/artefacts/{sha256}": {"get": {
             "summary": "Download an artefact by its sha256",
             "parameters": [{"name": "sha256", "in": "path", "required": True, "schema": _STR}],
@@ -279,6 +288,9 @@ def paths() -> JSON:
         },
         "/inferences/{id}/stop": {"post": _op("Stop an inference's tiers", ("200", "Inference"), write=True,
                                               params=_ID)},
+        "/inferences/{id}/token": {"post": _op(
+            "Mint the scoped token of one tier, for a tier started by hand on a device (admin token only)",
+            ("201", "TierToken"), "TokenIn", False, _ID)},
         "/inferences/{id}/predictions": {"get": _op("The latest answers (tier, class, confidence, origin)",
                                                     ("200", "Predictions"),
                                                     params=[*_ID, _q("limit", _window(50, 1000))])},
@@ -287,10 +299,13 @@ def paths() -> JSON:
                                               params=[*_ID, _q("limit", _window(10_000, 10_000))])},
         "/commands/{command_id}": {"get": _op("Outcome of any command", ("200", "Outcome"), params=[
             {"name": "command_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}])},
-        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "Readiness: broker, Postgres, projector, projection lag",
+        "/healthz": {"get": {"summary": "Liveness (no token)", "security": [],
+                             "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"summary": "Readiness: broker, Postgres, projector, projection lag (no token)",
+                            "security": [],
                             "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (a token unless TIERFLOW_METRICS_AUTH=open)",
+                             "responses": {"200": {"description": "text"}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
     }
 
@@ -301,6 +316,9 @@ def spec() -> JSON:
         "info": {"title": "tierflow API", "version": "1",
                  "description": "Writes are commands on Kafka; reads are Postgres projections of the events."},
         "paths": paths(),
+        # Every route needs `Authorization: Bearer <token>` (the admin's, or a workload's scoped token) but the
+        # health probes and the UI's static files; bodies are application/json only.
+        "security": [{"bearer": []}],
         "components": {"schemas": SCHEMAS,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

@@ -20,7 +20,7 @@ from tierflow.api.errors import ApiError, from_reason, not_found
 from tierflow.api.outputs import READ_ERRORS, statistics
 from tierflow.api.state import AppState, get_state
 from tierflow.projections import queries
-from tierflow.streams import catalogue, wire
+from tierflow.streams import catalogue, tokens, wire
 from tierflow.streams.envelope import Command, new_command_id
 from tierflow.streams.statuses import ResultStatus
 
@@ -316,7 +316,13 @@ def artefact_response(request: web.Request, sha256: str, filename: str) -> web.F
 
 @routes.put("/artefacts")
 async def upload_artefact(request: web.Request) -> web.Response:
+    """Store a trained model (api/auth.py lets only the admin and an open training's token here)."""
     st = get_state(request)
+    limit = st.settings.api.max_artefact_bytes
+    if request.content_length is not None and request.content_length > limit:
+        # Refused before a byte is read; a body without a length is counted as it streams (ArtefactStore).
+        raise ApiError(413, "too_large", f"the artefact has {request.content_length} bytes, more than "
+                                         f"TIERFLOW_MAX_ARTEFACT_BYTES={limit}")
     expected = request.headers.get("X-Sha256", "").strip().lower() or None
     sha256, size = await st.artefacts.store(request.content, expected=expected)
     return json_response({"sha256": sha256, "size": size}, status=201,
@@ -408,6 +414,24 @@ async def stop_inference(request: web.Request) -> web.Response:
 @routes.delete("/inferences/{id}")
 async def delete_inference(request: web.Request) -> web.Response:
     return await _delete(request, "DeleteInference")
+
+
+@routes.post("/inferences/{id}/token")
+async def mint_tier_token(request: web.Request) -> web.Response:
+    """A token for tier K of this inference, for a tier started by hand on a device (admin only: api/auth.py
+    lets no workload token here). It reads only this inference and the model of that tier's result."""
+    inference = await _inference_or_404(request)
+    data = await body(request)
+    tier = data.get("tier")
+    tiers = {t["index"]: t for t in inference["tiers"]}
+    if not isinstance(tier, int) or isinstance(tier, bool) or tier not in tiers:
+        raise ApiError(422, "invalid", f"'tier' must be one of inference {inference['id']}'s tiers: "
+                                       f"{', '.join(map(str, sorted(tiers)))}", "tier")
+    result_id = int(tiers[tier]["result_id"])
+    token = tokens.mint(get_state(request).settings.security.secret_key,
+                        tokens.tier_claims(inference["id"], tier, result_id))
+    return json_response({"token": token, "scope": str(tokens.Scope.TIER), "inference_id": inference["id"],
+                          "tier": tier, "result_id": result_id}, status=201)
 
 
 async def _inference_or_404(request: web.Request) -> JSON:

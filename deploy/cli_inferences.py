@@ -194,6 +194,15 @@ def register(subparsers: Any) -> None:
     preds.add_argument("--limit", type=int, default=20)
     preds.set_defaults(func=_command(
         lambda args, api: api.get(f"/inferences/{args.id}/predictions?limit={args.limit}")[1], render_predictions))
+    token = isub.add_parser(
+        "token", parents=[json_flag], help="mint the API token of one tier, for a tier started by hand on a device",
+        description="Print a token that reads only this inference and the model of tier K (admin only); on the "
+                    "device: TIERFLOW_API_TOKEN=<token> tierflow tier run --inference N --tier K --api URL")
+    token.add_argument("id", type=int, metavar="N")
+    token.add_argument("--tier", type=int, required=True, metavar="K", help="the tier index (0 = the entry tier)")
+    token.set_defaults(func=_command(lambda args, api: api.post(f"/inferences/{args.id}/token",
+                                                                {"tier": args.tier})[1],
+                                     lambda d: str(d.get("token"))))
     stats = isub.add_parser("stats", parents=[json_flag], help="exit distribution per tier, throughput, latency")
     stats.add_argument("id", type=int, metavar="ID")
     stats.add_argument("--window", type=int, default=10_000, help="how many latest answers to summarise")

@@ -514,7 +514,7 @@ def _command(action: Action, render: Callable[[JSON], str]) -> Handler:
 
     def handler(args: argparse.Namespace, settings: Settings) -> int:
         try:
-            data = action(args, client_for(settings))
+            data = action(args, client_for(settings, getattr(args, "token", None) or ""))
         except UsageError as exc:
             print(format_error(exc), file=sys.stderr)
             return EXIT_USAGE
@@ -554,8 +554,12 @@ def _update_model(args: argparse.Namespace, api: ApiClient) -> JSON:
 # --- registration -------------------------------------------------------------------------------------
 
 def _json_flag() -> argparse.ArgumentParser:
+    """The flags every API sub-command takes: --json, and --token (else TIERFLOW_API_TOKEN, else the running
+    stack's)."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--json", action="store_true", help="print the API's JSON answer as it is (for scripts)")
+    parent.add_argument("--token", metavar="TOKEN",
+                        help="the API token (default: TIERFLOW_API_TOKEN, else the running stack's)")
     return parent
 
 

@@ -8,7 +8,9 @@ happened: accuracy per exit and of the cascade, the share of inputs each tier an
 
 The stack is started (detached) when none is running for TIERFLOW_HOME and stopped at the end unless `--keep`;
 a stack that was already running is left running (the demo only stops its own inference). With both
-TIERFLOW_API_URL and KAFKA_BOOTSTRAP_SERVERS set, the demo runs against that deployment (a cluster) instead.
+TIERFLOW_API_URL and KAFKA_BOOTSTRAP_SERVERS set, the demo runs against that deployment (a cluster) instead. The
+API token comes from the stack it uses (or --token / TIERFLOW_API_TOKEN); `--keep` prints the web UI's one-time
+address with it, as `tierflow up` does.
 Everything goes through the public API and Kafka, as a user's own scripts would: the demo process never imports
 TensorFlow.
 `--json PATH` writes the summary for scripts and tests.
@@ -31,10 +33,10 @@ from tierflow.deploy.client import ApiClient, ApiClientError
 from tierflow.deploy.demo_data import DemoError, DemoOptions
 from tierflow.deploy.demo_lifecycle import Demo, say
 from tierflow.deploy.demo_summary import format_summary, where_next
-from tierflow.deploy.stack_processes import healthy
+from tierflow.deploy.stack_processes import healthy, ui_url
 from tierflow.streams.cli_args import non_negative, positive_int
 from tierflow.streams.settings import Settings
-from tierflow.streams.stack_state import read_stack_state, resolve_home
+from tierflow.streams.stack_state import read_stack_state, resolve_api_token, resolve_home
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         api_url = settings.api.url.rstrip("/")
         say(out, f"using the tierflow at {api_url} (Kafka {settings.kafka.bootstrap_servers})")
         resolved = settings
+        token = resolve_api_token(settings, args.token or "")
     else:
         home = resolve_home(settings)
         state = read_stack_state(home)
@@ -65,10 +68,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         else:
             say(out, f"using the running stack for {home} (API {state.api_url})")
         api_url = state.api_url
+        # The stack's own token, unless the user gave one: the newcomer types nothing.
+        token = args.token or settings.api.token or state.token
         resolved = settings.with_endpoints(
             bootstrap_servers=settings.kafka.bootstrap_servers or state.bootstrap_servers,
             database_url=settings.database.url or state.database_url, api_url=state.api_url)
-    api = ApiClient(api_url, settings.api.token)
+    api = ApiClient(api_url, token)
     demo = Demo(api, resolved, options, out=out)
     code = 0
     try:
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         if args.keep:
-            say(out, "\n" + where_next(api_url, summary))
+            say(out, "\n" + where_next(api_url, summary, ui=ui_url(api_url, token)))
         else:
             say(out, "run `tierflow demo --keep` to look around afterwards: the web UI, the topics, the CLI")
     except (DemoError, ApiClientError) as exc:
@@ -128,4 +133,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument("--keep", action="store_true",
                       help="leave the stack (and the inference) running and print where to look")
     demo.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    demo.add_argument("--token", metavar="TOKEN",
+                      help="the API token (default: TIERFLOW_API_TOKEN, else the stack's; only for another API)")
     demo.set_defaults(func=run)

@@ -97,11 +97,12 @@ def format_summary(summary: JSON) -> str:
     return "\n".join(lines)
 
 
-def where_next(api_url: str, summary: JSON) -> str:
+def where_next(api_url: str, summary: JSON, *, ui: str = "") -> str:
+    """Where to look after `--keep`; `ui` is the web UI's address (with its one-time token)."""
     inf = summary["inference_id"]
     return "\n".join([
         "where to look next:",
-        f"  web UI            {api_url}/ui/",
+        f"  web UI            {ui or api_url + '/ui/'}",
         f"  API               {api_url}/openapi.json",
         f"  inputs / answers  {summary['input_topic']} -> {summary['output_topic']}",
         f"  CLI               tierflow deployments results {summary['deployment_id']}",

@@ -13,6 +13,9 @@ the pure `plan_training(...)` and applies the plan:
   Job garbage-collected by Kubernetes changes nothing. A result launched earlier whose workload vanished
   while it was still open is launched again (same deterministic name).
 The commands it sends have ids derived from the workload, so a restart that re-sends one is decided once.
+Each workload it launches gets an API token scoped to it (streams/tokens.py), in the spec's `secrets`, and none
+of the stack's secrets: a training job's token reaches its own deployment and results, a tier's its inference
+and its result's model.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
 
 from tierflow.projections import queries
 from tierflow.projections.schema import NOTIFY_CHANNEL
+from tierflow.streams import tokens
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import TIERFLOW_NS, Command
 from tierflow.streams.launcher import (
@@ -46,8 +50,9 @@ from tierflow.streams.launcher import (
     results_label,
     training_workload_name,
 )
-from tierflow.streams.settings import Settings
+from tierflow.streams.settings import ApiSettings, Settings, env_var, stack_secret_names
 from tierflow.streams.statuses import InferenceStatus, ResultStatus
+from tierflow.streams.tokens import WorkloadClaims
 from tierflow.streams.topics import TopicSpec, create_topics
 
 log = logging.getLogger("tierflow.orchestrator")
@@ -156,6 +161,24 @@ def training_spec(g: Group, settings: Settings, env: dict[str, str]) -> Workload
     )
 
 
+#: The variable a workload reads its API token from (`Settings.api.token` in the workload's own settings).
+TOKEN_VARIABLE = env_var(ApiSettings, "token").name
+
+
+def with_token(spec: WorkloadSpec, settings: Settings, claims: WorkloadClaims) -> WorkloadSpec:
+    """`spec` with a token scoped to `claims` as its secret, and none of the stack's secrets in its env (the env
+    handed to the orchestrator may come from `to_env()`; what a workload sees, its user code can use)."""
+    env = {key: value for key, value in spec.env.items() if key not in stack_secret_names()}
+    token = tokens.mint(settings.security.secret_key, claims)
+    return replace(spec, env=env, secrets={**spec.secrets, TOKEN_VARIABLE: token})
+
+
+def training_launch(g: Group, settings: Settings, env: dict[str, str]) -> WorkloadSpec:
+    """What the orchestrator launches for a group: its spec, with a token for its deployment and results."""
+    return with_token(training_spec(g, settings, env), settings,
+                      tokens.training_claims(g.deployment_id, g.result_ids))
+
+
 @dataclass
 class InferencePlan:
     launch: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
@@ -214,6 +237,13 @@ def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, st
         resources=Resources(cpu="1", memory="2Gi"),
         replicas=int(tier.get("replicas") or 1),
     )
+
+
+def tier_launch(inference: dict[str, Any], tier: dict[str, Any], settings: Settings, env: dict[str, str], *,
+                port: int = 0) -> WorkloadSpec:
+    """What the orchestrator launches for a tier: its spec, with a token for its inference and its result."""
+    spec = tier_spec(inference, tier, env, port=port, tier_names=settings.workloads.tier_names)
+    return with_token(spec, settings, tokens.tier_claims(inference["id"], tier["index"], int(tier["result_id"])))
 
 
 def inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1
@@ -282,7 +312,7 @@ class Orchestrator:
         plan = plan_training(groups, workloads, self.settings.workloads.max_training)
         commands: list[Command] = []
         for g in plan.launch + plan.relaunch:
-            await self.launcher.launch(training_spec(g, self.settings, self.workload_env))
+            await self.launcher.launch(training_launch(g, self.settings, self.workload_env))
             log.info("launched %s for results %s", g.name, list(g.result_ids))
             if g in plan.launch:
                 commands.append(Command(derived_command_id("launched", g.name), "ReportTrainingLaunched",
@@ -323,8 +353,7 @@ class Orchestrator:
             log.info("removed tier workload %s", name)
         for inference, tier in plan.launch:
             port = self.settings.workloads.tier_port if self.settings.workloads.launcher == "kubernetes" else 0
-            await self.launcher.launch(tier_spec(inference, tier, self.workload_env, port=port,
-                                                 tier_names=self.settings.workloads.tier_names))
+            await self.launcher.launch(tier_launch(inference, tier, self.settings, self.workload_env, port=port))
             log.info("launched tier %d of inference %d (%s)", tier["index"], inference["id"], tier["model_name"])
         return plan
 

@@ -204,12 +204,25 @@ class ApiSettings:
     port: int = setting("TIERFLOW_API_PORT", 8080)
     #: where CLIs and workloads reach the API (defaults to the embedded stack's).
     url: str = setting("TIERFLOW_API_URL", "")
-    #: when set, writes need `Authorization: Bearer <token>`.
+    #: the admin token: every route but /healthz, /readyz and the UI's files needs `Authorization: Bearer <token>`
+    #: (or a workload's scoped token). `tierflow up` generates one; the CLI, the demo and `tierflow status --json`
+    #: read it from the running stack. The API refuses to start without one unless TIERFLOW_API_AUTH=off.
     token: str = setting("TIERFLOW_API_TOKEN", "")
+    #: "token": requests need a token (the default); "off": no authentication at all, for an API behind a proxy
+    #: that authenticates for it. Host, Origin and content-type checks hold either way.
+    auth: str = setting("TIERFLOW_API_AUTH", "token", normalize=str.lower)
+    #: the Host header values the API answers (`name` or `name:port`, comma-separated); a request for another
+    #: name is refused (DNS rebinding). Empty: 127.0.0.1, localhost and [::1] on the port the request arrived
+    #: on. Required when the API listens beyond loopback (a cluster: its Service, ingress or port-forward names).
+    allowed_hosts: frozenset[str] = setting("TIERFLOW_API_ALLOWED_HOSTS", frozenset())
+    #: "token": /metrics needs a token like every route (the default); "open": scrapers need none.
+    metrics_auth: str = setting("TIERFLOW_METRICS_AUTH", "token", normalize=str.lower)
     #: how long a write waits for its command's outcome before answering 202.
     command_timeout_s: float = setting("TIERFLOW_COMMAND_TIMEOUT_S", 10.0)
     #: largest request body accepted (model code, JSON configs).
     max_body_bytes: int = setting("TIERFLOW_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=1024)
+    #: largest artefact (a trained model) a workload may upload; a larger one is refused with 413 unstored.
+    max_artefact_bytes: int = setting("TIERFLOW_MAX_ARTEFACT_BYTES", 256 * 1024 * 1024, minimum=1024)
 
 
 @dataclass(frozen=True)
@@ -279,8 +292,8 @@ class WorkloadSettings:
     kubeedge_tiers: frozenset[str] = setting("TIERFLOW_KUBEEDGE_TIERS", frozenset())
     #: the service account training Jobs and tier pods run as (Kubernetes).
     service_account: str = setting("TIERFLOW_WORKLOAD_SERVICE_ACCOUNT", "")
-    #: a Secret whose keys become the workloads' environment (Kubernetes), e.g. the API token; secrets then
-    #: never appear in Job or Deployment specs.
+    #: a Secret whose keys become every workload's environment (Kubernetes), e.g. credentials of the Kafka
+    #: cluster, kept out of Job and Deployment specs. (The API token is not one: each workload gets its own.)
     secret: str = setting("TIERFLOW_WORKLOAD_SECRET", "")
 
 
@@ -320,6 +333,11 @@ class Settings:
         if w.launcher not in ("local", "kubernetes"):
             raise SettingsError(f"{env_var(WorkloadSettings, 'launcher').name}={w.launcher!r} must be 'local' or "
                                 "'kubernetes'")
+        for attribute, allowed in (("auth", ("token", "off")), ("metrics_auth", ("token", "open"))):
+            value = getattr(settings.api, attribute)
+            if value not in allowed:
+                raise SettingsError(f"{env_var(ApiSettings, attribute).name}={value!r} must be "
+                                    f"{' or '.join(map(repr, allowed))}")
         if settings.sandbox.isolation not in ("bwrap", "none"):
             raise SettingsError(f"{env_var(SandboxSettings, 'isolation').name}={settings.sandbox.isolation!r} must "
                                 "be 'bwrap' or 'none'")
@@ -346,15 +364,19 @@ class Settings:
         return _render(self, {})
 
     def workload_env(self) -> dict[str, str]:
-        """The environment of training and tier workloads: these settings without what workloads never use
-        (the database URL, the stack's secret key) and, when a workload Secret carries them (Kubernetes),
-        without the secrets."""
+        """The environment of training and tier workloads: these settings without the stack's secrets
+        (`stack_secret_names`): a workload gets its own scoped API token from the orchestrator instead."""
         env = self.to_env()
-        del env[env_var(DatabaseSettings, "url").name]
-        del env[env_var(SecuritySettings, "secret_key").name]
-        if self.workloads.launcher == "kubernetes" and self.workloads.secret:
-            del env[env_var(ApiSettings, "token").name]
+        for name in stack_secret_names():
+            env.pop(name, None)
         return env
 
     def artefacts_path(self) -> Path:
         return Path(self.workloads.artefacts_dir) if self.workloads.artefacts_dir else self.stack.home / "artefacts"
+
+
+def stack_secret_names() -> frozenset[str]:
+    """The variables that hold the stack's own secrets (the database URL, the secret key, the admin token):
+    never in a workload's environment, whatever else it inherits (the launchers strip them)."""
+    return frozenset({env_var(DatabaseSettings, "url").name, env_var(SecuritySettings, "secret_key").name,
+                      env_var(ApiSettings, "token").name})

@@ -23,6 +23,9 @@ from tierflow.deploy import services
 from tierflow.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+#: The admin token and the stack secret of every test plane (`new_plane`), as `tierflow up` would generate them.
+TEST_TOKEN = "test-admin-token"
+TEST_SECRET = "test-stack-secret-" + "0123456789abcdef" * 3
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -71,7 +74,7 @@ async def new_plane(infra: Infra, name: str = "t") -> Settings:
         await conn.execute(f'CREATE DATABASE "{db}"')
     finally:
         await conn.close()
-    base = Settings.from_env({})
+    base = Settings.from_env({"TIERFLOW_API_TOKEN": TEST_TOKEN, "TIERFLOW_SECRET_KEY": TEST_SECRET})
     settings = base.with_endpoints(
         bootstrap_servers=infra.bootstrap_servers, database_url=services.postgres_url(infra.postgres_port, db)
     )
@@ -80,6 +83,11 @@ async def new_plane(infra: Infra, name: str = "t") -> Settings:
     await ensure_topics(settings.kafka)
     await migrate(settings.database.url)
     return settings
+
+
+def admin_headers(settings: Settings) -> dict[str, str]:
+    """What a client of the API built from `settings` sends to be the admin (tests' clients send it always)."""
+    return {"Authorization": f"Bearer {settings.api.token}"}
 
 
 @pytest.fixture
@@ -143,7 +151,7 @@ async def start_plane(settings: Settings, validate: object, launcher: object = N
     from tierflow.streams.worker import Worker
 
     worker = Worker(settings, validate=validate, launcher=launcher,  # type: ignore[arg-type]
-                    workload_env={**settings.to_env(), "PYTHONUNBUFFERED": "1"})
+                    workload_env={**settings.workload_env(), "PYTHONUNBUFFERED": "1"})
     task = asyncio.create_task(worker.run())
     await wait_until(lambda: worker.decider.ready.is_set() or task.done(), what="decider ready")
     if task.done():

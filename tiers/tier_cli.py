@@ -204,8 +204,13 @@ def build_config(args: argparse.Namespace, settings: Settings) -> TierConfig:
             default_servers = _default_servers(settings)
         except TierSetupError:
             default_servers = ""  # fine when every tier names its cluster; TierConfig says so otherwise
+        from tierflow.streams.stack_state import resolve_api_token
+
+        # --token, else TIERFLOW_API_TOKEN (what the orchestrator gives a tier: its own scoped token, or the one
+        # `tierflow inferences token N --tier K` minted for a device), else the stack on this machine's.
+        token = resolve_api_token(settings, args.token or "")
         return asyncio.run(config_from_api(api, args.inference, args.tier, default_servers=default_servers,
-                                           token=settings.api.token, engine=args.engine, max_batch=args.max_batch,
+                                           token=token, engine=args.engine, max_batch=args.max_batch,
                                            linger_ms=args.linger_ms, port=port,
                                            commit_interval_ms=args.commit_interval_ms, check_crcs=args.check_crcs))
     missing = [flag for flag, value in (("--model", args.model), ("--input-topic", args.input_topic),
@@ -274,6 +279,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     api.add_argument("--inference", type=positive_int, metavar="N", help="the inference to serve a tier of")
     api.add_argument("--tier", type=int, metavar="K", help="the tier index (0 = the entry tier)")
     api.add_argument("--api", default="", metavar="URL", help="the tierflow API (default: TIERFLOW_API_URL)")
+    api.add_argument("--token", default="", metavar="TOKEN",
+                     help="this tier's API token (default: TIERFLOW_API_TOKEN); on a device, mint one with "
+                          "`tierflow inferences token N --tier K`")
     hand = run.add_argument_group("by hand (no API)")
     hand.add_argument("--model", metavar="PATH", help="the sub-model file (.keras/.h5, or .tflite for litert)")
     hand.add_argument("--input-topic", metavar="T")

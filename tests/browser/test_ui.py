@@ -1,6 +1,7 @@
 """The web UI in a real headless Chromium: the whole user flow through the forms, on a real control plane.
 
-A user opens the API's root and lands on the UI, meets the token error, registers a chain and a single
+A user opens the API's root and lands on the UI, which asks for the token, opens the one-time address
+`tierflow up` prints (the page keeps the token for its tab), registers a chain and a single
 model through the form (and sees the sandbox's verdict on bad code), creates a configuration, deploys it,
 watches the results go from `created` through `training` to `finished` with per-epoch charts while the
 training reports arrive (fed through the real commands topic, as a training workload sends them), re-sends
@@ -64,8 +65,8 @@ async def env(infra: Infra, sandbox_pool: Any) -> AsyncIterator[Env]:
     running = await start_plane(settings, sandbox_validate(sandbox_pool))
     try:
         impatient = replace(settings, api=replace(settings.api, command_timeout_s=0.0))
-        async with TestClient(TestServer(create_app(settings))) as c, \
-                TestClient(TestServer(create_app(impatient))) as slow:
+        async with TestClient(TestServer(create_app(settings)), headers=AUTH) as c, \
+                TestClient(TestServer(create_app(impatient)), headers=AUTH) as slow:
             yield Env(c, settings, str(c.make_url("")).rstrip("/"), str(slow.make_url("")).rstrip("/"))
     finally:
         await stop_plane(running)
@@ -184,24 +185,23 @@ async def test_the_whole_flow_in_a_browser(env: Env, snippets: dict[str, str]) -
 
 async def flow(page: Page, env: Env, snippets: dict[str, str]) -> None:
     c = env.client
-    # The API's root leads to the UI, which is ready and has nothing yet.
+    # The API's root leads to the UI, which is ready; without the token even reads are refused, and the page says
+    # where the token is.
     await page.goto(env.base + "/")
     await expect(page).to_have_url(re.compile(r"/ui/(#/models)?$"))
     await expect(page.locator("#health")).to_have_text("ready")
+    await expect(page.locator(".alert-error")).to_contain_text("tierflow up")
+    # The one-time address `tierflow up` prints: the page keeps the token for this tab and drops it from the
+    # address bar; the UI then has nothing yet.
+    await page.goto(f"{env.base}/ui/?token={TOKEN}")
+    await expect(page).to_have_url(re.compile(r"/ui/(#/models)?$"))
+    await expect(page.locator("#token-state")).to_have_text("token set")
     await expect(page.locator(".empty")).to_contain_text("No models yet")
     upper_models = asyncio.create_task(register_top_of_chain(env, snippets))
 
-    # Without the token a write is refused, and the UI says what to do.
+    # Bad code: the sandbox's verdict is shown on the code field; fixed code registers.
     await page.click("text=New model")
     await page.fill("input[name=name]", "single")
-    await page.fill("textarea[name=code]", snippets["single"])
-    await page.click(SUBMIT)
-    await expect(page.locator(".form-error")).to_contain_text("Bearer")
-    await page.fill("#token", TOKEN)
-    await page.click("#token-form button")
-    await expect(page.locator("#token-state")).to_have_text("token set")
-
-    # Bad code: the sandbox's verdict is shown on the code field; fixed code registers.
     await page.fill("textarea[name=code]", "model = keras.Sequential([\n    keras.layers.Dense(10)\n")
     await page.click(SUBMIT)
     error = page.locator(".form-error")
@@ -369,8 +369,9 @@ async def flow_through_command_outcomes(page: Page, env: Env) -> None:
     crashes: list[str] = []
     page.on("pageerror", lambda exc: crashes.append(str(exc)))
     await page.goto(env.impatient_base + "/ui/#/models")
-    await page.fill("#token", TOKEN)  # the token is kept per origin, and this server is another one
+    await page.fill("#token", TOKEN)  # the token is kept per tab and origin: typed in, as a user may
     await page.click("#token-form button")
+    await expect(page.locator("#token-state")).to_have_text("token set")
     await model_row(page, "fog").locator("text=Edit").click()
     await page.fill("input[name=name]", "cloud")
     await page.click(SUBMIT)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.api.app import create_app
 from tierflow.api.ui import is_ui_path
@@ -31,16 +31,17 @@ async def env(infra: Infra) -> AsyncIterator[tuple[TestClient[Any, Any], Setting
     settings = await new_plane(infra, "routes")
     settings = replace(settings, api=replace(settings.api, token=TOKEN, max_body_bytes=64 * 1024))
     running = await start_plane(settings, shape_validate)
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(TestServer(create_app(settings)), headers=AUTH) as c:
         yield c, settings
     await stop_plane(running)
 
 
 async def test_errors_are_json_and_name_the_problem(env: tuple[TestClient[Any, Any], Settings]) -> None:
     c, _ = env
-    # Writes need the bearer token; reads do not.
-    r = await c.post("/models", json={"name": "m", "code": "# single"})
+    # Every route needs the bearer token, reads too (tests/security/test_api_doors.py has the rest).
+    r = await c.post("/models", json={"name": "m", "code": "# single"}, headers={"Authorization": "Bearer nope"})
     assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+    assert (await c.get("/models", headers={"Authorization": "Bearer nope"})).status == 401
     assert (await c.get("/models")).status == 200
     # Not JSON, not an object, too large.
     r = await c.post("/models", data=b"{nope", headers=AUTH | {"Content-Type": "application/json"})
@@ -120,7 +121,7 @@ async def test_health_readiness_metrics_and_outcomes(env: tuple[TestClient[Any, 
 async def test_a_slow_outcome_answers_202_with_a_location(env: tuple[TestClient[Any, Any], Settings]) -> None:
     _, settings = env
     impatient = replace(settings, api=replace(settings.api, command_timeout_s=0.0))
-    async with TestClient(TestServer(create_app(impatient))) as c:
+    async with TestClient(TestServer(create_app(impatient)), headers=AUTH) as c:
         r = await c.post("/configurations", json={"name": "slow", "model_ids": [1]}, headers=AUTH)
         assert r.status == 202
         location = r.headers["Location"]
@@ -244,7 +245,7 @@ async def test_an_event_the_projector_cannot_apply_stops_it_and_readyz_says_why(
     plane = await new_plane(infra, "broken")
     running = await start_plane(plane, shape_validate)
     try:
-        async with TestClient(TestServer(create_app(plane))) as c:
+        async with TestClient(TestServer(create_app(plane)), headers=admin_headers(plane)) as c:
             # A bug elsewhere wrote an event whose payload the projector cannot apply.
             bad = Event(id="x", seq=1, type="ModelCreated", version=1, aggregate="model:1", aggregate_version=1,
                         command_id="6f1c1f7e-3c43-4d0b-9a55-7a8e5e0e3b12", occurred_at="2026-01-01T00:00:00Z",

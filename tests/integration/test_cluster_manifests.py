@@ -31,6 +31,7 @@ import yaml  # type: ignore[import-untyped]
 from kmock import KubernetesEmulator, Server
 from kubernetes import client as k8s
 
+from tierflow.api.auth import check_settings
 from tierflow.api.routes import routes
 from tierflow.deploy.cli import build_parser
 from tierflow.deploy.kubernetes_launcher import RETRIES, KubernetesLauncher
@@ -509,6 +510,8 @@ def test_probes_and_services_point_at_real_routes_and_ports(rendered: list[Obj])
     # The API listens where its container port, its Service and TIERFLOW_API_URL say.
     settings = Settings.from_env(container_env(rendered, api_container, "tierflow"))
     assert settings.api.host == "0.0.0.0"
+    check_settings(settings)  # it starts: a token, the secret, and the Host names its clients use
+    assert {"tierflow-api:8080", "localhost:8080"} <= settings.api.allowed_hosts
     assert {p["name"]: p["containerPort"] for p in api_container["ports"]}["http"] == settings.api.port
     service = find(rendered, "Service", "tierflow-api")
     assert service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
@@ -555,7 +558,8 @@ def test_rbac_is_least_privilege_and_the_same_as_rbac_objects(rendered: list[Obj
     namespace = role["metadata"]["namespace"]
     granted = rules(role)
     assert {verb for _, _, verb in granted} <= {"create", "get", "list", "watch", "delete"}
-    assert {resource for _, resource, _ in granted} == {"jobs", "deployments", "pods", "pods/log"}
+    assert {resource for _, resource, _ in granted} == {"jobs", "deployments", "pods", "pods/log", "secrets"}
+    assert {verb for _, resource, verb in granted if resource == "secrets"} == {"create", "delete"}  # no reads
     assert not any("*" in part for rule in granted for part in rule)
     # What deploy/manifests.py says the orchestrator needs, rule for rule.
     built = rbac_objects(namespace, name=role["metadata"]["name"])

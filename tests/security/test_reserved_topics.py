@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane
+from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane
 from tests.integration.test_replay import shape_validate
 from tierflow.api.app import create_app
 from tierflow.streams.client import CommandClient
@@ -156,7 +156,7 @@ async def test_the_running_decider_refuses_its_own_topics(plane: Settings) -> No
 
 
 async def test_the_api_refuses_reserved_topics_before_sending(plane: Settings) -> None:
-    async with TestClient(TestServer(create_app(plane))) as c:
+    async with TestClient(TestServer(create_app(plane)), headers=admin_headers(plane)) as c:
         for field, topic in [("output_topic", plane.kafka.events_topic), ("input_topic", plane.kafka.control_topic),
                              ("output_topic", "__transaction_state")]:
             # Result 999 does not exist: only a refusal by the API itself can name the topic field.
