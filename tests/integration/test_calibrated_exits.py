@@ -20,7 +20,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import dump
 from tierflow.api.app import create_app
 from tierflow.projections.rebuild import rebuild
@@ -114,7 +114,7 @@ async def served(infra: Infra, trained: Trained) -> AsyncIterator[Served]:
                                     out.test_labels, out.costs_s)
     none = exit_report.chain_exits([p[:0] for p in out.val_probs], out.val_labels[:0], out.test_probs,
                                    out.test_labels, out.costs_s)
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(TestServer(create_app(settings)), headers=admin_headers(settings)) as c:
         cloud = await (await c.post("/models", json={"name": "cloud", "code": "# cloud", "distributed": True})).json()
         fog = await (await c.post("/models", json={"name": "fog", "code": "# fog", "distributed": True,
                                                    "upper_id": cloud["id"]})).json()
