@@ -499,7 +499,7 @@ def scratch_of(scratch_root: str, request_id: int) -> str:
     return os.path.join(scratch_root, str(request_id))
 
 
-def _drop_to(uid: int) -> None:
+def drop_to(uid: int) -> None:
     """bwrap ran as root (no user namespace, so the host's root could traverse a 0700 home to bind the
     installation); become an unprivileged user for good before anything else runs."""
     os.setgroups([])
@@ -603,7 +603,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.isolation == "bwrap":
             if args.drop_to is not None and os.getuid() == 0:
-                _drop_to(args.drop_to)
+                drop_to(args.drop_to)
             verify_isolation(own_namespaces=False)
         elif args.isolation == "landlock":
             report.update(confine_zygote(args.scratch_root))

@@ -10,7 +10,7 @@ fakes of tests/unit/test_training_plan.py; its HTTP adapter runs against a small
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -182,15 +182,18 @@ def _outputs(model: Any, inputs: np.ndarray[Any, Any]) -> list[np.ndarray[Any, A
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("isolation", ["bwrap", "landlock"])
 async def test_run_training_trains_uploads_and_reports_every_result(
-        snippets: dict[str, str], digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]) -> None:
+        snippets: dict[str, str], digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]], isolation: str) -> None:
+    # The model code runs in the sandboxed trainer, at both levels that isolate it.
     api = deployment_api({name: snippets[name] for name in CHAIN}, fit_options={"epochs": 2},
                          loss_weights={"1": 1.0, "2": 0.5, "3": 0.5})
     api.datasource_items.append(datasource())
     reporter = FakeReporter()
     x, y = digits
+    settings = replace(SETTINGS, sandbox=replace(SETTINGS.sandbox, isolation=isolation))
 
-    code = await run_training(SETTINGS, 4, [13, 12, 11], api=api, reporter=reporter,
+    code = await run_training(settings, 4, [13, 12, 11], api=api, reporter=reporter,
                               data_loader=FakeLoader(x, y), seed=5)
 
     assert code == 0

@@ -139,7 +139,11 @@ hits = []
 for name, value in os.environ.items():
     if any(s in value for s in SECRETS):
         hits.append("env:" + name)
-for pid in os.listdir("/proc"):
+try:
+    pids = os.listdir("/proc")
+except OSError:  # Landlock hides /proc: try the processes it knows of (the caller's) by number
+    pids = []
+for pid in pids + [str(p) for p in globals().get("KNOWN_PIDS", [])]:
     if not pid.isdigit():
         continue
     for leaf in ("environ", "cmdline"):
@@ -155,7 +159,7 @@ report["environ"] = sorted(os.environ)
 
 
 async def test_the_stack_secrets_are_not_in_the_environment_nor_in_proc(pool: SandboxPool) -> None:
-    report = await probe(pool, FIND_SECRETS, SECRETS=[TOKEN, PASSWORD])
+    report = await probe(pool, FIND_SECRETS, SECRETS=[TOKEN, PASSWORD], KNOWN_PIDS=[os.getpid(), 1])
 
     assert report["hits"] == []
     assert "DATABASE_URL" not in report["environ"]
