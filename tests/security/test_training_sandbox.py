@@ -30,8 +30,10 @@ import pytest
 from tests.fixtures import REPO
 from tests.security.test_sandbox import FIND_SECRETS, PASSWORD, SECRET_ENV, SERVICE_ACCOUNT_TOKEN, TOKEN
 from tests.unit.test_training_plan import FakeApi, FakeLoader, FakeReporter, datasource, version
+from tierflow.streams.errors import PermanentError
 from tierflow.streams.settings import Settings
 from tierflow.tiers.train_job import run_training
+from tierflow.tiers.train_sandbox import read_output
 
 pytestmark = pytest.mark.slow
 
@@ -204,3 +206,59 @@ def test_training_code_runs_with_no_privilege(attempt: Attempt) -> None:
     assert attempt.report["caps"] == 0 and attempt.report["no_new_privs"] == "1", attempt.report
     if attempt.level == "bwrap":
         assert attempt.report["uid"] != 0
+
+
+# -- what the trainer hands back -----------------------------------------------------------------------------
+
+
+def _result(tmp: Path, **files: bytes) -> int:
+    """An exchange directory holding a valid result for one exit whose Keras artefact is `model_0.keras`."""
+    (tmp / "result.json").write_text(json.dumps({
+        "metrics": [{"train": {"loss": 0.5}, "validation": {}, "test": {}}],
+        "artefacts": [{"keras": "model_0.keras"}], "seconds_per_sample": [1e-5]}))
+    for split in ("validation", "test"):
+        np.save(tmp / f"probs_{split}_0.npy", np.full((2, 3), 1 / 3, dtype=np.float32))
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    return os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def test_the_driver_uploads_no_file_the_trainer_linked_to(tmp_path: Path) -> None:
+    # A trainer that could write its exchange directory plants links to a file only the driver can read (the
+    # stack's state); the driver would upload it as an artefact and report its hash.
+    secret = tmp_path / "stack.json"
+    secret.write_bytes(b"PK\x03\x04" + TOKEN.encode())
+    for how in ("symlink", "hardlink"):
+        exchange = tmp_path / how
+        exchange.mkdir()
+        directory = _result(exchange)
+        try:
+            if how == "symlink":
+                (exchange / "model_0.keras").symlink_to(secret)
+            else:
+                os.link(secret, exchange / "model_0.keras")
+
+            with pytest.raises(PermanentError, match="model_0.keras"):
+                read_output(directory, 1, {"validation": 2, "test": 2})
+        finally:
+            os.close(directory)
+
+
+def test_the_driver_refuses_malformed_outputs(tmp_path: Path) -> None:
+    directory = _result(tmp_path, **{"model_0.keras": b"PK\x03\x04 a keras zip"})
+    try:
+        output = read_output(directory, 1, {"validation": 2, "test": 2})
+        assert output.artefacts[0]["keras"].data.startswith(b"PK")
+        assert [p.shape for p in output.probs["test"]] == [(2, 3)]
+        # An array that would need pickle to load, and probabilities for the wrong number of samples.
+        np.save(tmp_path / "probs_test_0.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+        with pytest.raises(PermanentError, match="probs_test_0.npy"):
+            read_output(directory, 1, {"validation": 2, "test": 2})
+        np.save(tmp_path / "probs_test_0.npy", np.zeros((5, 3), dtype=np.float32))
+        with pytest.raises(PermanentError, match="probs_test_0.npy"):
+            read_output(directory, 1, {"validation": 2, "test": 2})
+        (tmp_path / "model_0.keras").write_bytes(b"not a zip")
+        with pytest.raises(PermanentError, match="not a keras file"):
+            read_output(directory, 1, {"validation": 2, "test": 2})
+    finally:
+        os.close(directory)
