@@ -40,7 +40,8 @@ Indices = npt.NDArray[np.int64]
 #: Name of the identity layer that marks exit i of the global model; Keras prefixes the exit's metrics with it.
 EXIT_PREFIX = "tierflow_exit_"
 #: Format recorded for the Keras artefact: `.keras` reloads under tf-keras with identical outputs even with
-#: `tf.nn.*` activations (measured; see tests/integration/test_training.py), so `.h5` is only read, not written.
+#: `tf.nn.*` activations (measured; see tests/integration/test_training.py); `.h5` is neither written nor read
+#: (`load_keras`).
 KERAS_FORMAT = "keras"
 
 #: Optimizer names a deployment may give (streams/catalogue.py OPTIMIZERS) -> tf-keras class names.
@@ -248,7 +249,7 @@ def sha256_hex(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Artefact:
-    """A trained sub-model's file: `format` is "keras", "h5" or "tflite"."""
+    """A trained sub-model's file: `format` is "keras" or "tflite"."""
 
     data: bytes
     format: str
@@ -456,16 +457,23 @@ def export_tflite(sub_model: Any) -> Artefact:
     return Artefact(bytes(converter.convert()), "tflite")
 
 
+#: HDF5's signature: a legacy `.h5` Keras model.
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+#: Why an `.h5` artefact is refused (tier hosts load artefacts that anyone able to report a result chose).
+H5_REFUSED = ("an .h5 (HDF5) Keras model is refused: tf-keras loads HDF5 without safe_mode, so a Lambda layer in "
+              "it would run its code on the tier host; serve a .keras model (tierflow's training writes those) or "
+              "a .tflite one")
+
+
 def load_keras(data: bytes) -> Any:
-    """A trained sub-model from the bytes of its Keras artefact (`.keras` zip, or legacy `.h5`)."""
+    """A trained sub-model from the bytes of its `.keras` artefact, loaded with `safe_mode=True` (no Lambda
+    bytecode, no arbitrary class). ValueError for anything else, `.h5` included (H5_REFUSED)."""
     _, keras = _tf_and_keras()
-    if data[:4] == _ZIP_MAGIC:
-        suffix = ".keras"
-    elif data[:8] == b"\x89HDF\r\n\x1a\n":
-        suffix = ".h5"
-    else:
-        raise ValueError("not a Keras artefact: neither a .keras (zip) nor an .h5 (HDF5) file")
+    if data[:8] == _HDF5_MAGIC:
+        raise ValueError(H5_REFUSED)
+    if data[:4] != _ZIP_MAGIC:
+        raise ValueError("not a Keras artefact: a .keras model is a zip file")
     with tempfile.TemporaryDirectory(prefix="tierflow-load-") as tmp:
-        path = Path(tmp) / f"model{suffix}"
+        path = Path(tmp) / "model.keras"
         path.write_bytes(data)
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False, safe_mode=True)

@@ -238,7 +238,7 @@ def test_the_driver_uploads_no_file_the_trainer_linked_to(tmp_path: Path) -> Non
             else:
                 os.link(secret, exchange / "model_0.keras")
 
-            with pytest.raises(PermanentError, match="model_0.keras"):
+            with pytest.raises(PermanentError, match=r"model_0\.keras"):
                 read_output(directory, 1, {"validation": 2, "test": 2})
         finally:
             os.close(directory)
@@ -252,10 +252,10 @@ def test_the_driver_refuses_malformed_outputs(tmp_path: Path) -> None:
         assert [p.shape for p in output.probs["test"]] == [(2, 3)]
         # An array that would need pickle to load, and probabilities for the wrong number of samples.
         np.save(tmp_path / "probs_test_0.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
-        with pytest.raises(PermanentError, match="probs_test_0.npy"):
+        with pytest.raises(PermanentError, match=r"probs_test_0\.npy"):
             read_output(directory, 1, {"validation": 2, "test": 2})
         np.save(tmp_path / "probs_test_0.npy", np.zeros((5, 3), dtype=np.float32))
-        with pytest.raises(PermanentError, match="probs_test_0.npy"):
+        with pytest.raises(PermanentError, match=r"probs_test_0\.npy"):
             read_output(directory, 1, {"validation": 2, "test": 2})
         (tmp_path / "model_0.keras").write_bytes(b"not a zip")
         with pytest.raises(PermanentError, match="not a keras file"):
