@@ -44,6 +44,12 @@ log = logging.getLogger("tierflow.engines")
 Array = npt.NDArray[Any]
 #: The engines a tier can be served with (`--engine`).
 ENGINES = ("keras", "litert")
+#: HDF5's signature: a legacy `.h5` Keras model.
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+#: Why an `.h5` artefact is refused (tier hosts load artefacts that anyone able to report a result chose).
+H5_REFUSED = ("an .h5 (HDF5) Keras model is refused: tf-keras loads HDF5 without safe_mode, so a Lambda layer in "
+              "it would run its code on the tier host; serve a .keras model (tierflow's training writes those) or "
+              "a .tflite one")
 #: TFLite operators whose output is a probability distribution.
 _PROBABILITY_OPS = frozenset({"SOFTMAX", "LOGISTIC"})
 

@@ -132,9 +132,9 @@ _MODEL_MAGIC = {"keras": (0, b"PK\x03\x04"), "litert": (4, b"TFL3")}
 
 def check_model_format(data: bytes, engine: str, what: str) -> None:
     """TierSetupError (permanent) unless `data` is the file `engine` loads: `.keras` or `.tflite`, never `.h5`."""
-    from tierflow.tiers.training import H5_REFUSED
+    from tierflow.tiers.engines import H5_REFUSED, HDF5_MAGIC
 
-    if data[:8] == b"\x89HDF\r\n\x1a\n":
+    if data[:8] == HDF5_MAGIC:
         raise TierSetupError(f"{what}: {H5_REFUSED}")
     offset, magic = _MODEL_MAGIC.get(engine, (0, b""))
     if data[offset:offset + len(magic)] != magic:

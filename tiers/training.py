@@ -30,6 +30,7 @@ import numpy.typing as npt
 from tierflow.streams.errors import PermanentError
 from tierflow.streams.wire import shape_text
 from tierflow.tiers.data import reshape_for
+from tierflow.tiers.engines import H5_REFUSED, HDF5_MAGIC
 from tierflow.tiers.keras_code import load_keras as _tf_and_keras
 
 JSON = dict[str, Any]
@@ -457,19 +458,11 @@ def export_tflite(sub_model: Any) -> Artefact:
     return Artefact(bytes(converter.convert()), "tflite")
 
 
-#: HDF5's signature: a legacy `.h5` Keras model.
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-#: Why an `.h5` artefact is refused (tier hosts load artefacts that anyone able to report a result chose).
-H5_REFUSED = ("an .h5 (HDF5) Keras model is refused: tf-keras loads HDF5 without safe_mode, so a Lambda layer in "
-              "it would run its code on the tier host; serve a .keras model (tierflow's training writes those) or "
-              "a .tflite one")
-
-
 def load_keras(data: bytes) -> Any:
     """A trained sub-model from the bytes of its `.keras` artefact, loaded with `safe_mode=True` (no Lambda
     bytecode, no arbitrary class). ValueError for anything else, `.h5` included (H5_REFUSED)."""
     _, keras = _tf_and_keras()
-    if data[:8] == _HDF5_MAGIC:
+    if data[:8] == HDF5_MAGIC:
         raise ValueError(H5_REFUSED)
     if data[:4] != _ZIP_MAGIC:
         raise ValueError("not a Keras artefact: a .keras model is a zip file")
