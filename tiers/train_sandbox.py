@@ -24,6 +24,7 @@ missing tool fails the training with what to install, and no model code runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -72,6 +73,8 @@ TRAINER_ENV = {
 }
 #: Longest line the trainer may send (an epoch's metrics for every exit).
 MAX_LINE_BYTES = 1 << 20
+#: Lines of the trainer's stderr kept to explain its death.
+STDERR_TAIL_LINES = 5
 MAX_RESULT_BYTES = 1 << 20
 MAX_PROBS_BYTES = 1 << 30
 MAX_METRICS = 64
@@ -299,7 +302,8 @@ async def _run(settings: SandboxSettings, exchange: Path, n_exits: int,
         _set_dumpable(False)  # the trainer runs as this user: it must not read this process's memory or env
     try:
         proc = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL, env=TRAINER_ENV,
-                                                    pass_fds=(write_end,))
+                                                    stderr=asyncio.subprocess.PIPE, pass_fds=(write_end,),
+                                                    limit=MAX_LINE_BYTES)
     except OSError as exc:
         os.close(read_end)
         raise PermanentError(f"the trainer cannot run: {exc}; {how_to_get(settings.isolation)}") from exc
@@ -311,6 +315,8 @@ async def _run(settings: SandboxSettings, exchange: Path, n_exits: int,
                                                 os.fdopen(read_end, "rb", buffering=0))
     final: JSON | None = None
     isolation: dict[str, str] = {}
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+    relay = loop.create_task(_relay_stderr(proc, tail, settings))
     try:
         while final is None:
             try:
@@ -343,8 +349,11 @@ async def _run(settings: SandboxSettings, exchange: Path, n_exits: int,
             # it can start no process (sandbox_confine.no_new_processes).
             _kill_tree(proc.pid)
             await proc.wait()
+        await relay
     if final is None:
         what = describe_exit(returncode, settings.training_memory_mb, starting=not isolation)
+        if tail:
+            what += "; its last words: " + " | ".join(tail)
         if returncode < 0 and -returncode in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
             # Out of memory, most likely: the same training fails the same way.
             raise PermanentError(f"the trainer {what} (TIERFLOW_SANDBOX_TRAINING_MEMORY_MB sets that limit)")
@@ -356,6 +365,26 @@ async def _run(settings: SandboxSettings, exchange: Path, n_exits: int,
                                  f"{how_to_get(settings.isolation)}")
         raise (PermanentError if final.get("permanent") is True else TemporaryError)(reason)
     return isolation
+
+
+async def _relay_stderr(proc: asyncio.subprocess.Process, tail: collections.deque[str],
+                        settings: SandboxSettings) -> None:
+    """Pass the trainer's stderr on to the job's log (TensorFlow's and the model code's output), keeping its
+    last lines to explain a trainer that dies without saying why."""
+    stream = proc.stderr
+    assert stream is not None
+    while True:
+        try:
+            raw = await stream.readline()
+        except ValueError:  # a line longer than the limit: what is buffered
+            raw = await stream.read(MAX_LINE_BYTES)
+        if not raw:
+            return
+        text = scrub(raw.decode("utf-8", "replace").rstrip(), settings.secrets)
+        print(text, file=sys.stderr, flush=True)
+        text = text.strip()
+        if text and not text.startswith(("I0000", "W0000", "WARNING: All log messages")):
+            tail.append(text[:500])
 
 
 def _parse(line: bytes, settings: SandboxSettings) -> JSON:
