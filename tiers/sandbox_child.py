@@ -22,6 +22,16 @@ the installation and nothing else, a scrubbed environment). Three kinds of proce
 The same steps serve a later sandboxed trainer: `enter_namespaces`, `drop_capabilities` and `apply_limits`
 take no validation-specific argument.
 
+With `--isolation landlock` (where namespaces are refused: a `restricted` Kubernetes pod) there is no bwrap
+and no namespace: the zygote drops root if it has it, then, before TensorFlow loads, confines itself with
+Landlock (read-only system and installation, writes only under the pool's scratch root) and a seccomp filter
+(no new sockets, no ptrace, no namespaces; tiers/sandbox_confine.py). Each keeper makes the runner's scratch
+`<scratch root>/<id>`, which the zygote removes when the validation ends; each runner adds a second Landlock
+layer (writes only to its own scratch, reads only its own /proc entry) and a second filter (threads but no new
+process, no signals to other processes), so nothing it starts outlives it. Other processes' /proc entries, the
+stack's files and any network stay out of reach. Started as root (a workstation), the zygote keeps uid 0 but
+drops every capability (nobody could not read a root-owned installation); a pod runs it as non-root.
+
 With `--isolation none` (an explicit operator choice) the zygote, keeper and runner do the same work without
 any namespace or user change: only the scrubbed environment and the resource limits remain.
 """
@@ -37,12 +47,18 @@ import os
 import resource
 import select
 import selectors
+import shutil
 import signal
 import socket
+import stat
 import sys
+import tempfile
 from typing import Any
 
 import orjson
+
+from tierflow.tiers import sandbox_confine
+from tierflow.tiers.sandbox_bwrap import installation_paths
 
 #: The runner's private scratch (a tmpfs of its own): its cwd, $HOME and $TMPDIR.
 SCRATCH = "/tmp"
@@ -208,6 +224,73 @@ def verify_isolation(*, own_namespaces: bool) -> dict[str, str]:
     }
 
 
+def verify_confined() -> dict[str, str]:
+    """The `landlock` level's checks, after `restrict_files` and the seccomp filter: not root, no capability,
+    no_new_privs, and the confinement visibly in force (no socket can be made; the file system root cannot be
+    listed). Raises IsolationError."""
+    status = _status()
+    if int(status["CapEff"], 16) or int(status["CapPrm"], 16) or int(status["CapBnd"], 16):
+        raise IsolationError(f"the sandbox holds capabilities (CapEff {status['CapEff']})")
+    if status.get("NoNewPrivs") != "1":
+        raise IsolationError("the sandbox could gain privileges (no_new_privs is not set)")
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except PermissionError:
+        pass
+    else:
+        raise IsolationError("the seccomp filter is not in force: a socket could be made")
+    try:
+        os.listdir("/")
+    except PermissionError:
+        pass
+    else:
+        raise IsolationError("Landlock is not in force: the file system root could be listed")
+    who = "uid 0 (tierflow runs as root)" if os.getuid() == 0 else f"uid {os.getuid()} (not root)"
+    return {"user": f"{who}, no capabilities, no_new_privs"}
+
+
+def confine_zygote(scratch_root: str) -> dict[str, str]:
+    """The landlock level's first layer, before TensorFlow loads: what the zygote and every runner may ever do.
+
+    /proc stays readable here (a runner's own entry does not exist yet); each runner's second layer narrows it
+    to its own entry (`confine_runner`)."""
+    sandbox_confine.prepare()
+    os.environ.update(HOME=scratch_root, TMPDIR=scratch_root)
+    tempfile.tempdir = None  # read TMPDIR again
+    if os.getuid() == 0:
+        drop_capabilities()  # uid 0 stays (the root-owned installation); what makes root powerful goes
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    report = sandbox_confine.restrict_files(
+        read=[*sandbox_confine.readable_roots(installation_paths()), "/proc"], write=[scratch_root],
+        devices=("/dev/null",), own_proc=False)
+    report.update(sandbox_confine.deny_network_and_escapes())
+    return report
+
+
+def confine_runner(scratch: str) -> dict[str, str]:
+    """The landlock level's second layer, in a runner before it warms up: writes only to its scratch, reads
+    only its own /proc entry, starts no process and signals no one else."""
+    report = sandbox_confine.restrict_files(read=sandbox_confine.readable_roots(installation_paths()),
+                                            write=[scratch], own_proc=True)
+    report.update(sandbox_confine.no_new_processes())
+    report.update(verify_confined())
+    report["network"] = "none (seccomp: no new sockets, no io_uring)"
+    return report
+
+
+def remove_tree(path: str) -> None:
+    """Remove a runner's scratch whatever the code left in it (folders it made unwritable included)."""
+
+    def retry(function: Any, name: str, excinfo: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(name), stat.S_IRWXU)
+            if os.path.isdir(name) and not os.path.islink(name):
+                os.chmod(name, stat.S_IRWXU)
+            function(name)
+
+    shutil.rmtree(path, onerror=retry)
+
+
 # -- the runner: one validation --------------------------------------------------------------------------
 
 
@@ -233,30 +316,41 @@ def _lower_limit(kind: int, value: int) -> int:
     return value
 
 
-def apply_limits(memory_mb: int, timeout_s: float, *, own_user_namespace: bool) -> dict[str, str]:
+def apply_limits(memory_mb: int | None, timeout_s: float | None, *, own_user_namespace: bool,
+                 nproc: bool = True, file_bytes: int = FSIZE_LIMIT,
+                 nproc_margin: int = NPROC_MARGIN) -> dict[str, str]:
     """Resource limits for the user's code, measured from what the process holds now; returns what was set.
 
+    `memory_mb`: address space on top of what the process holds (None: no limit, e.g. where a container's
+    memory limit holds); `timeout_s`: the CPU time it may use, on every core (None: no limit, a training
+    runs as long as it takes); `file_bytes`: the largest file it may write.
+
     RLIMIT_NPROC holds because the process is not root; in a user namespace of its own it counts only this
-    runner's tasks (and its keeper), so one runner's fork bomb does not starve the others.
+    runner's tasks (and its keeper), so one runner's fork bomb does not starve the others. `nproc=False`
+    where a seccomp filter forbids new processes altogether (the landlock level).
     """
     notes: dict[str, str] = {}
     status = _status()
     vm_bytes = int(status["VmSize"].split()[0]) * 1024
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_budget = math.ceil(usage.ru_utime + usage.ru_stime + timeout_s * (os.cpu_count() or 1)) + 5
     limits: list[tuple[str, int, int]] = [
+        ("RLIMIT_FSIZE", resource.RLIMIT_FSIZE, file_bytes),
+        ("RLIMIT_CORE", resource.RLIMIT_CORE, 0),
+    ]
+    if memory_mb is not None:
         # TensorFlow already reserved its address space (imported and warmed up): only the user's code's
         # growth counts against memory_mb.
-        ("RLIMIT_AS", resource.RLIMIT_AS, vm_bytes + memory_mb * 1024 * 1024),
-        ("RLIMIT_FSIZE", resource.RLIMIT_FSIZE, FSIZE_LIMIT),
-        ("RLIMIT_CORE", resource.RLIMIT_CORE, 0),
-        ("RLIMIT_CPU", resource.RLIMIT_CPU, cpu_budget),
-    ]
-    if os.geteuid() == 0:
+        limits.append(("RLIMIT_AS", resource.RLIMIT_AS, vm_bytes + memory_mb * 1024 * 1024))
+    if timeout_s is not None:
+        cpu_budget = math.ceil(usage.ru_utime + usage.ru_stime + timeout_s * (os.cpu_count() or 1)) + 5
+        limits.append(("RLIMIT_CPU", resource.RLIMIT_CPU, cpu_budget))
+    if not nproc:
+        pass
+    elif os.geteuid() == 0:
         notes["RLIMIT_NPROC"] = "not enforced for root"
     else:
-        tasks = int(status["Threads"]) + 1 if own_user_namespace else _tasks_of_user(os.getuid())
-        limits.append(("RLIMIT_NPROC", resource.RLIMIT_NPROC, tasks + NPROC_MARGIN))
+        tasks = int(status["Threads"]) + 1 if own_user_namespace else tasks_of_user(os.getuid())
+        limits.append(("RLIMIT_NPROC", resource.RLIMIT_NPROC, tasks + nproc_margin))
     # A write past RLIMIT_FSIZE then fails with EFBIG (an exception in the user's code), not a signal.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     for name, kind, value in limits:
@@ -267,7 +361,7 @@ def apply_limits(memory_mb: int, timeout_s: float, *, own_user_namespace: bool) 
     return notes
 
 
-def _tasks_of_user(uid: int) -> int:
+def tasks_of_user(uid: int) -> int:
     count = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -307,27 +401,31 @@ def _build(request: bytes, memory_mb: int) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[: keras_code.MAX_MESSAGE_CHARS]}
 
 
-def _runner(channel_fd: int, keeper_alive: int, args: argparse.Namespace) -> None:
-    """PID 1 of its own namespaces (isolated mode): warm up, take one request, answer, exit."""
+def _runner(channel_fd: int, keeper_alive: int, args: argparse.Namespace, scratch: str) -> None:
+    """PID 1 of its own namespaces (bwrap level), or its keeper's group member (landlock level): warm up,
+    take one request, answer, exit."""
     die_with_parent()
     # The keeper holds the other end of `keeper_alive` open until it exits: readable now means it is gone.
     if select.select([keeper_alive], [], [], 0)[0]:
         os._exit(1)
     os.close(keeper_alive)
-    isolated = args.isolation == "bwrap"
     channel = _Channel(channel_fd)
-    os.chdir(SCRATCH)
+    os.chdir(scratch)
     report: dict[str, str] = {}
     try:
-        if isolated:
+        if args.isolation == "bwrap":
             drop_capabilities()
             report.update(verify_isolation(own_namespaces=True))
             report["processes"] = "a pid namespace per validation (its whole tree is killed with it)"
             report["filesystem"] = f"read-only system and installation, a private {SCRATCH_MB} MB tmpfs scratch"
+        elif args.isolation == "landlock":
+            os.environ.update(HOME=scratch, TMPDIR=scratch)
+            tempfile.tempdir = None
+            report.update(confine_runner(scratch))
         else:
             _prctl(_PR_SET_NO_NEW_PRIVS, 1)
         set_dumpable(False)
-    except (IsolationError, OSError) as exc:
+    except (IsolationError, sandbox_confine.ConfinementError, OSError) as exc:
         channel.send({"error": f"isolation check failed: {exc}"})
         os._exit(3)
 
@@ -345,7 +443,8 @@ def _runner(channel_fd: int, keeper_alive: int, args: argparse.Namespace) -> Non
     if not request:
         os._exit(0)  # the pool closed before using this runner
     channel.send({"accepted": True})
-    report.update(apply_limits(args.memory_mb, args.timeout_s, own_user_namespace=isolated))
+    report.update(apply_limits(args.memory_mb, args.timeout_s, own_user_namespace=args.isolation == "bwrap",
+                               nproc=args.isolation != "landlock"))
     response = _build(request, args.memory_mb)
     response["isolation"] = report
     channel.send(response)
@@ -354,13 +453,18 @@ def _runner(channel_fd: int, keeper_alive: int, args: argparse.Namespace) -> Non
     os._exit(0)
 
 
-def _keeper(channel_fd: int, args: argparse.Namespace) -> None:
-    """The zygote's child for one validation: new namespaces, then the runner as their PID 1; relay its end."""
+def _keeper(channel_fd: int, args: argparse.Namespace, request_id: int) -> None:
+    """The zygote's child for one validation: new namespaces (bwrap level) or a process group and scratch
+    directory of its own (landlock level), then the runner; relay its end."""
+    scratch = SCRATCH
     try:
         if args.isolation == "bwrap":
             enter_namespaces()
         else:
             set_dumpable(False)
+            if args.isolation == "landlock":
+                scratch = scratch_of(args.scratch_root, request_id)
+                os.mkdir(scratch, 0o700)
     except OSError as exc:  # e.g. user namespaces refused (a sysctl, an LSM, a restricted container)
         os.write(channel_fd, orjson.dumps({"error": f"cannot isolate a sandbox: {exc}"}) + b"\n")
         os._exit(3)
@@ -369,7 +473,7 @@ def _keeper(channel_fd: int, args: argparse.Namespace) -> None:
     if pid == 0:
         os.close(alive_w)
         try:
-            _runner(channel_fd, alive_r, args)
+            _runner(channel_fd, alive_r, args, scratch)
         except BaseException as exc:  # a failed set-up: say why on stderr (the pool logs it) and exit non-zero
             print(f"sandbox runner failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(70)
@@ -390,7 +494,12 @@ def _keeper(channel_fd: int, args: argparse.Namespace) -> None:
 # -- the zygote ------------------------------------------------------------------------------------------
 
 
-def _drop_to(uid: int) -> None:
+def scratch_of(scratch_root: str, request_id: int) -> str:
+    """The landlock level's scratch directory of one runner."""
+    return os.path.join(scratch_root, str(request_id))
+
+
+def drop_to(uid: int) -> None:
     """bwrap ran as root (no user namespace, so the host's root could traverse a 0700 home to bind the
     installation); become an unprivileged user for good before anything else runs."""
     os.setgroups([])
@@ -458,7 +567,7 @@ class _Zygote:
                 # Keep only stdio and this validation's socket: nothing of the zygote's other children.
                 channel = os.dup2(channel_fd, 3) if channel_fd != 3 else 3
                 os.closerange(4, 1 << 16)
-                _keeper(channel, self.args)
+                _keeper(channel, self.args, request_id)
             except BaseException as exc:
                 print(f"sandbox keeper failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             os._exit(70)
@@ -474,6 +583,8 @@ class _Zygote:
         self.selector.unregister(pidfd)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
+        if self.args.isolation == "landlock":
+            remove_tree(scratch_of(self.args.scratch_root, request_id))
         self.send({"exited": request_id, "returncode": os.waitstatus_to_exitcode(status)})
 
 
@@ -481,7 +592,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tierflow.tiers.sandbox_child",
                                      description="model-code sandbox zygote (see tierflow.tiers.sandbox)")
     parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--isolation", choices=("bwrap", "none"), required=True)
+    parser.add_argument("--isolation", choices=("bwrap", "landlock", "none"), required=True)
+    parser.add_argument("--scratch-root", default="", help="landlock level: where each runner's scratch goes")
     parser.add_argument("--drop-to", type=int, default=None, help="uid (and gid) to become when started as root")
     parser.add_argument("--memory-mb", type=int, required=True)
     parser.add_argument("--timeout-s", type=float, required=True)
@@ -491,8 +603,11 @@ def main(argv: list[str]) -> int:
     try:
         if args.isolation == "bwrap":
             if args.drop_to is not None and os.getuid() == 0:
-                _drop_to(args.drop_to)
+                drop_to(args.drop_to)
             verify_isolation(own_namespaces=False)
+        elif args.isolation == "landlock":
+            report.update(confine_zygote(args.scratch_root))
+            report.update(verify_confined())
         set_dumpable(False)
         from tierflow.tiers import keras_code
 
@@ -505,7 +620,7 @@ def main(argv: list[str]) -> int:
             # fork() copies only the calling thread: with others running, a child could inherit a held lock.
             raise IsolationError(f"the zygote runs {_threads()} threads after importing TensorFlow; forking it "
                                  "is unsafe (is OPENBLAS_NUM_THREADS=1 set?)")
-    except (IsolationError, OSError) as exc:
+    except (IsolationError, sandbox_confine.ConfinementError, OSError) as exc:
         control.send(orjson.dumps({"error": f"isolation check failed: {exc}"}))
         return 3
     report["python"] = sys.version.split()[0]

@@ -131,10 +131,27 @@ async def fetch_inference(api: str, inference_id: int, token: str = "") -> JSON:
     return doc
 
 
+#: What each engine's artefact starts with (offset, bytes): a `.keras` zip, a `.tflite` flatbuffer.
+_MODEL_MAGIC = {"keras": (0, b"PK\x03\x04"), "litert": (4, b"TFL3")}
+
+
+def check_model_format(data: bytes, engine: str, what: str) -> None:
+    """TierSetupError (permanent) unless `data` is the file `engine` loads: `.keras` or `.tflite`, never `.h5`."""
+    from tierflow.tiers.engines import H5_REFUSED, HDF5_MAGIC
+
+    if data[:8] == HDF5_MAGIC:
+        raise TierSetupError(f"{what}: {H5_REFUSED}")
+    offset, magic = _MODEL_MAGIC.get(engine, (0, b""))
+    if data[offset:offset + len(magic)] != magic:
+        kind = ".tflite" if engine == "litert" else ".keras"
+        raise TierSetupError(f"{what} is not a {kind} model (the {engine} engine loads only those)")
+
+
 async def fetch_model(api: str, result_id: int, engine: str, token: str = "") -> bytes:
     path = f"/results/{result_id}/model" + ("?format=tflite" if engine == "litert" else "")
     data, headers = await _get(api, path, token)
     verify_sha256(data, headers.get("X-Sha256"), f"the model of result {result_id}")
+    check_model_format(data, engine, f"the model of result {result_id}")
     return data
 
 
@@ -283,7 +300,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="this tier's API token (default: TIERFLOW_API_TOKEN); on a device, mint one with "
                           "`tierflow inferences token N --tier K`")
     hand = run.add_argument_group("by hand (no API)")
-    hand.add_argument("--model", metavar="PATH", help="the sub-model file (.keras/.h5, or .tflite for litert)")
+    hand.add_argument("--model", metavar="PATH",
+                      help="the sub-model file (.keras, or .tflite for litert; .h5 is refused)")
     hand.add_argument("--input-topic", metavar="T")
     hand.add_argument("--output-topic", metavar="O")
     hand.add_argument("--upper-topic", metavar="U", help="where low-confidence samples go (none: the top tier)")

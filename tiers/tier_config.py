@@ -56,7 +56,7 @@ class TierConfig:
     #: (`input_config` data_scheme). Without an input_config they are float32 of the model's input shape.
     input_format: str = "RAW"
     input_config: InputConfig | None = None
-    #: The model artefact: a file path, or its bytes (`.keras`/`.h5` for "keras", `.tflite` for "litert").
+    #: The model artefact: a file path, or its bytes (`.keras` for "keras", `.tflite` for "litert"; `.h5` is refused).
     model: Path | bytes = field(default=b"", repr=False)
     engine: str = "keras"
     #: Most records taken per poll, and most samples per model call (bigger polls run in chunks).

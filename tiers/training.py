@@ -31,6 +31,7 @@ import numpy.typing as npt
 from tierflow.streams.errors import PermanentError
 from tierflow.streams.wire import shape_text
 from tierflow.tiers.data import reshape_for
+from tierflow.tiers.engines import H5_REFUSED, HDF5_MAGIC
 from tierflow.tiers.keras_code import load_keras as _tf_and_keras
 
 JSON = dict[str, Any]
@@ -41,7 +42,8 @@ Indices = npt.NDArray[np.int64]
 #: Name of the identity layer that marks exit i of the global model; Keras prefixes the exit's metrics with it.
 EXIT_PREFIX = "tierflow_exit_"
 #: Format recorded for the Keras artefact: `.keras` reloads under tf-keras with identical outputs even with
-#: `tf.nn.*` activations (measured; see tests/integration/test_training.py), so `.h5` is only read, not written.
+#: `tf.nn.*` activations (measured; see tests/integration/test_training.py); `.h5` is neither written nor read
+#: (`load_keras`).
 KERAS_FORMAT = "keras"
 
 #: Optimizer names a deployment may give (streams/catalogue.py OPTIMIZERS) -> tf-keras class names.
@@ -249,7 +251,7 @@ def sha256_hex(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Artefact:
-    """A trained sub-model's file: `format` is "keras", "h5" or "tflite"."""
+    """A trained sub-model's file: `format` is "keras" or "tflite"."""
 
     data: bytes
     format: str
@@ -509,15 +511,14 @@ def export_tflite(sub_model: Any) -> Artefact:
 
 
 def load_keras(data: bytes) -> Any:
-    """A trained sub-model from the bytes of its Keras artefact (`.keras` zip, or legacy `.h5`)."""
+    """A trained sub-model from the bytes of its `.keras` artefact, loaded with `safe_mode=True` (no Lambda
+    bytecode, no arbitrary class). ValueError for anything else, `.h5` included (H5_REFUSED)."""
     _, keras = _tf_and_keras()
-    if data[:4] == _ZIP_MAGIC:
-        suffix = ".keras"
-    elif data[:8] == b"\x89HDF\r\n\x1a\n":
-        suffix = ".h5"
-    else:
-        raise ValueError("not a Keras artefact: neither a .keras (zip) nor an .h5 (HDF5) file")
+    if data[:8] == HDF5_MAGIC:
+        raise ValueError(H5_REFUSED)
+    if data[:4] != _ZIP_MAGIC:
+        raise ValueError("not a Keras artefact: a .keras model is a zip file")
     with tempfile.TemporaryDirectory(prefix="tierflow-load-") as tmp:
-        path = Path(tmp) / f"model{suffix}"
+        path = Path(tmp) / "model.keras"
         path.write_bytes(data)
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False, safe_mode=True)
