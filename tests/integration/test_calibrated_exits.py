@@ -30,6 +30,7 @@ from tierflow.tiers import exit_report, frontier, training
 from tierflow.tiers.datasets import load_fashion_mnist
 from tierflow.tiers.keras_code import build_model
 from tierflow.tiers.train_job import calibrate
+from tierflow.tiers.train_sandbox import TrainerOutput
 from tierflow.tiers.training import ExitSplits, TrainingOptions
 
 JSON = dict[str, Any]
@@ -58,8 +59,12 @@ def trained(snippets: dict[str, str]) -> Trained:
                               exit_keys=[1, 2, 3])
     models = [build_model(snippets[name]) for name in CHAIN]
     training.train(models, x, y, options, _Quiet())
-    exits = calibrate(models, x, y, options)
+    # What the sandboxed trainer hands the driver, and what the driver makes of it (tiers/train_job.calibrate).
     outputs = training.exit_probabilities(models, x, y, options)
+    handed = TrainerOutput(metrics=[{} for _ in CHAIN], artefacts=[{} for _ in CHAIN],
+                           probs={"validation": outputs.val_probs, "test": outputs.test_probs},
+                           seconds_per_sample=outputs.costs_s)
+    exits = calibrate(handed, y, training.split(len(x), options.validation_rate, options.test_rate, options.seed))
     print("\n" + "\n".join(f"exit {k}: T {e['temperature']:.3f}, test accuracy {e['calibration']['accuracy']:.4f}, "
                            f"ECE {e['calibration']['ece_before']:.4f} -> {e['calibration']['ece_after']:.4f}"
                            for k, e in enumerate(exits)))
