@@ -112,6 +112,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class TierAgent:
     """The data-plane loop of one tier: poll, decode, predict once, route, produce, commit after acks."""
 
+    #: The tensor message versions this agent reads; a message of another version is dead-lettered. A tier of
+    #: the release before shadow samples read `(wire.WIRE_VERSION,)` alone (the tests emulate it with that).
+    READ_VERSIONS: tuple[int, ...] = wire.READ_VERSIONS
+
     def __init__(self, config: TierConfig, kafka: KafkaSettings, *, engine: Engine | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         self.config = config
@@ -280,7 +284,7 @@ class TierAgent:
         decode to result for a 40 us LiteRT call).
         """
         arrived = time.time()
-        batch = wire.decode_records(records, spec, now_ms=arrived * 1000)
+        batch = wire.decode_records(records, spec, now_ms=arrived * 1000, versions=self.READ_VERSIONS)
         m, s = self.metrics, self.stats
         m.records.inc(len(records))
         m.batch_records.observe(len(records))
