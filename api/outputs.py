@@ -52,14 +52,16 @@ READ_ERRORS = (KafkaError, OSError, TimeoutError)
 # --- samples and statistics (pure) -------------------------------------------------------------------------
 
 def flatten_output(value: bytes, timestamp_ms: int | None, limit: int | None = None) -> list[JSON]:
-    """One entry per sample (at most `limit`): {tier, class, confidence, values, origin, latency_ms,
-    timestamp_ms}; none for a record that is not an output record."""
+    """One entry per sample (at most `limit`): {tier, class, confidence, raw_confidence, values, origin,
+    latency_ms, timestamp_ms}; none for a record that is not an output record. `raw_confidence` is null where
+    the tier compared the raw max(p) (its `confidence` is then the raw one)."""
     try:
         samples = wire.answer_fields(value)
     except wire.WireError:
         return []
-    return [{"tier": s.tier, "class": s.cls, "confidence": s.confidence, "values": s.values, "origin": s.origin,
-             "latency_ms": s.latency_ms, "timestamp_ms": timestamp_ms} for s in samples[:limit]]
+    return [{"tier": s.tier, "class": s.cls, "confidence": s.confidence, "raw_confidence": s.raw_confidence,
+             "values": s.values, "origin": s.origin, "latency_ms": s.latency_ms, "timestamp_ms": timestamp_ms}
+            for s in samples[:limit]]
 
 
 def flatten_shadow(value: bytes, timestamp_ms: int | None, limit: int | None = None) -> list[JSON]:

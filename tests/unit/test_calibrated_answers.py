@@ -131,3 +131,17 @@ def test_a_diverged_row_is_forwarded_not_a_crash() -> None:
     confidence = agent("calibrated", 1.3)._compared_confidence(probs)
     assert confidence is not None and np.isnan(confidence[0]) and confidence[1] > 0.9
     assert wire.answered_mask(probs, 0.5, confidence=confidence).tolist() == [False, True]
+
+
+def test_the_apis_predictions_show_both_confidences() -> None:
+    from tierflow.api.outputs import flatten_output
+
+    confidence = agent("calibrated", 0.5)._compared_confidence(PROBS)
+    answered = np.ones(4, dtype=bool)
+    [calibrated] = wire.encode_answers(batch_of(4, batched=True), PROBS, answered, tier=0, answered_ms=1.0,
+                                       confidence=confidence)
+    [typed] = wire.encode_answers(batch_of(1), PROBS[:1], answered[:1], tier=0, answered_ms=1.0)
+    shown = flatten_output(calibrated, 7)
+    assert [s["raw_confidence"] for s in shown] == pytest.approx(PROBS.max(axis=1).tolist())
+    assert [s["confidence"] for s in shown] == pytest.approx(np.asarray(confidence).tolist())
+    assert flatten_output(typed, 7)[0]["raw_confidence"] is None  # its confidence is the raw one
