@@ -7,6 +7,11 @@ one entry per sample, each field as the record holds it (null where it has none)
 over the latest outputs (a window), so they describe recent traffic: exit distribution per tier,
 throughput, and latency percentiles; each section is one function, so a new one slots into `statistics`.
 
+The live agreement of the tiers' early answers comes from the inference's shadow topic (the top tier's
+outcomes of shadow samples, streams/wire.py), read the same way (`flatten_shadow`), and is set beside the
+prediction the inference recorded when its limits were chosen from a target (`predicted_section`,
+`live_section`; the drift rule is streams/exits.py `live_agreement`).
+
 Every request of the API process shares one `OutputReader` (opened lazily, closed with the app): per Kafka
 cluster one long-lived consumer (fetches) and one client (metadata, offsets, a tier group's committed
 offsets), and a short-lived cache of answers. A page polling `/stats`, or a script in a loop, therefore
@@ -31,6 +36,7 @@ from aiokafka.protocol.commit import OffsetFetchRequest
 
 from tierflow.streams import kafka as kio
 from tierflow.streams import wire
+from tierflow.streams.exits import live_agreement
 from tierflow.streams.settings import KafkaSettings
 from tierflow.streams.wire import percentile
 
@@ -46,14 +52,30 @@ READ_ERRORS = (KafkaError, OSError, TimeoutError)
 # --- samples and statistics (pure) -------------------------------------------------------------------------
 
 def flatten_output(value: bytes, timestamp_ms: int | None, limit: int | None = None) -> list[JSON]:
-    """One entry per sample (at most `limit`): {tier, class, confidence, values, origin, latency_ms,
-    timestamp_ms}; none for a record that is not an output record."""
+    """One entry per sample (at most `limit`): {tier, class, confidence, raw_confidence, values, origin,
+    latency_ms, timestamp_ms}; none for a record that is not an output record. `raw_confidence` is null where
+    the tier compared the raw max(p) (its `confidence` is then the raw one)."""
     try:
         samples = wire.answer_fields(value)
     except wire.WireError:
         return []
-    return [{"tier": s.tier, "class": s.cls, "confidence": s.confidence, "values": s.values, "origin": s.origin,
-             "latency_ms": s.latency_ms, "timestamp_ms": timestamp_ms} for s in samples[:limit]]
+    return [{"tier": s.tier, "class": s.cls, "confidence": s.confidence, "raw_confidence": s.raw_confidence,
+             "values": s.values, "origin": s.origin, "latency_ms": s.latency_ms, "timestamp_ms": timestamp_ms}
+            for s in samples[:limit]]
+
+
+def flatten_shadow(value: bytes, timestamp_ms: int | None, limit: int | None = None) -> list[JSON]:
+    """One entry per shadow outcome (at most `limit`): {tier, class, top_class, agree, timestamp_ms}; none for
+    a record that is not a shadow outcome record."""
+    try:
+        outcomes = wire.read_shadow_outcomes(value)
+    except wire.WireError:
+        return []
+    return [{"tier": o.tier, "class": o.cls, "top_class": o.top_cls, "agree": o.agree, "timestamp_ms": timestamp_ms}
+            for o in outcomes[:limit]]
+
+
+Flatten = Callable[[bytes, int | None, int | None], list[JSON]]
 
 
 def _latencies(samples: list[JSON], tier: int | None = None) -> list[float]:
@@ -72,8 +94,41 @@ def exit_distribution(samples: list[JSON], tiers: int) -> list[JSON]:
     out: list[JSON] = []
     for t in range(tiers):
         lat = _latencies(samples, t)
-        out.append({"index": t, "answered": counts[t], "share": counts[t] / total if total else 0.0,
+        share = counts[t] / total if total else 0.0
+        out.append({"index": t, "answered": counts[t], "share": share, "observed_share": share,
                     "latency_ms": {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99)}})
+    return out
+
+
+def predicted_section(tier_specs: list[JSON]) -> list[JSON | None]:
+    """Per tier, what the inference recorded when its limits were chosen from a target: {share, agreement,
+    agreement_lower} (agreement and its bound null on the top tier); None with typed limits."""
+    out: list[JSON | None] = []
+    for spec in tier_specs:
+        p = spec.get("predicted")
+        out.append({"share": p.get("share"), "agreement": p.get("agreement"),
+                    "agreement_lower": p.get("agreement_lower")} if isinstance(p, dict) else None)
+    return out
+
+
+def live_section(outcomes: list[JSON], predicted: list[JSON | None]) -> list[JSON | None]:
+    """Per tier below the top, the live agreement of its early answers with the top exit over the window of
+    shadow outcomes: {agreement, n, agreement_lower, drift} (streams/exits.py `live_agreement`: drift is
+    judged against the predicted lower bound, never without a prediction); None for the top tier."""
+    counts: dict[int, list[int]] = {}
+    for o in outcomes:
+        if isinstance(o.get("tier"), int):
+            c = counts.setdefault(o["tier"], [0, 0])
+            c[0] += bool(o.get("agree"))
+            c[1] += 1
+    out: list[JSON | None] = []
+    for t, p in enumerate(predicted):
+        if t == len(predicted) - 1:
+            out.append(None)
+            continue
+        agreeing, n = counts.get(t, [0, 0])
+        lower = p.get("agreement_lower") if p else None
+        out.append(live_agreement(agreeing, n, float(lower) if isinstance(lower, int | float) else None).to_json())
     return out
 
 
@@ -90,12 +145,19 @@ def latency(samples: list[JSON]) -> JSON:
             "max": lat[-1] if lat else None}
 
 
-def statistics(samples: list[JSON], tiers: int) -> JSON:
-    """Exit distribution per tier, throughput and latency percentiles of a window of answered samples."""
+def statistics(samples: list[JSON], tiers: int, *, tier_specs: list[JSON] | None = None,
+               outcomes: list[JSON] | None = None) -> JSON:
+    """Exit distribution per tier, throughput and latency percentiles of a window of answered samples; per tier
+    also its `predicted` share and agreement (from `tier_specs`, the inference's tiers) and its `live`
+    agreement (from `outcomes`, a window of shadow outcomes)."""
     per_tier = exit_distribution(samples, tiers)
     answered = sum(t["answered"] for t in per_tier)
+    predicted = predicted_section(tier_specs or [{} for _ in range(tiers)])
+    for tier, p, live in zip(per_tier, predicted, live_section(outcomes or [], predicted), strict=True):
+        tier["predicted"] = p
+        tier["live"] = live
     return {"window": answered, "tiers": per_tier, "throughput_per_s": throughput(samples, answered),
-            "latency_ms": latency(samples)}
+            "latency_ms": latency(samples), "shadow_window": len(outcomes or [])}
 
 
 # --- one cluster's long-lived clients ----------------------------------------------------------------------
@@ -143,9 +205,11 @@ class ClusterReader:
         found = self._metadata.partitions_for_topic(topic)
         return None if found is None else sorted(found)
 
-    async def latest(self, topic: str, limit: int, window_bytes: int) -> list[JSON]:
-        """The newest `limit` samples of `topic`, newest first, reading at most `limit` records and about
-        `window_bytes` of values per read (shared out among the partitions)."""
+    async def latest(self, topic: str, limit: int, window_bytes: int, flatten: Flatten = flatten_output
+                     ) -> list[JSON]:
+        """The newest `limit` samples of `topic` (entries made by `flatten`: answers, or shadow outcomes),
+        newest first, reading at most `limit` records and about `window_bytes` of values per read (shared out
+        among the partitions)."""
         partitions = await self.partitions(topic)
         if not partitions:
             return []
@@ -157,7 +221,7 @@ class ClusterReader:
                     tp = TopicPartition(topic, p)
                     self.consumer.assign([tp])
                     low = int((await self.consumer.beginning_offsets([tp]))[tp])
-                    samples += await self._tail(tp, low, await self._highwater(tp), limit, budget)
+                    samples += await self._tail(tp, low, await self._highwater(tp), limit, budget, flatten)
             finally:
                 self.consumer.unsubscribe()  # the topic is no longer tracked: no metadata asks for it later
         samples.sort(key=lambda s: s.get("timestamp_ms") or 0, reverse=True)
@@ -201,7 +265,8 @@ class ClusterReader:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"no fetch response for {tp.topic}[{tp.partition}] within {timeout_s} s")
 
-    async def _tail(self, tp: TopicPartition, low: int, high: int, limit: int, budget: int) -> list[JSON]:
+    async def _tail(self, tp: TopicPartition, low: int, high: int, limit: int, budget: int,
+                    flatten: Flatten = flatten_output) -> list[JSON]:
         """The newest samples of one partition, reading backwards from `high` in ranges sized from the
         records seen so far, until `limit` samples or records, `budget` bytes, or the partition's start."""
         out: list[JSON] = []
@@ -215,7 +280,7 @@ class ClusterReader:
                 if used + len(value) > budget:
                     return out
                 used += len(value)
-                out += flatten_output(value, timestamp, limit - len(out))
+                out += flatten(value, timestamp, limit - len(out))
                 if len(out) >= limit:
                     return out
             average = max(1, used // max(1, scanned))
@@ -290,6 +355,13 @@ class OutputReader:
             return await (await self._cluster(servers)).latest(topic, limit, self.window_bytes)
 
         return await self._cached(("latest", servers, topic, limit), read)
+
+    async def shadow_outcomes(self, servers: str, topic: str, limit: int) -> list[JSON]:
+        """The newest `limit` shadow outcomes of an inference's shadow `topic` on cluster `servers`."""
+        async def read() -> list[JSON]:
+            return await (await self._cluster(servers)).latest(topic, limit, self.window_bytes, flatten_shadow)
+
+        return await self._cached(("shadow", servers, topic, limit), read)
 
     async def lag(self, servers: str, group: str, topic: str) -> int | None:
         """A tier's backlog: records of `topic` its consumer group `group` has not committed."""

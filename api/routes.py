@@ -482,6 +482,21 @@ async def _outputs(request: web.Request, inference: JSON, limit: int, unreachabl
     return samples[:limit]
 
 
+async def _shadow_outcomes(request: web.Request, inference: JSON, limit: int, unreachable: list[str]) -> list[JSON]:
+    """The newest `limit` shadow outcomes of the inference (its shadow topic, on the top tier's cluster)."""
+    st = get_state(request)
+    tiers = inference["tiers"]
+    if len(tiers) < 2:
+        return []
+    top = max(tiers, key=lambda t: int(t["index"]))
+    servers = top.get("bootstrap_servers") or st.settings.kafka.bootstrap_servers
+    try:
+        return await st.outputs.shadow_outcomes(servers, st.settings.kafka.shadow_topic(inference["id"]), limit)
+    except READ_ERRORS as exc:
+        _unreachable(unreachable, servers, exc)
+        return []
+
+
 async def _lags(request: web.Request, inference: JSON, unreachable: list[str]) -> list[int | None]:
     """Each tier's backlog: input records its consumer group has not committed (None: unknown)."""
     st = get_state(request)
@@ -517,12 +532,15 @@ async def inference_predictions(request: web.Request) -> web.Response:
 
 @routes.get("/inferences/{id}/stats")
 async def inference_stats(request: web.Request) -> web.Response:
-    """Exit distribution per tier, throughput and latency percentiles over the latest outputs."""
+    """Exit distribution per tier, throughput and latency percentiles over the latest outputs; per tier its
+    observed share, the predicted share and agreement, and the live agreement over the latest shadow outcomes."""
     limit = _window(request, MAX_STATS_WINDOW, MAX_STATS_WINDOW)
     inference = await _inference_or_404(request)
     unreachable: list[str] = []
     samples = await _outputs(request, inference, limit, unreachable)
-    stats = statistics(samples, len(inference["tiers"]))
+    outcomes = await _shadow_outcomes(request, inference, limit, unreachable)
+    tiers = sorted(inference["tiers"], key=lambda t: int(t["index"]))
+    stats = statistics(samples, len(tiers), tier_specs=tiers, outcomes=outcomes)
     _tier_details(stats, inference, await _lags(request, inference, unreachable))
     return json_response({"inference_id": inference["id"], "status": inference["status"], **stats,
                           "unreachable": unreachable})

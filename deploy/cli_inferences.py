@@ -111,7 +111,34 @@ def render_stats(d: JSON) -> str:
                       ("latency", f"p50 {_ms(lat.get('p50'))} ms, p95 {_ms(lat.get('p95'))} ms, "
                                   f"p99 {_ms(lat.get('p99'))} ms")])
     columns = ["TIER", "MODEL", "LIMIT", "ANSWERED", "SHARE", "P50 MS", "P99 MS", "LAG"]
-    return head + "\n\nexits:\n" + format_table(columns, rows) + _unreachable(d)
+    return head + "\n\nexits:\n" + format_table(columns, rows) + _agreement(d) + _unreachable(d)
+
+
+def _share(v: Any) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, int | float) else "-"
+
+
+def _ratio(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, int | float) else "-"
+
+
+def _agreement(d: JSON) -> str:
+    """Per tier below the top: observed against predicted share, and the live agreement of its answers with the
+    top exit (shadow samples) against the predicted one and its lower bound, flagged when it drifts below."""
+    tiers: list[JSON] = d.get("tiers") or []
+    if not any(t.get("predicted") or (t.get("live") or {}).get("n") for t in tiers):
+        return ""
+    rows = []
+    for t in tiers:
+        live, predicted = t.get("live") or {}, t.get("predicted") or {}
+        rows.append([str(t["index"]), _share(t.get("observed_share")), _share(predicted.get("share")),
+                     _ratio(live.get("agreement")), cell(live.get("n")) if live else "top",
+                     _ratio(predicted.get("agreement")), _ratio(predicted.get("agreement_lower")),
+                     "DRIFT" if live.get("drift") else "-"])
+    columns = ["TIER", "SHARE", "PREDICTED SHARE", "LIVE AGREEMENT", "SHADOWS", "PREDICTED AGREEMENT",
+               "LOWER BOUND", "DRIFT"]
+    return ("\n\nearly answers against the top exit (live: the latest shadow samples; predicted: the validation "
+            "split):\n" + format_table(columns, rows))
 
 
 def _unreachable(d: JSON) -> str:

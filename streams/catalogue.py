@@ -598,13 +598,21 @@ KAFKA_INTERNAL_PREFIX = "__"
 
 
 def reserved_topics(kafka: KafkaSettings) -> frozenset[str]:
-    """The topics no user-supplied topic name may be: the control plane's commands, events and dead letters and
-    the datasource control topic, for these settings and for the defaults (another stack on the same broker
-    may use those). Names starting with `KAFKA_INTERNAL_PREFIX` are refused as well."""
+    """The topics no user-supplied topic name may be: the control plane's commands, events and dead letters,
+    the datasource control topic and the stem of the inferences' shadow topics, for these settings and for the
+    defaults (another stack on the same broker may use those). Names starting with `KAFKA_INTERNAL_PREFIX`,
+    and a reserved name followed by `.<number>` (an inference's shadow topic, `<prefix>.shadow.<id>`), are
+    refused as well."""
     names: set[str] = set()
     for k in (kafka, KafkaSettings()):
-        names |= {k.commands_topic, k.events_topic, k.deadletter_topic, k.control_topic}
+        names |= {k.commands_topic, k.events_topic, k.deadletter_topic, k.control_topic, k.shadow_topics}
     return frozenset(names)
+
+
+def _is_reserved(value: str, reserved: frozenset[str]) -> bool:
+    stem, _, number = value.rpartition(".")
+    return (value in reserved or value.startswith(KAFKA_INTERNAL_PREFIX)
+            or (number.isascii() and number.isdigit() and stem in reserved))
 
 
 #: The reserved topics of a stack with the default settings (what a caller that passes none gets).
@@ -622,10 +630,10 @@ def topic_name(value: Any, field_name: str, reserved: frozenset[str] | None = No
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > 249 or any(c.isspace() for c in value):
         raise Invalid(f"'{field_name}' must be a Kafka topic name (1-249 characters, no spaces)", field_name)
-    if value in (DEFAULT_RESERVED if reserved is None else reserved) or value.startswith(KAFKA_INTERNAL_PREFIX):
+    if _is_reserved(value, DEFAULT_RESERVED if reserved is None else reserved):
         raise Invalid(f"'{field_name}' is {value!r}, a reserved topic: tierflow's commands, events and dead letters, "
-                      f"the datasource control topic and Kafka's internal topics ('{KAFKA_INTERNAL_PREFIX}...') "
-                      "cannot be named; choose another topic", field_name)
+                      "the datasource control topic, the inferences' shadow topics and Kafka's internal topics "
+                      f"('{KAFKA_INTERNAL_PREFIX}...') cannot be named; choose another topic", field_name)
     return value
 
 

@@ -246,11 +246,17 @@ def tier_launch(inference: dict[str, Any], tier: dict[str, Any], settings: Setti
     return with_token(spec, settings, tokens.tier_claims(inference["id"], tier["index"], int(tier["result_id"])))
 
 
-def inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1
-                     ) -> dict[str, list[TopicSpec]]:
+#: How long an inference's shadow topic keeps the outcomes of its shadow samples (the live agreement reads
+#: the latest of them).
+SHADOW_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
+def inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1, *,
+                     shadow_topic: str = "") -> dict[str, list[TopicSpec]]:
     """The topics an inference needs, by cluster (pure): each tier's input topic with `partitions`, or more when
-    the tier has more replicas (a replica without a partition idles), and the output topic on every cluster a
-    tier answers from."""
+    the tier has more replicas (a replica without a partition idles), the output topic on every cluster a
+    tier answers from, and `shadow_topic` (the outcomes of its shadow samples, one partition) on the top
+    tier's cluster when the inference sends shadow samples (more than one tier, `shadow_fraction` > 0)."""
     by_cluster: dict[str, list[TopicSpec]] = {}
     for tier in inference["tiers"]:
         servers = tier.get("bootstrap_servers") or default_servers
@@ -259,13 +265,19 @@ def inference_topics(inference: dict[str, Any], default_servers: str, partitions
         specs.append(TopicSpec(tier["input_topic"], tier_partitions, -1))
         if all(spec.name != inference["output_topic"] for spec in specs):
             specs.append(TopicSpec(inference["output_topic"], max(1, partitions), -1))
+    tiers = inference["tiers"]
+    if shadow_topic and len(tiers) > 1 and float(inference.get("shadow_fraction") or 0) > 0:
+        top = max(tiers, key=lambda t: int(t.get("index", 0)))
+        by_cluster[top.get("bootstrap_servers") or default_servers].append(
+            TopicSpec(shadow_topic, 1, SHADOW_RETENTION_MS))
     return by_cluster
 
 
-async def ensure_inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1) -> None:
+async def ensure_inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1, *,
+                                  shadow_topic: str = "") -> None:
     """Create what `inference_topics` lists and is missing (explicitly: an auto-created topic would get the
     broker's default partition count); existing topics are left as they are."""
-    by_cluster = inference_topics(inference, default_servers, partitions)
+    by_cluster = inference_topics(inference, default_servers, partitions, shadow_topic=shadow_topic)
     for servers, specs in by_cluster.items():
         await create_topics(servers, specs)
 
@@ -346,7 +358,8 @@ class Orchestrator:
         for inference in plan.topics:
             if inference["id"] not in self._topics_ready:
                 await ensure_inference_topics(inference, self.settings.kafka.bootstrap_servers,
-                                              self.settings.workloads.tier_partitions)
+                                              self.settings.workloads.tier_partitions,
+                                              shadow_topic=self.settings.kafka.shadow_topic(inference["id"]))
                 self._topics_ready.add(inference["id"])
         for name in plan.remove:
             await self.launcher.stop(name)

@@ -188,6 +188,17 @@ class KafkaSettings:
     def deadletter_topic(self) -> str:
         return f"{self.topic_prefix}.deadletter"
 
+    @property
+    def shadow_topics(self) -> str:
+        """The stem of the inferences' shadow topics (reserved: `catalogue.topic_name` refuses it and its
+        numbered topics)."""
+        return f"{self.topic_prefix}.shadow"
+
+    def shadow_topic(self, inference_id: int) -> str:
+        """Where the top tier of inference `inference_id` writes the outcomes of its shadow samples (created by
+        the orchestrator with the inference's topics, on the top tier's cluster; read by the API's /stats)."""
+        return f"{self.shadow_topics}.{inference_id}"
+
 
 @dataclass(frozen=True)
 class DatabaseSettings:
