@@ -225,7 +225,7 @@ export function frontierChart({ front, xMode = "early", selected = null, marks =
     `top exit alone ${prob(front.topAccuracy)}`));
   const dots = svg("g", { class: "all-points" });
   for (const pt of front.points) {
-    dots.append(svg("circle", { cx: px(mode.of(pt)).toFixed(1), cy: py(pt.accuracy).toFixed(1), r: 1.6,
+    dots.append(svg("circle", { cx: px(mode.of(pt)).toFixed(1), cy: py(pt.accuracy).toFixed(1), r: 2,
       class: "pt" }));
   }
   root.append(dots);
