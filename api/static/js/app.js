@@ -7,6 +7,7 @@ import * as configurations from "./pages/configurations.js";
 import * as deployments from "./pages/deployments.js";
 import * as datasources from "./pages/datasources.js";
 import * as inferences from "./pages/inferences.js";
+import * as exits from "./pages/exits.js";
 
 const ROUTES = [
   [/^\/models$/, models.list, "models"],
@@ -17,6 +18,7 @@ const ROUTES = [
   [/^\/deployments$/, deployments.list, "deployments"],
   [/^\/deployments\/new$/, deployments.create, "deployments"],
   [/^\/deployments\/(\d+)$/, deployments.detail, "deployments"],
+  [/^\/results\/(\d+)\/exits$/, exits.detail, "deployments"],
   [/^\/datasources$/, datasources.list, "datasources"],
   [/^\/inferences$/, inferences.list, "inferences"],
   [/^\/inferences\/new$/, inferences.create, "inferences"],
