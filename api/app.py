@@ -1,14 +1,15 @@
 """The aiohttp app factory and the `tierflow api` entry point.
 
-`create_app(settings)` wires the routes, the middlewares (errors as JSON, bearer-token auth for writes,
-metrics) and opens the resources (asyncpg pool, Kafka producer, outcome listener, events probe) in
-`cleanup_ctx`, so nothing connects at import time and tests build the same app as production.
+`create_app(settings)` refuses settings that would leave the API open by accident (api/auth.py:
+`check_settings`), wires the routes, the middlewares (metrics, errors as JSON, then the doors of api/auth.py:
+Host, Origin, content type, token, workload scope) and opens the resources (asyncpg pool, Kafka producer,
+outcome listener, events probe) in `cleanup_ctx`, so nothing connects at import time and tests build the same
+app as production.
 The API never imports TensorFlow or the worker's agents.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,10 +19,11 @@ from aiohttp import web
 from aiokafka import TopicPartition
 
 from tierflow.api.artefacts import ArtefactStore
-from tierflow.api.errors import Handler, error_middleware, error_response
+from tierflow.api.auth import ApiConfigError, check_settings, security_middleware
+from tierflow.api.errors import Handler, error_middleware
 from tierflow.api.outcomes import OutcomeWaiter
 from tierflow.api.routes import routes
-from tierflow.api.state import STATE_KEY, AppState, get_state
+from tierflow.api.state import STATE_KEY, AppState, background, get_state
 from tierflow.api.ui import setup_ui
 from tierflow.projections.schema import migrate
 from tierflow.streams import kafka as kio
@@ -29,23 +31,6 @@ from tierflow.streams.proofs import API, Signer
 from tierflow.streams.settings import Settings
 
 log = logging.getLogger("tierflow.api")
-
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-def auth_middleware(token: str) -> web.middleware:  # type: ignore[valid-type]
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.method in WRITE_METHODS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return error_response(401, "unauthorized", "writes need 'Authorization: Bearer <TIERFLOW_API_TOKEN>'")
-        return await handler(request)
-
-    return check
-
 
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -67,9 +52,11 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def create_app(settings: Settings) -> web.Application:
+    """The API app; ApiConfigError when `settings` would leave it open (no token, no Host allow-list)."""
+    check_settings(settings)
     app = web.Application(
         client_max_size=settings.api.max_body_bytes,
-        middlewares=[metrics_middleware, error_middleware, auth_middleware(settings.api.token)],
+        middlewares=[metrics_middleware, error_middleware, security_middleware(settings)],
     )
     app.add_routes(routes)
     setup_ui(app)
@@ -79,7 +66,8 @@ def create_app(settings: Settings) -> web.Application:
         secret = settings.security.secret_key
         signer = Signer.from_secret(secret, API) if secret else None
         await migrate(settings.database.url)
-        pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=settings.database.pool_size)
+        pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=settings.database.pool_size,
+                                         server_settings={"application_name": "tierflow-api"})
         producer = kio.producer(settings.kafka)
         await producer.start()
         probe = kio.consumer(settings.kafka)
@@ -88,7 +76,9 @@ def create_app(settings: Settings) -> web.Application:
         outcomes = OutcomeWaiter(pool)
         await outcomes.start(settings.database.url)
         app[STATE_KEY] = AppState(settings=settings, pool=pool, producer=producer, outcomes=outcomes,
-                                  events_consumer=probe, artefacts=ArtefactStore(settings.artefacts_path()),
+                                  events_consumer=probe,
+                                  artefacts=ArtefactStore(settings.artefacts_path(),
+                                                          max_bytes=settings.api.max_artefact_bytes),
                                   report_signer=signer)
         try:
             yield
@@ -99,6 +89,7 @@ def create_app(settings: Settings) -> web.Application:
             await pool.close()
 
     app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(background)  # after `resources`: it uses them, and stops before they close
     return app
 
 
@@ -110,6 +101,11 @@ def run_api(settings: Settings) -> int:
         log.error("no KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL and no running embedded stack in %s", settings.stack.home)
         return 2
     settings = resolved
-    web.run_app(create_app(settings), host=settings.api.host, port=settings.api.port, print=None,
+    try:
+        app = create_app(settings)
+    except ApiConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    web.run_app(app, host=settings.api.host, port=settings.api.port, print=None,
                 access_log=None, shutdown_timeout=5)
     return 0

@@ -17,8 +17,8 @@ from tierflow.streams.errors import TierflowError
 
 log = logging.getLogger("tierflow.api")
 
-STATUS_BY_CODE = {"invalid": 422, "not_found": 404, "conflict": 409, "unauthorized": 401,
-                  "bad_request": 400, "too_large": 413, "unavailable": 503}
+STATUS_BY_CODE = {"invalid": 422, "not_found": 404, "conflict": 409, "unauthorized": 401, "forbidden": 403,
+                  "bad_request": 400, "too_large": 413, "unsupported_media_type": 415, "unavailable": 503}
 
 
 class ApiError(TierflowError):
@@ -63,7 +63,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden",
+                415: "unsupported_media_type"}.get(exc.status, "http_error")
         return error_response(exc.status, code, exc.reason)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

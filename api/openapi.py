@@ -29,6 +29,13 @@ def _list(name: str) -> JSON:
     return _obj({"items": {"type": "array", "items": _ref(name)}, "total": _INT})
 
 
+_TARGET = {"type": "object", "minProperties": 1, "maxProperties": 1,
+           "description": "exactly one of: the largest accuracy drop against the top exit, the least cascade "
+                          "accuracy, the largest share of inputs reaching the top tier (90% one-sided bounds)",
+           "properties": {"max_accuracy_drop": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                          "min_accuracy": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                          "max_top_share": {"type": "number", "minimum": 0, "maximum": 1}}}
+
 SCHEMAS: JSON = {
     "Error": _obj({"error": _obj({"code": _STR, "message": _STR, "field": {"type": ["string", "null"]}})}),
     "ReportIn": _obj({"type": {"enum": ["ReportTrainingStarted", "ReportTrainingProgress", "ReportTrainingResult",
@@ -70,12 +77,21 @@ SCHEMAS: JSON = {
                     "metrics": {"type": ["object", "null"]}, "artefacts": {"type": ["object", "null"]},
                     "error": {"type": ["string", "null"]}, "created_at": _TS, "updated_at": _TS,
                     "started_at": {"type": ["string", "null"]}, "finished_at": {"type": ["string", "null"]}}),
-    "Datasource": _obj({"id": _INT, "deployment_id": _INT, "ranges": {"type": "array", "items": _obj(
-        {"topic": _STR, "partition": _INT, "start": _INT, "end": _INT})}, "input_format": {"enum": ["RAW", "AVRO"]},
-        "input_config": {"type": "object"}, "description": _STR, "validation_rate": {"type": "number"},
-        "test_rate": {"type": "number"}, "total_msg": {"type": ["integer", "null"]}, "origin": {},
-        "warnings": {"type": "array", "items": _STR},
-        "created_at": _TS}),
+    "Range": _obj({"topic": _STR, "partition": _INT, "start": _INT,
+                   "end": {"type": "integer", "description": "exclusive"}}),
+    "Datasource": _obj({
+        "id": _INT, "deployment_id": _INT,
+        "ranges": {"type": "array", "items": _ref("Range"),
+                   "description": "the offset ranges training reads (used)"},
+        "announced_ranges": {"type": "array", "items": _ref("Range"),
+                             "description": "the ranges the sink announced, one per used range at the same index"},
+        "range_reasons": {"type": "array", "items": _STR,
+                          "description": "why the used ranges differ from the announced ones (empty: they do not)"},
+        "warnings": {"type": "array", "items": _STR,
+                     "description": "where the broker's data does not match the used ranges"},
+        "input_format": {"enum": ["RAW", "AVRO"]}, "input_config": {"type": "object"}, "description": _STR,
+        "validation_rate": {"type": "number"}, "test_rate": {"type": "number"},
+        "total_msg": {"type": ["integer", "null"]}, "origin": {}, "created_at": _TS}),
     "SendDatasource": _obj({"deployment_id": _INT}, ["deployment_id"]),
     "ModelVersion": _obj({"model_id": _INT, "version": _INT, "name": _STR, "imports": _STR, "code": _STR,
                           "distributed": {"type": "boolean"}, "upper_id": {"type": ["integer", "null"]},
@@ -83,12 +99,17 @@ SCHEMAS: JSON = {
                           "params": _INT, "created_at": _TS}),
     "Results": _obj({"deployment_id": _INT, "items": {"type": "array", "items": _ref("Result")}, "total": _INT}),
     "InferenceIn": _obj({"result_id": _INT, "input_topic": _STR, "output_topic": _STR,
-                         "limit": {"type": "number"}, "limits": {"type": "object"}, "replicas": _INT,
-                         "bootstrap_servers": _STR, "input_format": {"enum": ["RAW", "AVRO"]},
+                         "limit": {"type": "number", "description": "typed limit on the raw max(p) (Kafka-ML)"},
+                         "limits": {"type": "object"}, "target": _TARGET,
+                         "costs_s": {"type": "object", "description": "with a target: {result_id: seconds per "
+                                                                      "sample} overriding the measured costs"},
+                         "shadow_fraction": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.02},
+                         "replicas": _INT, "bootstrap_servers": _STR, "input_format": {"enum": ["RAW", "AVRO"]},
                          "input_config": {"type": "object"},
                          "tiers": {"type": "array", "items": _obj({"result_id": _INT, "bootstrap_servers": _STR,
                                                                    "replicas": _INT, "limit": {"type": "number"},
-                                                                   "upper_topic": _STR}, ["result_id"])}},
+                                                                   "upper_topic": _STR,
+                                                                   "cost_s": {"type": "number"}}, ["result_id"])}},
                         ["result_id", "input_topic", "output_topic"]),
     "Inference": _obj({"id": _INT, "status": {"enum": [s.value for s in InferenceStatus]}, "result_id": _INT,
                        "deployment_id": _INT, "input_topic": _STR, "output_topic": _STR, "input_format": _STR,
@@ -97,8 +118,27 @@ SCHEMAS: JSON = {
                            "index": _INT, "result_id": _INT, "model_id": _INT, "model_name": _STR,
                            "input_topic": _STR, "upper_topic": {"type": ["string", "null"]},
                            "limit": {"type": "number"}, "replicas": _INT,
-                           "bootstrap_servers": {"type": ["string", "null"]}, "top": {"type": "boolean"}})},
+                           "bootstrap_servers": {"type": ["string", "null"]}, "top": {"type": "boolean"},
+                           "compare": {"enum": ["raw", "calibrated"]}, "temperature": {"type": "number"},
+                           "eps": {"type": "number"}, "predicted": {"type": ["object", "null"], "properties": {
+                               "share": {"type": "number"}, "agreement": {"type": ["number", "null"]},
+                               "agreement_lower": {"type": ["number", "null"]}}}})},
+                       "shadow_fraction": {"type": "number"}, "target": {"oneOf": [_TARGET, {"type": "null"}]},
+                       "predicted": {"type": ["object", "null"],
+                                     "description": "the chosen point on the validation split (and `test`)"},
                        "created_at": _TS, "updated_at": _TS}),
+    "ResultExits": _obj({"result_id": _INT, "chain": {"type": "array", "items": _INT}, "finished": {"type": "boolean"},
+                         "exits": {"type": "array", "items": _obj({
+                             "exit": _INT, "result_id": _INT, "model_name": {"type": ["string", "null"]},
+                             "temperature": {"type": "number"}, "cost_s": {"type": ["number", "null"]},
+                             "calibration": {"type": ["object", "null"], "properties": {
+                                 "accuracy": {"type": "number"}, "ece_before": {"type": "number"},
+                                 "ece_after": {"type": "number"}, "nll_before": {"type": "number"},
+                                 "nll_after": {"type": "number"}, "n_fit": _INT, "n_measured": _INT,
+                                 "n_bins": _INT, "measured_on": {"enum": ["test", "validation"]}}}})},
+                         "frontier": {"type": ["object", "null"],
+                                      "description": "the exit frontier record (docs/commands.md)"},
+                         "reason": {"type": ["string", "null"]}}),
     "Predictions": _obj({"inference_id": _INT, "items": {"type": "array", "items": _obj({
         "tier": _INT, "class": _INT, "confidence": {"type": "number"}, "values": {"type": "array"},
         "origin": {}, "latency_ms": {"type": ["number", "null"]}, "timestamp_ms": _INT})}, "total": _INT,
@@ -115,6 +155,9 @@ SCHEMAS: JSON = {
     "Outcome": _obj({"command_id": _STR, "status": {"enum": ["accepted", "rejected"]}, "event_type": _STR,
                      "aggregate": _STR, "seq": _INT, "reason": {}, "occurred_at": _TS}),
     "Deleted": _obj({"id": _INT, "deleted": {"type": "boolean"}, "command_id": _STR}),
+    "TokenIn": _obj({"tier": _INT}),
+    "TierToken": _obj({"token": _STR, "scope": {"enum": ["tier"]}, "inference_id": _INT, "tier": _INT,
+                       "result_id": _INT}),
 }
 
 
@@ -134,7 +177,9 @@ def _op(summary: str, ok: tuple[str, str | None], body: str | None = None, write
         responses.update(_resp("202", "Pending", "outcome not known within the command timeout"))
         responses.update(_resp("409", "Error", "conflict with the current state"))
         responses.update(_resp("422", "Error", "a field is invalid (the error names it)"))
-        responses.update(_resp("401", "Error", "TIERFLOW_API_TOKEN is set and the bearer token is missing"))
+        responses.update(_resp("415", "Error", "the body is not application/json"))
+    responses.update(_resp("401", "Error", "no bearer token, or one this API did not issue"))
+    responses.update(_resp("403", "Error", "a foreign Origin or Host, or a workload token outside its scope"))
     responses.update(_resp("404", "Error", "unknown id"))
     op: JSON = {"summary": summary, "responses": responses}
     if body:
@@ -148,8 +193,15 @@ def _q(name: str, schema: JSON) -> JSON:
     return {"name": name, "in": "query", "required": False, "schema": schema}
 
 
-_ID = [{"name": "id", "in": "path", "required": True, "schema": _INT}]
+#: Path ids are the projections' `integer` ids: anything else is a 404 (api/routes.py: path_id).
+_ID = [{"name": "id", "in": "path", "required": True,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}}]
 _PAGE = [_q("limit", _INT), _q("offset", _INT)]
+
+
+def _window(default: int, maximum: int) -> JSON:
+    """A window of answers: how many samples, bounded (api/routes.py: MAX_PREDICTIONS, MAX_STATS_WINDOW)."""
+    return {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}
 
 
 def paths() -> JSON:
@@ -190,6 +242,13 @@ def paths() -> JSON:
                        params=_ID),
             "delete": _op("Delete a result no inference uses", ("200", "Deleted"), write=True, params=_ID),
         },
+        "/results/{id}/exits": {"get": {
+            "summary": "The calibration of each exit of the result's chain and the chain's exit frontier",
+            "parameters": _ID,
+            "responses": {**_resp("200", "ResultExits", "per exit T, accuracy, ECE before/after; the frontier"),
+                          **_resp("404", "Error", "no such result"),
+                          **_resp("409", "Error", "the chain is still training, or it has no calibration (the "
+                                                  "message says why: e.g. validation_rate 0)")}}},
         "/results/{id}/stop": {"post": _op("Stop the training of a result (its whole chain)", ("200", "Results"),
                                            write=True, params=_ID)},
         "/results/{id}/model": {"get": {
@@ -209,7 +268,11 @@ def paths() -> JSON:
             "summary": "Upload an artefact (content-addressed); X-Sha256 is verified when sent",
             "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
             "responses": {"201": {"description": "stored", "content": {"application/json": {"schema": _obj(
-                {"sha256": _STR, "size": _INT})}}}, **_resp("422", "Error", "hash mismatch")}}},
+                {"sha256": _STR, "size": _INT})}}}, **_resp("422", "Error", "hash mismatch"),
+                **_resp("401", "Error", "no token"),
+                **_resp("403", "Error", "not the token of an open training (or the admin's)"),
+                **_resp("413", "Error", "larger than TIERFLOW_MAX_ARTEFACT_BYTES"),
+                **_resp("415", "Error", "not application/octet-stream")}}},
         "/artefacts/{sha256}": {"get": {
             "summary": "Download an artefact by its sha256",
             "parameters": [{"name": "sha256", "in": "path", "required": True, "schema": _STR}],
@@ -226,8 +289,8 @@ def paths() -> JSON:
                                                ("201", "Datasource"), "SendDatasource", True, _ID)},
         "/inferences": {
             "get": _op("List inferences", ("200", "list:Inference"), params=_PAGE),
-            "post": _op("Serve a trained result (and the chain above it) for inference", ("201", "Inference"),
-                        "InferenceIn", True),
+            "post": _op("Serve a trained result (and the chain above it) for inference, with typed limits or "
+                        "limits chosen from a target", ("201", "Inference"), "InferenceIn", True),
         },
         "/inferences/{id}": {
             "get": _op("Get an inference", ("200", "Inference"), params=_ID),
@@ -236,16 +299,24 @@ def paths() -> JSON:
         },
         "/inferences/{id}/stop": {"post": _op("Stop an inference's tiers", ("200", "Inference"), write=True,
                                               params=_ID)},
+        "/inferences/{id}/token": {"post": _op(
+            "Mint the scoped token of one tier, for a tier started by hand on a device (admin token only)",
+            ("201", "TierToken"), "TokenIn", False, _ID)},
         "/inferences/{id}/predictions": {"get": _op("The latest answers (tier, class, confidence, origin)",
-                                                    ("200", "Predictions"), params=[*_ID, _q("limit", _INT)])},
+                                                    ("200", "Predictions"),
+                                                    params=[*_ID, _q("limit", _window(50, 1000))])},
         "/inferences/{id}/stats": {"get": _op("Exit distribution per tier, throughput, latency percentiles",
-                                              ("200", "InferenceStats"), params=[*_ID, _q("limit", _INT)])},
+                                              ("200", "InferenceStats"),
+                                              params=[*_ID, _q("limit", _window(10_000, 10_000))])},
         "/commands/{command_id}": {"get": _op("Outcome of any command", ("200", "Outcome"), params=[
             {"name": "command_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}])},
-        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "Readiness: broker, Postgres, projector, projection lag",
+        "/healthz": {"get": {"summary": "Liveness (no token)", "security": [],
+                             "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"summary": "Readiness: broker, Postgres, projector, projection lag (no token)",
+                            "security": [],
                             "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics (a token unless TIERFLOW_METRICS_AUTH=open)",
+                             "responses": {"200": {"description": "text"}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
     }
 
@@ -256,6 +327,9 @@ def spec() -> JSON:
         "info": {"title": "tierflow API", "version": "1",
                  "description": "Writes are commands on Kafka; reads are Postgres projections of the events."},
         "paths": paths(),
+        # Every route needs `Authorization: Bearer <token>` (the admin's, or a workload's scoped token) but the
+        # health probes and the UI's static files; bodies are application/json only.
+        "security": [{"bearer": []}],
         "components": {"schemas": SCHEMAS,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

@@ -3,6 +3,11 @@
 Opened by the app factory (api/app.py). One Postgres connection LISTENs on the projector's channel;
 on each notification the outcomes of all pending command ids are fetched in one query and the waiting
 requests resumed. A request registers before its command is produced, so no notification is missed.
+
+The listening connection is kept alive: when it ends (Postgres restarted, the backend terminated, the
+network dropped it: a periodic ping finds a silently dead one), it is reopened with backoff, and the pending
+ids are checked once it is back, since notifications sent in between are lost. Without that, one Postgres
+restart made every later write answer 202 after the command timeout although its command was decided.
 """
 
 from __future__ import annotations
@@ -21,29 +26,101 @@ log = logging.getLogger("tierflow.api.outcomes")
 
 JSON = dict[str, Any]
 
+#: How the API's connections show in `pg_stat_activity` (the pool's is set by the app factory).
+APPLICATION_NAME = "tierflow-api-outcomes"
+#: Errors that mean "Postgres is not reachable right now": a terminated connection raises an InterfaceError,
+#: and a pooled connection caught mid-protocol by a restart an InternalClientError.
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+
 
 class OutcomeWaiter:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, ping_s: float = 10.0, retry_s: float = 0.25,
+                 max_retry_s: float = 5.0) -> None:
         self.pool = pool
+        self.ping_s = ping_s
+        self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
+        self._url = ""
         self._pending: dict[str, asyncio.Future[JSON]] = {}
         self._listen: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        #: times the listening connection was reopened (shown in logs; read by tests)
+        self.reconnects = 0
 
     async def start(self, database_url: str) -> None:
-        self._listen = await asyncpg.connect(database_url)
-        await self._listen.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        self._task = asyncio.create_task(self._dispatch())
+        self._url = database_url
+        await self._connect()  # the first connection must work: the API does not start without its database
+        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._keep_listening())]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._listen is not None:
-            await self._listen.close()
+                await task
+        await self._close_listener()
         for fut in self._pending.values():
             fut.cancel()
+
+    # --- the listening connection ------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self._url, server_settings={"application_name": APPLICATION_NAME})
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        except BaseException:
+            await conn.close()
+            raise
+        conn.add_termination_listener(self._on_terminated)
+        self._listen = conn
+        self._lost.clear()
+
+    def _on_terminated(self, conn: object) -> None:
+        if conn is self._listen:
+            self._lost.set()
+
+    async def _close_listener(self) -> None:
+        conn, self._listen = self._listen, None
+        if conn is not None:
+            conn.remove_termination_listener(self._on_terminated)
+            with contextlib.suppress(*DB_ERRORS):
+                await asyncio.wait_for(conn.close(), 5)
+
+    async def _alive(self) -> bool:
+        """Whether the listening connection still answers (a half-open TCP connection never reports its end)."""
+        conn = self._listen
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            await asyncio.wait_for(conn.execute("SELECT 1"), self.ping_s)
+        except DB_ERRORS:
+            return False
+        return True
+
+    async def _keep_listening(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self.ping_s)
+            if not self._lost.is_set() and await self._alive():
+                continue
+            log.warning("the outcome listener lost its Postgres connection; reconnecting")
+            await self._close_listener()
+            delay = self.retry_s
+            while True:
+                try:
+                    await self._connect()
+                    break
+                except DB_ERRORS as exc:
+                    log.warning("the outcome listener cannot reconnect yet (retrying in %.1f s): %s", delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_retry_s)
+            self.reconnects += 1
+            log.info("the outcome listener is listening again (reconnect %d)", self.reconnects)
+            self._wake.set()  # notifications sent while it was away are lost: check every pending id now
+
+    # --- waiting requests --------------------------------------------------------------------------------
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self._wake.set()
@@ -67,6 +144,7 @@ class OutcomeWaiter:
             self.forget(command_id)
 
     async def _dispatch(self) -> None:
+        delay = self.retry_s
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -76,9 +154,16 @@ class OutcomeWaiter:
             try:
                 async with self.pool.acquire() as conn:
                     found = await queries.get_outcomes(conn, ids)
-            except (asyncpg.PostgresError, OSError) as exc:
-                log.warning("could not read command outcomes (will retry on the next notification): %s", exc)
+            except Exception as exc:  # this loop must outlive any failed read, or every later write hangs
+                # No notification may come to retry this (the projector wrote while the read failed): retry
+                # on a timer while requests wait, with backoff. Nothing is lost: the ids stay pending.
+                log.warning("could not read command outcomes (retrying in %.1f s): %s: %s", delay,
+                            type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_retry_s)
+                self._wake.set()
                 continue
+            delay = self.retry_s
             for outcome in found:
                 fut = self._pending.get(outcome["command_id"])
                 if fut is not None and not fut.done():

@@ -9,7 +9,6 @@ Request bodies are parsed with the same catalogue functions the decider uses, so
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,12 +16,12 @@ from typing import Any
 import asyncpg
 import orjson
 from aiohttp import web
-from aiokafka.errors import KafkaError
 
 from tierflow.api.errors import ApiError, from_reason, not_found
+from tierflow.api.outputs import READ_ERRORS, statistics
 from tierflow.api.state import AppState, get_state
 from tierflow.projections import queries
-from tierflow.streams import catalogue, health, wire
+from tierflow.streams import catalogue, health, tokens, wire
 from tierflow.streams.envelope import Command, new_command_id
 from tierflow.streams.proofs import WORKLOAD_REPORTS
 from tierflow.streams.statuses import ResultStatus
@@ -50,14 +49,25 @@ async def body(request: web.Request) -> JSON:
     return data
 
 
+#: The largest id the projections can hold (their id columns are Postgres `integer`).
+MAX_ID = 2**31 - 1
+
+
+def as_path_id(raw: str) -> int | None:
+    """The id a path segment names, or None when it names none: ASCII digits only (Python's `int` also takes
+    signs, spaces, `_` and other scripts' digits) and within the projections' range, so a value Postgres
+    cannot bind never reaches a query (it answered 500)."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > len(str(MAX_ID)):
+        return None
+    value = int(raw)
+    return value if 1 <= value <= MAX_ID else None
+
+
 def path_id(request: web.Request, name: str = "id") -> int:
     raw = request.match_info[name]
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(404, "not_found", f"{raw!r} is not an id") from None
-    if value < 1:
-        raise ApiError(404, "not_found", f"{value} is not an id")
+    value = as_path_id(raw)
+    if value is None:
+        raise ApiError(404, "not_found", f"{raw!r} is not an id (1..{MAX_ID})")
     return value
 
 
@@ -248,6 +258,20 @@ async def get_result(request: web.Request) -> web.Response:
     return await fetch_one(request, queries.get_result, "result")
 
 
+@routes.get("/results/{id}/exits")
+async def result_exits(request: web.Request) -> web.Response:
+    """The calibration of each exit of the result's chain and the chain's exit frontier (any result of the
+    chain answers); 409 with the reason while the chain trains or when it has no calibration."""
+    ident = path_id(request)
+    async with get_state(request).pool.acquire() as conn:
+        found = await queries.get_chain_exits(conn, ident)
+    if found is None:
+        raise not_found("result", ident)
+    if not found["finished"] or all(e["calibration"] is None for e in found["exits"]):
+        raise ApiError(409, "conflict", f"result {ident} has no exit calibration: {found['reason']}", "id")
+    return json_response(found)
+
+
 @routes.post("/results/{id}/stop")
 async def stop_result(request: web.Request) -> web.Response:
     return await submit(request, "StopTraining", {"id": path_id(request)}, read=_result_of, status=200)
@@ -338,7 +362,13 @@ def artefact_response(request: web.Request, sha256: str, filename: str) -> web.F
 
 @routes.put("/artefacts")
 async def upload_artefact(request: web.Request) -> web.Response:
+    """Store a trained model (api/auth.py lets only the admin and an open training's token here)."""
     st = get_state(request)
+    limit = st.settings.api.max_artefact_bytes
+    if request.content_length is not None and request.content_length > limit:
+        # Refused before a byte is read; a body without a length is counted as it streams (ArtefactStore).
+        raise ApiError(413, "too_large", f"the artefact has {request.content_length} bytes, more than "
+                                         f"TIERFLOW_MAX_ARTEFACT_BYTES={limit}")
     expected = request.headers.get("X-Sha256", "").strip().lower() or None
     sha256, size = await st.artefacts.store(request.content, expected=expected)
     return json_response({"sha256": sha256, "size": size}, status=201,
@@ -366,7 +396,9 @@ async def get_model_version(request: web.Request) -> web.Response:
 async def list_datasources(request: web.Request) -> web.Response:
     limit, offset = paging(request)
     raw = request.query.get("deployment_id")
-    deployment_id = path_id_value(raw, "deployment_id") if raw else None
+    deployment_id = query_id(raw, "deployment_id") if raw else None
+    if raw and deployment_id is None:
+        return json_response({"items": [], "total": 0})
     async with get_state(request).pool.acquire() as conn:
         items, total = await queries.list_datasources(conn, deployment_id=deployment_id, limit=limit, offset=offset)
     return json_response({"items": items, "total": total})
@@ -384,11 +416,12 @@ async def send_datasource(request: web.Request) -> web.Response:
     return await submit(request, "SendDatasource", payload, read=queries.get_datasource, status=201)
 
 
-def path_id_value(raw: str, name: str) -> int:
-    try:
-        return catalogue.as_id(int(raw), name)
-    except ValueError:
-        raise ApiError(422, "invalid", f"'{name}' must be a positive integer id", name) from None
+def query_id(raw: str, name: str) -> int | None:
+    """An id given as a query filter: a field error when malformed, None when no row can have it (the
+    filter then matches nothing, as for any id that does not exist)."""
+    if not raw.isascii() or not raw.isdigit() or not raw.strip("0"):
+        raise ApiError(422, "invalid", f"'{name}' must be a positive integer id", name)
+    return as_path_id(raw)
 
 
 # --- inferences ---------------------------------------------------------------------------------------
@@ -400,6 +433,9 @@ async def create_inference(request: web.Request) -> web.Response:
     reserved = catalogue.reserved_topics(get_state(request).settings.kafka)
     for name in ("input_topic", "output_topic"):
         catalogue.topic_name(data.get(name), name, reserved)  # the decider's rule; it checks tiers' upper topics
+    if data.get("target") is not None:  # the decider checks it against the chain's frontier
+        catalogue.target_field(data["target"])
+    catalogue.shadow_fraction_field(data.get("shadow_fraction"))
     return await submit(request, "RequestInference", data, read=queries.get_inference, status=201)
 
 
@@ -426,6 +462,24 @@ async def delete_inference(request: web.Request) -> web.Response:
     return await _delete(request, "DeleteInference")
 
 
+@routes.post("/inferences/{id}/token")
+async def mint_tier_token(request: web.Request) -> web.Response:
+    """A token for tier K of this inference, for a tier started by hand on a device (admin only: api/auth.py
+    lets no workload token here). It reads only this inference and the model of that tier's result."""
+    inference = await _inference_or_404(request)
+    data = await body(request)
+    tier = data.get("tier")
+    tiers = {t["index"]: t for t in inference["tiers"]}
+    if not isinstance(tier, int) or isinstance(tier, bool) or tier not in tiers:
+        raise ApiError(422, "invalid", f"'tier' must be one of inference {inference['id']}'s tiers: "
+                                       f"{', '.join(map(str, sorted(tiers)))}", "tier")
+    result_id = int(tiers[tier]["result_id"])
+    token = tokens.mint(get_state(request).settings.security.secret_key,
+                        tokens.tier_claims(inference["id"], tier, result_id))
+    return json_response({"token": token, "scope": str(tokens.Scope.TIER), "inference_id": inference["id"],
+                          "tier": tier, "result_id": result_id}, status=201)
+
+
 async def _inference_or_404(request: web.Request) -> JSON:
     ident = path_id(request)
     async with get_state(request).pool.acquire() as conn:
@@ -435,82 +489,107 @@ async def _inference_or_404(request: web.Request) -> JSON:
     return found
 
 
-def _window(request: web.Request, default: int) -> int:
-    try:
-        n = int(request.query.get("limit", str(default)))
-    except ValueError:
-        raise ApiError(422, "invalid", "'limit' must be an integer", "limit") from None
-    if not 1 <= n <= 100_000:
-        raise ApiError(422, "invalid", "'limit' must be 1..100000", "limit")
+#: The largest windows a request may ask for (samples): what a page shows, and what statistics need.
+MAX_PREDICTIONS = 1000
+MAX_STATS_WINDOW = 10_000
+
+
+def _window(request: web.Request, default: int, maximum: int) -> int:
+    raw = request.query.get("limit", str(default))
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise ApiError(422, "invalid", f"'limit' must be an integer 1..{maximum}", "limit")
+    n = int(raw)
+    if not 1 <= n <= maximum:
+        raise ApiError(422, "invalid", f"'limit' must be 1..{maximum}", "limit")
     return n
 
 
+def _clusters(request: web.Request, inference: JSON) -> list[str]:
+    """The distinct clusters an inference's tiers run on (each answers on its own cluster's output topic)."""
+    default = get_state(request).settings.kafka.bootstrap_servers
+    return list(dict.fromkeys(t.get("bootstrap_servers") or default for t in inference["tiers"]))
+
+
+def _unreachable(unreachable: list[str], servers: str, exc: BaseException) -> None:
+    if not any(u.startswith(f"{servers}:") for u in unreachable):
+        unreachable.append(f"{servers}: {type(exc).__name__}: {exc}")
+
+
 async def _outputs(request: web.Request, inference: JSON, limit: int, unreachable: list[str]) -> list[JSON]:
-    """Each tier answers on its own cluster's output topic: read every distinct cluster, newest first."""
-    from dataclasses import replace
-
-    from tierflow.api.outputs import latest_outputs
-
-    kafka = get_state(request).settings.kafka
-    clusters = dict.fromkeys(t.get("bootstrap_servers") or kafka.bootstrap_servers for t in inference["tiers"])
+    """The newest `limit` answers over every cluster the tiers run on, newest first (the shared reader)."""
+    reader = get_state(request).outputs
     samples: list[JSON] = []
-    for servers in clusters:
+    for servers in _clusters(request, inference):
         try:
-            found = await asyncio.wait_for(
-                latest_outputs(replace(kafka, bootstrap_servers=servers), inference["output_topic"], limit), 15)
-        except (KafkaError, OSError, TimeoutError) as exc:
-            unreachable.append(f"{servers}: {type(exc).__name__}: {exc}")
-            continue
-        samples += found
+            samples += await reader.latest(servers, inference["output_topic"], limit)
+        except READ_ERRORS as exc:
+            _unreachable(unreachable, servers, exc)
     samples.sort(key=lambda s: s.get("timestamp_ms") or 0, reverse=True)
     return samples[:limit]
 
 
+async def _shadow_outcomes(request: web.Request, inference: JSON, limit: int, unreachable: list[str]) -> list[JSON]:
+    """The newest `limit` shadow outcomes of the inference (its shadow topic, on the top tier's cluster)."""
+    st = get_state(request)
+    tiers = inference["tiers"]
+    if len(tiers) < 2:
+        return []
+    top = max(tiers, key=lambda t: int(t["index"]))
+    servers = top.get("bootstrap_servers") or st.settings.kafka.bootstrap_servers
+    try:
+        return await st.outputs.shadow_outcomes(servers, st.settings.kafka.shadow_topic(inference["id"]), limit)
+    except READ_ERRORS as exc:
+        _unreachable(unreachable, servers, exc)
+        return []
+
+
 async def _lags(request: web.Request, inference: JSON, unreachable: list[str]) -> list[int | None]:
     """Each tier's backlog: input records its consumer group has not committed (None: unknown)."""
-    from dataclasses import replace
-
-    from tierflow.api.outputs import consumer_lag
-
-    kafka = get_state(request).settings.kafka
+    st = get_state(request)
     lags: list[int | None] = []
     for tier in inference["tiers"]:
-        servers = tier.get("bootstrap_servers") or kafka.bootstrap_servers
-        group = wire.tier_group(inference['id'], tier['index'])
+        servers = tier.get("bootstrap_servers") or st.settings.kafka.bootstrap_servers
         try:
-            lags.append(await asyncio.wait_for(
-                consumer_lag(replace(kafka, bootstrap_servers=servers), group, tier["input_topic"]), 15))
-        except (KafkaError, OSError, TimeoutError) as exc:
-            if not any(u.startswith(f"{servers}:") for u in unreachable):
-                unreachable.append(f"{servers}: {type(exc).__name__}: {exc}")
+            lags.append(await st.outputs.lag(servers, wire.tier_group(inference["id"], tier["index"]),
+                                             tier["input_topic"]))
+        except READ_ERRORS as exc:
+            _unreachable(unreachable, servers, exc)
             lags.append(None)
     return lags
+
+
+def _tier_details(stats: JSON, inference: JSON, lags: list[int | None]) -> None:
+    """What each tier is (its result, model, exit limit, input topic) and its backlog, next to its answers."""
+    for tier, spec, lag in zip(stats["tiers"], inference["tiers"], lags, strict=True):
+        tier.update({"result_id": spec["result_id"], "model_name": spec["model_name"], "limit": spec["limit"],
+                     "input_topic": spec["input_topic"], "lag": lag})
 
 
 @routes.get("/inferences/{id}/predictions")
 async def inference_predictions(request: web.Request) -> web.Response:
     """The latest answers read from the output topic: tier, class, confidence, origin (RF.7)."""
+    limit = _window(request, 50, MAX_PREDICTIONS)
     inference = await _inference_or_404(request)
     unreachable: list[str] = []
-    items = await _outputs(request, inference, _window(request, 50), unreachable)
+    items = await _outputs(request, inference, limit, unreachable)
     return json_response({"inference_id": inference["id"], "items": items, "total": len(items),
                           "unreachable": unreachable})
 
 
 @routes.get("/inferences/{id}/stats")
 async def inference_stats(request: web.Request) -> web.Response:
-    """Exit distribution per tier, throughput and latency percentiles over the latest outputs."""
-    from tierflow.api.outputs import statistics
-
+    """Exit distribution per tier, throughput and latency percentiles over the latest outputs; per tier its
+    observed share, the predicted share and agreement, and the live agreement over the latest shadow outcomes."""
+    limit = _window(request, MAX_STATS_WINDOW, MAX_STATS_WINDOW)
     inference = await _inference_or_404(request)
     unreachable: list[str] = []
-    samples = await _outputs(request, inference, _window(request, 10_000), unreachable)
-    stats = statistics(samples, len(inference["tiers"])) | {"unreachable": unreachable}
-    lags = await _lags(request, inference, unreachable)
-    for tier, spec, lag in zip(stats["tiers"], inference["tiers"], lags, strict=True):
-        tier.update({"result_id": spec["result_id"], "model_name": spec["model_name"], "limit": spec["limit"],
-                     "input_topic": spec["input_topic"], "lag": lag})
-    return json_response({"inference_id": inference["id"], "status": inference["status"], **stats})
+    samples = await _outputs(request, inference, limit, unreachable)
+    outcomes = await _shadow_outcomes(request, inference, limit, unreachable)
+    tiers = sorted(inference["tiers"], key=lambda t: int(t["index"]))
+    stats = statistics(samples, len(tiers), tier_specs=tiers, outcomes=outcomes)
+    _tier_details(stats, inference, await _lags(request, inference, unreachable))
+    return json_response({"inference_id": inference["id"], "status": inference["status"], **stats,
+                          "unreachable": unreachable})
 
 
 # --- commands, health, metrics ------------------------------------------------------------------------

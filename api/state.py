@@ -1,8 +1,11 @@
-"""Typed app state (resources opened by the app factory) and the API's Prometheus metrics."""
+"""Typed app state (resources opened by the app factory), the API's Prometheus metrics, and its background
+duties (`background`, a cleanup context the app factory adds after its resources)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +15,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tierflow.api.artefacts import ArtefactStore
+from tierflow.api.collector import run_collector
 from tierflow.api.outcomes import OutcomeWaiter
+from tierflow.api.outputs import OutputReader
 from tierflow.streams.health import HEALTHY, STALE_S
 from tierflow.streams.kafka import fetch_highwater
 from tierflow.streams.proofs import Signer
@@ -31,6 +36,11 @@ class ApiMetrics:
                                 ["type", "outcome"], registry=self.registry)
         self.projection_lag = Gauge("tierflow_projection_lag_events", "Events not yet projected",
                                     registry=self.registry)
+        self.artefacts_collected = Counter("tierflow_api_artefacts_collected_total",
+                                           "Stored artefacts removed because no result names them",
+                                           registry=self.registry)
+        self.artefact_bytes_freed = Counter("tierflow_api_artefact_bytes_freed_total",
+                                            "Bytes of the artefacts collected", registry=self.registry)
         # The worker's agents, as they last reported to Postgres (streams/health.py; the worker serves no HTTP).
         self.agent_up = Gauge("tierflow_agent_up", "1 while a worker agent starts or runs (and its worker reports), "
                               "0 otherwise", ["agent"], registry=self.registry)
@@ -65,7 +75,12 @@ class AppState:
     #: signs the workloads' training reports (POST /reports); None when the API has no TIERFLOW_SECRET_KEY
     report_signer: Signer | None = None
     max_ready_lag: int = 1000
+    #: the output topics' shared reader (/predictions, /stats); it connects on first use
+    outputs: OutputReader = field(init=False)
     _hw_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.outputs = OutputReader(self.settings.kafka)
 
     async def events_highwater(self) -> int:
         tp = TopicPartition(self.settings.kafka.events_topic, 0)
@@ -83,3 +98,17 @@ STATE_KEY: web.AppKey[AppState] = web.AppKey("tierflow_state", AppState)
 
 def get_state(request: web.Request) -> AppState:
     return request.app[STATE_KEY]
+
+
+async def background(app: web.Application) -> AsyncIterator[None]:
+    """The app's background duties (a `cleanup_ctx` after the one that opens the resources): the artefact
+    collection runs for the app's lifetime; the shared output reader's clients close with it."""
+    state = app[STATE_KEY]
+    collector = asyncio.create_task(run_collector(state))
+    try:
+        yield
+    finally:
+        collector.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collector
+        await state.outputs.close()

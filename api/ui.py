@@ -31,8 +31,10 @@ async def _to_ui(request: web.Request) -> web.StreamResponse:
 
 async def _index(request: web.Request) -> web.StreamResponse:
     # Deep links (/ui/#/deployments/3) all load this one page; the hash selects the view in the browser.
+    # The first load may carry the one-time token in its address (/ui/?token=...): no Referer leaks it.
     return web.FileResponse(STATIC / "index.html", headers={
-        "Cache-Control": "no-cache", "Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff"})
+        "Cache-Control": "no-cache", "Content-Security-Policy": _CSP, "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer"})
 
 
 def setup_ui(app: web.Application) -> None:

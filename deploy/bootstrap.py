@@ -8,20 +8,24 @@ nor a launcher (the control plane sits below the tiers and below deploy):
   and Deployments in `TIERFLOW_NAMESPACE`, through the official client configured from the pod's service
   account (or ~/.kube/config outside a cluster).
 * `sandbox_validation`: the validator's verdicts come from a warm pool of single-use sandboxes
-  (tiers/sandbox.py), open for the worker's lifetime; `sandbox_validate(pool)` adapts one pool to the verdict
-  the decider reads (the tests pass their own session pool through it).
+  (tiers/sandbox.py), open for the worker's lifetime, or, when TIERFLOW_SANDBOX_URL is set (cluster mode), from
+  the sandbox server (`tierflow sandbox serve`, tiers/sandbox_server.py) that runs the pool apart from the
+  worker's secrets; `sandbox_validate(pool)` adapts either to the verdict the decider reads (the tests pass
+  their own session pool through it), and says which isolation is in force (`.isolation`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from tierflow.streams.envelope import JSON
 from tierflow.streams.launcher import Launcher
 from tierflow.streams.settings import Settings
 from tierflow.streams.validator import ValidateFn
-from tierflow.tiers.sandbox import CodeInvalid, SandboxError, SandboxPool
+from tierflow.tiers.sandbox import CodeInvalid, ModelSummary, SandboxError, SandboxPool
+from tierflow.tiers.sandbox_server import RemoteSandbox
 
 
 def make_launcher(settings: Settings) -> Launcher:
@@ -35,12 +39,28 @@ def make_launcher(settings: Settings) -> Launcher:
     return LocalLauncher(settings.stack.home.resolve() / "workloads", env)
 
 
-def sandbox_validate(pool: SandboxPool) -> ValidateFn:
-    """Adapt a SandboxPool to the verdict the decider reads."""
+class Sandbox(Protocol):
+    """A SandboxPool, or the RemoteSandbox of a sandbox server."""
 
-    async def validate(code: str, imports: str) -> JSON:
+    isolation: dict[str, str]
+
+    async def validate(self, code: str, imports: str = "") -> ModelSummary: ...
+
+
+class SandboxVerdicts:
+    """The validator's validate function over a sandbox, which also says the isolation in force (the worker
+    exposes it for /readyz and the UI)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    @property
+    def isolation(self) -> dict[str, str]:
+        return dict(self._sandbox.isolation)
+
+    async def __call__(self, code: str, imports: str) -> JSON:
         try:
-            summary = await pool.validate(code, imports)
+            summary = await self._sandbox.validate(code, imports)
         except CodeInvalid as exc:
             return {"ok": False, "error": str(exc)}
         except SandboxError as exc:
@@ -48,13 +68,22 @@ def sandbox_validate(pool: SandboxPool) -> ValidateFn:
         result: JSON = summary.to_dict()
         return {"ok": True, "summary": result}
 
-    return validate
+
+def sandbox_validate(pool: Sandbox) -> ValidateFn:
+    """Adapt a SandboxPool (or a RemoteSandbox) to the verdict the decider reads."""
+    return SandboxVerdicts(pool)
 
 
 @contextlib.asynccontextmanager
 async def sandbox_validation(settings: Settings) -> AsyncIterator[ValidateFn]:
-    """A started sandbox pool for the worker's lifetime, as the validator's validate function; closed on exit."""
-    pool = SandboxPool(settings.sandbox)
+    """The validator's validate function for the worker's lifetime: a started sandbox pool, or the sandbox
+    server's client when TIERFLOW_SANDBOX_URL is set; closed on exit."""
+    known = settings.with_secrets_known().sandbox  # endpoints resolved by now: scrub their secrets too
+    if known.url:
+        async with RemoteSandbox(known) as remote:
+            yield sandbox_validate(remote)
+        return
+    pool = SandboxPool(known)
     await pool.start()
     try:
         yield sandbox_validate(pool)

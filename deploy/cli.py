@@ -61,11 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli_inferences.register(sub)
     demo.register(sub)
 
-    from tierflow.tiers import send_cli, tier_cli, train_job
+    from tierflow.tiers import sandbox_server, send_cli, tier_cli, train_job
 
     train_job.register(sub)
     send_cli.register(sub)
     tier_cli.register(sub)
+    sandbox_server.register(sub)
     return parser
 
 

@@ -39,10 +39,41 @@ def render_inference(i: JSON) -> str:
                       ("input", f"{i.get('input_topic')} ({i.get('input_format')})"),
                       ("output", cell(i.get("output_topic"))), ("created", format_time(i.get("created_at")))])
     rows = [[str(t["index"]), cell(t.get("model_name")), cell(t.get("result_id")), cell(t.get("input_topic")),
-             cell(t.get("upper_topic")), f"{t.get('limit'):g}" if isinstance(t.get("limit"), float) else "-",
-             cell(t.get("replicas")), cell(t.get("bootstrap_servers") or "default")] for t in i.get("tiers") or []]
-    return text + "\n\ntiers:\n" + format_table(["TIER", "MODEL", "RESULT", "INPUT", "UPPER", "LIMIT", "REPLICAS",
-                                                  "CLUSTER"], rows)
+             cell(t.get("upper_topic")), _limit(t), cell(t.get("replicas")),
+             cell(t.get("bootstrap_servers") or "default")] for t in i.get("tiers") or []]
+    return (text + _target(i) + "\n\ntiers:\n"
+            + format_table(["TIER", "MODEL", "RESULT", "INPUT", "UPPER", "LIMIT", "REPLICAS", "CLUSTER"], rows))
+
+
+def _limit(t: JSON) -> str:
+    """A tier's limit and what it is compared with: "0.8" (raw max(p)), "0.8512 (calibrated, T 1.32)"."""
+    if t.get("top"):
+        return "top"
+    limit = t.get("limit")
+    if not isinstance(limit, int | float):
+        return "-"
+    if t.get("compare") == "calibrated":
+        return f"{limit:g} (calibrated, T {t.get('temperature', 1.0):.2f})"
+    return f"{limit:g}"
+
+
+def _target(i: JSON) -> str:
+    """The target and what the chosen limits are predicted to do (nothing for typed limits)."""
+    target, predicted = i.get("target"), i.get("predicted")
+    if not target or not predicted:
+        return ""
+    (kind, value), = target.items()
+    shares = " / ".join(f"{100 * s:.1f}%" for s in predicted.get("shares") or [])
+    text = (f"\ntarget      {kind.replace('_', ' ')} {value:g}\n"
+            f"predicted   shares {shares}; accuracy {predicted['accuracy']:.4f} (top exit alone "
+            f"{predicted['top_accuracy']:.4f}, drop <= {predicted['accuracy_drop_upper']:.4f} at "
+            f"{predicted['confidence']:.0%}); agreement with the top {predicted['agreement']:.4f} "
+            f"(on {predicted['n']} validation samples)")
+    test = predicted.get("test")
+    if test:
+        text += (f"\non test    shares {' / '.join(f'{100 * s:.1f}%' for s in test['shares'])}; accuracy "
+                 f"{test['accuracy']:.4f} (top exit alone {test['top_accuracy']:.4f}; {test['n']} samples)")
+    return text
 
 
 def render_predictions(d: JSON) -> str:
@@ -80,7 +111,34 @@ def render_stats(d: JSON) -> str:
                       ("latency", f"p50 {_ms(lat.get('p50'))} ms, p95 {_ms(lat.get('p95'))} ms, "
                                   f"p99 {_ms(lat.get('p99'))} ms")])
     columns = ["TIER", "MODEL", "LIMIT", "ANSWERED", "SHARE", "P50 MS", "P99 MS", "LAG"]
-    return head + "\n\nexits:\n" + format_table(columns, rows) + _unreachable(d)
+    return head + "\n\nexits:\n" + format_table(columns, rows) + _agreement(d) + _unreachable(d)
+
+
+def _share(v: Any) -> str:
+    return f"{100 * v:.1f}%" if isinstance(v, int | float) else "-"
+
+
+def _ratio(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, int | float) else "-"
+
+
+def _agreement(d: JSON) -> str:
+    """Per tier below the top: observed against predicted share, and the live agreement of its answers with the
+    top exit (shadow samples) against the predicted one and its lower bound, flagged when it drifts below."""
+    tiers: list[JSON] = d.get("tiers") or []
+    if not any(t.get("predicted") or (t.get("live") or {}).get("n") for t in tiers):
+        return ""
+    rows = []
+    for t in tiers:
+        live, predicted = t.get("live") or {}, t.get("predicted") or {}
+        rows.append([str(t["index"]), _share(t.get("observed_share")), _share(predicted.get("share")),
+                     _ratio(live.get("agreement")), cell(live.get("n")) if live else "top",
+                     _ratio(predicted.get("agreement")), _ratio(predicted.get("agreement_lower")),
+                     "DRIFT" if live.get("drift") else "-"])
+    columns = ["TIER", "SHARE", "PREDICTED SHARE", "LIVE AGREEMENT", "SHADOWS", "PREDICTED AGREEMENT",
+               "LOWER BOUND", "DRIFT"]
+    return ("\n\nearly answers against the top exit (live: the latest shadow samples; predicted: the validation "
+            "split):\n" + format_table(columns, rows))
 
 
 def _unreachable(d: JSON) -> str:
@@ -104,7 +162,17 @@ def inference_body(args: argparse.Namespace) -> JSON:
                        ("output_topic", args.output_topic), ("limit", args.limit), ("replicas", args.replicas)):
         if value is not None:
             body[key] = value
-    for name, flag in (("limits", args.limits), ("tiers", args.tiers), ("input_config", args.input_config)):
+    targets = [(kind, value) for kind, value in (("max_accuracy_drop", args.max_accuracy_drop),
+                                                  ("min_accuracy", args.min_accuracy),
+                                                  ("max_top_share", args.max_top_share)) if value is not None]
+    if len(targets) > 1:
+        raise UsageError("give one of --max-accuracy-drop, --min-accuracy, --max-top-share")
+    if targets:
+        body["target"] = dict(targets)
+    if args.shadow_fraction is not None:
+        body["shadow_fraction"] = args.shadow_fraction
+    for name, flag in (("limits", args.limits), ("tiers", args.tiers), ("input_config", args.input_config),
+                       ("costs_s", args.costs_s)):
         if flag:
             try:
                 body[name] = json.loads(flag)
@@ -127,6 +195,16 @@ def register(subparsers: Any) -> None:
     create.add_argument("--output-topic", metavar="T")
     create.add_argument("--limit", type=float, help="answer when max(probabilities) >= limit (default 0.8)")
     create.add_argument("--limits", metavar="JSON", help='per-tier limits {"<result id>": limit}')
+    create.add_argument("--max-accuracy-drop", type=float, metavar="D",
+                        help="choose the limits from the chain's exit frontier: the cheapest whose accuracy is at "
+                             "most D below the top exit's (90%% bound), instead of --limit")
+    create.add_argument("--min-accuracy", type=float, metavar="A", help="... whose cascade accuracy is at least A")
+    create.add_argument("--max-top-share", type=float, metavar="S",
+                        help="... the most accurate sending at most a share S of the inputs to the top tier")
+    create.add_argument("--costs-s", metavar="JSON", help='with a target: {"<result id>": seconds per sample} '
+                                                        "overriding the compute measured at training")
+    create.add_argument("--shadow-fraction", type=float, metavar="F",
+                        help="share of its answers a lower tier also sends up to check them live (default 0.02)")
     create.add_argument("--replicas", type=int)
     create.add_argument("--tiers", metavar="JSON", help="per-tier overrides [{result_id, bootstrap_servers, ...}]")
     create.add_argument("--input-config", metavar="JSON")
@@ -143,6 +221,15 @@ def register(subparsers: Any) -> None:
     preds.add_argument("--limit", type=int, default=20)
     preds.set_defaults(func=_command(
         lambda args, api: api.get(f"/inferences/{args.id}/predictions?limit={args.limit}")[1], render_predictions))
+    token = isub.add_parser(
+        "token", parents=[json_flag], help="mint the API token of one tier, for a tier started by hand on a device",
+        description="Print a token that reads only this inference and the model of tier K (admin only); on the "
+                    "device: TIERFLOW_API_TOKEN=<token> tierflow tier run --inference N --tier K --api URL")
+    token.add_argument("id", type=int, metavar="N")
+    token.add_argument("--tier", type=int, required=True, metavar="K", help="the tier index (0 = the entry tier)")
+    token.set_defaults(func=_command(lambda args, api: api.post(f"/inferences/{args.id}/token",
+                                                                {"tier": args.tier})[1],
+                                     lambda d: str(d.get("token"))))
     stats = isub.add_parser("stats", parents=[json_flag], help="exit distribution per tier, throughput, latency")
     stats.add_argument("id", type=int, metavar="ID")
     stats.add_argument("--window", type=int, default=10_000, help="how many latest answers to summarise")

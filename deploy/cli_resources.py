@@ -1,4 +1,4 @@
-"""`tierflow models|configurations|deployments|results ...`: the catalogue from the command line.
+"""`tierflow models|configurations|deployments|results|datasources ...`: the catalogue from the command line.
 
 Registered by the CLI front door (deploy/cli.py) through `register(subparsers)`. Each sub-command turns its
 arguments into an API request body (pure functions), sends it with `ApiClient` (deploy/client.py) and
@@ -181,8 +181,138 @@ def render_result(r: JSON) -> str:
     return text
 
 
+def _records(ranges: Sequence[JSON] | None) -> int:
+    return sum(int(r["end"]) - int(r["start"]) for r in ranges or [])
+
+
+def _notes(d: JSON) -> str:
+    counts = [(len(d.get("range_reasons") or []), "reason"), (len(d.get("warnings") or []), "warning")]
+    return ", ".join(f"{n} {word}{'s' if n > 1 else ''}" for n, word in counts if n) or "-"
+
+
+def datasource_row(d: JSON) -> list[str]:
+    used, announced = d.get("ranges") or [], d.get("announced_ranges") or d.get("ranges") or []
+    topics = ",".join(dict.fromkeys(str(r.get("topic")) for r in used))
+    return [str(d["id"]), cell(d.get("deployment_id")), cell(d.get("input_format")), topics or "-",
+            format_count(_records(used)), format_count(_records(announced)), _notes(d),
+            format_time(d.get("created_at"))]
+
+
+def render_datasource(d: JSON) -> str:
+    used, announced = d.get("ranges") or [], d.get("announced_ranges") or d.get("ranges") or []
+    n_used, n_announced = _records(used), _records(announced)
+    records = format_count(n_used) + ("" if n_used == n_announced else f" ({format_count(n_announced)} announced)")
+    origin = d.get("origin") or {}
+    source = (f"sent from datasource {origin['datasource_id']}" if "datasource_id" in origin else
+              f"{origin.get('topic')}[{origin.get('partition')}] offset {origin.get('offset')}" if origin else "-")
+    text = format_kv([
+        ("id", str(d["id"])), ("deployment", cell(d.get("deployment_id"))), ("format", cell(d.get("input_format"))),
+        ("input config", cell(d.get("input_config"))), ("description", cell(d.get("description"))),
+        ("split", f"validation {d.get('validation_rate') or 0:.0%}, test {d.get('test_rate') or 0:.0%}"),
+        ("records", records), ("total_msg", format_count(d.get("total_msg"))), ("origin", source),
+        ("created", format_time(d.get("created_at")))])
+    rows = []
+    for u, a in zip(used, announced, strict=False):
+        diff = (u["end"] - u["start"]) - (a["end"] - a["start"])
+        rows.append([str(u.get("topic")), str(u.get("partition")), f"[{a['start']}, {a['end']})",
+                     f"[{u['start']}, {u['end']})",
+                     format_count(u["end"] - u["start"]) + ("" if u == a else f" ({diff:+,})")])
+    text += "\n\nranges (used: what training reads):\n" + format_table(
+        ["TOPIC", "PARTITION", "ANNOUNCED", "USED", "RECORDS"], rows)
+    reasons, warnings = d.get("range_reasons") or [], d.get("warnings") or []
+    if reasons:
+        text += "\n\nwhy the used ranges differ from the announced ones:\n" + "\n".join(f"- {r}" for r in reasons)
+    else:
+        text += "\n\nused as announced"
+    if warnings:
+        text += "\n\nwarnings:\n" + "\n".join(f"- {w}" for w in warnings)
+    return text
+
+
 def _metric(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else cell(value)
+
+
+def format_seconds(value: Any) -> str:
+    """A compute time per sample: "45 us", "3.4 ms", "1.20 s"."""
+    if not isinstance(value, int | float):
+        return "-"
+    if value < 1e-3:
+        return f"{value * 1e6:.0f} us"
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """At most k indices spread evenly over range(n), both ends included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def render_exits(d: JSON, points: int = 10) -> str:
+    """`tierflow results exits R`: per exit T, accuracy and ECE before -> after; then each entry's frontier,
+    `points` of its points spread along it (cheapest first)."""
+    exits: list[JSON] = d.get("exits") or []
+    names = [str(e.get("model_name") or e.get("result_id")) for e in exits]
+    cals = [e.get("calibration") for e in exits]
+    measured = next((c for c in cals if c), None)
+    lines = [f"result {d.get('result_id')}: chain {' -> '.join(names) or format_ids(d.get('chain'))}"]
+    if measured:
+        lines.append(f"temperatures fitted on {measured['n_fit']} validation samples; accuracy and calibration "
+                     f"error (ECE, {measured['n_bins']} bins) measured on {measured['n_measured']} "
+                     f"{measured['measured_on']} samples")
+    rows = [[str(e.get("exit")), cell(e.get("result_id")), names[k], f"{e.get('temperature', 1.0):.3f}",
+             _metric(c.get("accuracy")) if c else "-",
+             f"{c['ece_before']:.4f} -> {c['ece_after']:.4f}" if c else "-", format_seconds(e.get("cost_s"))]
+            for k, (e, c) in enumerate(zip(exits, cals, strict=True))]
+    lines += ["", format_table(["EXIT", "RESULT", "MODEL", "T", "ACCURACY", "ECE BEFORE -> AFTER", "COST/SAMPLE"],
+                               rows)]
+    if d.get("reason"):
+        lines += ["", f"note: {d['reason']}"]
+    record: JSON | None = d.get("frontier")
+    if record:
+        lines += _render_frontier(record, names, points)
+    return "\n".join(lines)
+
+
+def _expected_cost(costs: Sequence[float], answered: Sequence[int], n: int) -> float:
+    """Compute per input of a point: each tier's cost per sample times the share of inputs reaching it."""
+    reach, total = n, 0.0
+    for k, c in enumerate(costs):
+        total += c * reach
+        reach -= answered[k]
+    return total / n
+
+
+def _render_frontier(record: JSON, names: list[str], points: int) -> list[str]:
+    costs = [float(c) for c in record.get("costs_s") or []]
+    lines: list[str] = []
+    for entry in record.get("entries") or []:
+        e = int(entry["entry"])
+        v, t = entry["validation"], entry.get("test")
+        n = int(v["n"])
+        limits: list[list[float]] = entry["limits"]
+        chain = names[e:] or [str(k) for k in range(e, len(costs))]
+        if len(chain) == 1:
+            lines += ["", f"entry at {chain[0]}: one tier, nothing to trade: it answers everything (accuracy "
+                          f"{v['top_correct'] / n:.4f} on validation)"]
+            continue
+        lines += ["", f"frontier entering at {chain[0]}: {len(limits)} points on {n} validation samples "
+                      f"({' x '.join(map(str, entry['levels']))} candidate limits searched), "
+                      f"{'all' if len(limits) <= points else points} shown, cheapest first; the top exit alone: "
+                      f"accuracy {v['top_correct'] / n:.4f}"]
+
+        cost = [_expected_cost(costs[e:], answered, n) for answered in v["answered"]]
+        order = sorted(range(len(limits)), key=lambda p: (cost[p], -sum(v["correct"][p])))
+        rows = []
+        for p in (order[i] for i in _spread(len(order), points)):
+            rows.append([", ".join("never" if x > 1 else f"{x:g}" for x in limits[p]),
+                         " ".join(f"{100 * a / n:.0f}%" for a in v["answered"][p]), f"{sum(v['correct'][p]) / n:.4f}",
+                         f"{(v['b'][p] - v['c'][p]) / n:+.4f}", format_seconds(cost[p]),
+                         f"{sum(t['correct'][p]) / t['n']:.4f}" if t else "-"])
+        lines.append(format_table(["LIMITS", "SHARES " + "/".join(chain), "ACCURACY", "DROP", "COST/INPUT",
+                                   "TEST ACCURACY"], rows))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -209,6 +339,9 @@ DEPLOYMENTS = Resource("deployment", "/deployments",
                        deployment_row, render_deployment)
 RESULTS = Resource("result", "/results", ("ID", "DEPLOYMENT", "MODEL", "NAME", "VERSION", "STATUS", "UPDATED"),
                    result_row, render_result)
+DATASOURCES = Resource("datasource", "/datasources",
+                       ("ID", "DEPLOYMENT", "FORMAT", "TOPIC", "RECORDS", "ANNOUNCED", "NOTES", "CREATED"),
+                       datasource_row, render_datasource)
 
 
 def render_list(resource: Resource, data: JSON) -> str:
@@ -368,6 +501,8 @@ def list_path(resource: Resource, args: argparse.Namespace) -> str:
     base = resource.path
     if resource is RESULTS and args.deployment is not None:
         base = f"/deployments/{args.deployment}/results"
+    if resource is DATASOURCES:
+        params["deployment_id"] = args.deployment
     path: str = with_query(base, params)
     return path
 
@@ -379,7 +514,7 @@ def _command(action: Action, render: Callable[[JSON], str]) -> Handler:
 
     def handler(args: argparse.Namespace, settings: Settings) -> int:
         try:
-            data = action(args, client_for(settings))
+            data = action(args, client_for(settings, getattr(args, "token", None) or ""))
         except UsageError as exc:
             print(format_error(exc), file=sys.stderr)
             return EXIT_USAGE
@@ -419,8 +554,12 @@ def _update_model(args: argparse.Namespace, api: ApiClient) -> JSON:
 # --- registration -------------------------------------------------------------------------------------
 
 def _json_flag() -> argparse.ArgumentParser:
+    """The flags every API sub-command takes: --json, and --token (else TIERFLOW_API_TOKEN, else the running
+    stack's)."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--json", action="store_true", help="print the API's JSON answer as it is (for scripts)")
+    parent.add_argument("--token", metavar="TOKEN",
+                        help="the API token (default: TIERFLOW_API_TOKEN, else the running stack's)")
     return parent
 
 
@@ -448,8 +587,8 @@ def _register_common(sub: Any, resource: Resource, json_flag: argparse.ArgumentP
     if resource is MODELS:
         lst.add_argument("--distributed", action="store_true", help="only distributed models")
         lst.add_argument("--name", help="only models whose name contains this")
-    if resource is RESULTS:
-        lst.add_argument("--deployment", type=int, metavar="ID", help="only the results of this deployment")
+    if resource in (RESULTS, DATASOURCES):
+        lst.add_argument("--deployment", type=int, metavar="ID", help=f"only the {resource.plural} of this deployment")
     lst.set_defaults(func=_list(resource))
     show = sub.add_parser("show", parents=[json_flag], help=f"show one {resource.name}")
     show.add_argument("id", type=int, metavar="ID")
@@ -466,7 +605,7 @@ def _register_delete(sub: Any, resource: Resource, json_flag: argparse.ArgumentP
 
 
 def register(subparsers: Any) -> None:
-    """Add `models`, `configurations`, `deployments` and `results` to the `tierflow` front door."""
+    """Add `models`, `configurations`, `deployments`, `results` and `datasources` to the `tierflow` front door."""
     json_flag = _json_flag()
 
     models = subparsers.add_parser("models", help="register, list and delete Keras models")
@@ -530,4 +669,13 @@ def register(subparsers: Any) -> None:
     stop.set_defaults(func=_command(lambda args, api: api.post(f"/results/{args.id}/stop", {})[1],
                                     lambda d: render_list(RESULTS, d)))
     _register_delete(rsub, RESULTS, json_flag, " (one no inference uses)")
+    exits = rsub.add_parser("exits", parents=[json_flag],
+                            help="the calibration of each exit of a result's chain and its exit frontier")
+    exits.add_argument("id", type=int, metavar="ID", help="any result of the chain")
+    exits.set_defaults(func=_command(lambda args, api: api.get(f"/results/{args.id}/exits")[1],
+                                     render_exits))
 
+    sources = subparsers.add_parser("datasources", help="training data announced for deployments (announced vs "
+                                                        "used ranges, and why they differ)")
+    ssub = sources.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _register_common(ssub, DATASOURCES, json_flag)

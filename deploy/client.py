@@ -21,7 +21,7 @@ from typing import Any
 
 from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import Settings
-from tierflow.streams.stack_state import read_stack_state
+from tierflow.streams.stack_state import read_stack_state, resolve_api_token
 
 JSON = dict[str, Any]
 
@@ -30,7 +30,8 @@ DEFAULT_API_URL = "http://127.0.0.1:8080"
 #: The HTTP status the API answers for each rejection code (mirrors api/errors.py, which the CLI must
 #: not import: the client only knows the wire format).
 STATUS_BY_CODE: dict[str, int] = {"invalid": 422, "not_found": 404, "conflict": 409, "unauthorized": 401,
-                                  "bad_request": 400, "too_large": 413, "unavailable": 503}
+                                  "forbidden": 403, "bad_request": 400, "too_large": 413,
+                                  "unsupported_media_type": 415, "unavailable": 503}
 
 #: Where the resource of an outcome's aggregate ("model:3") is read.
 AGGREGATE_PATHS: dict[str, str] = {"model": "/models", "configuration": "/configurations",
@@ -226,6 +227,7 @@ def resolve_api_url(settings: Settings) -> str:
     return DEFAULT_API_URL
 
 
-def client_for(settings: Settings) -> ApiClient:
-    """The client the CLI uses: resolved URL and TIERFLOW_API_TOKEN."""
-    return ApiClient(resolve_api_url(settings), settings.api.token)
+def client_for(settings: Settings, token: str = "") -> ApiClient:
+    """The client the CLI uses: the resolved URL, and the token of `--token`, else TIERFLOW_API_TOKEN, else the
+    running embedded stack's (so a newcomer never types one)."""
+    return ApiClient(resolve_api_url(settings), resolve_api_token(settings, token))

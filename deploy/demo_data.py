@@ -53,12 +53,20 @@ class DemoError(PermanentError):
     """A step of the demo failed; the message says which and why."""
 
 
+#: The target the demo serves its chain from unless told otherwise: the cheapest limits whose cascade accuracy
+#: stays within 1% of the top exit alone.
+DEFAULT_TARGET = ("max_accuracy_drop", 0.01)
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     dataset: str = "auto"
     epochs: int = 5
     batch: int = 64
-    limit: float = 0.8
+    #: A typed limit on every tier (the raw max(p), as Kafka-ML) instead of a target; None: serve from `target`.
+    limit: float | None = None
+    #: (kind, value) of the target the limits are chosen from (streams/exits.py TARGET_KINDS).
+    target: tuple[str, float] = DEFAULT_TARGET
     train_samples: int = 20000
     test_samples: int = 2000
     holdout: float = 0.2

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from tierflow.deploy.client import ApiClient
+from tierflow.deploy.client import ApiClient, ApiClientError
 from tierflow.deploy.demo_data import (
     CHAIN,
     CLOUD_CODE,
@@ -31,7 +31,8 @@ from tierflow.deploy.demo_data import (
     DemoOptions,
     load_data,
 )
-from tierflow.deploy.demo_summary import Answered, number, summarize
+from tierflow.deploy.demo_summary import Answered, best_reachable, number, served, summarize
+from tierflow.streams.exits import Target, parse_target
 from tierflow.streams.settings import KafkaSettings, Settings
 from tierflow.streams.statuses import FINAL_STATUSES, ResultStatus
 
@@ -56,6 +57,8 @@ class Demo:
         self.sleep = sleep
         self.tag = uuid.uuid4().hex[:4]
         self.inference_id: int | None = None
+        #: The target the user asked for, when the decider refused it and the demo served a relaxed one.
+        self.requested_target: JSON | None = None
 
     def step(self, n: int, text: str) -> None:
         say(self.out, f"\n[{n}/6] {text}")
@@ -70,8 +73,9 @@ class Demo:
         inference = self.serve(results[models["edge"]])
         summary = self.infer(data, inference, results, models)
         summary.update(dataset=data.name, deployment_id=deployment["id"], inference_id=inference["id"],
-                       input_topic=inference["input_topic"], output_topic=inference["output_topic"],
-                       limit=self.options.limit, seconds=round(self.clock() - started, 1))
+                       entry_result_id=inference["result_id"], input_topic=inference["input_topic"],
+                       output_topic=inference["output_topic"], limit=self.options.limit,
+                       seconds=round(self.clock() - started, 1))
         return summary
 
     # 1. models and configuration
@@ -162,18 +166,61 @@ class Demo:
 
     # 4. inference
     def serve(self, entry: JSON) -> JSON:
-        self.step(5, f"serving the trained chain tier by tier (limit {self.options.limit}: a tier answers when "
-                     "its highest probability reaches it, otherwise it forwards the tensor up)")
         body: JSON = {"result_id": entry["id"], "input_topic": f"tierflow.demo-{self.tag}.in",
-                      "output_topic": f"tierflow.demo-{self.tag}.out", "limit": self.options.limit}
-        _, inference = self.api.post("/inferences", body)
+                      "output_topic": f"tierflow.demo-{self.tag}.out"}
+        if self.options.limit is not None:
+            self.step(5, f"serving the trained chain tier by tier (typed limit {self.options.limit}: a tier "
+                         "answers when its highest probability reaches it, otherwise it forwards the tensor up)")
+            _, inference = self.api.post("/inferences", {**body, "limit": self.options.limit})
+        else:
+            kind, value = self.options.target
+            self.step(5, f"serving the trained chain tier by tier from the target {kind} {value:g} (tierflow "
+                         "chooses each tier's limit on its calibrated confidence from the chain's exit frontier, "
+                         "met with 90% confidence over the validation samples)")
+            inference = self._serve_target(entry, body, parse_target({kind: value}))
         self.inference_id = int(inference["id"])
+        self._say_choice(inference)
         for t in inference["tiers"]:
             routes = f"answers -> {inference['output_topic']}"
             if t.get("upper_topic"):
                 routes += f", forwards -> {t['upper_topic']}"
             say(self.out, f"  tier {t['index']} {t['model_name']:<18} reads {t['input_topic']}; {routes}")
         return dict(inference)
+
+    def _serve_target(self, entry: JSON, body: JSON, target: Target) -> JSON:
+        """Ask for the target; when the decider refuses it (no limits meet it, or the validation split is too
+        small to certify it: the digits give ~140 validation samples), say why and serve the strictest target
+        of the same kind it certifies, read from the chain's frontier, rather than stop the demo."""
+        try:
+            _, inference = self.api.post("/inferences", {**body, "target": target.to_json()})
+            return dict(inference)
+        except ApiClientError as exc:
+            if exc.status != 422 or not (exc.field or "").startswith("target"):
+                raise
+            refusal = exc.message
+        _, exits = self.api.get(f"/results/{entry['id']}/exits")
+        record = exits.get("frontier")
+        chain = list(exits.get("chain") or [entry["id"]])
+        relaxed = None if record is None else best_reachable(record, target, chain.index(entry["id"]))
+        if relaxed is None or relaxed == target.value:
+            raise DemoError(f"the target {target.kind} {target.value:g} was refused: {refusal}")
+        say(self.out, f"  refused: {refusal}")
+        say(self.out, f"  serving the strictest target the frontier certifies instead: {target.kind} {relaxed:g}")
+        self.requested_target = target.to_json()
+        _, inference = self.api.post("/inferences", {**body, "target": {target.kind: relaxed}})
+        return dict(inference)
+
+    def _say_choice(self, inference: JSON) -> None:
+        p = inference.get("predicted")
+        if not p:
+            return
+        tiers = inference["tiers"]
+        limits = ", ".join(f"{t['model_name']} {t['limit']:g}" for t in tiers if not t.get("top"))
+        shares = ", ".join(f"{t['model_name']} {share:.1%}" for t, share in zip(tiers, p["shares"], strict=False))
+        say(self.out, f"  chosen limits (calibrated confidence): {limits}")
+        say(self.out, f"  predicted on {p['n']} validation samples: answered {shares}; cascade accuracy "
+                      f"{p['accuracy']:.3f} (>= {p['accuracy_lower']:.3f} with 90% confidence; the top exit alone "
+                      f"{p['top_accuracy']:.3f}, drop <= {p['accuracy_drop_upper']:.4f})")
 
     def infer(self, data: DemoData, inference: JSON, results: dict[int, JSON], models: dict[str, int]) -> JSON:
         self.step(6, f"streaming {len(data.x_test):,} held-out inputs as a Kafka-ML client would "
@@ -182,7 +229,7 @@ class Demo:
         exits = [(name, _test_accuracy(results[models[name]])) for name in CHAIN]
         summary = summarize(exits=exits, single=("single", _test_accuracy(results[models["single"]])),
                             offsets=offsets, labels=data.y_test.tolist(), answered=answered, started_at=started,
-                            tiers=len(inference["tiers"]))
+                            tiers=len(inference["tiers"]), serving=served(inference, self.requested_target))
         return summary
 
     async def _stream(self, x: np.ndarray[Any, Any], inference: JSON

@@ -36,6 +36,8 @@ from tierflow.deploy.manifests import (
     dns_name,
     inference_deployment,
     training_job,
+    workload_secret,
+    workload_secret_name,
 )
 from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.launcher import (
@@ -168,6 +170,21 @@ class KubernetesApi:
                                   label_selector=label_selector)
         return list(answer.items)
 
+    async def read_job(self, *, namespace: str, name: str) -> k8s.V1Job:
+        return await self._call(f"read Job {name}", self.batch.read_namespaced_job, namespace=namespace, name=name)
+
+    async def read_deployment(self, *, namespace: str, name: str) -> k8s.V1Deployment:
+        return await self._call(f"read Deployment {name}", self.apps.read_namespaced_deployment,
+                                namespace=namespace, name=name)
+
+    async def create_secret(self, *, namespace: str, body: k8s.V1Secret) -> k8s.V1Secret:
+        return await self._call(f"create Secret {meta_of(body).name}", self.core.create_namespaced_secret,
+                                namespace=namespace, body=body)
+
+    async def delete_secret(self, *, namespace: str, name: str) -> None:
+        await self._call(f"delete Secret {name}", self.core.delete_namespaced_secret, namespace=namespace,
+                         name=name, propagation_policy="Background")
+
     async def list_pods(self, *, namespace: str, label_selector: str) -> list[k8s.V1Pod]:
         answer = await self._call("list Pods", self.core.list_namespaced_pod, namespace=namespace,
                                   label_selector=label_selector)
@@ -288,23 +305,41 @@ class KubernetesLauncher:
                                     env_secret=self.settings.secret or None)
 
     async def launch(self, spec: WorkloadSpec) -> None:
+        """Create the Job or Deployment, then its own Secret (`spec.secrets`: its token), owned by it. Until the
+        Secret exists the pod waits (CreateContainerConfigError, retried by the kubelet); a replayed launch
+        creates a Secret lost between the two calls."""
+        name = dns_name(spec.name)
+        owner: Any
         try:
             if spec.kind == WorkloadKind.TRAINING:
-                await self.api.create_job(namespace=self.namespace, body=self.training_job(spec))
+                owner = await self.api.create_job(namespace=self.namespace, body=self.training_job(spec))
             elif spec.kind == WorkloadKind.INFERENCE:
-                await self.api.create_deployment(namespace=self.namespace, body=self.inference_deployment(spec))
+                owner = await self.api.create_deployment(namespace=self.namespace,
+                                                         body=self.inference_deployment(spec))
             else:
                 raise WorkloadRefused(f"workload {spec.name}: unknown kind {spec.kind!r} (training or inference)")
         except AlreadyExistsError:
             log.debug("workload %s exists already: launched", spec.name)
+            if not spec.secrets:
+                return
+            read = self.api.read_job if spec.kind == WorkloadKind.TRAINING else self.api.read_deployment
+            owner = await read(namespace=self.namespace, name=name)
+        if spec.secrets:
+            with contextlib.suppress(AlreadyExistsError):
+                await self.api.create_secret(namespace=self.namespace,
+                                             body=workload_secret(spec, namespace=self.namespace, owner=owner))
 
     async def stop(self, name: str) -> None:
         # The name alone does not say the kind: remove a Job and a Deployment of that name, whichever exists.
+        # Their Secret goes with them (owner reference); it is deleted here too, for a cluster whose garbage
+        # collector lags and for one created without an owner.
         object_name = dns_name(name)
         with contextlib.suppress(NotFoundError):
             await self.api.delete_job(namespace=self.namespace, name=object_name)
         with contextlib.suppress(NotFoundError):
             await self.api.delete_deployment(namespace=self.namespace, name=object_name)
+        with contextlib.suppress(NotFoundError):
+            await self.api.delete_secret(namespace=self.namespace, name=workload_secret_name(name))
 
     async def list(self, kind: str | None = None) -> list[WorkloadStatus]:
         selector = f"{LABEL_MANAGED}={MANAGED_BY}" + (f",{LABEL_KIND}={kind}" if kind else "")

@@ -8,9 +8,9 @@ restart), runs the command as its child, forwards SIGTERM/SIGINT/SIGHUP to it, a
 atomically when it ends; the child is killed if the supervisor is (PR_SET_PDEATHSIG), so a supervisor killed
 with `kill -9` leaves no workload running unseen.
 
-State, one folder per workload: `<state_dir>/<name>/` with `spec.json` (the spec without its env, which may
-hold secrets, plus the command), `pid` (the supervisor's pid and its start time from /proc, so a reused pid
-is not mistaken for it), `log` (stdout and stderr), and `exit_code` (the child's return code; negative =
+State, one folder per workload: `<state_dir>/<name>/` with `spec.json` (the spec with the names of its env and
+secrets but not their values, plus the command), `pid` (the supervisor's pid and its start time from /proc, so
+a reused pid is not mistaken for it), `log` (stdout and stderr), and `exit_code` (the child's return code; negative =
 killed by that signal). A new LocalLauncher on the same folder (a restarted worker) sees the same workloads.
 One launcher process owns a state folder at a time.
 
@@ -42,6 +42,7 @@ from typing import Any
 
 from tierflow.streams.errors import TemporaryError
 from tierflow.streams.launcher import WorkloadPhase, WorkloadRefused, WorkloadSpec, WorkloadStatus
+from tierflow.streams.settings import stack_secret_names
 
 log = logging.getLogger("tierflow.launcher.local")
 
@@ -252,9 +253,10 @@ class LocalLauncher:
     """Workloads as detached local subprocesses with their state under `state_dir`.
 
     `env`: variables set for every workload on top of the environment this process inherited (the
-    settings' `to_env()`); `spec.env` goes on top. `command_prefix`: what runs `args` (default: the
-    `tierflow` CLI of this interpreter; tests run small scripts). `grace_s`: how long `stop` waits after
-    SIGTERM before it kills the workload's whole process group.
+    settings' `workload_env()`); `spec.env` goes on top, then `spec.secrets`. The stack's secrets
+    (`stack_secret_names`) are dropped from all but `spec.secrets`, wherever they come from.
+    `command_prefix`: what runs `args` (default: the `tierflow` CLI of this interpreter; tests run small scripts).
+    `grace_s`: how long `stop` waits after SIGTERM before it kills the workload's whole process group.
     """
 
     def __init__(self, state_dir: Path, env: Mapping[str, str], *, command_prefix: Sequence[str] | None = None,
@@ -283,7 +285,8 @@ class LocalLauncher:
                 log.warning("workload %s asks for %d replicas; the local launcher runs one", spec.name, spec.replicas)
             self.state_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=self.state_dir))
-            record = {**asdict(spec), "env": sorted(spec.env), "command": [*self.command_prefix, *spec.args]}
+            record = {**asdict(spec), "env": sorted(spec.env), "secrets": sorted(spec.secrets),
+                      "command": [*self.command_prefix, *spec.args]}
             (staging / SPEC_FILE).write_text(json.dumps(record, indent=2))
             try:
                 staging.rename(final)  # the folder appears whole, with its spec, or not at all
@@ -300,8 +303,12 @@ class LocalLauncher:
 
     async def _spawn(self, final: Path, spec: WorkloadSpec) -> None:
         # The workload inherits this process's environment (as a pod inherits its image's) and working
-        # directory (settings may hold relative paths, e.g. TIERFLOW_HOME=.tierflow).
-        env = {**os.environ, **self.env, **spec.env}
+        # directory (settings may hold relative paths, e.g. TIERFLOW_HOME=.tierflow), less the stack's secrets,
+        # which this process (the worker) holds and a workload must not: it gets its own token in spec.secrets.
+        secret = stack_secret_names()
+        env = {key: value for source in (os.environ, self.env, spec.env) for key, value in source.items()
+               if key not in secret}
+        env.update(spec.secrets)
         with (final / LOG_FILE).open("ab") as log_file:
             try:
                 proc = subprocess.Popen(

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from kubernetes import client as k8s
 
 from tierflow.streams.launcher import LABEL_KIND, LABEL_MANAGED, LABEL_TIER, MANAGED_BY, WorkloadSpec
+from tierflow.streams.settings import stack_secret_names
 
 CONTAINER = "tierflow"
 #: Annotation holding the workload name as the orchestrator gave it (object names are sanitised).
@@ -116,14 +117,23 @@ def _gpu_tolerations(spec: WorkloadSpec) -> list[k8s.V1Toleration]:
     return [k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
 
 
+def workload_secret_name(workload: str) -> str:
+    """The Secret holding the own `spec.secrets` (its scoped API token) of the workload named `workload`."""
+    return dns_name(f"{workload}-token")
+
+
 def _container(spec: WorkloadSpec, image: str, env: Mapping[str, str], env_secret: str | None = None
                ) -> k8s.V1Container:
+    # The stack's secrets never go into a spec (readable by anyone who may list Jobs), whoever handed them in;
+    # the workload's own secrets come from its Secret.
+    plain = {key: value for key, value in env.items() if key not in stack_secret_names()}
+    secrets = [name for name in (env_secret, workload_secret_name(spec.name) if spec.secrets else None) if name]
     return k8s.V1Container(
         name=CONTAINER,
         image=image,
         command=["tierflow", *spec.args],
-        env=_env(env) or None,
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=env_secret))] if env_secret else None,
+        env=_env(plain) or None,
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=name)) for name in secrets] or None,
         resources=_resources(spec),
         security_context=k8s.V1SecurityContext(allow_privilege_escalation=False,
                                                capabilities=k8s.V1Capabilities(drop=["ALL"])),
@@ -281,6 +291,21 @@ def inference_deployment(
     )
 
 
+# --- a workload's own Secret ----------------------------------------------------------------------------
+
+def workload_secret(spec: WorkloadSpec, *, namespace: str, owner: Any = None) -> k8s.V1Secret:
+    """The Secret of `spec.secrets`, owned by the workload's Job or Deployment (`owner`, as the API server
+    answered its creation) so that Kubernetes deletes it with the workload."""
+    metadata = _metadata(spec, namespace)
+    metadata.name = workload_secret_name(spec.name)
+    meta = getattr(owner, "metadata", None)
+    if meta is not None and meta.uid:
+        metadata.owner_references = [k8s.V1OwnerReference(api_version=owner.api_version, kind=owner.kind,
+                                                           name=meta.name, uid=meta.uid)]
+    return k8s.V1Secret(api_version="v1", kind="Secret", metadata=metadata, type="Opaque",
+                        string_data=dict(spec.secrets))
+
+
 # --- RBAC of the orchestrator (cluster mode) -----------------------------------------------------------
 
 class RbacObjects(NamedTuple):
@@ -291,8 +316,8 @@ class RbacObjects(NamedTuple):
 
 def rbac_objects(namespace: str, *, name: str = "tierflow-orchestrator") -> RbacObjects:
     """ServiceAccount, Role and RoleBinding the orchestrator needs in `namespace`, and nothing more:
-    manage Jobs and Deployments (create, get, list, watch, delete) and read pods and their logs (the last
-    lines of a failed training)."""
+    manage Jobs and Deployments (create, get, list, watch, delete), read pods and their logs (the last
+    lines of a failed training), and create and delete each workload's own Secret (never read or list one)."""
 
     def meta() -> k8s.V1ObjectMeta:
         return k8s.V1ObjectMeta(name=name, namespace=namespace, labels={LABEL_MANAGED: MANAGED_BY})
@@ -307,6 +332,8 @@ def rbac_objects(namespace: str, *, name: str = "tierflow-orchestrator") -> Rbac
             k8s.V1PolicyRule(api_groups=["apps"], resources=["deployments"], verbs=manage),
             k8s.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get", "list"]),
             k8s.V1PolicyRule(api_groups=[""], resources=["pods/log"], verbs=["get"]),
+            # Each workload's own Secret (its scoped API token): created and deleted, never read or listed.
+            k8s.V1PolicyRule(api_groups=[""], resources=["secrets"], verbs=["create", "delete"]),
         ],
     )
     binding = k8s.V1RoleBinding(

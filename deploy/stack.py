@@ -131,7 +131,8 @@ def status(settings: Settings, *, as_json: bool = False) -> int:
     if as_json:
         body: dict[str, Any] = {"running": running, "home": str(home)}
         if state is not None:
-            body.update(state.to_json(), running=running, components=_component_rows(state))
+            # `api_url` and `token` are what a script needs to call the API (this output is for the user only).
+            body.update(state.to_json(), running=running, token=state.token, components=_component_rows(state))
         print(json.dumps(body, indent=2))
     elif state is None and (starting := starting_pid(home)) is not None:
         print(f"a tierflow stack is starting for {home} (supervisor pid {starting}); "

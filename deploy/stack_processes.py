@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from tierflow.deploy.supervisor import group_members
 from tierflow.streams.stack_state import StackState, pid_alive, read_stack_state, stack_file
@@ -133,10 +133,17 @@ def refuse_if_running(home: Path) -> bool:
     return False
 
 
+def ui_url(api_url: str, token: str) -> str:
+    """The web UI's one-time address: the page keeps the token for its tab and drops it from the address bar."""
+    base = f"{api_url.rstrip('/')}/ui/"
+    return f"{base}?{urlencode({'token': token})}" if token else base
+
+
 def up_summary(state: StackState, *, external_broker: bool, external_db: bool) -> str:
     return "\n".join([
         f"tierflow stack is up (supervisor pid {state.pid})",
-        f"  API:      {state.api_url}",
+        f"  web UI:   {ui_url(state.api_url, state.token)}",
+        f"  API:      {state.api_url} (the CLI finds the token; scripts: `tierflow status --json`)",
         f"  broker:   {state.bootstrap_servers}{' (external)' if external_broker else ''}",
         f"  Postgres: {redact(state.database_url)}{' (external)' if external_db else ''}",
         f"  logs:     {state.home / 'logs'}",
@@ -148,9 +155,12 @@ def spawn_detached(home: Path, log_path: Path) -> int:
     argv = [sys.executable, "-m", "tierflow.deploy.cli", "up"]
     # The detached supervisor gets this process's environment, as if the user had run `up` here.
     env = {**os.environ, "TIERFLOW_HOME": str(home)}
+    # The log gets the UI's address with the token in it: only its owner may read it.
+    log_path.touch(mode=0o600)
+    log_path.chmod(0o600)
     return os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+        (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
         (os.POSIX_SPAWN_DUP2, 1, 2),
     ])
 

@@ -2,8 +2,9 @@
 
 Called by deploy/stack.py (`up_foreground`). It resolves the broker and Postgres (external ones from
 KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL, else a private Tansu and Postgres), prepares them (topics, schema, events
-restored from the Postgres archive) before any agent runs, then starts the worker and the API and supervises all
-of them (deploy/supervisor.py) until SIGINT/SIGTERM. While it runs, `<home>/stack.json` says where everything is
+restored from the Postgres archive) before any agent runs, then starts the worker and the API, with a fresh admin
+token and the stack's secret (created once in `<home>/secrets/`), and supervises all of them (deploy/supervisor.py)
+until SIGINT/SIGTERM. While it runs, `<home>/stack.json` (mode 0600) says where everything is and holds the token
 (streams/stack_state.py); `<home>/stack.lock` is held for its lifetime so that two `up` for one home never race.
 """
 
@@ -38,7 +39,7 @@ from tierflow.deploy.services import (
 from tierflow.deploy.stack_processes import POLL_S, healthy, refuse_if_running, stack_lock, stop_signal, up_summary
 from tierflow.deploy.supervisor import RestartPolicy, Supervisor
 from tierflow.streams.settings import Settings
-from tierflow.streams.stack_state import StackState, stack_file, write_stack_state
+from tierflow.streams.stack_state import StackState, load_or_create_secret_key, stack_file, write_stack_state
 
 log = logging.getLogger("tierflow.stack")
 
@@ -170,13 +171,14 @@ class _Stack:
             print(note, flush=True)
         settings = self.settings.with_endpoints(bootstrap_servers=bootstrap, database_url=database_url,
                                                 api_url=self.api_url)
-        self.settings = replace(settings, api=replace(settings.api, port=api_port),
+        # The admin token is new at every `up` (as Jupyter's): it reaches clients through stack.json (0600);
+        # the secret outlives it in <home>/secrets, so the workload tokens it signed stay valid. Proofs on commands
+        # (streams/proofs.py) use keys derived from the same secret.
+        token = settings.api.token or secrets.token_urlsafe(32)
+        secret_key = settings.security.secret_key or load_or_create_secret_key(self.home)
+        self.settings = replace(settings, api=replace(settings.api, port=api_port, token=token),
+                                security=replace(settings.security, secret_key=secret_key),
                                 stack=replace(settings.stack, home=self.home))
-        if not self.settings.security.secret_key:
-            # The worker and the API sign and check proofs on commands with keys derived from it
-            # (streams/proofs.py); a stack without one would believe no verdict and no training report.
-            self.settings = replace(self.settings, security=replace(self.settings.security,
-                                                                    secret_key=secrets.token_hex(32)))
 
         print("creating topics and migrating the schema ...", flush=True)
         await ensure_topics(self.settings.kafka)
@@ -206,7 +208,7 @@ class _Stack:
         return StackState(pid=os.getpid(), api_url=self.api_url,
                           bootstrap_servers=self.settings.kafka.bootstrap_servers,
                           database_url=self.settings.database.url, home=self.home, started_at=self.started_at,
-                          children=self.supervisor.pids())
+                          children=self.supervisor.pids(), token=self.settings.api.token)
 
 
 async def _serve(settings: Settings, home: Path, health_timeout_s: float) -> int:

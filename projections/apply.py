@@ -119,18 +119,21 @@ async def _deployment_requested(conn: asyncpg.Connection, s: str, e: Event) -> N
 
 async def _deployment_deleted(conn: asyncpg.Connection, s: str, e: Event) -> None:
     await conn.execute(f"DELETE FROM {s}.results WHERE deployment_id = $1", e.payload["id"])
+    await conn.execute(f"DELETE FROM {s}.result_exits WHERE deployment_id = $1", e.payload["id"])
     await conn.execute(f"DELETE FROM {s}.deployments WHERE id = $1", e.payload["id"])
 
 
 async def _datasource_announced(conn: asyncpg.Connection, s: str, e: Event) -> None:
     p = e.payload
     await conn.execute(
-        f"""INSERT INTO {s}.datasources (id, deployment_id, ranges, input_format, input_config, description,
-                validation_rate, test_rate, total_msg, origin, warnings, created_at)
-            VALUES ($1, $2, $3::jsonb, $4, $5::jsonb, $6, $7, $8, $9, $10::jsonb, $11::jsonb, $12)""",
-        p["id"], p["deployment_id"], js(p["ranges"]), p["input_format"], js(p["input_config"] or {}),
-        p["description"] or "", p["validation_rate"] or 0.0, p["test_rate"] or 0.0, p["total_msg"],
-        js(p["origin"]) if p.get("origin") is not None else None, js(p.get("warnings") or []), ts(p["created_at"]),
+        f"""INSERT INTO {s}.datasources (id, deployment_id, ranges, announced_ranges, range_reasons, input_format,
+                input_config, description, validation_rate, test_rate, total_msg, origin, warnings, created_at)
+            VALUES ($1, $2, $3::jsonb, $4::jsonb, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12::jsonb, $13::jsonb,
+                    $14)""",
+        p["id"], p["deployment_id"], js(p["ranges"]), js(p["announced_ranges"]), js(p["range_reasons"]),
+        p["input_format"], js(p["input_config"] or {}), p["description"] or "", p["validation_rate"] or 0.0,
+        p["test_rate"] or 0.0, p["total_msg"], js(p["origin"]) if p.get("origin") is not None else None,
+        js(p.get("warnings") or []), ts(p["created_at"]),
     )
 
 
@@ -161,6 +164,10 @@ async def _training_result(conn: asyncpg.Connection, s: str, e: Event) -> None:
     await conn.execute(f"UPDATE {s}.results SET status = '{ResultStatus.FINISHED}', metrics = $2::jsonb, "
                        "artefacts = $3::jsonb, finished_at = $4, updated_at = $4 WHERE id = $1",
                        p["result_id"], js(p["metrics"]), js(p["artefacts"]), ts(p["at"]))
+    # Its own table: a chain's frontier record is ~100-300 kB, which no listing of results should carry.
+    await conn.execute(f"INSERT INTO {s}.result_exits (result_id, deployment_id, exits) VALUES ($1, $2, $3::jsonb) "
+                       "ON CONFLICT (result_id) DO UPDATE SET exits = EXCLUDED.exits",
+                       p["result_id"], p["deployment_id"], js(p["exits"]))
 
 
 async def _training_ended(conn: asyncpg.Connection, s: str, e: Event) -> None:
@@ -174,6 +181,7 @@ async def _training_ended(conn: asyncpg.Connection, s: str, e: Event) -> None:
 
 async def _result_deleted(conn: asyncpg.Connection, s: str, e: Event) -> None:
     await conn.execute(f"DELETE FROM {s}.results WHERE id = $1", e.payload["id"])
+    await conn.execute(f"DELETE FROM {s}.result_exits WHERE result_id = $1", e.payload["id"])
 
 
 async def _inference_requested(conn: asyncpg.Connection, s: str, e: Event) -> None:
@@ -181,10 +189,12 @@ async def _inference_requested(conn: asyncpg.Connection, s: str, e: Event) -> No
     at = ts(p["created_at"])
     await conn.execute(
         f"""INSERT INTO {s}.inferences (id, result_id, deployment_id, status, input_topic, output_topic,
-                input_format, input_config, tiers, created_at, updated_at)
-            VALUES ($1, $2, $3, '{InferenceStatus.RUNNING}', $4, $5, $6, $7::jsonb, $8::jsonb, $9, $9)""",
+                input_format, input_config, tiers, shadow_fraction, target, predicted, created_at, updated_at)
+            VALUES ($1, $2, $3, '{InferenceStatus.RUNNING}', $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10::jsonb,
+                    $11::jsonb, $12, $12)""",
         p["id"], p["result_id"], p["deployment_id"], p["input_topic"], p["output_topic"], p["input_format"],
-        js(p["input_config"]), js(p["tiers"]), at,
+        js(p["input_config"]), js(p["tiers"]), float(p["shadow_fraction"]),
+        None if p["target"] is None else js(p["target"]), None if p["predicted"] is None else js(p["predicted"]), at,
     )
 
 

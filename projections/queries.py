@@ -150,8 +150,65 @@ async def get_result(conn: asyncpg.Connection, rid: int) -> JSON | None:
     return None if r is None else _result(r)
 
 
+async def get_chain_exits(conn: asyncpg.Connection, rid: int) -> JSON | None:
+    """The calibration of every exit of result `rid`'s chain and the chain's exit frontier (`chain_exits`);
+    None when the result does not exist."""
+    r = await conn.fetchrow(f"SELECT chain FROM {S}.results WHERE id = $1", rid)
+    if r is None:
+        return None
+    chain = list(r["chain"]) or [rid]
+    rows = await conn.fetch(
+        f"""SELECT r.id, r.status, m.name AS model_name, x.exits FROM {S}.results r
+            LEFT JOIN {S}.model_versions m ON m.model_id = r.model_id AND m.version = r.model_version
+            LEFT JOIN {S}.result_exits x ON x.result_id = r.id WHERE r.id = ANY($1::int[])""", chain)
+    found = {row["id"]: {"status": row["status"], "model_name": row["model_name"], "exits": _j(row["exits"])}
+             for row in rows}
+    return chain_exits(rid, chain, found)
+
+
+def chain_exits(rid: int, chain: list[int], found: dict[int, JSON]) -> JSON:
+    """`GET /results/{id}/exits` from the rows of the chain's results (pure): per exit its result, model,
+    temperature and calibration and measured cost; the chain's frontier record (the top result's); `reason`
+    when there is none; `finished` whether every result of the chain has finished (else the rest is empty)."""
+    finished = all(found.get(r, {}).get("status") == ResultStatus.FINISHED for r in chain)
+    exits: list[JSON] = []
+    frontier: JSON | None = None
+    reason: str | None = None
+    if finished:
+        for k, r in enumerate(chain):
+            x: JSON = found[r]["exits"] or {}
+            exits.append({"exit": k, "result_id": r, "model_name": found[r]["model_name"],
+                          "temperature": x.get("temperature", 1.0), "cost_s": x.get("cost_s"),
+                          "calibration": x.get("calibration")})
+            reason = reason or x.get("reason")
+        top: JSON = found[chain[-1]]["exits"] or {}
+        frontier = top.get("frontier")
+        if frontier is None:
+            reason = top.get("reason") or reason or "no calibration was reported for this chain"
+        elif any(e["calibration"] is None for e in exits):
+            reason = reason or "an exit of the chain has no calibration"
+        else:
+            reason = None
+    else:
+        waiting = [f"{r} ({found.get(r, {}).get('status', 'deleted')})" for r in chain
+                   if found.get(r, {}).get("status") != ResultStatus.FINISHED]
+        reason = (f"the chain's exits are calibrated when all its results have finished; result(s) "
+                  f"{', '.join(waiting)} have not")
+    return {"result_id": rid, "chain": chain, "finished": finished, "exits": exits, "frontier": frontier,
+            "reason": reason}
+
+
+async def referenced_artefacts(conn: asyncpg.Connection) -> set[str]:
+    """The sha256 of every artefact a result still names (the API's artefact collection keeps these)."""
+    rows = await conn.fetch(f"SELECT DISTINCT a.value->>'sha256' AS sha256 FROM {S}.results r, "
+                            f"jsonb_each(CASE jsonb_typeof(r.artefacts) WHEN 'object' THEN r.artefacts "
+                            f"ELSE '{{}}'::jsonb END) a")
+    return {r["sha256"] for r in rows if r["sha256"]}
+
+
 def _datasource(r: asyncpg.Record) -> JSON:
     return {"id": r["id"], "deployment_id": r["deployment_id"], "ranges": _j(r["ranges"]),
+            "announced_ranges": _j(r["announced_ranges"]), "range_reasons": _j(r["range_reasons"]),
             "input_format": r["input_format"], "input_config": _j(r["input_config"]),
             "description": r["description"], "validation_rate": r["validation_rate"], "test_rate": r["test_rate"],
             "total_msg": r["total_msg"], "origin": _j(r["origin"]), "warnings": _j(r["warnings"]),
@@ -175,7 +232,8 @@ async def get_datasource(conn: asyncpg.Connection, ident: int) -> JSON | None:
 def _inference(r: asyncpg.Record) -> JSON:
     return {"id": r["id"], "status": r["status"], "result_id": r["result_id"], "deployment_id": r["deployment_id"],
             "input_topic": r["input_topic"], "output_topic": r["output_topic"], "input_format": r["input_format"],
-            "input_config": _j(r["input_config"]), "tiers": _j(r["tiers"]), "created_at": _iso(r["created_at"]),
+            "input_config": _j(r["input_config"]), "tiers": _j(r["tiers"]), "shadow_fraction": r["shadow_fraction"],
+            "target": _j(r["target"]), "predicted": _j(r["predicted"]), "created_at": _iso(r["created_at"]),
             "updated_at": _iso(r["updated_at"])}
 
 

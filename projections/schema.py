@@ -21,7 +21,7 @@ log = logging.getLogger("tierflow.projections")
 
 LIVE_SCHEMA = "proj"
 #: Bump when the projection tables change: the projector then rebuilds them from the events log.
-PROJECTION_VERSION = 4
+PROJECTION_VERSION = 6
 PROJECTOR = "projector"
 NOTIFY_CHANNEL = "tierflow_projected"
 
@@ -108,10 +108,17 @@ CREATE TABLE IF NOT EXISTS {s}.results (
     finished_at   timestamptz
 );
 CREATE INDEX IF NOT EXISTS results_deployment_idx ON {s}.results (deployment_id);
+CREATE TABLE IF NOT EXISTS {s}.result_exits (
+    result_id     integer PRIMARY KEY,
+    deployment_id integer NOT NULL,
+    exits         jsonb NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {s}.datasources (
     id              integer PRIMARY KEY,
     deployment_id   integer NOT NULL,
     ranges          jsonb NOT NULL,
+    announced_ranges jsonb NOT NULL,
+    range_reasons   jsonb NOT NULL DEFAULT '[]',
     input_format    text NOT NULL,
     input_config    jsonb NOT NULL,
     description     text NOT NULL,
@@ -132,6 +139,9 @@ CREATE TABLE IF NOT EXISTS {s}.inferences (
     input_format  text NOT NULL,
     input_config  jsonb NOT NULL,
     tiers         jsonb NOT NULL,
+    shadow_fraction double precision NOT NULL,
+    target        jsonb,
+    predicted     jsonb,
     created_at    timestamptz NOT NULL,
     updated_at    timestamptz NOT NULL
 );
@@ -149,8 +159,8 @@ CREATE TABLE IF NOT EXISTS {s}.command_outcomes (
 
 
 #: The tables compared by the replay tests and copied by nothing: everything derived from events.
-PROJECTION_TABLES = ("models", "model_versions", "configurations", "deployments", "results", "datasources",
-                     "inferences", "command_outcomes")
+PROJECTION_TABLES = ("models", "model_versions", "configurations", "deployments", "results", "result_exits",
+                     "datasources", "inferences", "command_outcomes")
 
 BOOKKEEPING_DDL = """
 CREATE TABLE IF NOT EXISTS public.tierflow_meta (

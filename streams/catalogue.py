@@ -12,8 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from tierflow.streams.envelope import JSON, Upcasters
 from tierflow.streams.errors import PermanentError
+from tierflow.streams.exits import DEFAULT_EPS, ExitsError, Target, parse_frontier, parse_target
 from tierflow.streams.settings import KafkaSettings
 
 
@@ -77,9 +80,33 @@ DEFAULT_LOSS = "sparse_categorical_crossentropy"
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy",)
 
 
+#: The schema version the decider writes, per event type (1 unless named here); `upcasters()` lifts every
+#: older version to it when an event is read.
+EVENT_VERSIONS: dict[str, int] = {"CommandRejected": 2, "DatasourceAnnounced": 2, "TrainingResultReported": 2,
+                                   "InferenceRequested": 2}
+
+#: What a result trained before calibration existed says about its exits (TrainingResultReported v1).
+UNCALIBRATED_REASON = ("trained before tierflow calibrated exits: its confidence is the raw max(p) (temperature "
+                       "1) and it has no exit frontier; serve it with typed limits, or train it again")
+
+
+def event_version(event_type: str) -> int:
+    return EVENT_VERSIONS.get(event_type, 1)
+
+
 def upcasters() -> Upcasters:
     """The upcasting chain of every event type (v1 is the first version unless declared otherwise)."""
     ups = Upcasters()
+
+    @ups.register("DatasourceAnnounced", 1)
+    def _announced_and_used_ranges(payload: JSON) -> JSON:
+        # v1 recorded the announced ranges only, and used them as they were; v2 records both (the control
+        # bridge may make an announcement exact, streams/ranges.py) and why they differ.
+        out = dict(payload)
+        out.setdefault("announced_ranges", out.get("ranges"))
+        out.setdefault("range_reasons", [])
+        out.setdefault("warnings", [])
+        return out
 
     @ups.register("CommandRejected", 1)
     def _reason_as_object(payload: JSON) -> JSON:
@@ -90,6 +117,24 @@ def upcasters() -> Upcasters:
             out["reason"] = {"code": "invalid", "message": reason, "field": None}
         return out
 
+    @ups.register("TrainingResultReported", 1)
+    def _uncalibrated(payload: JSON) -> JSON:
+        # v2 carries the exit's calibration and (on a chain's top result) the chain's exit frontier; a result
+        # reported before has neither: it compares the raw max(p), i.e. temperature 1.
+        return {**payload, "exits": uncalibrated_exits(UNCALIBRATED_REASON)}
+
+    @ups.register("InferenceRequested", 1)
+    def _typed_limits(payload: JSON) -> JSON:
+        # v2 says per tier what its limit is compared with; every v1 inference had typed limits on the raw
+        # max(p), and sent no shadow samples.
+        tiers = [{**t, "compare": "raw", "temperature": 1.0, "eps": DEFAULT_EPS, "predicted": None}
+                 for t in payload.get("tiers") or []]
+        return {**payload, "tiers": tiers, "shadow_fraction": 0.0, "target": None, "predicted": None}
+
+    for event_type, version in EVENT_VERSIONS.items():
+        if ups.current(event_type) != version:
+            raise AssertionError(f"{event_type}: the decider writes v{version}, upcasters reach v"
+                                 f"{ups.current(event_type)}")
     return ups
 
 
@@ -384,6 +429,77 @@ def parse_trained(payload: JSON) -> tuple[JSON, JSON]:
     return metrics, artefacts
 
 
+#: The keys of one exit's calibration (tiers/calibration.py `ExitCalibration`, plus the split it was measured on).
+CALIBRATION_KEYS: frozenset[str] = frozenset(
+    {"exit", "temperature", "accuracy", "ece_before", "ece_after", "nll_before", "nll_after", "n_fit",
+     "n_measured", "n_bins", "measured_on"})
+#: The most JSON an `exits` field may take in a report (the writer stays well under: tiers/exit_report.py).
+EXITS_MAX_BYTES = 900_000
+
+
+def uncalibrated_exits(reason: str) -> JSON:
+    """The `exits` field of a result that has no calibration and no frontier, saying why."""
+    return {"temperature": 1.0, "calibration": None, "cost_s": None, "frontier": None, "reason": reason}
+
+
+def _exits_number(value: Any, field_name: str, lo: float, hi: float) -> float:
+    if not _is_number(value) or not lo <= value <= hi:
+        raise Invalid(f"'{field_name}' must be a number in [{lo:g}, {hi:g}], got {value!r}", field_name)
+    return float(value)
+
+
+def parse_result_exits(value: Any) -> JSON:
+    """The `exits` field of a ReportTrainingResult (absent: the result is uncalibrated, see docs/commands.md):
+    `{temperature, calibration: {...} | null, cost_s | null, frontier: record | null, reason | null}`.
+
+    Checks each field (a frontier record with streams/exits.py `parse_frontier`) and returns the field as the
+    TrainingResultReported event holds it; what needs the result's chain is checked by the decider."""
+    if value is None:
+        return uncalibrated_exits("the training workload reported no calibration for this result")
+    if not isinstance(value, dict):
+        raise Invalid("'exits' must be an object {temperature, calibration, cost_s, frontier, reason}", "exits")
+    unknown = sorted(set(value) - {"temperature", "calibration", "cost_s", "frontier", "reason"})
+    if unknown:
+        raise Invalid(f"'exits' has unknown keys: {', '.join(unknown)}", f"exits.{unknown[0]}")
+    temperature = _exits_number(value.get("temperature", 1.0), "exits.temperature", 1e-6, 1e6)
+    cal = value.get("calibration")
+    if cal is not None:
+        if not isinstance(cal, dict) or set(cal) != CALIBRATION_KEYS:
+            raise Invalid(f"'exits.calibration' must be an object with exactly {', '.join(sorted(CALIBRATION_KEYS))}",
+                          "exits.calibration")
+        for key in ("accuracy", "ece_before", "ece_after"):
+            _exits_number(cal[key], f"exits.calibration.{key}", 0.0, 1.0)
+        for key in ("nll_before", "nll_after"):
+            _exits_number(cal[key], f"exits.calibration.{key}", 0.0, 1e6)
+        for key in ("exit", "n_fit", "n_measured", "n_bins"):
+            v = cal[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "exit" else 1):
+                raise Invalid(f"'exits.calibration.{key}' must be a {'non-negative' if key == 'exit' else 'positive'} "
+                              f"integer, got {v!r}", f"exits.calibration.{key}")
+        if cal["measured_on"] not in ("test", "validation"):
+            raise Invalid("'exits.calibration.measured_on' must be test or validation", "exits.calibration.measured_on")
+        if cal["temperature"] != temperature:
+            raise Invalid("'exits.calibration.temperature' differs from 'exits.temperature'", "exits.temperature")
+    cost = value.get("cost_s")
+    if cost is not None:
+        cost = _exits_number(cost, "exits.cost_s", 0.0, 1e6)
+    reason = value.get("reason")
+    if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+        raise Invalid("'exits.reason' must say why there is no calibration or frontier", "exits.reason")
+    frontier = value.get("frontier")
+    if frontier is not None:
+        if len(orjson.dumps(frontier)) > EXITS_MAX_BYTES:
+            raise Invalid(f"'exits.frontier' is larger than {EXITS_MAX_BYTES} bytes of JSON", "exits.frontier")
+        try:
+            parse_frontier(frontier)
+        except ExitsError as exc:
+            raise Invalid(exc.message, f"exits.frontier.{exc.field}" if exc.field else "exits.frontier") from None
+    if cal is None and reason is None:
+        raise Invalid("'exits.reason' must say why the result has no calibration", "exits.reason")
+    return {"temperature": temperature, "calibration": None if cal is None else dict(cal), "cost_s": cost,
+            "frontier": frontier, "reason": None if reason is None else reason[:2000]}
+
+
 def parse_failure_reason(payload: JSON) -> str:
     reason = payload.get("reason")
     if not isinstance(reason, str) or not reason.strip():
@@ -399,20 +515,65 @@ def input_format_field(value: Any) -> str:
     return str(value)
 
 
-def parse_announcement(payload: JSON, reserved: frozenset[str] | None = None) -> tuple[list[JSON], JSON]:
-    """The ranges of a datasource announcement and its other fields, as the DatasourceAnnounced event holds them.
+#: The most ranges one announcement may name (a sink names one per partition of its topic): the control bridge
+#: checks each one on the broker within a time bound, so an announcement cannot be made arbitrarily long.
+MAX_RANGES = 1024
+
+
+def _range_list(value: Any, name: str, reserved: frozenset[str] | None) -> list[JSON]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(r, dict) and isinstance(r.get("topic"), str) and r["topic"]
+            and all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) and r[k] >= 0
+                    for k in ("partition", "start", "end")) and r["start"] <= r["end"] for r in value):
+        raise Invalid(f"'{name}' must list {{topic, partition, start, end}} with 0 <= start <= end", name)
+    if len(value) > MAX_RANGES:
+        raise Invalid(f"'{name}' names {len(value)} ranges; at most {MAX_RANGES} are accepted", name)
+    for i, r in enumerate(value):
+        topic_name(r["topic"], f"{name}[{i}].topic", reserved)
+    return [{"topic": r["topic"], "partition": r["partition"], "start": r["start"], "end": r["end"]} for r in value]
+
+
+def _texts(value: Any, name: str) -> list[str]:
+    texts = value or []
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise Invalid(f"'{name}' must be a list of strings", name)
+    return list(texts)
+
+
+def parse_ranges_used(payload: JSON, reserved: frozenset[str] | None = None) -> JSON:
+    """`ranges` (the ones used), `announced_ranges`, `range_reasons` and `warnings` of an announcement.
+
+    The control bridge may use other ranges than the sink announced (streams/ranges.py): each used range
+    names the same partition as the announced one at its index, moves its ends only forward, and a
+    difference needs a reason. Without `announced_ranges`, the ranges are used as announced.
+    """
+    used = _range_list(payload.get("ranges"), "ranges", reserved)
+    announced = used if payload.get("announced_ranges") is None else _range_list(
+        payload.get("announced_ranges"), "announced_ranges", reserved)
+    reasons = _texts(payload.get("range_reasons"), "range_reasons")
+    if len(announced) != len(used):
+        raise Invalid(f"'announced_ranges' has {len(announced)} ranges and 'ranges' {len(used)}; each used range "
+                      "is one announced range", "announced_ranges")
+    for i, (a, u) in enumerate(zip(announced, used, strict=True)):
+        if (a["topic"], a["partition"]) != (u["topic"], u["partition"]):
+            raise Invalid(f"ranges[{i}] names {u['topic']}[{u['partition']}], announced_ranges[{i}] "
+                          f"{a['topic']}[{a['partition']}]: a used range reads the partition announced", f"ranges[{i}]")
+        if u["start"] < a["start"] or u["end"] < a["end"]:
+            raise Invalid(f"ranges[{i}] starts or ends before the announced range: a used range only moves its "
+                          "ends forward (to a record batch's end)", f"ranges[{i}]")
+    if announced != used and not reasons:
+        raise Invalid("'ranges' differs from 'announced_ranges' without a reason in 'range_reasons'", "range_reasons")
+    return {"ranges": used, "announced_ranges": announced, "range_reasons": reasons,
+            "warnings": _texts(payload.get("warnings"), "warnings")}
+
+
+def parse_announcement(payload: JSON, reserved: frozenset[str] | None = None) -> JSON:
+    """The fields of the DatasourceAnnounced event (v2) for an announcement, as the decider records them.
 
     `reserved`: the topics no range may read (`reserved_topics`; the default stack's when None).
     """
     p = payload
-    ranges = p.get("ranges")
-    if not isinstance(ranges, list) or not ranges or not all(
-            isinstance(r, dict) and isinstance(r.get("topic"), str) and r["topic"]
-            and all(isinstance(r.get(k), int) and not isinstance(r.get(k), bool) and r[k] >= 0
-                    for k in ("partition", "start", "end")) and r["start"] <= r["end"] for r in ranges):
-        raise Invalid("'ranges' must list {topic, partition, start, end} with 0 <= start <= end", "ranges")
-    for i, r in enumerate(ranges):
-        topic_name(r["topic"], f"ranges[{i}].topic", reserved)
+    ranges = parse_ranges_used(p, reserved)
     input_format_field(p.get("input_format"))
     if not isinstance(p.get("input_config", {}), dict):
         raise Invalid("'input_config' must be a JSON object", "input_config")
@@ -424,14 +585,10 @@ def parse_announcement(payload: JSON, reserved: frozenset[str] | None = None) ->
         raise Invalid("validation_rate + test_rate must leave data for training (< 1)", "test_rate")
     if not isinstance(p.get("description", ""), str):
         raise Invalid("'description' must be a string", "description")
-    warnings = p.get("warnings") or []
-    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
-        raise Invalid("'warnings' must be a list of strings", "warnings")
-    fields = {k: p.get(k) for k in ("input_format", "total_msg", "origin")} | {"warnings": warnings} | {
+    return ranges | {k: p.get(k) for k in ("input_format", "total_msg", "origin")} | {
         "input_config": p.get("input_config") or {}, "description": p.get("description") or "",
         "validation_rate": float(p.get("validation_rate") or 0), "test_rate": float(p.get("test_rate") or 0),
     }
-    return ranges, fields
 
 
 # --- inferences ---------------------------------------------------------------------------------------
@@ -441,13 +598,21 @@ KAFKA_INTERNAL_PREFIX = "__"
 
 
 def reserved_topics(kafka: KafkaSettings) -> frozenset[str]:
-    """The topics no user-supplied topic name may be: the control plane's commands, events and dead letters and
-    the datasource control topic, for these settings and for the defaults (another stack on the same broker
-    may use those). Names starting with `KAFKA_INTERNAL_PREFIX` are refused as well."""
+    """The topics no user-supplied topic name may be: the control plane's commands, events and dead letters,
+    the datasource control topic and the stem of the inferences' shadow topics, for these settings and for the
+    defaults (another stack on the same broker may use those). Names starting with `KAFKA_INTERNAL_PREFIX`,
+    and a reserved name followed by `.<number>` (an inference's shadow topic, `<prefix>.shadow.<id>`), are
+    refused as well."""
     names: set[str] = set()
     for k in (kafka, KafkaSettings()):
-        names |= {k.commands_topic, k.events_topic, k.deadletter_topic, k.control_topic}
+        names |= {k.commands_topic, k.events_topic, k.deadletter_topic, k.control_topic, k.shadow_topics}
     return frozenset(names)
+
+
+def _is_reserved(value: str, reserved: frozenset[str]) -> bool:
+    stem, _, number = value.rpartition(".")
+    return (value in reserved or value.startswith(KAFKA_INTERNAL_PREFIX)
+            or (number.isascii() and number.isdigit() and stem in reserved))
 
 
 #: The reserved topics of a stack with the default settings (what a caller that passes none gets).
@@ -465,11 +630,15 @@ def topic_name(value: Any, field_name: str, reserved: frozenset[str] | None = No
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > 249 or any(c.isspace() for c in value):
         raise Invalid(f"'{field_name}' must be a Kafka topic name (1-249 characters, no spaces)", field_name)
-    if value in (DEFAULT_RESERVED if reserved is None else reserved) or value.startswith(KAFKA_INTERNAL_PREFIX):
+    if _is_reserved(value, DEFAULT_RESERVED if reserved is None else reserved):
         raise Invalid(f"'{field_name}' is {value!r}, a reserved topic: tierflow's commands, events and dead letters, "
-                      f"the datasource control topic and Kafka's internal topics ('{KAFKA_INTERNAL_PREFIX}...') "
-                      "cannot be named; choose another topic", field_name)
+                      "the datasource control topic, the inferences' shadow topics and Kafka's internal topics "
+                      f"('{KAFKA_INTERNAL_PREFIX}...') cannot be named; choose another topic", field_name)
     return value
+
+
+#: Default share of its answers a non-top tier also sends up as shadow samples (the live agreement check).
+DEFAULT_SHADOW_FRACTION = 0.02
 
 
 def limit_field(value: Any, field_name: str) -> float:
@@ -504,6 +673,12 @@ class InferenceFields:
     overrides: dict[int, JSON]
     replicas: int
     bootstrap_servers: str | None
+    #: Limits chosen from this target instead of typed ones (the decider picks them from the frontier)
+    target: Target | None = None
+    #: result id -> a cost per sample overriding the measured one (only with a target)
+    costs_s: dict[int, float] | None = None
+    #: share of the inputs a non-top tier answered that it also sends up as shadow samples
+    shadow_fraction: float = DEFAULT_SHADOW_FRACTION
 
     def tier(self, k: int, result_id: int, *, top: bool, reserved: frozenset[str] | None = None) -> TierFields:
         """The settings of tier `k` (serving `result_id`): its override, else the inference's defaults."""
@@ -519,16 +694,58 @@ class InferenceFields:
         return TierFields(limit=limit, upper_topic=upper, bootstrap_servers=servers, replicas=replicas)
 
 
+def shadow_fraction_field(value: Any) -> float:
+    if value is None:
+        return DEFAULT_SHADOW_FRACTION
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise Invalid(f"'shadow_fraction' must be a number in [0, 1], got {value!r}", "shadow_fraction")
+    return float(value)
+
+
+def target_field(value: Any) -> Target:
+    """The `target` of a RequestInference (streams/exits.py `parse_target`), as a catalogue error."""
+    try:
+        return parse_target(value)
+    except ExitsError as exc:
+        raise Invalid(exc.message, exc.field or "target") from None
+
+
+def _costs_field(p: JSON, overrides: list[JSON], tier_ids: list[int]) -> dict[int, float]:
+    """`costs_s: {"<result id>": seconds}` and `tiers[i].cost_s`, by result id."""
+    raw = p.get("costs_s") or {}
+    if not isinstance(raw, dict):
+        raise Invalid("'costs_s' must map result ids to seconds per sample", "costs_s")
+    costs: dict[int, float] = {}
+    for key, value in raw.items():
+        if not str(key).isdigit() or int(key) not in tier_ids:
+            raise Invalid(f"'costs_s' names result {key}, which is not a tier of this inference ({tier_ids})",
+                          "costs_s")
+        costs[int(key)] = _cost(value, f"costs_s.{key}")
+    for i, o in enumerate(overrides):  # result ids already checked
+        if "cost_s" in o:
+            costs[int(o["result_id"])] = _cost(o["cost_s"], f"tiers[{i}].cost_s")
+    return costs
+
+
+def _cost(value: Any, field_name: str) -> float:
+    if not _is_number(value) or value < 0:
+        raise Invalid(f"'{field_name}' must be a non-negative number of seconds per sample, got {value!r}",
+                      field_name)
+    return float(value)
+
+
 def parse_inference(payload: JSON, tier_ids: list[int], reserved: frozenset[str] | None = None) -> InferenceFields:
-    """The topics, limits, replicas and per-tier overrides of a RequestInference.
+    """The topics, limits (or target), replicas and per-tier overrides of a RequestInference.
 
     `tier_ids`: the results the inference serves, entry first (the decider resolves them from the entry
     result's chain); limits and overrides may name only those. `reserved`: the topics none may name.
+    A `target` replaces `limit`/`limits`/`tiers[].limit` (giving both is refused); `costs_s` only goes with it.
     """
     p = payload
     input_topic = topic_name(p.get("input_topic"), "input_topic", reserved)
     output_topic = topic_name(p.get("output_topic"), "output_topic", reserved)
     assert input_topic is not None and output_topic is not None
+    target = None if p.get("target") is None else target_field(p["target"])
     default_limit = limit_field(p.get("limit", 0.8), "limit")
     limits = p.get("limits") or {}
     if not isinstance(limits, dict):
@@ -541,7 +758,7 @@ def parse_inference(payload: JSON, tier_ids: list[int], reserved: frozenset[str]
     overrides = p.get("tiers") or []
     if not isinstance(overrides, list) or not all(isinstance(o, dict) for o in overrides):
         raise Invalid("'tiers' must be a list of objects {result_id, bootstrap_servers?, replicas?, limit?, "
-                      "upper_topic?}", "tiers")
+                      "upper_topic?, cost_s?}", "tiers")
     by_result: dict[int, JSON] = {}
     for i, o in enumerate(overrides):
         rid = as_id(o.get("result_id"), f"tiers[{i}].result_id")
@@ -553,5 +770,17 @@ def parse_inference(payload: JSON, tier_ids: list[int], reserved: frozenset[str]
     default_servers = p.get("bootstrap_servers")
     if default_servers is not None and not isinstance(default_servers, str):
         raise Invalid("'bootstrap_servers' must be a string host:port[,host:port]", "bootstrap_servers")
+    costs = _costs_field(p, overrides, tier_ids)
+    if target is not None:
+        typed = [name for name in ("limit", "limits") if p.get(name) is not None] + [
+            f"tiers[{i}].limit" for i, o in enumerate(overrides) if "limit" in o]
+        if typed:
+            raise Invalid(f"give either a 'target' or typed limits, not both (this request has 'target' and "
+                          f"'{typed[0]}')", "target")
+    elif costs:
+        raise Invalid("cost overrides ('costs_s', 'tiers[].cost_s') only apply to limits chosen from a 'target'",
+                      "costs_s")
     return InferenceFields(input_topic=input_topic, output_topic=output_topic, limit=default_limit, limits=limits,
-                           overrides=by_result, replicas=default_replicas, bootstrap_servers=default_servers)
+                           overrides=by_result, replicas=default_replicas, bootstrap_servers=default_servers,
+                           target=target, costs_s=costs or None,
+                           shadow_fraction=shadow_fraction_field(p.get("shadow_fraction")))

@@ -6,31 +6,41 @@ JSON `{topic: "t:partition:start:end[,...]", input_format, input_config, descrip
 test_rate, total_msg, ...}` where the 4th field is the end offset (exclusive); tierflow's sink also puts
 `deployment_id` in the JSON. Each message becomes an `AnnounceDatasource` command whose command_id is
 derived from the message itself (origin, broker timestamp, content), so a redelivery is decided once while
-a new message at a reused offset (a fresh embedded broker) is not mistaken for an old one. What cannot be
-parsed goes to the dead-letter topic with the reason.
+a new message at a reused offset (a fresh embedded broker) is not mistaken for an old one.
+
+Before the command is sent, the announced ranges are checked on the broker (streams/ranges.py:
+`resolve_ranges`): the command carries the ranges training will read (`ranges`), the ones announced
+(`announced_ranges`), why they differ (`range_reasons`: Kafka-ML's seek-to-end offsets made exact on a broker
+that answers them inside a record batch) and what still does not match (`warnings`). The decider records
+all four, so a replay needs no broker. What cannot be parsed, or names a topic or partition the broker
+does not have, goes to the dead-letter topic with the reason, within seconds, and the bridge goes on; a
+broker that does not answer fails the agent after a few tries, and the worker restarts it at the same
+message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from tierflow.streams import kafka as kio
+from tierflow.streams.catalogue import MAX_RANGES
 from tierflow.streams.envelope import JSON, TIERFLOW_NS, Command
-from tierflow.streams.errors import PermanentError
+from tierflow.streams.errors import PermanentError, TierflowError
 from tierflow.streams.health import AgentHealth
 from tierflow.streams.positioned import PositionedReader, Record, first_record
 from tierflow.streams.positions import AgentPositions
+from tierflow.streams.ranges import DEFAULT_TIMEOUT_S, RangesUnresolved, Resolution, UnknownPartition, resolve_ranges
 from tierflow.streams.settings import KafkaSettings
-from tierflow.streams.topics import admin_client
 
 log = logging.getLogger("tierflow.control")
 
@@ -41,6 +51,11 @@ ANNOUNCEMENT_MAX_BYTES = 1024 * 1024
 WARNINGS_MAX = 100
 #: The name of a control log that had no record when the bridge started (named by its first record later).
 EMPTY_LOG = "empty"
+#: Tries at checking one announcement's ranges on the broker before the agent fails (and restarts there).
+RESOLVE_ATTEMPTS = 3
+
+#: Checks the announced ranges on the broker: the used ranges, or UnknownPartition / RangesUnresolved.
+Resolver = Callable[[KafkaSettings, list[JSON]], Awaitable[Resolution]]
 
 
 class ControlMessageError(PermanentError, ValueError):
@@ -50,8 +65,11 @@ class ControlMessageError(PermanentError, ValueError):
 def parse_ranges(spec: Any) -> list[JSON]:
     if not isinstance(spec, str) or not spec.strip():
         raise ControlMessageError("'topic' must be a string 'topic:partition:start:end[,...]'")
+    parts = spec.split(",")
+    if len(parts) > MAX_RANGES:
+        raise ControlMessageError(f"'topic' names {len(parts)} ranges; at most {MAX_RANGES} are accepted")
     ranges: list[JSON] = []
-    for part in spec.split(","):
+    for part in parts:
         fields = part.strip().rsplit(":", 3)
         if len(fields) != 4 or not fields[0]:
             raise ControlMessageError(f"'topic' entry {part!r} is not 'topic:partition:start:end'")
@@ -147,12 +165,26 @@ def command_id_for(topic: str, partition: int, offset: int, timestamp: int, valu
     return str(uuid.uuid5(TIERFLOW_NS, f"control:{topic}:{partition}:{offset}:{timestamp}:{digest}"))
 
 
+class Stopping(TierflowError):
+    """The worker stops while an announcement waits for the broker: leave without recording the position."""
+
+
+async def resolve_in_time(kafka: KafkaSettings, ranges: list[JSON]) -> Resolution:
+    """The bridge's `Resolver`: `resolve_ranges` within its default time bound."""
+    return await resolve_ranges(kafka, ranges, timeout_s=DEFAULT_TIMEOUT_S)
+
+
 class ControlBridge:
-    def __init__(self, kafka: KafkaSettings, database_url: str, *, health: AgentHealth | None = None) -> None:
+    def __init__(self, kafka: KafkaSettings, database_url: str, *, resolve: Resolver = resolve_in_time,
+                 health: AgentHealth | None = None) -> None:
         self.kafka = kafka
         self.database_url = database_url
+        #: checks an announcement's ranges on the broker (a test may wrap it to play a broker that fails)
+        self.resolve = resolve
         self.health = health or AgentHealth()
         self.bridged = 0
+        #: times the broker did not answer an announcement's check (each try counts)
+        self.unresolved = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
         prod = kio.producer(self.kafka)
@@ -166,74 +198,58 @@ class ControlBridge:
             async def handle(records: list[Record]) -> None:
                 if control.log_id == EMPTY_LOG and records[0].offset == 0:
                     control.log_id = log_identity(records[0])  # the log was empty at start: now it has a name
-                await self._bridge(records, prod)
+                await self._bridge(records, prod, stopping)
 
-            await control.run(stopping, handle)
+            with contextlib.suppress(Stopping):  # raised before the position is saved: the next start resumes there
+                await control.run(stopping, handle)
         finally:
             await control.stop()
             await prod.stop()
             await conn.close()
 
-    async def _check_ranges(self, ranges: list[JSON]) -> list[str]:
-        """Compare each announced range with its partition's high-water mark (fetched, not looked up).
-
-        Kafka-ML's sink computes its ranges with a seek-to-end lookup that some brokers (Tansu among them)
-        answer too small, so a disagreement is recorded on the datasource for the user to see.
-        """
-        admin = admin_client(self.kafka)
-        await admin.start()
-        try:
-            # Listing every topic does not auto-create any; describing an unknown one would (Tansu).
-            existing = set(await admin.list_topics())
-        finally:
-            await admin.close()
-        warnings: list[str] = []
-        present = [r for r in ranges if r["topic"] in existing]
-        for r in ranges:
-            if r["topic"] not in existing:
-                warnings.append(f"{r['topic']}[{r['partition']}]: the topic does not exist on the broker")
-        if not present:
-            return warnings  # (an aiokafka consumer stopped without ever being assigned raises CancelledError)
-        probe = kio.consumer(self.kafka)
-        await probe.start()
-        try:
-            for r in present:
-                where = f"{r['topic']}[{r['partition']}]"
-                tp = TopicPartition(r["topic"], r["partition"])
-                probe.assign([tp])
-                try:
-                    hw = await kio.fetch_highwater(probe, tp, timeout_ms=3000)
-                except (TimeoutError, KafkaError) as exc:
-                    warnings.append(f"{where}: could not read the high-water mark ({exc})")
-                    continue
-                if r["end"] > hw:
-                    warnings.append(f"{where}: announced end offset {r['end']} is beyond the high-water mark {hw}; "
-                                    f"{r['end'] - hw} announced records are not on the broker")
-                elif r["end"] < hw:
-                    warnings.append(f"{where}: announced end offset {r['end']} is below the high-water mark {hw}; "
-                                    f"{hw - r['end']} later records are not part of this datasource (another "
-                                    "writer, or a sink whose end-offset lookup answered too small)")
-        finally:
-            await probe.stop()
-        return warnings
-
-    async def _bridge(self, records: list[Record], prod: AIOKafkaProducer) -> None:
+    async def _bridge(self, records: list[Record], prod: AIOKafkaProducer, stopping: asyncio.Event) -> None:
         for record in records:
             try:
                 payload = parse_control_message(record.key, record.value)
-            except ControlMessageError as exc:
-                if not await kio.send_deadletter(prod, self.kafka, record, f"not a datasource announcement: {exc}",
-                                                 AGENT):
+                resolution = await self._resolve(payload["ranges"], stopping)
+            except (ControlMessageError, UnknownPartition) as exc:
+                what = "not a datasource announcement" if isinstance(exc, ControlMessageError) else (
+                    "the announcement names data that is not on the broker")
+                if not await kio.send_deadletter(prod, self.kafka, record, f"{what}: {exc}", AGENT):
                     self.health.deadletter_failed(AGENT)
                 continue
-            payload["origin"] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-            warnings = await self._check_ranges(payload["ranges"])
-            payload["warnings"] = warnings[:WARNINGS_MAX] + (
-                [f"... and {len(warnings) - WARNINGS_MAX} more warnings"] if len(warnings) > WARNINGS_MAX else [])
+            warnings = list(resolution.warnings)
+            payload |= {"ranges": resolution.used, "announced_ranges": resolution.announced,
+                        "range_reasons": resolution.reasons,
+                        "warnings": warnings[:WARNINGS_MAX] + (
+                            [f"... and {len(warnings) - WARNINGS_MAX} more warnings"]
+                            if len(warnings) > WARNINGS_MAX else []),
+                        "origin": {"topic": record.topic, "partition": record.partition, "offset": record.offset}}
             for warning in payload["warnings"]:
                 log.warning("datasource for deployment %s: %s", payload["deployment_id"], warning)
             cmd = Command(command_id=command_id_for(record.topic, record.partition, record.offset,
                                                     int(record.timestamp or 0), record.value),
-                          type="AnnounceDatasource", payload=payload, source="control-bridge")
+                          type="AnnounceDatasource", payload=payload, source=AGENT)
             await prod.send_and_wait(self.kafka.commands_topic, cmd.encode(), key=cmd.key())
             self.bridged += 1
+
+    async def _resolve(self, ranges: list[JSON], stopping: asyncio.Event) -> Resolution:
+        """The used ranges of an announcement (streams/ranges.py), asking the broker up to RESOLVE_ATTEMPTS times.
+
+        A broker that does not answer in time is waited for, then the agent fails: the worker restarts it at
+        the same position, so the announcement is neither lost nor decided without its check.
+        """
+        for attempt in range(1, RESOLVE_ATTEMPTS + 1):
+            try:
+                return await self.resolve(self.kafka, ranges)
+            except RangesUnresolved as exc:
+                self.unresolved += 1
+                if attempt == RESOLVE_ATTEMPTS:
+                    raise
+                log.warning("announced ranges not checked (attempt %d of %d): %s; retrying in %.1f s", attempt,
+                            RESOLVE_ATTEMPTS, exc, exc.delay_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), timeout=exc.delay_s)
+                if stopping.is_set():
+                    raise Stopping("stopping while an announcement waits for the broker") from None
+        raise AssertionError("unreachable")  # the loop returns or raises

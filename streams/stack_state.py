@@ -3,7 +3,9 @@
 Core knowledge, so that every layer can find the stack without importing the code that runs it: the worker,
 the API and `tierflow projections rebuild` fill in the broker and Postgres they were not given
 (`with_stack_endpoints`); `tierflow send` and `tierflow tier run` find the broker (`resolve_bootstrap`); the
-CLI's API client finds the API URL. `tierflow up` (deploy/stack_runtime.py) writes the file while it
+CLI's API client finds the API URL and its admin token (`resolve_api_token`). The file is mode 0600 (it holds
+the token); the stack's secret lives apart, in `<home>/secrets/` (`load_or_create_secret_key`), because it
+outlives one `tierflow up`. `tierflow up` (deploy/stack_runtime.py) writes the file while it
 supervises the stack, and `tierflow status` / `down` (deploy/stack.py) read it. Starting and stopping the
 stack stays in `deploy/`.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,6 +73,7 @@ class StackState:
     home: Path
     started_at: datetime
     children: dict[str, int] = field(default_factory=dict)  # name -> pid of its latest process
+    token: str = ""  # the API's admin token (this file is mode 0600)
 
     def alive(self) -> bool:
         """Whether the supervisor process still runs."""
@@ -84,6 +88,7 @@ class StackState:
             "home": str(self.home),
             "started_at": self.started_at.isoformat(),
             "children": dict(self.children),
+            **({"token": self.token} if self.token else {}),  # older stacks wrote none
         }
 
 
@@ -113,7 +118,11 @@ def parse_stack_state(text: str) -> StackState:
         started_at = datetime.fromisoformat(started)
     except ValueError:
         raise StackStateError(f"stack.json field 'started_at' is {started!r}, not an ISO 8601 time") from None
+    token = data.get("token", "")  # absent in the files of older stacks
+    if not isinstance(token, str):
+        raise StackStateError(f"stack.json field 'token' is {token!r}, not a string")
     return StackState(
+        token=token,
         pid=_field(data, "pid", int),
         api_url=_field(data, "api_url", str),
         bootstrap_servers=_field(data, "bootstrap_servers", str),
@@ -138,6 +147,11 @@ def read_stack_state(home: Path) -> StackState | None:
         text = path.read_text()
     except FileNotFoundError:
         return None
+    except PermissionError:
+        # Mode 0600: another user's stack. Its token is not ours to take; --token or TIERFLOW_API_TOKEN is.
+        log.warning("cannot read %s (only the user who ran `tierflow up` may): pass --token or set "
+                    "TIERFLOW_API_TOKEN and TIERFLOW_API_URL", path)
+        return None
     try:
         return parse_stack_state(text)
     except StackStateError as exc:
@@ -145,15 +159,61 @@ def read_stack_state(home: Path) -> StackState | None:
         return None
 
 
-def write_stack_state(home: Path, state: StackState) -> None:
-    """Replace stack.json atomically, so a reader never sees half a file. Mode 0600: it holds the database URL
-    with its password."""
-    path = stack_file(home)
+def _write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with a file only its owner can read, from its first byte on."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-        out.write(json.dumps(state.to_json(), indent=2) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a leftover tmp file of another mode keeps its mode through O_CREAT
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+def write_stack_state(home: Path, state: StackState) -> None:
+    """Replace stack.json atomically (a reader never sees half a file), mode 0600: it holds the admin token and
+    the database URL with its password."""
+    _write_private(stack_file(home), json.dumps(state.to_json(), indent=2) + "\n")
+
+
+def secrets_dir(home: Path) -> Path:
+    """Where the stack keeps what outlives one `tierflow up` and only its owner may read (mode 0700)."""
+    return home / "secrets"
+
+
+def load_or_create_secret_key(home: Path) -> str:
+    """The stack's secret (TIERFLOW_SECRET_KEY): read from `<home>/secrets/secret_key` (0600 in a 0700 folder),
+    created there on first use. It outlives `down`/`up`, so tokens minted for tiers started by hand stay valid;
+    deleting the file (or setting another secret) revokes every workload token."""
+    folder = secrets_dir(home)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)
+    path = folder / "secret_key"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if len(text) < 32:
+        text = secrets.token_hex(32)
+        _write_private(path, text + "\n")
+    path.chmod(0o600)
+    return text
+
+
+def resolve_api_token(settings: Settings, flag: str = "") -> str:
+    """The token a client sends: `flag` (--token), else TIERFLOW_API_TOKEN, else the running embedded stack's
+    (its stack.json is readable by its owner only), else "" (the API will answer 401, saying where to look)."""
+    if flag:
+        return flag
+    if settings.api.token:
+        return settings.api.token
+    state = read_stack_state(settings.stack.home.expanduser())
+    if state is not None and state.alive():
+        return state.token
+    return ""
 
 
 def resolve_home(settings: Settings) -> Path:

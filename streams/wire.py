@@ -25,6 +25,7 @@ Inputs a tier accepts (any mix within one batch)
     carries them, so a reader gets the end-to-end latency and the time spent at each tier.
   - `tierflow.single` = `1`: every sample of the record was alone in its ORIGINAL input record, so its answer
     is a single-sample output record (otherwise it joins its original record's batched answer).
+  - `tierflow.shadow` (version 2 only): see "Shadow samples" below.
 * **Kafka-ML raw sample** (no headers): one sample's bytes in the tier's raw dtype: on a first tier the
   datasource's `input_config` (`data_type`, `data_reshape`), e.g. `x_test[i].tobytes()`; on a non-first tier
   Kafka-ML's forwarded float32 tensor of the tier model's input shape. Single-sample.
@@ -37,7 +38,9 @@ the agent dead-letters it.
 
 Routing
 -------
-`answered_mask`: a sample is answered where `max(probabilities) >= limit`; the top tier answers everything.
+`answered_mask`: a sample is answered where its confidence `>= limit`; the top tier answers everything. The
+confidence is the raw `max(probabilities)` (typed limits, as Kafka-ML), or the calibrated one the tier
+computed and passed in (limits chosen from a target: tiers/calibration.py `calibrated_confidence`).
 
 Outputs (the output topic; JSON, no key)
 ----------------------------------------
@@ -58,6 +61,11 @@ ONE record, per-sample fields as parallel lists::
      "timestamps": [{"input": ..., "forwarded": [...], "answered": ...}, ...], "latencies_ms": [5.9, 6.1],
      "tier": 1, "exit": 1}
 
+A tier that compares calibrated confidences writes that confidence as `confidence` (`confidences`) and the
+raw `max(values)` beside it as `raw_confidence` (`raw_confidences`); `values` stay the raw probabilities. A
+tier comparing the raw max(p) writes no `raw_confidence`: its `confidence` is the raw one (its answers are
+byte for byte what they were before calibration existed).
+
 `answer_fields` is the one reader of both forms: one `AnswerFields` per sample, each field as the record
 holds it (None where it has none: Kafka-ML's own outputs carry only `values`); `read_answers` types them
 as one `Answer` per sample and refuses a record that lacks what a tier's answer carries.
@@ -68,6 +76,25 @@ The samples a tier does not answer go up as ONE tensor message (the model's tens
 their origins and timestamps (this tier's forward time appended); when a batch mixes samples of
 single-sample and batched original records, those two groups travel as two messages so `tierflow.single`
 stays one flag per record.
+
+Shadow samples (watching a chain's early answers live)
+------------------------------------------------------
+A non-top tier also sends a share (`shadow_fraction`) of the samples it ANSWERED up the chain, so that the top
+exit's class can be compared with its early answer. They travel as a tensor message of **version 2**
+(`tierflow.v` = `2`): a version-1 message plus `tierflow.shadow`, a JSON list with one
+`[tier, class, confidence]` per sample (the tier that answered it, its class and the confidence it compared).
+Only shadow samples use version 2: a tier of an earlier release reads version 1 alone, so it dead-letters a
+shadow message instead of answering it a second time (ordinary forwards stay version 1, readable by it).
+An intermediate tier runs its model on a shadow sample and passes it up, tag unchanged, as version 2 again;
+it never answers it. The top tier computes its class and writes the outcome to the inference's shadow topic
+(`KafkaSettings.shadow_topic`), never to the output topic: the client gets exactly one answer per input::
+
+    {"inference": 7, "top_tier": 2, "answered_ms": 1700000000005.9,
+     "outcomes": [{"tier": 0, "class": 3, "confidence": 0.97, "top_class": 3, "agree": true,
+                   "origin": {"topic": "in", "partition": 0, "offset": 42, "index": 0}}, ...]}
+
+`encode_shadow_outcomes` writes one such record per batch; `read_shadow_outcomes` is its one reader (the API's
+live agreement).
 """
 
 from __future__ import annotations
@@ -88,13 +115,19 @@ Headers = list[tuple[str, bytes]]
 #: Where a sample originally entered the chain: (topic, partition, offset, index in that record).
 SampleOrigin = tuple[str, int, int, int]
 
+#: Version of ordinary tensor messages (a client's batched input, a tier's forwards).
 WIRE_VERSION = 1
+#: Version of shadow messages: version 1 plus `tierflow.shadow` (a reader of version 1 alone refuses them).
+SHADOW_VERSION = 2
+#: The tensor message versions this release reads.
+READ_VERSIONS: tuple[int, ...] = (WIRE_VERSION, SHADOW_VERSION)
 H_VERSION = "tierflow.v"
 H_DTYPE = "tierflow.dtype"
 H_SHAPE = "tierflow.shape"
 H_ORIGINS = "tierflow.origins"
 H_TS = "tierflow.ts"
 H_SINGLE = "tierflow.single"
+H_SHADOW = "tierflow.shadow"
 _PREFIX = "tierflow."
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 #: Types a wrong-size raw record is compared with, to hint at a producer sending the wrong dtype.
@@ -217,6 +250,18 @@ class Rejection:
     reason: str
 
 
+@dataclass(frozen=True)
+class ShadowTag:
+    """What the tier that answered a shadow sample early said about it (carried up in `tierflow.shadow`)."""
+
+    tier: int
+    cls: int
+    confidence: float  # the confidence that tier compared with its limit
+
+    def to_json(self) -> list[Any]:
+        return [self.tier, self.cls, self.confidence]
+
+
 @dataclass
 class DecodedBatch:
     """The decodable samples of a batch of records, in record order, and the records that were not."""
@@ -227,9 +272,17 @@ class DecodedBatch:
     single: npt.NDArray[np.bool_]  # per sample: alone in its original record
     record: npt.NDArray[np.int64]  # per sample: index of the consumed record it came from
     rejected: list[Rejection]
+    #: The shadow samples of the batch (sample index -> its early answer); empty for most batches.
+    shadow: dict[int, ShadowTag] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.origins)
+
+    def shadow_mask(self) -> npt.NDArray[np.bool_]:
+        """Per sample: a shadow sample (never answered, only passed up or compared at the top)."""
+        mask = np.zeros(len(self), dtype=bool)
+        mask[list(self.shadow)] = True
+        return mask
 
 
 # -- decoding ------------------------------------------------------------------------------------------------
@@ -311,12 +364,33 @@ def _ts_from(meta: dict[str, bytes], n: int, t_record: float) -> list[list[float
     return out
 
 
-def _decode_tensor(rec: RecordLike, value: bytes, meta: dict[str, bytes], spec: InputSpec,
-                   t_record: float) -> tuple[Array, list[SampleOrigin], list[list[float]], bool]:
-    version = meta.get(H_VERSION)
-    if version != str(WIRE_VERSION).encode():
-        raise WireError(f"{H_VERSION}={version!r}: this tier reads tierflow tensor messages of version "
-                        f"{WIRE_VERSION}")
+def _shadow_from(meta: dict[str, bytes], n: int) -> list[ShadowTag]:
+    raw = meta.get(H_SHADOW)
+    if raw is None:
+        raise WireError(f"a version {SHADOW_VERSION} (shadow) tensor message needs the header {H_SHADOW}")
+    items = _parse_json_list(raw, H_SHADOW)
+    if len(items) != n:
+        raise WireError(f"{H_SHADOW} lists {len(items)} samples but the value holds {n}")
+    out: list[ShadowTag] = []
+    for item in items:
+        if (not isinstance(item, list) or len(item) != 3 or not all(type(v) is int and v >= 0 for v in item[:2])
+                or not isinstance(item[2], int | float) or isinstance(item[2], bool)):
+            raise WireError(f"{H_SHADOW} entries must be [tier, class, confidence], got {item!r:.80}")
+        out.append(ShadowTag(item[0], item[1], float(item[2])))
+    return out
+
+
+def _decode_tensor(rec: RecordLike, value: bytes, meta: dict[str, bytes], spec: InputSpec, t_record: float,
+                   versions: tuple[int, ...] = READ_VERSIONS
+                   ) -> tuple[Array, list[SampleOrigin], list[list[float]], bool, list[ShadowTag] | None]:
+    raw_version = meta.get(H_VERSION)
+    version = next((v for v in versions if raw_version == str(v).encode()), None)
+    if version is None:
+        raise WireError(f"{H_VERSION}={raw_version!r}: this tier reads tierflow tensor messages of version "
+                        f"{' or '.join(map(str, versions))}")
+    if version == WIRE_VERSION and H_SHADOW in meta:
+        raise WireError(f"{H_SHADOW} is only allowed in a version {SHADOW_VERSION} tensor message (a reader of "
+                        f"version {WIRE_VERSION} would answer the shadow samples)")
     if H_DTYPE not in meta or H_SHAPE not in meta:
         raise WireError(f"a tierflow tensor message needs the headers {H_DTYPE} and {H_SHAPE}")
     dtype = parse_dtype(meta[H_DTYPE].decode("ascii", "replace"))
@@ -339,14 +413,18 @@ def _decode_tensor(rec: RecordLike, value: bytes, meta: dict[str, bytes], spec: 
     x = np.frombuffer(value, dtype=dtype).reshape(n, *spec.sample_shape).astype(spec.dtype, copy=False)
     origins = _origins_from(meta, n, rec)
     ts = _ts_from(meta, n, t_record)
-    return x, origins, ts, meta.get(H_SINGLE) == b"1"
+    shadow = _shadow_from(meta, n) if version == SHADOW_VERSION else None
+    return x, origins, ts, meta.get(H_SINGLE) == b"1", shadow
 
 
-def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: float) -> DecodedBatch:
+def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: float,
+                   versions: tuple[int, ...] = READ_VERSIONS) -> DecodedBatch:
     """Decode a consumed batch into one (N, *sample_shape) array plus per-sample origin/timestamps/record.
 
     `now_ms` stands in for records without a timestamp. Consecutive header-less raw records are decoded
-    with one `np.frombuffer` (the common Kafka-ML case costs a few microseconds per record).
+    with one `np.frombuffer` (the common Kafka-ML case costs a few microseconds per record). `versions`: the
+    tensor message versions read (a reader of `(WIRE_VERSION,)` is what a tier of an earlier release was:
+    it refuses shadow messages).
     """
     parts: list[Array] = []
     origins: list[SampleOrigin] = []
@@ -354,6 +432,7 @@ def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: fl
     single: list[bool] = []
     record_of: list[int] = []
     rejected: list[Rejection] = []
+    shadow: dict[int, ShadowTag] = {}
     run: list[bytes] = []  # consecutive raw records, decoded together
 
     def flush_run() -> None:
@@ -372,7 +451,7 @@ def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: fl
         try:
             meta = _tierflow_headers(rec.headers) if rec.headers else None
             if meta is not None:
-                x, o, t, s = _decode_tensor(rec, value, meta, spec, t_record)
+                x, o, t, s, tags = _decode_tensor(rec, value, meta, spec, t_record, versions)
         except WireError as exc:
             rejected.append(Rejection(i, f"bad tierflow tensor message: {exc}"))
             continue
@@ -381,6 +460,8 @@ def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: fl
             continue
         if meta is not None:
             flush_run()
+            if tags is not None:
+                shadow.update(zip(range(len(origins), len(origins) + len(tags)), tags, strict=True))
             parts.append(x)
             origins.extend(o)
             ts.extend(t)
@@ -421,7 +502,7 @@ def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: fl
     x = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else
                                                      np.empty((0, *spec.sample_shape), dtype=spec.dtype))
     return DecodedBatch(x=x, origins=origins, ts=ts, single=np.asarray(single, dtype=bool),
-                        record=np.asarray(record_of, dtype=np.int64), rejected=rejected)
+                        record=np.asarray(record_of, dtype=np.int64), rejected=rejected, shadow=shadow)
 
 
 def _is_json_sample(value: bytes, spec: InputSpec) -> bool:
@@ -436,13 +517,18 @@ def _is_json_sample(value: bytes, spec: InputSpec) -> bool:
 # -- routing -------------------------------------------------------------------------------------------------
 
 
-def answered_mask(probs: Array, limit: float, *, top: bool = False) -> npt.NDArray[np.bool_]:
-    """Which samples this tier answers: `max(p) >= limit`, or all of them at the top tier."""
+def answered_mask(probs: Array, limit: float, *, top: bool = False,
+                  confidence: Array | None = None) -> npt.NDArray[np.bool_]:
+    """Which samples this tier answers: `max(p) >= limit`, or `confidence >= limit` when the tier compares
+    another confidence (the calibrated one, one per sample), or all of them at the top tier."""
     n = len(probs)
     if top:
         return np.ones(n, dtype=bool)
     if n == 0:
         return np.zeros(0, dtype=bool)
+    if confidence is not None:
+        compared: npt.NDArray[np.bool_] = np.asarray(confidence).reshape(n) >= limit
+        return compared
     mask: npt.NDArray[np.bool_] = np.asarray(probs).reshape(n, -1).max(axis=1) >= limit
     return mask
 
@@ -459,12 +545,16 @@ def _timestamps(ts: list[float], answered_ms: float) -> dict[str, Any]:
 
 
 def encode_answers(batch: DecodedBatch, probs: Array, answered: npt.NDArray[np.bool_], *, tier: int,
-                   answered_ms: float) -> list[bytes]:
+                   answered_ms: float, confidence: Array | None = None) -> list[bytes]:
     """The output records for the answered samples of `batch`: one per single-sample original record, one
-    batched record per batched original record (see the module docstring), in order of first sample."""
+    batched record per batched original record (see the module docstring), in order of first sample.
+
+    `confidence`: what the tier compared when it is not the raw max(p) (one per sample): written as the
+    answer's `confidence`, with the raw max(p) beside it as `raw_confidence`."""
     probs = np.ascontiguousarray(np.asarray(probs, dtype=np.float32).reshape(len(probs), -1))
     classes = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
-    confidences = probs.max(axis=1) if len(probs) else np.zeros(0, dtype=np.float32)
+    raw = probs.max(axis=1) if len(probs) else np.zeros(0, dtype=np.float32)
+    confidences = raw if confidence is None else np.asarray(confidence, dtype=np.float64).reshape(len(probs))
     answered_ms = round(answered_ms, 3)
     groups: dict[tuple[str, int, int], list[int]] = {}
     order: list[int | tuple[str, int, int]] = []
@@ -482,29 +572,36 @@ def encode_answers(batch: DecodedBatch, probs: Array, answered: npt.NDArray[np.b
     for item in order:
         if isinstance(item, int):
             t = batch.ts[item]
-            out.append(orjson.dumps({
+            doc: dict[str, Any] = {
                 "values": probs[item], "tier": tier, "exit": tier, "class": int(classes[item]),
                 "confidence": confidences[item], "origin": _origin_json(batch.origins[item]),
                 "timestamps": _timestamps(t, answered_ms), "latency_ms": round(answered_ms - t[0], 3),
-            }, option=_NUMPY))
+            }
+            if confidence is not None:
+                doc["raw_confidence"] = raw[item]
         else:
             idx = groups[item]
-            out.append(orjson.dumps({
+            doc = {
                 "values": probs[idx], "classes": classes[idx], "confidences": confidences[idx],
                 "origins": [_origin_json(batch.origins[i]) for i in idx],
                 "timestamps": [_timestamps(batch.ts[i], answered_ms) for i in idx],
                 "latencies_ms": [round(answered_ms - batch.ts[i][0], 3) for i in idx],
                 "tier": tier, "exit": tier,
-            }, option=_NUMPY))
+            }
+            if confidence is not None:
+                doc["raw_confidences"] = raw[idx]
+        out.append(orjson.dumps(doc, option=_NUMPY))
     return out
 
 
 def encode_tensor(x: Array, *, origins: Sequence[SampleOrigin] | None = None,
-                  ts: Sequence[Sequence[float]] | None = None, single: bool = False) -> tuple[bytes, Headers]:
+                  ts: Sequence[Sequence[float]] | None = None, single: bool = False,
+                  shadow: Sequence[ShadowTag] | None = None) -> tuple[bytes, Headers]:
     """A tierflow tensor message (value, headers) for the batch `x` of shape (n, *sample_shape).
 
     Clients sending batched inputs leave `origins`/`ts` out (the first tier takes the record's position and
-    timestamp); tiers forwarding samples pass them.
+    timestamp); tiers forwarding samples pass them. `shadow` (one tag per sample) makes it a version-2
+    shadow message (see the module docstring).
     """
     arr = np.asarray(x)
     if arr.ndim < 1 or len(arr) == 0:
@@ -514,7 +611,7 @@ def encode_tensor(x: Array, *, origins: Sequence[SampleOrigin] | None = None,
     dtype = parse_dtype(arr.dtype.name)
     arr = np.ascontiguousarray(arr, dtype=dtype)
     headers: Headers = [
-        (H_VERSION, str(WIRE_VERSION).encode()),
+        (H_VERSION, str(WIRE_VERSION if shadow is None else SHADOW_VERSION).encode()),
         (H_DTYPE, dtype.name.encode()),
         (H_SHAPE, ",".join(map(str, arr.shape[1:])).encode()),
     ]
@@ -528,6 +625,10 @@ def encode_tensor(x: Array, *, origins: Sequence[SampleOrigin] | None = None,
         headers.append((H_TS, orjson.dumps([list(t) for t in ts])))
     if single:
         headers.append((H_SINGLE, b"1"))
+    if shadow is not None:
+        if len(shadow) != len(arr):
+            raise WireError(f"{len(shadow)} shadow tags for {len(arr)} samples")
+        headers.append((H_SHADOW, orjson.dumps([tag.to_json() for tag in shadow])))
     return arr.tobytes(), headers
 
 
@@ -551,6 +652,69 @@ def encode_forwards(batch: DecodedBatch, tensor: Array, forwarded: npt.NDArray[n
     return out
 
 
+# -- shadow samples -------------------------------------------------------------------------------------------
+
+
+def encode_shadows(batch: DecodedBatch, tensor: Array, rows: Sequence[int], tags: Sequence[ShadowTag], *,
+                   forwarded_ms: float) -> list[tuple[bytes, Headers]]:
+    """The shadow message (version 2) for the upper tier with the samples `rows` of `batch` (their tensors in
+    `tensor`, the model's tensor output) and one tag each; none for no rows."""
+    if not len(rows):
+        return []
+    forwarded_ms = round(forwarded_ms, 3)
+    picked = np.asarray(rows, dtype=np.int64)
+    return [encode_tensor(np.asarray(tensor)[picked], origins=[batch.origins[i] for i in rows],
+                          ts=[[*batch.ts[i], forwarded_ms] for i in rows], shadow=tags)]
+
+
+@dataclass(frozen=True)
+class ShadowOutcome:
+    """One shadow sample at the top: the early answer (tier, class, confidence) next to the top exit's class."""
+
+    tier: int
+    cls: int
+    confidence: float
+    top_cls: int
+    origin: SampleOrigin
+
+    @property
+    def agree(self) -> bool:
+        return self.cls == self.top_cls
+
+
+def encode_shadow_outcomes(batch: DecodedBatch, rows: Sequence[int], top_classes: Sequence[int], *,
+                           inference: int, top_tier: int, answered_ms: float) -> bytes:
+    """One record of the shadow topic with the outcomes of the shadow samples `rows` of `batch`."""
+    outcomes = []
+    for i, top_cls in zip(rows, top_classes, strict=True):
+        tag = batch.shadow[i]
+        outcomes.append({"tier": tag.tier, "class": tag.cls, "confidence": tag.confidence, "top_class": int(top_cls),
+                         "agree": tag.cls == int(top_cls), "origin": _origin_json(batch.origins[i])})
+    return orjson.dumps({"inference": inference, "top_tier": top_tier, "answered_ms": round(answered_ms, 3),
+                         "outcomes": outcomes})
+
+
+def read_shadow_outcomes(value: bytes) -> list[ShadowOutcome]:
+    """The outcomes in one record of a shadow topic; WireError when it is not one."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"a shadow outcome record is not JSON: {exc}") from None
+    items = doc.get("outcomes") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise WireError("a shadow outcome record is a JSON object with 'outcomes'")
+    out: list[ShadowOutcome] = []
+    for item in items:
+        try:
+            o = item["origin"]
+            out.append(ShadowOutcome(int(item["tier"]), int(item["class"]), float(item["confidence"]),
+                                     int(item["top_class"]), (str(o["topic"]), int(o["partition"]),
+                                                              int(o["offset"]), int(o.get("index", 0)))))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise WireError(f"a shadow outcome lacks a field ({type(exc).__name__}: {exc})") from None
+    return out
+
+
 # -- reading answers (clients, the API, the demo, tests) -----------------------------------------------------
 
 
@@ -566,11 +730,13 @@ class AnswerFields:
     timestamps: Any
     latency_ms: Any
     batched: bool
+    #: The raw max(p) beside a calibrated `confidence`; None where the record has none (its confidence is raw).
+    raw_confidence: Any = None
 
 
 #: A batched record's per-sample lists, by the field a single-sample record gives them.
 _BATCHED_FIELDS = {"values": "values", "confidence": "confidences", "origin": "origins",
-                   "timestamps": "timestamps", "latency_ms": "latencies_ms"}
+                   "timestamps": "timestamps", "latency_ms": "latencies_ms", "raw_confidence": "raw_confidences"}
 
 
 def answer_fields(value: bytes) -> list[AnswerFields]:
@@ -586,14 +752,16 @@ def answer_fields(value: bytes) -> list[AnswerFields]:
     classes = doc.get("classes")
     if not isinstance(classes, list):
         return [AnswerFields(doc["values"], tier, doc.get("class"), doc.get("confidence"), doc.get("origin"),
-                             doc.get("timestamps"), doc.get("latency_ms"), batched=False)]
+                             doc.get("timestamps"), doc.get("latency_ms"), batched=False,
+                             raw_confidence=doc.get("raw_confidence"))]
 
     def at(field: str, i: int) -> Any:
         seq = doc.get(_BATCHED_FIELDS[field])
         return seq[i] if isinstance(seq, list) and i < len(seq) else None
 
     return [AnswerFields(at("values", i), tier, cls, at("confidence", i), at("origin", i), at("timestamps", i),
-                         at("latency_ms", i), batched=True) for i, cls in enumerate(classes)]
+                         at("latency_ms", i), batched=True, raw_confidence=at("raw_confidence", i))
+            for i, cls in enumerate(classes)]
 
 
 @dataclass(frozen=True)
@@ -608,6 +776,8 @@ class Answer:
     timestamps: dict[str, Any]
     latency_ms: float
     batched: bool
+    #: The raw max(p): `raw_confidence` where the record has one, else its `confidence` (then the raw one).
+    raw_confidence: float
 
 
 def read_answers(value: bytes) -> list[Answer]:
@@ -618,9 +788,11 @@ def read_answers(value: bytes) -> list[Answer]:
         try:
             o = f.origin
             origin = (str(o["topic"]), int(o["partition"]), int(o["offset"]), int(o.get("index", 0)))
-            answers.append(Answer(origin, -1 if f.tier is None else int(f.tier), int(f.cls), float(f.confidence),
+            confidence = float(f.confidence)
+            answers.append(Answer(origin, -1 if f.tier is None else int(f.tier), int(f.cls), confidence,
                                   list(f.values), dict(f.timestamps or {}),
-                                  0.0 if f.latency_ms is None else float(f.latency_ms), f.batched))
+                                  0.0 if f.latency_ms is None else float(f.latency_ms), f.batched,
+                                  confidence if f.raw_confidence is None else float(f.raw_confidence)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise WireError(f"an output record lacks what a tier's answer carries ({type(exc).__name__}: {exc})") \
                 from None

@@ -183,6 +183,13 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
 
+    @property
+    def sandbox_isolation(self) -> dict[str, str]:
+        """The isolation model code runs under, as the validate function reports it (the sandbox pool's
+        `isolation`: level, tool, what holds), for /readyz and the UI; empty when it says nothing."""
+        isolation = getattr(self._validate, "isolation", None)
+        return {str(k): str(v) for k, v in isolation.items()} if isinstance(isolation, dict) else {}
+
 
 def run_worker(settings: Settings, validation: ValidationFactory, launcher_factory: LauncherFactory | None = None
                ) -> int:

@@ -7,7 +7,6 @@ shared broker and their own database on the shared Postgres, so tests never see 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +26,9 @@ from tierflow.streams.proofs import ENTITLED, Signer
 from tierflow.streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+#: The admin token and the stack secret of every test plane (`new_plane`), as `tierflow up` would generate them.
+TEST_TOKEN = "test-admin-token"
+TEST_SECRET = "test-stack-secret-" + "0123456789abcdef" * 3
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -75,14 +77,13 @@ async def new_plane(infra: Infra, name: str = "t") -> Settings:
         await conn.execute(f'CREATE DATABASE "{db}"')
     finally:
         await conn.close()
-    base = Settings.from_env({})
+    # TEST_SECRET: the keys the plane's agents and API sign and check workload tokens and proofs with.
+    base = Settings.from_env({"TIERFLOW_API_TOKEN": TEST_TOKEN, "TIERFLOW_SECRET_KEY": TEST_SECRET})
     settings = base.with_endpoints(
         bootstrap_servers=infra.bootstrap_servers, database_url=services.postgres_url(infra.postgres_port, db)
     )
     settings = replace(settings, kafka=replace(settings.kafka, topic_prefix=f"{name}-{suffix}",
-                                               control_topic=f"{name}-{suffix}.control"),
-                       # The plane's own secret: the keys its agents and API sign and check proofs with.
-                       security=replace(settings.security, secret_key=secrets.token_hex(32)))
+                                               control_topic=f"{name}-{suffix}.control"))
     await ensure_topics(settings.kafka)
     await migrate(settings.database.url)
     return settings
@@ -100,6 +101,11 @@ class StackClient(CommandClient):
     def _signed(self, cmd: Command) -> Command:
         who = ENTITLED.get(cmd.type)
         return cmd if who is None else Signer.from_secret(self.secret_key, sorted(who)[0]).sign(cmd)
+
+
+def admin_headers(settings: Settings) -> dict[str, str]:
+    """What a client of the API built from `settings` sends to be the admin (tests' clients send it always)."""
+    return {"Authorization": f"Bearer {settings.api.token}"}
 
 
 @pytest.fixture
@@ -163,7 +169,7 @@ async def start_plane(settings: Settings, validate: object, launcher: object = N
     from tierflow.streams.worker import Worker
 
     worker = Worker(settings, validate=validate, launcher=launcher,  # type: ignore[arg-type]
-                    workload_env={**settings.to_env(), "PYTHONUNBUFFERED": "1"})
+                    workload_env={**settings.workload_env(), "PYTHONUNBUFFERED": "1"})
     task = asyncio.create_task(worker.run())
     await wait_until(lambda: worker.decider.ready.is_set() or task.done(), what="decider ready")
     if task.done():
@@ -180,7 +186,7 @@ async def stop_plane(running: RunningPlane) -> None:
 #: Seconds each layer may take on the 2-core CI machine (setup, call and teardown of its tests, session
 #: fixtures included where a layer starts them), so that `.ci/run` stays under 25 minutes. A layer over its
 #: budget fails the session: a slow test is found when it lands, not when CI times out.
-LAYER_BUDGET_S = {"unit": 60.0, "integration": 600.0, "e2e": 420.0, "browser": 180.0}
+LAYER_BUDGET_S = {"unit": 60.0, "security": 120.0, "integration": 600.0, "e2e": 420.0, "browser": 180.0}
 _layer_seconds: dict[str, float] = {}
 
 

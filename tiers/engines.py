@@ -3,7 +3,8 @@
 Called by the tier agent (`tierflow.tiers.tier_agent`), which runs `predict` once per consumed batch in
 its model thread, and by the benchmarks. Two engines:
 
-* `KerasEngine`: the `.keras` / `.h5` artefact loaded with tf-keras (`tiers.training.load_keras`) and called
+* `KerasEngine`: the `.keras` artefact loaded with tf-keras and `safe_mode=True` (`tiers.training.load_keras`;
+  an `.h5` file is refused: tf-keras would load it without safe_mode, running a Lambda layer's code) and called
   through one `tf.function` whose input signature leaves the batch dimension free, so a new batch size
   never retraces. Measured here on the edge model (2 cores): the graph call costs 1.1 ms at batch 1 and
   7.4 ms at batch 256 (29 us per sample), against 3.2 ms / 16 ms for an eager `model(x)` call and ~40 ms
@@ -43,6 +44,12 @@ log = logging.getLogger("tierflow.engines")
 Array = npt.NDArray[Any]
 #: The engines a tier can be served with (`--engine`).
 ENGINES = ("keras", "litert")
+#: HDF5's signature: a legacy `.h5` Keras model.
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+#: Why an `.h5` artefact is refused (tier hosts load artefacts that anyone able to report a result chose).
+H5_REFUSED = ("an .h5 (HDF5) Keras model is refused: tf-keras loads HDF5 without safe_mode, so a Lambda layer in "
+              "it would run its code on the tier host; serve a .keras model (tierflow's training writes those) or "
+              "a .tflite one")
 #: TFLite operators whose output is a probability distribution.
 _PROBABILITY_OPS = frozenset({"SOFTMAX", "LOGISTIC"})
 

@@ -1,6 +1,6 @@
 """Model code -> Keras model: the one place that turns a user's model code into a tf-keras model.
 
-Called only where untrusted code may run: the validation sandbox child (`tierflow.tiers.sandbox`) and the
+Called only where untrusted code may run: the validation sandbox child (`tierflow.tiers.sandbox_child`) and the
 training / inference workloads. The API and the Faust worker never import this module's `build_model`
 (they ask `SandboxPool` instead), because it executes the user's code and imports TensorFlow.
 

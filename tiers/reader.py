@@ -28,6 +28,7 @@ from aiokafka.errors import OffsetOutOfRangeError
 
 from tierflow.streams import kafka as kio
 from tierflow.streams.errors import TierflowError
+from tierflow.streams.ranges import Range  # one offset range of a datasource, as the control bridge names it
 from tierflow.streams.settings import KafkaSettings
 from tierflow.tiers.data import DataError, InputConfig, RawBuilder, decode
 
@@ -47,33 +48,6 @@ class DataUnavailable(TierflowError, RuntimeError):
 
     Neither permanent nor temporary by itself: the training job reports it as a temporary failure (the
     user may send the data again), as it reports a broker it cannot reach."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """One announced `[start, end)` offset range of a topic partition."""
-
-    topic: str
-    partition: int
-    start: int
-    end: int
-
-    @classmethod
-    def of(cls, raw: Mapping[str, Any]) -> Range:
-        try:
-            r = cls(str(raw["topic"]), int(raw["partition"]), int(raw["start"]), int(raw["end"]))
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"range {dict(raw)!r} needs topic, partition, start and end") from None
-        if r.partition < 0 or r.start < 0 or r.end < r.start:
-            raise DataError(f"range {r.text()} needs partition >= 0 and 0 <= start <= end")
-        return r
-
-    @property
-    def tp(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
-
-    def text(self) -> str:
-        return f"{self.topic}:{self.partition}:{self.start}:{self.end}"
 
 
 @dataclass
@@ -193,7 +167,10 @@ def parse_ranges(ranges: Sequence[Mapping[str, Any]] | str) -> list[Range]:
     raw = orjson.loads(ranges) if isinstance(ranges, str) else ranges
     if not isinstance(raw, list):
         raise DataError("ranges must be a list of {topic, partition, start, end}")
-    return [Range.of(r) for r in raw]
+    try:
+        return [Range.of(r) for r in raw]
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 _RESTART_HINT = ("the data is gone: the embedded broker keeps topics in memory and does not restore "

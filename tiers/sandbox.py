@@ -1,56 +1,94 @@
-"""The model-code validation sandbox: a warm pool of single-use subprocesses that build untrusted Keras code.
+"""The model-code validation sandbox, parent side: warm, single-use sandboxes forked from one zygote.
 
-Callers: the API (and the decider, through it) validate model code before a RegisterModel / UpdateModel is
-accepted: `summary = await pool.validate(code, imports)`. They never import TensorFlow or execute the code
-themselves (DESIGN, Principles); this module imports neither at module level either.
+Callers: the validator agent (streams/validator.py, `sandbox_validate`) builds model code before a
+RegisterModel / UpdateModel is decided: `summary = await pool.validate(code, imports)`. Neither it nor this
+module imports TensorFlow or executes the code (DESIGN, Principles).
 
-Two halves live here:
+The pool starts one **zygote** (tiers/sandbox_child.py: the child side, security-critical, reads on its own)
+under bubblewrap (tiers/sandbox_bwrap.py: what the sandbox sees) with a scrubbed environment. The zygote imports
+TensorFlow once; for each sandbox the pool asks it to fork a fresh **runner** that enters namespaces of its own,
+warms up and waits, so `pool_size` runners are always ready. A validation goes to one ready runner, which builds
+that one piece of code and exits; a new runner is forked to replace it (tens of milliseconds plus a warm-up,
+where a fresh TensorFlow process takes seconds), so one user's code never shares a process with another's.
 
-* the parent side, `SandboxPool`: keeps `pool_size` children started and warm (TensorFlow imported, the
-  expensive part), hands each validation to one ready child, enforces the wall-clock timeout, and always
-  replaces the used child with a fresh one, so one user's code never shares a process with another's;
-* the child program, `python -m tierflow.tiers.sandbox`: cuts its networking, imports TensorFlow, warms
-  Keras up, says `{"ready": true}` on its protocol channel, reads ONE request line
-  `{"code": ..., "imports": ...}`, applies resource limits, builds the model and answers one line,
-  `{"ok": true, "summary": {...}}` or `{"ok": false, "error": "..."}`, then exits.
+Protocol: the pool and the zygote talk over a SOCK_SEQPACKET pair, one JSON object per packet: the pool sends
+`{"fork": id}` with the runner's socket attached (SCM_RIGHTS) and `{"kill": id}`; the zygote says
+`{"ready": true, "isolation": {...}}` once, or `{"error": "..."}` when it refuses to run (isolation missing),
+and `{"exited": id, "returncode": n}` for each runner. Each runner talks to the pool on its own stream socket:
+`{"ready": true, "isolation": {...}}` (or `{"error": ...}`), then one request line `{"code", "imports"}`,
+`{"accepted": true}` before any of the code runs (so a runner that died idle is told apart from code that
+killed it), one answer line `{"ok": true, "summary": {...}}` or `{"ok": false, "error": "..."}`. The zygote
+never sees code.
 
-The protocol channel is a private duplicate of the child's original stdout; fd 1 itself is pointed at stderr
-before TensorFlow loads, so neither TensorFlow's log noise nor the user's `print()` can corrupt it.
+Isolation levels (TIERFLOW_SANDBOX_ISOLATION): `bwrap` (the default: namespaces, see sandbox_bwrap), `landlock`
+(where namespaces are refused, e.g. a `restricted` Kubernetes pod: no bwrap, the zygote and each runner
+confine themselves with Landlock and seccomp before TensorFlow loads, see sandbox_confine; the runners' scratch
+directories live under a private folder the pool makes), `none` (no isolation: code you trust only).
+
+Fails closed: a missing or failing bwrap, Landlock or seccomp, or a sandbox whose checks find root,
+capabilities, a network interface or a socket it could open, refuses to run code and says how to get the
+isolation; `pool.isolation` says which level is in force (for /readyz and the UI).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
-import ctypes
+import itertools
 import logging
-import math
 import os
-import resource
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 
 from tierflow.streams.settings import SandboxSettings
+from tierflow.tiers import sandbox_confine
+from tierflow.tiers.sandbox_bwrap import (
+    HOW_TO_GET_IT,
+    SANDBOX_UID,
+    BwrapMissing,
+    bwrap_argv,
+    find_bwrap,
+    installation_paths,
+    system_roots,
+)
 
 logger = logging.getLogger("tierflow.sandbox")
 
-#: How long a fresh child may take to import TensorFlow and say "ready" (seconds; 2-4 s when idle).
+#: How long the zygote may take to import TensorFlow, and a runner to warm up (seconds; 2-6 s when idle).
 STARTUP_TIMEOUT_S = 120.0
-#: After this many failed starts in a row, validate() fails fast instead of waiting for a child.
+#: After this many failed starts in a row, validate() fails fast instead of waiting for a sandbox.
 MAX_START_FAILURES = 3
 #: Longest line either side sends (the request carries the code; the API caps bodies well below this).
 MAX_LINE_BYTES = 16 * 1024 * 1024
-#: How many lines of a child's stderr are kept to explain a crash.
+#: How many lines of the zygote's stderr are kept to explain a failed start.
 STDERR_TAIL_LINES = 20
 
-_CHILD_MODULE = "tierflow.tiers.sandbox"
+_CHILD_MODULE = "tierflow.tiers.sandbox_child"
 
+#: The sandbox's whole environment (nothing of the caller's: its secrets stay out). Process bootstrap for
+#: TensorFlow, not settings: validation only needs shapes, so no GPU, one BLAS thread (the zygote must stay
+#: single-threaded to fork safely), Keras 2 for Kafka-ML's idioms.
+CHILD_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONNOUSERSITE": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "CUDA_VISIBLE_DEVICES": "-1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "TF_USE_LEGACY_KERAS": "1",
+}
 
 class CodeInvalid(Exception):
     """The user's model code is wrong; the message says what and, where known, on which line."""
@@ -127,26 +165,96 @@ def describe_exit(returncode: int, memory_mb: int, *, starting: bool = False) ->
     return f"was killed by {name}"
 
 
+
+
+def how_to_get(isolation: str) -> str:
+    """What to do when the isolation level `isolation` is missing."""
+    return sandbox_confine.HOW_TO_GET_IT if isolation == "landlock" else HOW_TO_GET_IT
+
+
+class _RunnerLost(Exception):
+    """A runner ended before it took the request (killed while idle, even if its death had not shown yet)."""
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` with every known secret value replaced (defence in depth: the sandbox cannot read them)."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
 # -- parent side -----------------------------------------------------------------------------------------
 
 _State = Literal["starting", "ready", "busy", "gone"]
 
 
 @dataclass(eq=False)
-class _Child:
-    proc: asyncio.subprocess.Process
+class _Runner:
+    """One single-use sandbox, as the pool sees it: its socket and, once the zygote reports it, its exit."""
+
+    id: int
+    exited: asyncio.Future[int]
+    sock: socket.socket
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
     state: _State = "starting"
+
+    def gone(self) -> bool:
+        """Whether the runner is known dead or its socket is at EOF (it died before the zygote could say so)."""
+        if self.exited.done() or self.sock.fileno() < 0:
+            return True
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        if self.writer is not None:
+            if not self.writer.is_closing():
+                self.writer.close()
+        else:
+            self.sock.close()
+
+
+@dataclass(eq=False)
+class _Zygote:
+    """The pool's zygote process (bwrap's tree when isolated) and its control socket."""
+
+    proc: asyncio.subprocess.Process
+    control: socket.socket
+    hello: asyncio.Future[dict[str, Any]]
+    runners: dict[int, _Runner] = field(default_factory=dict)
     stderr_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )
-    drain: asyncio.Task[None] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    dead: bool = False
+    #: The pool stopped it (its death needs no explaining).
+    stopped: bool = False
+    #: The landlock level's folder of runner scratch directories (removed with the zygote).
+    scratch_root: str = ""
 
     def tail(self) -> str:
         return " | ".join(line for line in self.stderr_tail if line.strip())
+
+    async def send(self, message: dict[str, Any], fd: int | None = None) -> None:
+        """One packet to the zygote (with `fd` attached); waits while the socket is full."""
+        data = orjson.dumps(message)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                socket.send_fds(self.control, [data], [fd] if fd is not None else [])
+                return
+            except BlockingIOError:
+                writable = loop.create_future()
+                loop.add_writer(self.control, writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(self.control)
 
 
 def _log_task_failure(task: asyncio.Task[None]) -> None:
@@ -155,26 +263,26 @@ def _log_task_failure(task: asyncio.Task[None]) -> None:
         logger.error("sandbox pool task %s failed", task.get_name(), exc_info=task.exception())
 
 
-def _exited(proc: asyncio.subprocess.Process) -> bool:
-    """Whether a child is gone, even before asyncio's child watcher has reaped it (a zombie)."""
-    if proc.returncode is not None:
-        return True
-    try:
-        with open(f"/proc/{proc.pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:  # reaped, asyncio not told yet
-        return True
-    # The state letter follows the parenthesised command name, which may itself contain ") ".
-    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
+def _descendants(root: int) -> list[int]:
+    """`root` and every process below it (host pids)."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo.extend(int(child) for child in f.read().split())
+    return found
 
 
 class SandboxPool:
     """A warm pool of single-use validation sandboxes.
 
-    `await pool.start()` spawns `settings.pool_size` children in the background; `await pool.validate(code)`
-    waits for a ready one (at most `pool_size` validations run at once; the rest queue), returns a
-    `ModelSummary` or raises `CodeInvalid` / `SandboxError`, and replaces the used child; `await pool.close()`
-    kills every child. Also an async context manager.
+    `await pool.start()` starts the zygote and forks `settings.pool_size` runners in the background;
+    `await pool.validate(code)` waits for a ready one (at most `pool_size` validations run at once; the rest
+    queue), returns a `ModelSummary` or raises `CodeInvalid` / `SandboxError`, and forks a replacement;
+    `await pool.close()` kills every sandbox. Also an async context manager.
     """
 
     def __init__(self, settings: SandboxSettings, python: str = sys.executable, *,
@@ -182,18 +290,20 @@ class SandboxPool:
         self._settings = settings
         self._python = python
         self._startup_timeout_s = startup_timeout_s
-        self._ready: collections.deque[_Child] = collections.deque()
-        self._children: set[_Child] = set()
+        self._ready: collections.deque[_Runner] = collections.deque()
         self._spawners: set[asyncio.Task[None]] = set()
-        self._drains: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.pool_size)
         self._changed = asyncio.Condition()
+        self._zygote: _Zygote | None = None
+        self._runners: set[_Runner] = set()
+        self._zygote_lock = asyncio.Lock()
+        self._ids = itertools.count(1)
         self._start_failures = 0
         self._last_start_failure = ""
         self._started = False
         self._closed = False
-        #: What the last child reported about its isolation (network, rlimits); for logs and health checks.
-        self.isolation: dict[str, str] = {}
+        #: The isolation in force: "level" (bwrap | none) and what the sandboxes reported; for /readyz and the UI.
+        self.isolation: dict[str, str] = {"level": settings.isolation}
 
     async def __aenter__(self) -> SandboxPool:
         await self.start()
@@ -208,11 +318,25 @@ class SandboxPool:
 
     @property
     def pids(self) -> list[int]:
-        """Process ids of every child alive now (starting, ready or busy)."""
-        return sorted(child.pid for child in self._children)
+        """Host process ids of the whole sandbox tree (bwrap, zygote, every runner and what they forked)."""
+        zygote = self._zygote
+        if zygote is None or zygote.proc.returncode is not None:
+            return []
+        return sorted(_descendants(zygote.proc.pid))
+
+    def memory_bytes(self) -> int:
+        """Proportional set size of the whole sandbox tree (shared pages split among the processes sharing them)."""
+        total = 0
+        for pid in self.pids:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        return total
 
     async def start(self) -> None:
-        """Spawn the children in the background; returns at once (see `wait_warm`)."""
+        """Start the zygote and the runners in the background; returns at once (see `wait_warm`)."""
         if self._started:
             return
         if self._closed:
@@ -222,7 +346,7 @@ class SandboxPool:
             self._spawn_soon()
 
     async def wait_warm(self, timeout_s: float | None = None) -> None:
-        """Wait until `pool_size` children are ready (for readiness checks, tests and benchmarks)."""
+        """Wait until `pool_size` runners are ready (for readiness checks, tests and benchmarks)."""
         await self.start()
         limit = self._startup_timeout_s if timeout_s is None else timeout_s
         try:
@@ -242,28 +366,34 @@ class SandboxPool:
         """Build `code` in a fresh sandbox and summarize the model; raises CodeInvalid or SandboxError."""
         await self.start()
         async with self._slots:
-            child = await self._acquire()
-            try:
-                return await self._run(child, code, imports)
-            finally:
-                await self._kill(child)
-                self._spawn_soon()
+            for _ in range(MAX_START_FAILURES):
+                runner = await self._acquire()
+                try:
+                    return await self._run(runner, code, imports)
+                except _RunnerLost:
+                    continue  # it died idle, before taking the code: the code is not to blame, try another
+                finally:
+                    await self._retire(runner)
+                    self._spawn_soon()
+            raise SandboxError(f"{MAX_START_FAILURES} sandboxes in a row died before taking the code")
 
     async def close(self) -> None:
-        """Kill every child (and anything it forked) and stop refilling; idempotent."""
+        """Kill every sandbox (and anything it forked) and stop refilling; idempotent."""
         self._closed = True
         spawners = list(self._spawners)
         for task in spawners:
             task.cancel()
         await asyncio.gather(*spawners, return_exceptions=True)
-        await asyncio.gather(*(self._kill(child) for child in list(self._children)))
-        # Their stderr readers end at EOF; waiting for them leaves no pipe transport open.
-        await asyncio.gather(*self._drains, return_exceptions=True)
+        if self._zygote is not None:
+            await self._stop_zygote(self._zygote)
         self._ready.clear()
         async with self._changed:
             self._changed.notify_all()
 
     # -- internals ---------------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._settings.secrets)
 
     def _raise_if_broken(self) -> None:
         if self._closed:
@@ -274,17 +404,17 @@ class SandboxPool:
                 f"last failure: {self._last_start_failure}"
             )
 
-    async def _acquire(self) -> _Child:
+    async def _acquire(self) -> _Runner:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._startup_timeout_s
         async with self._changed:
             while True:
                 while self._ready:
-                    child = self._ready.popleft()
-                    if not _exited(child.proc):
-                        child.state = "busy"
-                        return child
-                    self._forget_idle_death(child)
+                    runner = self._ready.popleft()
+                    if not runner.gone():
+                        runner.state = "busy"
+                        return runner
+                    self._forget_idle_death(runner, runner.exited.result() if runner.exited.done() else None)
                 self._raise_if_broken()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -293,39 +423,42 @@ class SandboxPool:
                     async with asyncio.timeout(remaining):
                         await self._changed.wait()
 
-    async def _run(self, child: _Child, code: str, imports: str) -> ModelSummary:
-        proc = child.proc
-        assert proc.stdin is not None and proc.stdout is not None
+    async def _run(self, runner: _Runner, code: str, imports: str) -> ModelSummary:
+        assert runner.reader is not None and runner.writer is not None
         request = orjson.dumps({"code": code, "imports": imports}) + b"\n"
         timeout_s = self._settings.timeout_s
         line = b""
+        accepted = False
         try:
             async with asyncio.timeout(timeout_s):
-                proc.stdin.write(request)
-                await proc.stdin.drain()
-                proc.stdin.close()
-                line = await proc.stdout.readline()
+                runner.writer.write(request)
+                await runner.writer.drain()
+                # The runner says it took the request before it runs anything of it (see _RunnerLost).
+                first = await runner.reader.readline()
+                if not first:
+                    raise _RunnerLost
+                if first.rstrip() != b'{"accepted":true}':
+                    raise SandboxError(f"the sandbox said {first[:200]!r} instead of accepting the code")
+                accepted = True
+                line = await runner.reader.readline()
         except TimeoutError:
-            logger.warning("sandbox %d: model code ran past the %g s timeout; killing it", child.pid, timeout_s)
+            logger.warning("sandbox %d: model code ran past the %g s timeout; killing it", runner.id, timeout_s)
             raise SandboxError(
                 f"building the model took longer than {timeout_s:g} s (an endless loop, or too much work "
                 "while defining the model?); the sandbox was stopped"
             ) from None
         except (BrokenPipeError, ConnectionResetError):
-            line = b""  # the child died before reading: explained by its exit status below
+            if not accepted:
+                raise _RunnerLost from None
+            line = b""  # it died building the model: explained by its exit status below
         except ValueError as exc:  # the answer line overran MAX_LINE_BYTES
             raise SandboxError(f"the sandbox sent an oversized answer: {exc}") from None
-        if line:
-            # Let the child finish its own exit (milliseconds) rather than killing it mid-way.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await proc.wait()
-        else:
-            returncode = await self._reap(child)
+        if not line:
+            returncode = await self._exit_status(runner)
             if self._closed:
                 raise SandboxError("the sandbox pool was closed during the validation")
             reason = describe_exit(returncode, self._settings.memory_mb)
-            logger.warning("sandbox %d %s; stderr: %s", child.pid, reason, child.tail() or "(empty)")
+            logger.warning("sandbox %d %s", runner.id, reason)
             raise SandboxError(f"the sandbox {reason}")
         try:
             response = orjson.loads(line)
@@ -337,30 +470,41 @@ class SandboxPool:
             if response.get("ok") is True:
                 return ModelSummary.from_dict(response.get("summary"))
         except ValueError as exc:
-            logger.error("sandbox %d sent an unreadable answer %r: %s", child.pid, line[:200], exc)
-            raise SandboxError(f"the sandbox sent an unreadable answer: {exc}") from None
-        raise CodeInvalid(str(response.get("error") or "the model code is invalid (no reason given)"))
+            logger.error("sandbox %d sent an unreadable answer %r: %s", runner.id, line[:200], exc)
+            raise SandboxError(self._scrub(f"the sandbox sent an unreadable answer: {exc}")) from None
+        raise CodeInvalid(self._scrub(str(response.get("error") or "the model code is invalid (no reason given)")))
 
-    def _note_isolation(self, isolation: dict[str, str]) -> None:
-        # Said once at INFO (the operator wants to know whether the network is cut); limits vary per child.
-        level = logging.DEBUG if self.isolation.get("network") == isolation.get("network") else logging.INFO
-        logger.log(level, "sandbox isolation: %s", ", ".join(f"{k}: {v}" for k, v in sorted(isolation.items())))
-        self.isolation = isolation
+    def _note_isolation(self, report: dict[str, str]) -> None:
+        merged = {**self.isolation, **report}
+        if merged != self.isolation:
+            # Said at INFO when it changes (the operator wants to know what holds); limits vary per runner.
+            level = logging.DEBUG if set(merged) == set(self.isolation) else logging.INFO
+            logger.log(level, "sandbox isolation: %s", ", ".join(f"{k}: {v}" for k, v in sorted(merged.items())))
+        self.isolation = merged
 
-    async def _reap(self, child: _Child) -> int:
-        """Wait briefly for a child that closed its protocol channel to exit; kill it if it lingers."""
-        try:
-            async with asyncio.timeout(5.0):
-                returncode = await child.proc.wait()
-        except TimeoutError:
-            await self._kill(child)
-            returncode = await child.proc.wait()
-        if child.drain is not None:
-            # Let the stderr reader catch the last lines, to explain the exit.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await asyncio.shield(child.drain)
-        return returncode
+    async def _exit_status(self, runner: _Runner) -> int:
+        """How a runner that closed its socket ended (the zygote reports it); killed if it lingers."""
+        for attempt in range(2):
+            try:
+                async with asyncio.timeout(5.0):
+                    return await asyncio.shield(runner.exited)
+            except TimeoutError:
+                if attempt == 0:
+                    await self._kill(runner)
+        return -signal.SIGKILL
+
+    async def _kill(self, runner: _Runner) -> None:
+        zygote = self._zygote
+        if zygote is not None and not zygote.dead and not runner.exited.done():
+            with contextlib.suppress(OSError):
+                await zygote.send({"kill": runner.id})
+
+    async def _retire(self, runner: _Runner) -> None:
+        """A used runner goes, whatever it did: killing its keeper takes its whole pid namespace down."""
+        runner.state = "gone"
+        runner.close()
+        self._runners.discard(runner)
+        await self._kill(runner)
 
     def _spawn_soon(self, delay_s: float = 0.0) -> None:
         if self._closed:
@@ -374,10 +518,11 @@ class SandboxPool:
         if delay_s:
             await asyncio.sleep(delay_s)
         try:
-            child = await self._start_child()
+            runner = await self._start_runner()
         except SandboxError as exc:
             self._start_failures += 1
-            self._last_start_failure = str(exc)
+            self._last_start_failure = self._scrub(str(exc))
+            self.isolation["error"] = self._last_start_failure
             backoff = min(0.5 * 2 ** (self._start_failures - 1), 30.0)
             logger.error("sandbox failed to start (%d in a row), retrying in %.1f s: %s",
                          self._start_failures, backoff, exc)
@@ -386,59 +531,205 @@ class SandboxPool:
             self._spawn_soon(backoff)
             return
         self._start_failures = 0
-        child.state = "ready"
-        self._ready.append(child)
+        self.isolation.pop("error", None)
+        runner.state = "ready"
+        self._ready.append(runner)
         async with self._changed:
             self._changed.notify_all()
 
-    async def _start_child(self) -> _Child:
+    async def _start_runner(self) -> _Runner:
+        zygote = await self._running_zygote()
+        started = asyncio.get_running_loop().time()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        runner = _Runner(next(self._ids), asyncio.get_running_loop().create_future(), ours)
+        zygote.runners[runner.id] = runner
+        self._runners.add(runner)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                self._python, "-m", _CHILD_MODULE,
-                "--memory-mb", str(self._settings.memory_mb),
-                "--timeout-s", str(self._settings.timeout_s),
-                "--parent-pid", str(os.getpid()),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=MAX_LINE_BYTES,
-                # Its own process group, so a kill also takes down whatever the user's code forked.
-                start_new_session=True,
-            )
+            try:
+                await zygote.send({"fork": runner.id}, theirs.fileno())
+            finally:
+                theirs.close()
+            runner.reader, runner.writer = await asyncio.open_unix_connection(sock=ours, limit=MAX_LINE_BYTES)
         except OSError as exc:
-            raise SandboxError(f"cannot run {self._python} -m {_CHILD_MODULE}: {exc}") from exc
-        child = _Child(proc)
-        self._children.add(child)
-        child.drain = asyncio.get_running_loop().create_task(
-            self._drain_stderr(child), name=f"tierflow-sandbox-stderr-{proc.pid}"
-        )
-        self._drains.add(child.drain)
-        child.drain.add_done_callback(self._drains.discard)
-        child.drain.add_done_callback(_log_task_failure)
-        assert proc.stdout is not None
+            await self._retire(runner)
+            raise SandboxError(f"cannot ask the sandbox zygote for a sandbox: {exc}") from exc
         try:
             async with asyncio.timeout(self._startup_timeout_s):
-                line = await proc.stdout.readline()
+                line = await runner.reader.readline()
         except TimeoutError:
-            await self._kill(child)
+            await self._retire(runner)
             raise SandboxError(f"a sandbox did not become ready within {self._startup_timeout_s:g} s") from None
         if not line:
-            returncode = await self._reap(child)
-            reason = describe_exit(returncode, self._settings.memory_mb, starting=True)
-            raise SandboxError(f"a sandbox {reason}; stderr: {child.tail() or '(empty)'}")
+            returncode = await self._exit_status(runner)
+            await self._retire(runner)
+            raise SandboxError(f"a sandbox {describe_exit(returncode, self._settings.memory_mb, starting=True)}")
         try:
             hello = orjson.loads(line)
         except orjson.JSONDecodeError:
             hello = None
         if not isinstance(hello, dict) or hello.get("ready") is not True:
-            await self._kill(child)
+            await self._retire(runner)
+            if isinstance(hello, dict) and "error" in hello:
+                raise SandboxError(f"a sandbox refused to start: {hello['error']}; "
+                                   f"{how_to_get(self._settings.isolation)}")
             raise SandboxError(f"a sandbox said {line[:200]!r} instead of ready")
-        logger.debug("sandbox %d ready", proc.pid)
-        return child
+        if isinstance(hello.get("isolation"), dict):
+            self._note_isolation({str(k): str(v) for k, v in hello["isolation"].items()})
+        logger.debug("sandbox %d ready in %.2f s", runner.id, asyncio.get_running_loop().time() - started)
+        return runner
 
-    async def _drain_stderr(self, child: _Child) -> None:
-        """Read a child's stderr to its end (a full pipe would block it) and keep the tail for crash reports."""
-        stream = child.proc.stderr
+    async def _running_zygote(self) -> _Zygote:
+        async with self._zygote_lock:
+            if self._closed:
+                raise SandboxError("the sandbox pool is closed")
+            zygote = self._zygote
+            if zygote is None or zygote.dead:
+                if zygote is not None:
+                    await self._stop_zygote(zygote)
+                zygote = self._zygote = await self._start_zygote()
+            return zygote
+
+    async def _start_zygote(self) -> _Zygote:
+        settings = self._settings
+        command = [self._python, "-m", _CHILD_MODULE, "--isolation", settings.isolation,
+                   "--memory-mb", str(settings.memory_mb), "--timeout-s", str(settings.timeout_s)]
+        isolated = settings.isolation != "none"
+        how = how_to_get(settings.isolation)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command += ["--control-fd", str(theirs.fileno())]
+        argv = command
+        as_root = os.geteuid() == 0
+        scratch_root = ""
+        if settings.isolation == "bwrap":
+            try:
+                bwrap = find_bwrap(settings.bwrap)
+                readonly = installation_paths()
+            except BwrapMissing as exc:
+                ours.close()
+                theirs.close()
+                self._start_failures = MAX_START_FAILURES  # not there: retrying will not make it appear
+                raise SandboxError(str(exc)) from None
+            self.isolation["tool"] = bwrap
+            if as_root:
+                command += ["--drop-to", str(SANDBOX_UID)]
+            argv = bwrap_argv(bwrap, command, readonly=readonly, as_root=as_root, system=system_roots())
+        elif settings.isolation == "landlock":
+            self.isolation["tool"] = "landlock + seccomp"
+            # The runners' scratch directories: a private folder (0700) of the sandbox's user (this one's).
+            scratch_root = tempfile.mkdtemp(prefix="tierflow-sandbox-")
+            command += ["--scratch-root", scratch_root]
+        else:
+            self.isolation["warning"] = ("model code runs without isolation (TIERFLOW_SANDBOX_ISOLATION=none): "
+                                         "only its environment is scrubbed and its resources limited")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, env=CHILD_ENV, pass_fds=(theirs.fileno(),),
+                limit=MAX_LINE_BYTES,
+                # Its own process group: closing the pool kills the whole tree at once.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            if scratch_root:
+                shutil.rmtree(scratch_root, ignore_errors=True)
+            raise SandboxError(f"cannot run {argv[0]}: {exc}" + (f"; {how}" if isolated else "")) from exc
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        zygote = _Zygote(proc, ours, asyncio.get_running_loop().create_future(), scratch_root=scratch_root)
+        loop = asyncio.get_running_loop()
+        for coro, name in ((self._drain_stderr(zygote), "stderr"), (self._read_control(zygote), "control")):
+            task = loop.create_task(coro, name=f"tierflow-sandbox-{name}-{proc.pid}")
+            task.add_done_callback(_log_task_failure)
+            zygote.tasks.append(task)
+        try:
+            async with asyncio.timeout(self._startup_timeout_s):
+                hello = await asyncio.shield(zygote.hello)
+        except TimeoutError:
+            await self._stop_zygote(zygote)
+            raise SandboxError(f"the sandbox zygote did not start within {self._startup_timeout_s:g} s") from None
+        except SandboxError:
+            await self._stop_zygote(zygote)
+            raise
+        if isinstance(hello.get("isolation"), dict):
+            self._note_isolation({str(k): str(v) for k, v in hello["isolation"].items()})
+        logger.info("sandbox zygote %d ready (isolation %s)", proc.pid, settings.isolation)
+        return zygote
+
+    async def _read_control(self, zygote: _Zygote) -> None:
+        """Dispatch the zygote's packets: its hello, then runner exits; on EOF the zygote is gone."""
+        loop = asyncio.get_running_loop()
+        isolated = self._settings.isolation != "none"
+        how = how_to_get(self._settings.isolation)
+        while True:
+            try:
+                data = await loop.sock_recv(zygote.control, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            try:
+                message = orjson.loads(data)
+                if message.get("ready") is True and not zygote.hello.done():
+                    zygote.hello.set_result(message)
+                elif "error" in message and not zygote.hello.done():
+                    zygote.hello.set_exception(SandboxError(
+                        f"the sandbox refused to start: {message['error']}" + (f"; {how}" if isolated else "")
+                    ))
+                elif "exited" in message:
+                    runner = zygote.runners.pop(int(message["exited"]), None)
+                    if runner is not None:
+                        self._note_exit(runner, int(message["returncode"]))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # The zygote never says this: treat it as broken and start another.
+                logger.error("sandbox zygote %d sent %r (%s); stopping it", zygote.proc.pid, data[:200], exc)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(zygote.proc.pid, signal.SIGKILL)
+                break
+        zygote.dead = True
+        returncode = await zygote.proc.wait()
+        if not zygote.hello.done():
+            # Let the stderr reader catch the last lines, to explain the exit.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await asyncio.shield(zygote.tasks[0])
+            what = describe_exit(returncode, self._settings.memory_mb, starting=True)
+            tool = f"the isolation tool ({self.isolation.get('tool')}) or " if isolated else ""
+            zygote.hello.set_exception(SandboxError(
+                f"{tool}the sandbox zygote {what}; stderr: {zygote.tail() or '(empty)'}"
+                + (f"; {how}" if isolated else "")
+            ))
+        elif not zygote.stopped:
+            logger.warning("sandbox zygote %d %s; stderr: %s", zygote.proc.pid,
+                           describe_exit(returncode, self._settings.memory_mb), zygote.tail() or "(empty)")
+        for runner in list(zygote.runners.values()):
+            self._note_exit(runner, -signal.SIGKILL)
+        zygote.runners.clear()
+
+    def _note_exit(self, runner: _Runner, returncode: int) -> None:
+        if not runner.exited.done():
+            runner.exited.set_result(returncode)
+        if runner.state == "ready":
+            self._forget_idle_death(runner, returncode)
+
+    def _forget_idle_death(self, runner: _Runner, returncode: int | None) -> None:
+        """A ready runner died before it was used (killed from outside, OOM killer): replace it."""
+        runner.state = "gone"
+        runner.close()
+        self._runners.discard(runner)
+        with contextlib.suppress(ValueError):
+            self._ready.remove(runner)
+        if self._closed:
+            return
+        reason = describe_exit(returncode, self._settings.memory_mb) if returncode is not None else "died"
+        logger.warning("idle sandbox %d %s; starting another", runner.id, reason)
+        self._spawn_soon()
+
+    async def _drain_stderr(self, zygote: _Zygote) -> None:
+        """Read the sandbox's stderr to its end (a full pipe would block it); keep the tail to explain a failed
+        start. Runners share it, so it never goes into an answer (it may hold another user's output)."""
+        stream = zygote.proc.stderr
         assert stream is not None
         while True:
             try:
@@ -447,233 +738,59 @@ class SandboxPool:
                 raw = await stream.read(MAX_LINE_BYTES)
             if not raw:
                 break
-            text = raw.decode("utf-8", "replace").rstrip()
-            child.stderr_tail.append(text)
-            logger.debug("sandbox %d: %s", child.pid, text)
-        returncode = await child.proc.wait()
-        if child.state == "ready":
-            self._forget_idle_death(child, returncode)
+            text = self._scrub(raw.decode("utf-8", "replace").rstrip())
+            zygote.stderr_tail.append(text)
+            logger.debug("sandbox %d: %s", zygote.proc.pid, text)
 
-    def _forget_idle_death(self, child: _Child, returncode: int | None = None) -> None:
-        """A ready child died before it was used (killed from outside, OOM killer): replace it."""
-        if child.state == "gone":
-            return
-        child.state = "gone"
-        with contextlib.suppress(ValueError):
-            self._ready.remove(child)
-        self._children.discard(child)
-        code = child.proc.returncode if returncode is None else returncode
-        reason = describe_exit(code, self._settings.memory_mb) if code is not None else "died"
-        logger.warning("idle sandbox %d %s; starting another; stderr: %s", child.pid, reason,
-                       child.tail() or "(empty)")
-        self._spawn_soon()
-
-    async def _kill(self, child: _Child) -> None:
-        """Kill a child and its process group (anything it forked), then reap it."""
-        child.state = "gone"
-        with contextlib.suppress(ValueError):
-            self._ready.remove(child)
-        proc = child.proc
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()
+    async def _stop_zygote(self, zygote: _Zygote) -> None:
+        """Kill the zygote's whole tree (bwrap takes its sandbox down with it), reap it, and wait until the
+        kernel has finished the processes inside (they are not our children)."""
+        zygote.dead = zygote.stopped = True
+        tree = _descendants(zygote.proc.pid) if zygote.proc.returncode is None else []
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await proc.wait()
-        self._children.discard(child)
+            os.killpg(zygote.proc.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        await zygote.proc.wait()
+        for runner in zygote.runners.values():
+            runner.close()
+        if self._closed:
+            for runner in self._runners:
+                runner.close()
+            self._runners.clear()
+        # Both readers end at EOF; waiting for them leaves no transport open.
+        await asyncio.gather(*zygote.tasks, return_exceptions=True)
+        zygote.control.close()
+        await _wait_ended(tree, timeout_s=5.0)
+        if zygote.scratch_root:
+            shutil.rmtree(zygote.scratch_root, ignore_errors=True)
+        if self._zygote is zygote and self._closed:
+            self._zygote = None
 
 
-# -- child side ------------------------------------------------------------------------------------------
-
-_CLONE_NEWUSER = 0x10000000
-_CLONE_NEWNET = 0x40000000
-_PR_SET_PDEATHSIG = 1
-#: Files the user's code may write (bytes); beyond it a write fails with EFBIG instead of filling the disk.
-_FSIZE_LIMIT = 8 * 1024 * 1024
-#: Processes/threads the user's code may add (the per-user count is global, so leave room for others).
-_NPROC_MARGIN = 64
-
-_WARMUP_CODE = "warmup_in = keras.Input(shape=4)\nwarmup = keras.Model(warmup_in, keras.layers.Dense(2)(warmup_in))\n"
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
-class _Channel:
-    """The protocol channel: a private dup of the real stdout, with fd 1 re-pointed at stderr."""
-
-    def __init__(self) -> None:
-        self._fd = os.dup(1)
-        os.dup2(2, 1)
-
-    def send(self, message: dict[str, Any]) -> None:
-        data = memoryview(orjson.dumps(message) + b"\n")
-        while data:
-            data = data[os.write(self._fd, data):]
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this child when the parent goes (prctl); exit now if it already went."""
-    if _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        print(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
-    if os.getppid() != parent_pid:
-        raise SystemExit(1)
-
-
-def _cut_network() -> str:
-    """Move this process into an empty network namespace; say which way worked, or why none did.
-
-    Done at start, while the process is still single-threaded: CLONE_NEWUSER needs that, and a namespace
-    change applies to the calling thread only, so threads TensorFlow starts later inherit it.
-    """
-    libc = _libc()
-    attempts = [(_CLONE_NEWNET, "unshare(CLONE_NEWNET)")]
-    attempts.append((_CLONE_NEWUSER | _CLONE_NEWNET, "unshare(CLONE_NEWUSER|CLONE_NEWNET)"))
-    failures = []
-    for flags, name in attempts:
-        if libc.unshare(flags) == 0:
-            interfaces = _interfaces()
-            if interfaces - {"lo"}:
-                return f"{name} succeeded but interfaces remain: {sorted(interfaces)}"
-            return f"isolated ({name})"
-        failures.append(f"{name}: {os.strerror(ctypes.get_errno())}")
-    return "not isolated (" + "; ".join(failures) + ")"
-
-
-def _interfaces() -> set[str]:
-    with open("/proc/self/net/dev") as f:
-        return {line.split(":", 1)[0].strip() for line in f.readlines()[2:]}
-
-
-def _proc_status(pid: str) -> dict[str, str]:
-    status: dict[str, str] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, sep, value = line.partition(":")
-            if sep:
-                status[key] = value.strip()
-    return status
-
-
-def _tasks_of_user(uid: int) -> int:
-    count = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+async def _wait_ended(pids: list[int], timeout_s: float) -> None:
+    """Wait until every process in `pids` has ended (a pidfd turns readable when its process exits)."""
+    loop = asyncio.get_running_loop()
+    waits: list[tuple[int, asyncio.Future[None]]] = []
+    for pid in pids:
         try:
-            status = _proc_status(entry.name)
-        except OSError:  # the process ended while we looked
+            fd = os.pidfd_open(pid)
+        except OSError:  # gone already
             continue
-        if int(status.get("Uid", "-1").split()[0]) == uid:
-            count += int(status.get("Threads", "1"))
-    return count
-
-
-def _lower_limit(kind: int, value: int) -> int:
-    _, hard = resource.getrlimit(kind)
-    if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
-    resource.setrlimit(kind, (value, value))
-    return value
-
-
-def _apply_limits(memory_mb: int, timeout_s: float) -> dict[str, str]:
-    """Resource limits for the user's code; returns what was set (or why not) per limit."""
-    notes: dict[str, str] = {}
-    vm_bytes = int(_proc_status("self")["VmSize"].split()[0]) * 1024
-    limits: list[tuple[str, int, int]] = [
-        # TensorFlow already reserved its address space (imported and warmed up): only the user's code's
-        # growth counts against memory_mb.
-        ("RLIMIT_AS", resource.RLIMIT_AS, vm_bytes + memory_mb * 1024 * 1024),
-        ("RLIMIT_FSIZE", resource.RLIMIT_FSIZE, _FSIZE_LIMIT),
-        ("RLIMIT_CORE", resource.RLIMIT_CORE, 0),
-    ]
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_budget = math.ceil(usage.ru_utime + usage.ru_stime + timeout_s * (os.cpu_count() or 1)) + 5
-    limits.append(("RLIMIT_CPU", resource.RLIMIT_CPU, cpu_budget))
-    if os.geteuid() == 0:
-        notes["RLIMIT_NPROC"] = "not enforced for root"
-    else:
-        limits.append(("RLIMIT_NPROC", resource.RLIMIT_NPROC, _tasks_of_user(os.getuid()) + _NPROC_MARGIN))
-    # A write past RLIMIT_FSIZE then fails with EFBIG (an exception in the user's code), not a signal.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    for name, kind, value in limits:
-        try:
-            notes[name] = str(_lower_limit(kind, value))
-        except (ValueError, OSError) as exc:
-            notes[name] = f"not set: {exc}"
-    return notes
-
-
-def _bootstrap_environment() -> None:
-    # Process bootstrap, not settings: TensorFlow reads these at import. Validation only needs shapes, so
-    # it never touches a GPU; INFO/WARNING log lines go nowhere useful.
-    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _child_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {_CHILD_MODULE}",
-                                     description="one-shot model-code validation sandbox (see SandboxPool)")
-    parser.add_argument("--memory-mb", type=int, required=True)
-    parser.add_argument("--timeout-s", type=float, required=True)
-    parser.add_argument("--parent-pid", type=int, required=True)
-    args = parser.parse_args(argv)
-
-    channel = _Channel()
-    _die_with_parent(args.parent_pid)
-    isolation = {"network": _cut_network()}
-    _bootstrap_environment()
-
-    from tierflow.tiers import keras_code
-
-    tf, _ = keras_code.load_keras()
-    # Building a model needs little compute; one thread each keeps pool children light on small machines.
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    # Warm Keras up (eager context, layer code paths, JSON loading) before measuring the address space.
-    warm = keras_code.build_model(_WARMUP_CODE)
-    keras_code.summarize(keras_code.build_model(warm.to_json()))
-    channel.send({"ready": True, "pid": os.getpid()})
-
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return 0  # the pool closed before using this child
+        ended: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _settle, ended)
+        waits.append((fd, ended))
     try:
-        request = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        print(f"unreadable request: {exc}", file=sys.stderr)
-        return 2
-    code = request.get("code") if isinstance(request, dict) else None
-    imports = request.get("imports", "") if isinstance(request, dict) else None
-    if not isinstance(code, str) or not isinstance(imports, str):
-        print("a request is {\"code\": str, \"imports\": str}", file=sys.stderr)
-        return 2
-
-    isolation.update(_apply_limits(args.memory_mb, args.timeout_s))
-    response: dict[str, Any]
-    try:
-        summary = keras_code.summarize(keras_code.build_model(code, imports))
-        response = {"ok": True, "summary": summary}
-    except keras_code.ModelCodeError as exc:
-        message = exc.message
-        if exc.cause in ("MemoryError", "ResourceExhaustedError"):
-            message += f" (out of memory: model code may use {args.memory_mb} MB on top of TensorFlow)"
-        response = {"ok": False, "error": message}
-    except MemoryError:
-        response = {"ok": False, "error": f"MemoryError: the model needs more than the {args.memory_mb} MB "
-                                          "the sandbox allows on top of TensorFlow"}
-    except Exception as exc:  # Keras failing on the built model (e.g. while summarizing): the code's fault
-        response = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[: keras_code.MAX_MESSAGE_CHARS]}
-    response["isolation"] = isolation
-    channel.send(response)
-    sys.stderr.flush()
-    # Skip interpreter shutdown: it would wait for threads and atexit hooks the user's code may have left.
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(_child_main(sys.argv[1:]))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*(ended for _, ended in waits))
+    finally:
+        for fd, _ in waits:
+            loop.remove_reader(fd)
+            os.close(fd)

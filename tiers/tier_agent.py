@@ -7,13 +7,22 @@ Run by the tier's Faust app (`tierflow.tiers.tier_app`, whose service calls `run
 What it does, per batch: take the records available on the input topic (up to `max_batch`, waiting at most
 `linger_ms` for more; 0 = never wait for a batch to fill), decode them (`streams.wire`), run the sub-model
 ONCE on all their samples (in the model thread, so the event loop keeps acknowledging and committing),
-route each sample (`max(p) >= limit` -> an answer on the output topic, else its tensor -> the upper topic;
-the top tier answers everything), produce, and commit a batch's offsets only once every record it
+route each sample (confidence `>= limit` -> an answer on the output topic, else its tensor -> the upper
+topic; the top tier answers everything), produce, and commit a batch's offsets only once every record it
 produced (answers, forwards, dead letters) is acknowledged, at most every `commit_interval_ms`:
 at-least-once, and a redelivered sample's answer is recognisable by its origin. Records that cannot be
 decoded go to the dead-letter topic with the reason; bad input never stops the agent. A stop request lets
 the in-flight batches finish, their records acknowledged and their offsets committed, before the consumer
 leaves its group.
+
+What a tier compares (`_compared_confidence`): the raw max(p) with a typed limit, exactly as Kafka-ML (the
+answer's `confidence` is that max); the calibrated confidence (tiers/calibration.py `calibrated_confidence`
+with the tier's T and eps) with a limit chosen from a target (the answer's `confidence` is the calibrated one,
+`raw_confidence` beside it). Shadow samples (`_send_shadows`, `_record_shadow_outcomes`; streams/wire.py):
+a non-top tier sends a random share `shadow_fraction` of the samples it answered up the chain again, as a
+version-2 tensor message, and passes up those of the tiers below; the top tier writes each one's outcome
+(its class against the early answer) to the inference's shadow topic and its live agreement and drift
+gauges (streams/exits.py `live_agreement`); a shadow sample is never answered on the output topic.
 
 While the model thread computes one batch, the loop decodes the next (already fetched) and produces the
 previous one; with nothing in flight a small batch runs on the loop itself (no thread hop), so a light
@@ -52,7 +61,9 @@ from prometheus_client import CollectorRegistry
 from tierflow.streams import kafka as kio
 from tierflow.streams import wire
 from tierflow.streams.errors import PermanentError
+from tierflow.streams.exits import LiveAgreement, live_agreement
 from tierflow.streams.settings import KafkaSettings
+from tierflow.tiers.calibration import calibrated_confidence
 from tierflow.tiers.engines import Engine, load_engine
 from tierflow.tiers.tier_config import TierConfig, TierConfigError, input_spec
 from tierflow.tiers.tier_metrics import TierMetrics, TierStats
@@ -101,6 +112,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class TierAgent:
     """The data-plane loop of one tier: poll, decode, predict once, route, produce, commit after acks."""
 
+    #: The tensor message versions this agent reads; a message of another version is dead-lettered. A tier of
+    #: the release before shadow samples read `(wire.WIRE_VERSION,)` alone (the tests emulate it with that).
+    READ_VERSIONS: tuple[int, ...] = wire.READ_VERSIONS
+
     def __init__(self, config: TierConfig, kafka: KafkaSettings, *, engine: Engine | None = None,
                  registry: CollectorRegistry | None = None) -> None:
         self.config = config
@@ -127,6 +142,10 @@ class TierAgent:
         self._acked_records = 0
         self._last_commit = 0.0
         self._commit_lock = asyncio.Lock()
+        #: Picks the answered samples sent up as shadow samples (a share `shadow_fraction` of them).
+        self._shadow_rng = np.random.default_rng()
+        #: At the top tier: per lower tier, [agreeing, outcomes] of the shadow samples seen since the start.
+        self.live: dict[int, list[int]] = {}
 
     # -- state ---------------------------------------------------------------------------------------------
 
@@ -147,6 +166,7 @@ class TierAgent:
             "partitions": sorted(f"{t}[{p}]" for t, p in self.assignment),
             "tensorflow_loaded": "tensorflow" in sys.modules, "error": self.failure,
             "stats": vars(self.stats),
+            "live": {str(k): self._live(k).to_json() for k in sorted(self.live)},
         }
 
     def request_stop(self) -> None:
@@ -264,7 +284,7 @@ class TierAgent:
         decode to result for a 40 us LiteRT call).
         """
         arrived = time.time()
-        batch = wire.decode_records(records, spec, now_ms=arrived * 1000)
+        batch = wire.decode_records(records, spec, now_ms=arrived * 1000, versions=self.READ_VERSIONS)
         m, s = self.metrics, self.stats
         m.records.inc(len(records))
         m.batch_records.observe(len(records))
@@ -298,20 +318,31 @@ class TierAgent:
             m, s = self.metrics, self.stats
             m.model.observe(model_s)
             probs = outputs[-1]
-            answered = wire.answered_mask(probs, cfg.limit, top=cfg.top)
+            confidence = self._compared_confidence(probs)
+            answered = wire.answered_mask(probs, cfg.limit, top=cfg.top, confidence=confidence)
+            shadows = batch.shadow_mask() if batch.shadow else None
+            if shadows is not None:
+                answered &= ~shadows  # answered below already: a shadow sample is never answered again
             now_ms = time.time() * 1000
-            answers = wire.encode_answers(batch, probs, answered, tier=cfg.tier_index, answered_ms=now_ms)
+            answers = wire.encode_answers(batch, probs, answered, tier=cfg.tier_index, answered_ms=now_ms,
+                                          confidence=confidence)
             acks.extend(await self._send_all(self._producers[cfg.output_servers], cfg.output_topic, answers))
             n_answered = int(answered.sum())
-            if n_answered < len(batch):
+            n_forwarded = len(batch) - n_answered - len(batch.shadow)
+            if n_forwarded:
                 assert cfg.upper_topic is not None
+                forwarded = ~answered if shadows is None else ~(answered | shadows)
                 upper = self._producers[cfg.upper_servers]
-                for value, headers in wire.encode_forwards(batch, outputs[0], ~answered, forwarded_ms=now_ms):
+                for value, headers in wire.encode_forwards(batch, outputs[0], forwarded, forwarded_ms=now_ms):
                     acks.append(await upper.send(cfg.upper_topic, value, headers=headers))
+            if cfg.top and batch.shadow:
+                acks.append(await self._record_shadow_outcomes(batch, probs, now_ms))
+            elif not cfg.top and (batch.shadow or (cfg.shadow_fraction > 0 and n_answered)):
+                acks.extend(await self._send_shadows(batch, outputs[0], probs, confidence, answered, now_ms))
             m.answered.inc(n_answered)
-            m.forwarded.inc(len(batch) - n_answered)
+            m.forwarded.inc(n_forwarded)
             s.answered += n_answered
-            s.forwarded += len(batch) - n_answered
+            s.forwarded += n_forwarded
             first = np.fromiter((batch.ts[i][0] for i in np.flatnonzero(answered).tolist()), dtype=np.float64,
                                 count=n_answered)
             m.latency.observe_many(np.maximum(0.0, (now_ms - first) / 1000))
@@ -325,6 +356,88 @@ class TierAgent:
         while len(self._pending) > MAX_IN_FLIGHT:
             await asyncio.wait({self._pending[0]})
             self._raise_settle_failure()
+
+    # -- what the tier compares, and its shadow samples ----------------------------------------------------
+
+    def _compared_confidence(self, probs: Array) -> Array | None:
+        """The calibrated confidence per sample when the tier compares it (limits chosen from a target), with
+        the function and the T, eps the limits were chosen with; None when it compares the raw max(p) (typed
+        limits: `answered_mask` and the answers then use max(p), exactly as before calibration existed).
+        Rows that are not finite (a diverged model) get NaN: never answered below the top, as with max(p)."""
+        cfg = self.config
+        if cfg.compare != "calibrated":
+            return None
+        p = np.asarray(probs, dtype=np.float64).reshape(len(probs), -1)
+        finite = np.isfinite(p).all(axis=1)
+        if finite.all():
+            return calibrated_confidence(p, cfg.temperature, cfg.eps)
+        confidence = np.full(len(p), np.nan)
+        if finite.any():
+            confidence[finite] = calibrated_confidence(p[finite], cfg.temperature, cfg.eps)
+        return confidence
+
+    def _pick_shadows(self, answered: Array) -> Array:
+        """Indices of the answered samples that also go up as shadow samples: each with probability
+        `shadow_fraction`, independently (so the live agreement is an unbiased sample of the tier's answers)."""
+        fraction = self.config.shadow_fraction
+        idx = np.flatnonzero(answered)
+        if fraction <= 0 or not len(idx) or fraction >= 1:
+            return idx if fraction >= 1 else idx[:0]
+        picked: Array = idx[self._shadow_rng.random(len(idx)) < fraction]
+        return picked
+
+    async def _send_shadows(self, batch: wire.DecodedBatch, tensor: Array, probs: Array, confidence: Array | None,
+                            answered: Array, now_ms: float) -> list[asyncio.Future[Any]]:
+        """A non-top tier: pass the batch's shadow samples up (their tags unchanged) and send a share of the
+        samples it answered up as new ones, tagged with this tier's answer, in one version-2 message."""
+        cfg = self.config
+        assert cfg.upper_topic is not None
+        rows = sorted(batch.shadow)
+        tags = [batch.shadow[i] for i in rows]
+        picked = self._pick_shadows(answered).tolist()
+        if picked:
+            flat = np.asarray(probs).reshape(len(probs), -1)
+            compared = flat.max(axis=1) if confidence is None else confidence
+            tags += [wire.ShadowTag(cfg.tier_index, int(flat[i].argmax()), float(compared[i])) for i in picked]
+            rows += picked
+        upper = self._producers[cfg.upper_servers]
+        acks = [await upper.send(cfg.upper_topic, value, headers=headers)
+                for value, headers in wire.encode_shadows(batch, tensor, rows, tags, forwarded_ms=now_ms)]
+        self.metrics.shadowed.inc(len(picked))
+        self.metrics.shadow_passed.inc(len(batch.shadow))
+        self.stats.shadowed += len(picked)
+        self.stats.shadow_passed += len(batch.shadow)
+        return acks
+
+    async def _record_shadow_outcomes(self, batch: wire.DecodedBatch, probs: Array,
+                                      now_ms: float) -> asyncio.Future[Any]:
+        """The top tier: compare the top exit's class of each shadow sample with its early answer, write the
+        outcomes to the inference's shadow topic (never the output topic) and update the live gauges."""
+        cfg = self.config
+        rows = sorted(batch.shadow)
+        top_classes = np.asarray(probs).reshape(len(probs), -1)[rows].argmax(axis=1).tolist()
+        value = wire.encode_shadow_outcomes(batch, rows, top_classes, inference=cfg.inference_id,
+                                            top_tier=cfg.tier_index, answered_ms=now_ms)
+        ack: asyncio.Future[Any] = await self._producers[cfg.bootstrap_servers].send(
+            self.kafka.shadow_topic(cfg.inference_id), value)
+        new: dict[int, list[int]] = {}
+        for i, top_cls in zip(rows, top_classes, strict=True):
+            tag = batch.shadow[i]
+            counts = new.setdefault(tag.tier, [0, 0])
+            counts[0] += int(tag.cls == top_cls)
+            counts[1] += 1
+        for tier, (agreeing, n) in new.items():
+            total = self.live.setdefault(tier, [0, 0])
+            total[0] += agreeing
+            total[1] += n
+            self.metrics.observe_live(tier, n, agreeing, self._live(tier))
+        self.stats.shadow_outcomes += len(rows)
+        return ack
+
+    def _live(self, tier: int) -> LiveAgreement:
+        """Lower tier `tier`'s live agreement so far, against the inference's predicted lower bound for it."""
+        agreeing, n = self.live.get(tier, [0, 0])
+        return live_agreement(agreeing, n, predicted_agreement_lower(self.config.predicted_chain, tier))
 
     async def _send_all(self, producer: AIOKafkaProducer, topic: str, values: list[bytes]) -> list[Any]:
         """Produce `values` (no key, no headers); many at once go as whole record batches (~6 us per record
@@ -407,3 +520,14 @@ class TierAgent:
                 return  # the main loop raises it
             self._raise_settle_failure()
         await self.commit()
+
+
+def predicted_agreement_lower(predicted_chain: dict[str, Any] | None, tier: int) -> float | None:
+    """The predicted lower bound of tier `tier`'s agreement with the top exit (the inference's `predicted`
+    `tier_agreement_lower`, indexed from the entry tier); None with typed limits or for a tier that answers
+    nothing."""
+    lowers = (predicted_chain or {}).get("tier_agreement_lower")
+    if not isinstance(lowers, list) or not 0 <= tier < len(lowers):
+        return None
+    value = lowers[tier]
+    return float(value) if isinstance(value, int | float) else None

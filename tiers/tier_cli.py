@@ -97,6 +97,11 @@ def config_from_inference(inference: Mapping[str, Any], tier: int, *, model: byt
             input_format=str((inference.get("input_format") if first else None) or "RAW"),
             input_config=input_config, model=model, engine=engine, max_batch=max_batch, linger_ms=linger_ms,
             port=port, commit_interval_ms=commit_interval_ms, check_crcs=check_crcs,
+            # Limits chosen from a target compare the calibrated confidence; an inference that names nothing
+            # (typed limits, or one requested before calibration) compares the raw max(p).
+            compare=str(me.get("compare") or "raw"), temperature=float(me.get("temperature") or 1.0),
+            eps=float(me.get("eps") or 1e-12), shadow_fraction=float(inference.get("shadow_fraction") or 0.0),
+            target=inference.get("target"), predicted=me.get("predicted"), predicted_chain=inference.get("predicted"),
         )
     except TierConfigError as exc:
         raise TierSetupError(f"inference {inference.get('id')} tier {tier}: {exc}") from exc
@@ -126,10 +131,27 @@ async def fetch_inference(api: str, inference_id: int, token: str = "") -> JSON:
     return doc
 
 
+#: What each engine's artefact starts with (offset, bytes): a `.keras` zip, a `.tflite` flatbuffer.
+_MODEL_MAGIC = {"keras": (0, b"PK\x03\x04"), "litert": (4, b"TFL3")}
+
+
+def check_model_format(data: bytes, engine: str, what: str) -> None:
+    """TierSetupError (permanent) unless `data` is the file `engine` loads: `.keras` or `.tflite`, never `.h5`."""
+    from tierflow.tiers.engines import H5_REFUSED, HDF5_MAGIC
+
+    if data[:8] == HDF5_MAGIC:
+        raise TierSetupError(f"{what}: {H5_REFUSED}")
+    offset, magic = _MODEL_MAGIC.get(engine, (0, b""))
+    if data[offset:offset + len(magic)] != magic:
+        kind = ".tflite" if engine == "litert" else ".keras"
+        raise TierSetupError(f"{what} is not a {kind} model (the {engine} engine loads only those)")
+
+
 async def fetch_model(api: str, result_id: int, engine: str, token: str = "") -> bytes:
     path = f"/results/{result_id}/model" + ("?format=tflite" if engine == "litert" else "")
     data, headers = await _get(api, path, token)
     verify_sha256(data, headers.get("X-Sha256"), f"the model of result {result_id}")
+    check_model_format(data, engine, f"the model of result {result_id}")
     return data
 
 
@@ -199,8 +221,13 @@ def build_config(args: argparse.Namespace, settings: Settings) -> TierConfig:
             default_servers = _default_servers(settings)
         except TierSetupError:
             default_servers = ""  # fine when every tier names its cluster; TierConfig says so otherwise
+        from tierflow.streams.stack_state import resolve_api_token
+
+        # --token, else TIERFLOW_API_TOKEN (what the orchestrator gives a tier: its own scoped token, or the one
+        # `tierflow inferences token N --tier K` minted for a device), else the stack on this machine's.
+        token = resolve_api_token(settings, args.token or "")
         return asyncio.run(config_from_api(api, args.inference, args.tier, default_servers=default_servers,
-                                           token=settings.api.token, engine=args.engine, max_batch=args.max_batch,
+                                           token=token, engine=args.engine, max_batch=args.max_batch,
                                            linger_ms=args.linger_ms, port=port,
                                            commit_interval_ms=args.commit_interval_ms, check_crcs=args.check_crcs))
     missing = [flag for flag, value in (("--model", args.model), ("--input-topic", args.input_topic),
@@ -269,8 +296,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     api.add_argument("--inference", type=positive_int, metavar="N", help="the inference to serve a tier of")
     api.add_argument("--tier", type=int, metavar="K", help="the tier index (0 = the entry tier)")
     api.add_argument("--api", default="", metavar="URL", help="the tierflow API (default: TIERFLOW_API_URL)")
+    api.add_argument("--token", default="", metavar="TOKEN",
+                     help="this tier's API token (default: TIERFLOW_API_TOKEN); on a device, mint one with "
+                          "`tierflow inferences token N --tier K`")
     hand = run.add_argument_group("by hand (no API)")
-    hand.add_argument("--model", metavar="PATH", help="the sub-model file (.keras/.h5, or .tflite for litert)")
+    hand.add_argument("--model", metavar="PATH",
+                      help="the sub-model file (.keras, or .tflite for litert; .h5 is refused)")
     hand.add_argument("--input-topic", metavar="T")
     hand.add_argument("--output-topic", metavar="O")
     hand.add_argument("--upper-topic", metavar="U", help="where low-confidence samples go (none: the top tier)")

@@ -27,6 +27,10 @@ from tierflow.tiers.engines import ENGINES, Engine
 Array = np.ndarray[Any, Any]
 
 
+#: What a tier's limit may be compared with (see `TierConfig.compare`).
+COMPARES = ("raw", "calibrated")
+
+
 class TierConfigError(PermanentError, ValueError):
     """The tier cannot be served as configured; the message names the setting (a restart cannot help)."""
 
@@ -52,7 +56,7 @@ class TierConfig:
     #: (`input_config` data_scheme). Without an input_config they are float32 of the model's input shape.
     input_format: str = "RAW"
     input_config: InputConfig | None = None
-    #: The model artefact: a file path, or its bytes (`.keras`/`.h5` for "keras", `.tflite` for "litert").
+    #: The model artefact: a file path, or its bytes (`.keras` for "keras", `.tflite` for "litert"; `.h5` is refused).
     model: Path | bytes = field(default=b"", repr=False)
     engine: str = "keras"
     #: Most records taken per poll, and most samples per model call (bigger polls run in chunks).
@@ -72,6 +76,19 @@ class TierConfig:
     #: broker checks CRCs on produce and TCP checksums the wire, so what is left undetected is corruption at
     #: rest on the broker. `tierflow tier run --check-crcs` turns it on.
     check_crcs: bool = False
+    #: What `limit` is compared with (docs/commands.md, "Limits from a target"): "raw", the sub-model's max(p)
+    #: as in Kafka-ML (typed limits), or "calibrated", max(softmax(log(clip(p, eps, 1)) / temperature)) as
+    #: tiers/calibration.py `calibrated_confidence` computes it (limits chosen from a target).
+    compare: str = "raw"
+    temperature: float = 1.0
+    eps: float = 1e-12
+    #: Share of the inputs it answers that a non-top tier also sends up as shadow samples (0: none).
+    shadow_fraction: float = 0.0
+    #: With limits chosen from a target: the target ({kind: value}), this tier's prediction {share, agreement,
+    #: agreement_lower} and the inference's {shares, accuracy, agreement, ...}; None with typed limits.
+    target: dict[str, Any] | None = field(default=None, compare=False)
+    predicted: dict[str, Any] | None = field(default=None, compare=False)
+    predicted_chain: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.input_topic or not self.output_topic:
@@ -95,6 +112,14 @@ class TierConfig:
             raise TierConfigError(f"input_format {self.input_format!r} must be RAW or AVRO")
         if not 0 <= self.port <= 65535:
             raise TierConfigError(f"port {self.port} is not a TCP port")
+        if self.compare not in COMPARES:
+            raise TierConfigError(f"compare {self.compare!r} must be one of {', '.join(COMPARES)}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise TierConfigError(f"temperature {self.temperature} must be a positive number")
+        if not 0 < self.eps < 0.5:
+            raise TierConfigError(f"eps {self.eps} must be in (0, 0.5)")
+        if not 0 <= self.shadow_fraction <= 1:
+            raise TierConfigError(f"shadow_fraction {self.shadow_fraction} must be in [0, 1]")
 
     @property
     def group(self) -> str:

@@ -4,6 +4,14 @@ Fed by the batching loop (`tierflow.tiers.tier_agent`) once per batch, never per
 every answered sample goes into a `BulkHistogram` in one numpy call. Served as `GET /metrics` by the tier's
 web server (`tierflow.tiers.tier_app`); each agent has its own registry, so several tiers may share a
 process (tests, benchmarks).
+
+The live agreement of the chain's early answers (shadow samples, streams/wire.py) is exported by the TOP
+tier, labelled with the lower tier whose answers it measures: the counters `tierflow_live_outcomes_total`
+and `tierflow_live_agreeing_total` (shadow outcomes, and those where the tier's class is the top exit's),
+and the gauges `tierflow_live_agreement` (their ratio since the top tier started),
+`tierflow_live_agreement_predicted_lower` (the inference's predicted lower bound, when its limits were
+chosen from a target) and `tierflow_live_drift` (1 while streams/exits.py `live_agreement` flags the tier
+as drifting below it).
 """
 
 from __future__ import annotations
@@ -13,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tierflow.streams.exits import LiveAgreement
 from tierflow.tiers.tier_config import TierConfig
 
 Array = np.ndarray[Any, Any]
@@ -84,6 +93,34 @@ class TierMetrics:
         self.processing = histogram("tierflow_tier_processing_seconds",
                                     "From a batch's arrival to the acknowledgement of all it produced", _TIME_BUCKETS)
         self.model = histogram("tierflow_tier_model_seconds", "Model time per batch", _TIME_BUCKETS)
+        self.shadowed = counter("tierflow_tier_shadowed", "Answered samples also sent up as shadow samples")
+        self.shadow_passed = counter("tierflow_tier_shadow_passed", "Shadow samples of lower tiers passed up")
+        # At the top tier, per lower tier (label `tier`: the tier whose early answers are measured).
+        self._inference = str(config.inference_id)
+        live = ("inference", "tier")
+        self.live_outcomes = Counter("tierflow_live_outcomes", "Shadow outcomes of the tier's answers seen by the "
+                                     "top tier", live, registry=self.registry)
+        self.live_agreeing = Counter("tierflow_live_agreeing", "... of them, answers with the top exit's class",
+                                     live, registry=self.registry)
+        self.live_agreement = Gauge("tierflow_live_agreement", "Live agreement of the tier's answers with the top "
+                                    "exit (agreeing / outcomes)", live, registry=self.registry)
+        self.live_predicted_lower = Gauge("tierflow_live_agreement_predicted_lower", "The predicted agreement's "
+                                          "lower bound (limits chosen from a target)", live, registry=self.registry)
+        self.live_drift = Gauge("tierflow_live_drift", "1 while the tier's live agreement is significantly below "
+                                "the predicted lower bound (streams/exits.py live_agreement)", live,
+                                registry=self.registry)
+
+    def observe_live(self, tier: int, outcomes: int, agreeing: int, live: LiveAgreement) -> None:
+        """Count lower tier `tier`'s new shadow outcomes (`agreeing` of them with the top exit's class) and set
+        its live agreement gauges to `live` (the top tier, after each batch of shadow outcomes)."""
+        labels = (self._inference, str(tier))
+        self.live_outcomes.labels(*labels).inc(outcomes)
+        self.live_agreeing.labels(*labels).inc(agreeing)
+        if live.agreement is not None:
+            self.live_agreement.labels(*labels).set(live.agreement)
+        if live.predicted_lower is not None:
+            self.live_predicted_lower.labels(*labels).set(live.predicted_lower)
+        self.live_drift.labels(*labels).set(1 if live.drift else 0)
 
 
 @dataclass
@@ -98,3 +135,8 @@ class TierStats:
     batches: int = 0
     #: Records whose offsets were committed (after every record produced for them was acknowledged).
     committed: int = 0
+    #: Answered samples this tier also sent up as shadow samples; lower tiers' shadow samples it passed up;
+    #: at the top, shadow outcomes it recorded.
+    shadowed: int = 0
+    shadow_passed: int = 0
+    shadow_outcomes: int = 0

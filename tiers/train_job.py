@@ -3,36 +3,38 @@
 Started by the orchestrator's launcher (a local subprocess or a Kubernetes Job), one per chain of a
 deployment (bottom first) or per non-distributed model. It reads the deployment, its results and the
 pinned model code over HTTP from the API, waits for the deployment's datasource, reads the announced
-records into memory, trains the chain jointly (`tierflow.tiers.training`), uploads every trained
-sub-model with `PUT /artefacts` and reports through the API, which vouches for them (`POST /reports`:
-ReportTrainingStarted, one ReportTrainingProgress per epoch, one ReportTrainingResult per result, or
-ReportTrainingFailure with a reason the user can act on). It exits 0 only once its final reports have an outcome
-(`GET /commands/{id}`), 2 when retrying cannot help (bad data, model code or options), 1 otherwise.
+records into memory, has the chain trained jointly by a **sandboxed trainer** (tiers/train_sandbox.py and
+tiers/trainer.py: the model code runs there, without the job's token, without network, under the isolation
+of TIERFLOW_SANDBOX_ISOLATION, and hands back metrics, artefacts and per-exit probabilities through an
+exchange directory), uploads every trained sub-model with `PUT /artefacts` and reports through the API, which
+vouches for them (`POST /reports`: ReportTrainingStarted, one ReportTrainingProgress per epoch, one
+ReportTrainingResult per result, or ReportTrainingFailure with a reason the user can act on). This process is
+the trusted **driver**: it holds the workload's token (TIERFLOW_API_TOKEN, scoped to its deployment and
+results: it may report for those only) and never runs model code. It exits 0 only once its final reports have
+an outcome (`GET /commands/{id}`), 2 when retrying cannot help (bad data, model code or options), 1 otherwise.
 
 `run_training` is the pure-ish core: what it trains is planned by `tierflow.tiers.train_plan`, and its I/O
 goes through the small protocols of `tierflow.tiers.train_io` (`TrainingApi`, `DataLoader`, `Reporter`), so
 tests drive it with fakes; `register` adds the CLI to the front door (deploy/cli.py), whose handler wires
-the real adapters. TensorFlow runs in one worker thread so the event loop keeps producing progress reports
-while Keras trains.
+the real adapters. TensorFlow runs only in the trainer; the driver reads its progress as it comes and
+sends one report per epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.settings import Settings
-from tierflow.tiers import training
+from tierflow.tiers import exit_report, training
 from tierflow.tiers.data import DataError
 from tierflow.tiers.keras_code import ModelCodeError
 from tierflow.tiers.train_io import DataLoader, HttpTrainingApi, KafkaDataLoader, Reporter, TrainingApi
@@ -41,13 +43,12 @@ from tierflow.tiers.train_plan import (
     describe_progress,
     latest_datasource,
     make_plan,
-    model_label,
     progress_payload,
 )
-from tierflow.tiers.training import Artefact, Metrics, TrainingOptions, TrainingSetupError
+from tierflow.tiers.train_sandbox import TrainerOutput, train_in_sandbox
+from tierflow.tiers.training import Metrics, TrainingOptions, TrainingSetupError
 
 JSON = dict[str, Any]
-_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -159,30 +160,29 @@ async def wait_for_outcomes(api: TrainingApi, command_ids: Sequence[str], *, tim
         await asyncio.sleep(poll_interval_s)
 
 
-def _build_models(versions: Sequence[JSON]) -> list[Any]:
-    from tierflow.tiers.keras_code import build_model
+def calibrate(output: TrainerOutput, y: np.ndarray[Any, Any], splits: Sequence[Any]) -> list[JSON]:
+    """Per result of the chain, the `exits` field of its report (tiers/exit_report.py), from what the sandboxed
+    trainer measured: every exit's probabilities on the validation and test splits (`y[splits[1]]`,
+    `y[splits[2]]` their labels) and each sub-model's time per sample. Numpy only, in this trusted process.
 
-    models = []
-    for version in versions:
-        try:
-            models.append(build_model(str(version.get("code") or ""), str(version.get("imports") or "")))
-        except ModelCodeError as exc:
-            raise PermanentError(f"{model_label(version)}: {exc.message}") from exc
-    return models
-
-
-def _export(models: Sequence[Any]) -> list[dict[str, Artefact]]:
-    """Each sub-model as `.keras`, and as LiteRT for `--engine litert` (any tier may run on a small device).
-    A model LiteRT cannot convert still has its Keras artefact: a litert tier of it is refused with a 404."""
-    out: list[dict[str, Artefact]] = []
-    for model in models:
-        artefacts = {"keras": training.export_keras(model)}
-        try:
-            artefacts["tflite"] = training.export_tflite(model)
-        except Exception as exc:  # the converter raises many types (ConverterError, ValueError, ...)
-            log.warning("%s: no LiteRT artefact, the converter failed: %s", getattr(model, "name", "model"), exc)
-        out.append(artefacts)
-    return out
+    Calibration never fails a training that succeeded: an unexpected error is logged and reported as the
+    reason the chain has no calibration (its results are served with typed limits, as before)."""
+    n_exits = len(output.metrics)
+    try:
+        fields = exit_report.chain_exits(output.probs["validation"], y[splits[1]], output.probs["test"],
+                                         y[splits[2]], output.seconds_per_sample)
+    except Exception as exc:  # the models trained: report them, and why their exits are not calibrated
+        log.exception("calibrating the exits failed")
+        return exit_report.uncalibrated(n_exits, f"calibrating the exits failed: {training.short_message(exc)}")
+    for k, f in enumerate(fields):
+        cal = f["calibration"]
+        if cal is not None:
+            log.info("exit %d: T %.3f, accuracy %.4f, ECE %.4f -> %.4f (%s split), %.1f us per sample", k,
+                     f["temperature"], cal["accuracy"], cal["ece_before"], cal["ece_after"], cal["measured_on"],
+                     1e6 * (f["cost_s"] or 0.0))
+    if fields[-1]["frontier"] is None:
+        log.info("no exit frontier: %s", fields[-1]["reason"])
+    return fields
 
 
 async def run_training(settings: Settings, deployment_id: int, result_ids: Sequence[int], *, api: TrainingApi,
@@ -198,59 +198,58 @@ async def run_training(settings: Settings, deployment_id: int, result_ids: Seque
     loop = asyncio.get_running_loop()
     phase = f"loading deployment {deployment_id}"
     plan: TrainingPlan | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierflow-tf") as tf_thread:
-
-        async def in_tf(fn: Callable[..., _T], *args: Any) -> _T:
-            return await loop.run_in_executor(tf_thread, functools.partial(fn, *args))
-
+    try:
+        plan = await fetch_plan(api, deployment_id, result_ids)
+        phase = f"waiting for the datasource of deployment {deployment_id}"
+        datasource = await wait_for_datasource(api, deployment_id, timeout_s=datasource_timeout_s,
+                                               poll_interval_s=poll_interval_s)
+        phase = f"reading datasource {datasource.get('id')}"
+        x, y = await loader.load(datasource)
+        phase = "planning the training"
+        options = TrainingOptions.from_deployment(plan.deployment, datasource, exit_keys=plan.model_ids,
+                                                  seed=secrets.randbits(31) if seed is None else seed)
+        n_train, n_val, n_test = training.split_sizes(len(x), options.validation_rate, options.test_rate)
+        log.info("training results %s on %d samples (train %d, validation %d, test %d), seed %d",
+                 plan.result_ids, len(x), n_train, n_val, n_test, options.seed)
+        # Classes per split, so a user sees that shuffling before the split kept every class everywhere
+        # (records keyed by label arrive grouped by partition, i.e. by class).
+        splits = training.split(len(x), options.validation_rate, options.test_rate, options.seed)
+        classes = {name: len(np.unique(np.asarray(y)[idx]))
+                   for name, idx in zip(("train", "validation", "test"), splits, strict=True)}
+        await reporter.send("ReportTrainingStarted", {
+            "deployment_id": deployment_id, "result_ids": plan.result_ids, "seed": options.seed,
+            "samples": {"train": n_train, "validation": n_val, "test": n_test, "classes": classes}})
+        phase = "training"
+        bridge = _ProgressBridge(loop, reporter, plan)
         try:
-            plan = await fetch_plan(api, deployment_id, result_ids)
-            phase = f"waiting for the datasource of deployment {deployment_id}"
-            datasource = await wait_for_datasource(api, deployment_id, timeout_s=datasource_timeout_s,
-                                                   poll_interval_s=poll_interval_s)
-            phase = f"reading datasource {datasource.get('id')}"
-            x, y = await loader.load(datasource)
-            phase = "planning the training"
-            options = TrainingOptions.from_deployment(plan.deployment, datasource, exit_keys=plan.model_ids,
-                                                      seed=secrets.randbits(31) if seed is None else seed)
-            n_train, n_val, n_test = training.split_sizes(len(x), options.validation_rate, options.test_rate)
-            log.info("training results %s on %d samples (train %d, validation %d, test %d), seed %d",
-                     plan.result_ids, len(x), n_train, n_val, n_test, options.seed)
-            # Classes per split, so a user sees that shuffling before the split kept every class everywhere
-            # (records keyed by label arrive grouped by partition, i.e. by class).
-            splits = training.split(len(x), options.validation_rate, options.test_rate, options.seed)
-            classes = {name: len(np.unique(np.asarray(y)[idx]))
-                       for name, idx in zip(("train", "validation", "test"), splits, strict=True)}
-            await reporter.send("ReportTrainingStarted", {
-                "deployment_id": deployment_id, "result_ids": plan.result_ids, "seed": options.seed,
-                "samples": {"train": n_train, "validation": n_val, "test": n_test, "classes": classes}})
-            phase = "building the models"
-            models = await in_tf(_build_models, plan.versions)
-            phase = "training"
-            bridge = _ProgressBridge(loop, reporter, plan)
-            try:
-                per_exit = await in_tf(training.train, models, x, y, options, bridge)
-            except BaseException:
-                await bridge.close(quiet=True)  # the training error is the one to report
-                raise
-            await bridge.close()
-            phase = "exporting the trained models"
-            exported = await in_tf(_export, models)
-            phase = "uploading the trained models"
-            for artefacts in exported:
-                for artefact in artefacts.values():
-                    await api.put_artefact(artefact.data, artefact.sha256)
-            phase = "reporting the results"
-            reports = [await reporter.send("ReportTrainingResult", {
-                "result_id": rid, "metrics": metrics,
-                "artefacts": {kind: a.describe() for kind, a in artefacts.items()}})
-                for rid, metrics, artefacts in zip(plan.result_ids, per_exit, exported, strict=True)]
-        except Exception as exc:  # every failure ends as a report and an exit code, never a silent death
-            error = classify(exc, phase)
-            log.error("training failed: %s", error, exc_info=not isinstance(error, PermanentError))
-            return await _report_failure(api, reporter, deployment_id,
-                                         plan.result_ids if plan is not None else list(result_ids), error,
-                                         ack_timeout_s=ack_timeout_s, poll_interval_s=poll_interval_s)
+            # The model code is built, trained, evaluated and exported by the sandboxed trainer.
+            output: TrainerOutput = await train_in_sandbox(
+                settings.sandbox, plan.versions, x, y, options, {"validation": n_val, "test": n_test},
+                bridge.progress)
+        except BaseException:
+            await bridge.close(quiet=True)  # the training error is the one to report
+            raise
+        await bridge.close()
+        del x  # the trainer had its copy; the labels stay for what is computed from the splits
+        phase = "calibrating the exits"
+        exits = calibrate(output, np.asarray(y), splits)
+        phase = "uploading the trained models"
+        for artefacts in output.artefacts:
+            for artefact in artefacts.values():
+                await api.put_artefact(artefact.data, artefact.sha256)
+        phase = "reporting the results"
+        # Bottom first: the top result's report, which carries the chain's frontier, comes last.
+        reports = [await reporter.send("ReportTrainingResult", {
+            "result_id": rid, "metrics": metrics,
+            "artefacts": {kind: a.describe() for kind, a in artefacts.items()}, "exits": exit_fields})
+            for rid, metrics, artefacts, exit_fields in zip(plan.result_ids, output.metrics, output.artefacts,
+                                                            exits, strict=True)]
+    except Exception as exc:  # every failure ends as a report and an exit code, never a silent death
+        error = classify(exc, phase)
+        log.error("training failed: %s", error, exc_info=not isinstance(error, PermanentError))
+        return await _report_failure(api, reporter, deployment_id,
+                                     plan.result_ids if plan is not None else list(result_ids), error,
+                                     ack_timeout_s=ack_timeout_s, poll_interval_s=poll_interval_s)
     try:
         outcomes = await wait_for_outcomes(api, reports, timeout_s=ack_timeout_s, poll_interval_s=poll_interval_s)
     except Exception as exc:  # the results are reported; a failure report now would contradict them

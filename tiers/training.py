@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy.typing as npt
 from tierflow.streams.errors import PermanentError
 from tierflow.streams.wire import shape_text
 from tierflow.tiers.data import reshape_for
+from tierflow.tiers.engines import H5_REFUSED, HDF5_MAGIC
 from tierflow.tiers.keras_code import load_keras as _tf_and_keras
 
 JSON = dict[str, Any]
@@ -40,7 +42,8 @@ Indices = npt.NDArray[np.int64]
 #: Name of the identity layer that marks exit i of the global model; Keras prefixes the exit's metrics with it.
 EXIT_PREFIX = "tierflow_exit_"
 #: Format recorded for the Keras artefact: `.keras` reloads under tf-keras with identical outputs even with
-#: `tf.nn.*` activations (measured; see tests/integration/test_training.py), so `.h5` is only read, not written.
+#: `tf.nn.*` activations (measured; see tests/integration/test_training.py); `.h5` is neither written nor read
+#: (`load_keras`).
 KERAS_FORMAT = "keras"
 
 #: Optimizer names a deployment may give (streams/catalogue.py OPTIMIZERS) -> tf-keras class names.
@@ -248,7 +251,7 @@ def sha256_hex(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Artefact:
-    """A trained sub-model's file: `format` is "keras", "h5" or "tflite"."""
+    """A trained sub-model's file: `format` is "keras" or "tflite"."""
 
     data: bytes
     format: str
@@ -436,6 +439,57 @@ def train(models: Sequence[Any], x: npt.NDArray[Any], y: npt.NDArray[Any], optio
     return results
 
 
+@dataclass(frozen=True)
+class ExitSplits:
+    """Every exit's softmax outputs on the validation and test splits of a training (lowest tier first), the
+    splits' labels, and each sub-model's measured compute per sample (CPU seconds)."""
+
+    val_probs: list[npt.NDArray[np.float32]]
+    val_labels: npt.NDArray[Any]
+    test_probs: list[npt.NDArray[np.float32]]
+    test_labels: npt.NDArray[Any]
+    costs_s: list[float]
+
+
+def exit_probabilities(models: Sequence[Any], x: npt.NDArray[Any], y: npt.NDArray[Any], options: TrainingOptions,
+                       batch: int = 256) -> ExitSplits:
+    """Run the trained chain `models` (bottom first) sub-model by sub-model over the validation and test
+    splits of `train` (same reshape, same seeded split) and keep each exit's probabilities.
+
+    Each sub-model is called directly in batches of `batch` (as a tier runs it; `predict` costs ~40 ms a
+    call here), after one warm-up call, and its cost is the process CPU time of its calls divided by the
+    samples: CPU time, because the machine is shared and wall time would measure the neighbours; the
+    frontier only needs the costs relative to each other, and a user overrides them for their devices."""
+    x = reshape_for(x, _shape(models[0].inputs[0].shape))
+    _, val_idx, test_idx = split(len(x), options.validation_rate, options.test_rate, options.seed)
+    k_exits = len(models)
+    spent = [0.0] * k_exits
+    samples = 0
+
+    def run(idx: Indices) -> list[npt.NDArray[np.float32]]:
+        nonlocal samples
+        per_exit: list[list[npt.NDArray[np.float32]]] = [[] for _ in range(k_exits)]
+        for start in range(0, len(idx), batch):
+            tensor: Any = x[idx[start:start + batch]]
+            for k, model in enumerate(models):
+                began = time.process_time()
+                outs = _outputs(model, model(tensor, training=False))
+                probs = np.asarray(outs[-1], dtype=np.float32)
+                tensor = outs[0] if k < k_exits - 1 else None
+                spent[k] += time.process_time() - began
+                per_exit[k].append(probs)
+            samples += min(batch, len(idx) - start)
+        return [np.concatenate(parts) if parts else np.zeros((0, 0), np.float32) for parts in per_exit]
+
+    if len(val_idx) or len(test_idx):
+        warm = x[(val_idx if len(val_idx) else test_idx)[:1]]
+        for model in models:  # the first call of a Keras model builds its graph: not part of its cost
+            warm = _outputs(model, model(warm, training=False))[0]
+    val_probs, test_probs = run(val_idx), run(test_idx)
+    costs = [t / samples for t in spent] if samples else [0.0] * k_exits
+    return ExitSplits(val_probs, y[val_idx], test_probs, y[test_idx], costs)
+
+
 def export_keras(sub_model: Any) -> Artefact:
     """The sub-model as a `.keras` file (it reloads with `load_keras` under tf-keras with identical outputs)."""
     with tempfile.TemporaryDirectory(prefix="tierflow-export-") as tmp:
@@ -457,15 +511,14 @@ def export_tflite(sub_model: Any) -> Artefact:
 
 
 def load_keras(data: bytes) -> Any:
-    """A trained sub-model from the bytes of its Keras artefact (`.keras` zip, or legacy `.h5`)."""
+    """A trained sub-model from the bytes of its `.keras` artefact, loaded with `safe_mode=True` (no Lambda
+    bytecode, no arbitrary class). ValueError for anything else, `.h5` included (H5_REFUSED)."""
     _, keras = _tf_and_keras()
-    if data[:4] == _ZIP_MAGIC:
-        suffix = ".keras"
-    elif data[:8] == b"\x89HDF\r\n\x1a\n":
-        suffix = ".h5"
-    else:
-        raise ValueError("not a Keras artefact: neither a .keras (zip) nor an .h5 (HDF5) file")
+    if data[:8] == HDF5_MAGIC:
+        raise ValueError(H5_REFUSED)
+    if data[:4] != _ZIP_MAGIC:
+        raise ValueError("not a Keras artefact: a .keras model is a zip file")
     with tempfile.TemporaryDirectory(prefix="tierflow-load-") as tmp:
-        path = Path(tmp) / f"model{suffix}"
+        path = Path(tmp) / "model.keras"
         path.write_bytes(data)
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False, safe_mode=True)

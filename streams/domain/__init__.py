@@ -9,7 +9,7 @@ inferences), each rejection naming the culprit; request fields are parsed by the
 
 from __future__ import annotations
 
-from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid, parse_model
+from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, Invalid, event_version, parse_model
 from tierflow.streams.domain import configurations, datasources, deployments, inferences, models
 from tierflow.streams.domain.decision import Decision, Handler, Pending
 from tierflow.streams.domain.state import State
@@ -77,7 +77,7 @@ def _event(state: State, cmd: Command, event_type: str, aggregate: str, agg_vers
         id=event_id_for(cmd.command_id),
         seq=state.seq + 1,
         type=event_type,
-        version=2 if event_type == "CommandRejected" else 1,
+        version=event_version(event_type),
         aggregate=aggregate,
         aggregate_version=agg_version,
         command_id=cmd.command_id,

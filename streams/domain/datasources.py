@@ -1,8 +1,11 @@
 """The rules of datasources: an announcement of training data for a deployment, and its re-use for another.
 
 Called through the dispatcher (streams/domain/__init__.py: `decide`). Announcements come from the control
-bridge (streams/control.py), which turns Kafka-ML control messages into `AnnounceDatasource` commands;
-`SendDatasource` re-sends a known announcement to another deployment.
+bridge (streams/control.py), which turns Kafka-ML control messages into `AnnounceDatasource` commands
+carrying both the announced ranges and the ones it found on the broker (`ranges`, the ones training reads),
+with why they differ; the event records both, so a replay gives the same datasource without asking the
+broker again. `SendDatasource` re-sends a known announcement, ranges and reasons included, to another
+deployment.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ def _announce_datasource(state: State, cmd: Command, at: str) -> Decision:
     did = req_id(cmd.payload, "deployment_id")
     if did not in state.deployments:
         raise Invalid(f"datasource announced for deployment {did}, which does not exist", "deployment_id")
-    ranges, fields = parse_announcement(cmd.payload, state.reserved_topics)
+    fields = parse_announcement(cmd.payload, state.reserved_topics)
     ident = state.next_id("datasource")
     return "DatasourceAnnounced", f"datasource:{ident}", 1, fields | {
-        "id": ident, "deployment_id": did, "ranges": ranges, "created_at": at,
+        "id": ident, "deployment_id": did, "created_at": at,
     }
 
 

@@ -14,6 +14,7 @@ from tierflow.streams.catalogue import (
     parse_deployment,
     parse_failure_reason,
     parse_progress,
+    parse_result_exits,
     parse_trained,
     parse_training_started,
     parse_workload,
@@ -159,9 +160,33 @@ def _report_result(state: State, cmd: Command, at: str) -> Decision:
         raise Invalid(f"result {rid} does not exist", "result_id")
     _not_final([res], "report a result")
     metrics, artefacts = parse_trained(p)
+    exits = parse_result_exits(p.get("exits"))
+    _check_chain_exits(res, exits)
     return "TrainingResultReported", f"deployment:{res.deployment_id}", 1, {
-        "deployment_id": res.deployment_id, "result_id": rid, "metrics": metrics, "artefacts": artefacts, "at": at,
+        "deployment_id": res.deployment_id, "result_id": rid, "metrics": metrics, "artefacts": artefacts,
+        "exits": exits, "at": at,
     }
+
+
+def _check_chain_exits(res: ResultState, exits: JSON) -> None:
+    """The chain's frontier travels with its top result's report, and covers the whole chain."""
+    chain = res.chain or [res.id]
+    top = chain[-1] == res.id
+    frontier = exits["frontier"]
+    if frontier is None:
+        if top and exits["reason"] is None:
+            raise Invalid("'exits.reason' must say why the chain has no exit frontier", "exits.reason")
+        return
+    if not top:
+        raise Invalid(f"'exits.frontier' belongs on the report of the chain's top result {chain[-1]}, not on "
+                      f"result {res.id}", "exits.frontier")
+    temperatures = frontier["temperatures"]
+    if len(temperatures) != len(chain):
+        raise Invalid(f"'exits.frontier' covers {len(temperatures)} tiers but result {res.id}'s chain has "
+                      f"{len(chain)}", "exits.frontier.temperatures")
+    if temperatures[-1] != exits["temperature"]:
+        raise Invalid("'exits.frontier.temperatures' differs from the top exit's 'exits.temperature'",
+                      "exits.frontier.temperatures")
 
 
 def _report_failure(state: State, cmd: Command, at: str) -> Decision:

@@ -2,12 +2,14 @@
 
 Called through the dispatcher (streams/domain/__init__.py: `decide`). Only finished results can be served;
 an inference entering at a mid-chain result serves that result and the ones above it, one tier each. The
-request's fields are parsed by the catalogue (`parse_inference`); the rules here need the state.
+request's fields are parsed by the catalogue (`parse_inference`); the rules here need the state. Limits come
+typed (compared with the raw max(p), as in Kafka-ML) or from a target (streams/domain/targets.py).
 """
 
 from __future__ import annotations
 
 from tierflow.streams.catalogue import Invalid, input_format_field, parse_inference, req_id
+from tierflow.streams.domain import targets
 from tierflow.streams.domain.decision import Decision, Handler
 from tierflow.streams.domain.state import State
 from tierflow.streams.envelope import JSON, Command
@@ -28,6 +30,7 @@ def _request_inference(state: State, cmd: Command, at: str) -> Decision:
         raise Invalid(f"only finished results can be served; result(s) {', '.join(unfinished)} are not", "result_id",
                       "conflict")
     f = parse_inference(p, tier_ids, state.reserved_topics)
+    plan = targets.typed(len(tier_ids)) if f.target is None else targets.from_target(state, chain, entry_id, f)
     ident = state.next_id("inference")
     input_format = p.get("input_format")
     input_config = p.get("input_config")
@@ -47,16 +50,20 @@ def _request_inference(state: State, cmd: Command, at: str) -> Decision:
         t = f.tier(k, rid, top=top, reserved=state.reserved_topics)
         upper = None if top else (t.upper_topic or f"tierflow.inference.{ident}.tier{k + 1}")
         model = state.models.get(state.results[rid].model_id)
+        chosen = plan.tiers[k]
+        limit = 1.0 if top else (t.limit if chosen.limit is None else chosen.limit)
         tiers.append({"index": k, "level": chain.index(rid), "result_id": rid, "model_id": state.results[rid].model_id,
-                      "model_name": model.name if model else None, "limit": 1.0 if top else t.limit,
-                      "replicas": t.replicas, "bootstrap_servers": t.bootstrap_servers, "upper_topic": upper})
+                      "model_name": model.name if model else None, "limit": limit,
+                      "replicas": t.replicas, "bootstrap_servers": t.bootstrap_servers, "upper_topic": upper,
+                      **chosen.fields()})
     for k, tier in enumerate(tiers):
         tier["input_topic"] = f.input_topic if k == 0 else tiers[k - 1]["upper_topic"]
         tier["top"] = k == len(tiers) - 1
     return "InferenceRequested", f"inference:{ident}", 1, {
         "id": ident, "result_id": entry_id, "deployment_id": entry.deployment_id, "input_topic": f.input_topic,
         "output_topic": f.output_topic, "input_format": input_format, "input_config": input_config,
-        "tiers": tiers, "created_at": at,
+        "tiers": tiers, "shadow_fraction": f.shadow_fraction, "target": plan.target, "predicted": plan.predicted,
+        "created_at": at,
     }
 
 

@@ -77,6 +77,9 @@ class State:
     inferences: dict[int, list[int]] = field(default_factory=dict)
     #: inference id -> its status
     inference_status: dict[int, InferenceStatus] = field(default_factory=dict)
+    #: finished result id -> the `exits` of its TrainingResultReported (temperature, calibration, and on a
+    #: chain's top result the chain's exit frontier record, unparsed: parsed when an inference asks for a target)
+    exits: dict[int, JSON] = field(default_factory=dict)
     #: the topics no command may name (`catalogue.reserved_topics` of the decider's settings; not folded)
     reserved_topics: frozenset[str] = DEFAULT_RESERVED
     #: the keys proofs on commands are checked with (streams/proofs.py; from the decider's secret; not folded).
@@ -153,11 +156,15 @@ def apply(state: State, event: Event) -> None:
         if dep is not None:
             for rid in dep.result_ids:
                 state.results.pop(rid, None)
+                state.exits.pop(rid, None)
     elif t in _STATUS_BY_EVENT:
         for rid in p.get("result_ids") or [p["result_id"]]:
             if rid in state.results:
                 state.results[rid].status = _STATUS_BY_EVENT[t]
+        if t == "TrainingResultReported" and p["result_id"] in state.results and p.get("exits") is not None:
+            state.exits[p["result_id"]] = p["exits"]
     elif t == "ResultDeleted":
+        state.exits.pop(p["id"], None)
         res = state.results.pop(p["id"], None)
         if res is not None and res.deployment_id in state.deployments:
             state.deployments[res.deployment_id].result_ids.remove(res.id)

@@ -1,13 +1,19 @@
 """The web UI in a real headless Chromium: the whole user flow through the forms, on a real control plane.
 
-A user opens the API's root and lands on the UI, meets the token error, registers a chain and a single
+A user opens the API's root and lands on the UI, which asks for the token, opens the one-time address
+`tierflow up` prints (the page keeps the token for its tab), registers a chain and a single
 model through the form (and sees the sandbox's verdict on bad code), creates a configuration, deploys it,
 watches the results go from `created` through `training` to `finished` with per-epoch charts while the
 training reports arrive (fed through the real commands topic, as a training workload sends them), re-sends
 the datasource to another deployment, deploys the trained chain for inference from the pre-filled form and
-sees the exit distribution per tier and the latest predictions from the output topic. Then the same through an
-API whose writes all answer 202 (outcome pending): the UI follows the command to its outcome. Every page is
-saved as a screenshot under test-artifacts/ui/.
+sees the exit distribution per tier and the latest predictions from the output topic. The chain's training
+report carries its calibrated exits and exit frontier (built by the training job's own code on synthetic
+probabilities): the user opens the chain's exits, reads the calibration per exit, switches the frontier's axis,
+picks a point, and the inference form is pre-filled with the target that selects it (the value and the point
+the decider then chooses are checked against streams/exits.py); a click on the form's own chart fills it again;
+the inference served from that target shows its chosen point, the live one, and predicted vs observed shares.
+Then the same through an API whose writes all answer 202 (outcome pending): the UI follows the command to its
+outcome. Every page is saved as a screenshot under test-artifacts/ui/.
 
 Chromium comes from the Debian `chromium` package (no browser download); without it the test fails and says so.
 """
@@ -15,12 +21,14 @@ Chromium comes from the Debian `chromium` package (no browser download); without
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -31,8 +39,10 @@ from tierflow.api.app import create_app
 from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
+from tierflow.streams.exits import CONFIDENCE, Target, binomial_lower, binomial_upper, choose_limits, parse_frontier
 from tierflow.streams.settings import Settings
 from tierflow.streams.topics import TopicSpec, ensure_topics
+from tierflow.tiers.exit_report import chain_exits
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +74,8 @@ async def env(infra: Infra, sandbox_pool: Any) -> AsyncIterator[Env]:
     running = await start_plane(settings, sandbox_validate(sandbox_pool))
     try:
         impatient = replace(settings, api=replace(settings.api, command_timeout_s=0.0))
-        async with TestClient(TestServer(create_app(settings))) as c, \
-                TestClient(TestServer(create_app(impatient))) as slow:
+        async with TestClient(TestServer(create_app(settings)), headers=AUTH) as c, \
+                TestClient(TestServer(create_app(impatient)), headers=AUTH) as slow:
             yield Env(c, settings, str(c.make_url("")).rstrip("/"), str(slow.make_url("")).rstrip("/"))
     finally:
         await stop_plane(running)
@@ -117,22 +127,58 @@ async def report_epochs(client: CommandClient, deployment_id: int, chains: list[
                                                               "epoch": epoch, "epochs": EPOCHS, "metrics": metrics})
 
 
-async def report_results(client: CommandClient, chains: list[list[int]]) -> None:
+def synthetic_exits(tiers: int, n: int = 1000) -> list[dict[str, Any]]:
+    """The `exits` of each result of a chain as the training job reports them (tiers/exit_report.py, which builds
+    the frontier with tiers/frontier.py), on softmax outputs of over-confident exits that get better up the
+    chain, on n validation and n test samples."""
+    rng = np.random.default_rng(5)
+
+    def split() -> tuple[list[Any], Any]:
+        y = rng.integers(0, 10, n)
+        probs = []
+        for k in range(tiers):
+            z = rng.normal(0.0, 1.0, (n, 10))
+            z[np.arange(n), y] += 1.5 + k
+            e = np.exp(2.0 * z)
+            probs.append(e / e.sum(axis=1, keepdims=True))
+        return probs, y
+
+    (val, y), (test, ty) = split(), split()
+    return chain_exits(val, y, test, ty, [1e-5, 4e-5, 2e-4][:tiers])
+
+
+async def report_results(client: CommandClient, chains: list[list[int]]) -> dict[int, dict[str, Any]]:
+    """The final reports; a chain of three also reports its calibrated exits and frontier. Returns the exits
+    reported per result."""
+    reported: dict[int, dict[str, Any]] = {}
     for chain in chains:
+        exits = synthetic_exits(len(chain)) if len(chain) == 3 else None
         for i, rid in enumerate(chain):
-            await report(client, "ReportTrainingResult", {"result_id": rid, "metrics": {
+            payload: dict[str, Any] = {"result_id": rid, "metrics": {
                 "train": {"loss": 0.5, "accuracy": 0.91 - 0.02 * i},
                 "validation": {"loss": 0.6, "accuracy": 0.89 - 0.02 * i},
                 "test": {"loss": 0.62, "accuracy": 0.88 - 0.02 * i}},
-                "artefacts": {"keras": {"sha256": "a" * 64, "size": 1, "format": "keras"}}})
+                "artefacts": {"keras": {"sha256": "a" * 64, "size": 1, "format": "keras"}}}
+            if exits is not None:
+                payload["exits"] = reported[rid] = exits[i]
+            await report(client, "ReportTrainingResult", payload)
+    return reported
 
 
 async def announce_datasource(settings: Settings, deployment_id: int) -> None:
+    # 1000 records in two record batches, announced as a Kafka-ML sink does on the embedded broker: its end
+    # lookup answers the last batch's first offset + 1, so the control bridge reads [0, 1000) instead of [0, 501).
+    await ensure_topics(settings.kafka, extra=[TopicSpec("ui-digits", 1, -1)])
     p = kio.producer(settings.kafka)
     await p.start()
     try:
+        for first in (0, 500):
+            batch = p.create_batch()
+            for i in range(first, first + 500):
+                assert batch.append(key=bytes([i % 10]), value=bytes(4), timestamp=None) is not None
+            await (await p.send_batch(batch, "ui-digits", partition=0))
         await p.send_and_wait(settings.kafka.control_topic, orjson.dumps({
-            "topic": "ui-digits:0:0:1000", "input_format": "RAW", "deployment_id": deployment_id,
+            "topic": "ui-digits:0:0:501", "input_format": "RAW", "deployment_id": deployment_id,
             "input_config": {"data_type": "float32", "label_type": "uint8", "data_reshape": "28 28",
                              "label_reshape": ""},
             "validation_rate": 0.1, "test_rate": 0.1, "total_msg": 1000, "description": "digits"}))
@@ -176,24 +222,23 @@ async def test_the_whole_flow_in_a_browser(env: Env, snippets: dict[str, str]) -
 
 async def flow(page: Page, env: Env, snippets: dict[str, str]) -> None:
     c = env.client
-    # The API's root leads to the UI, which is ready and has nothing yet.
+    # The API's root leads to the UI, which is ready; without the token even reads are refused, and the page says
+    # where the token is.
     await page.goto(env.base + "/")
     await expect(page).to_have_url(re.compile(r"/ui/(#/models)?$"))
     await expect(page.locator("#health")).to_have_text("ready")
+    await expect(page.locator(".alert-error")).to_contain_text("tierflow up")
+    # The one-time address `tierflow up` prints: the page keeps the token for this tab and drops it from the
+    # address bar; the UI then has nothing yet.
+    await page.goto(f"{env.base}/ui/?token={TOKEN}")
+    await expect(page).to_have_url(re.compile(r"/ui/(#/models)?$"))
+    await expect(page.locator("#token-state")).to_have_text("token set")
     await expect(page.locator(".empty")).to_contain_text("No models yet")
     upper_models = asyncio.create_task(register_top_of_chain(env, snippets))
 
-    # Without the token a write is refused, and the UI says what to do.
+    # Bad code: the sandbox's verdict is shown on the code field; fixed code registers.
     await page.click("text=New model")
     await page.fill("input[name=name]", "single")
-    await page.fill("textarea[name=code]", snippets["single"])
-    await page.click(SUBMIT)
-    await expect(page.locator(".form-error")).to_contain_text("Bearer")
-    await page.fill("#token", TOKEN)
-    await page.click("#token-form button")
-    await expect(page.locator("#token-state")).to_have_text("token set")
-
-    # Bad code: the sandbox's verdict is shown on the code field; fixed code registers.
     await page.fill("textarea[name=code]", "model = keras.Sequential([\n    keras.layers.Dense(10)\n")
     await page.click(SUBMIT)
     error = page.locator(".form-error")
@@ -267,7 +312,7 @@ async def flow(page: Page, env: Env, snippets: dict[str, str]) -> None:
     client = StackClient(env.settings)  # the orchestrator's and workloads' reports, with their proofs
     await client.start()
     try:
-        await flow_training(page, client, deployment_id, chains)
+        reported = await flow_training(page, client, deployment_id, chains)
     finally:
         await client.stop()
     await expect(page.locator("section.result .badge")).to_have_text(["finished"] * 4)
@@ -291,6 +336,12 @@ async def flow(page: Page, env: Env, snippets: dict[str, str]) -> None:
     row = page.locator("tr", has_text="ui-digits:0 [0, 1000)")
     await expect(row).to_have_count(1)
     await expect(row).to_contain_text("announced")
+    # The range training reads, the one the sink announced, and why they differ.
+    await expect(row.locator(".range-moved")).to_contain_text("announced [0, 501)")
+    reasons = row.locator("details.reasons")
+    await reasons.locator("summary").click()
+    await expect(reasons.locator("div.reason-text")).to_be_visible()
+    await expect(reasons.locator("div.reason-text")).to_contain_text("ui-digits[0]: end 501 -> 1000")
     await row.locator("select[name=deployment_id]").select_option(str(other["id"]))
     await row.locator("text=Send").click()
     await expect(page.locator(".flash")).to_contain_text(f"sent to deployment #{other['id']}")
@@ -337,12 +388,132 @@ async def flow(page: Page, env: Env, snippets: dict[str, str]) -> None:
     await expect(page.locator(".empty")).to_contain_text("No inferences yet")
     assert (await c.get(f"/inferences/{inference_id}")).status == 404
 
+    await flow_frontier(page, env, deployment_id, edge, reported)
+
     # A rejected write is a readable message: a configuration that deployments use cannot be deleted.
     await page.click("nav >> text=Configurations")
     await page.click("tr:has-text('thesis') >> text=Delete")
     await page.click("tr:has-text('thesis') >> text=Confirm delete")
     await expect(page.locator(".flash-error")).to_contain_text("used by deployment")
     await shot(page, "12-configuration-conflict")
+
+
+def target_for(record: dict[str, Any], point: int, entry: int = 0) -> float:
+    """The `max_accuracy_drop` the UI fills in for a point: its one-sided 90% upper bound on the drop against
+    the top exit (streams/exits.py), rounded up to 5 decimals."""
+    counts = next(e for e in record["entries"] if e["entry"] == entry)["validation"]
+    alpha = 1.0 - CONFIDENCE
+    bound = (binomial_upper(counts["b"][point], counts["n"], alpha / 2)
+             - binomial_lower(counts["c"][point], counts["n"], alpha / 2))
+    value = float(f"{math.ceil(bound * 1e5) / 1e5:.5f}")
+    return value if value >= bound else round(value + 1e-5, 5)
+
+
+async def pick_point(page: Page, position: int | None = None) -> int:
+    """Click a point of the frontier chart as a user does, at its place on the screen; the point the page
+    picked (the nearest to the click: on a dense frontier a neighbour a pixel away may be it)."""
+    points = page.locator("figure[data-chart=frontier] circle.pt.front")
+    count = await points.count()
+    assert count >= 5, f"the frontier shows only {count} points"
+    point = points.nth(count // 2 if position is None else position)
+    await point.scroll_into_view_if_needed()
+    box = await point.bounding_box()
+    assert box is not None
+    before = await page.locator(".point-summary").get_attribute("data-point") \
+        if await page.locator(".point-summary").count() else None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    await page.mouse.click(x, y)
+    summary = page.locator(".point-summary")
+    await expect(summary).to_have_count(1)
+    if before is not None:
+        await expect(summary).not_to_have_attribute("data-point", before)
+    picked = int(await summary.get_attribute("data-point") or -1)
+    at = await page.locator(f"figure[data-chart=frontier] circle.pt.front[data-point='{picked}']").bounding_box()
+    assert at is not None and math.hypot(at["x"] + at["width"] / 2 - x, at["y"] + at["height"] / 2 - y) < 4
+    return picked
+
+
+async def flow_frontier(page: Page, env: Env, deployment_id: int, edge: dict[str, Any],
+                        reported: dict[int, dict[str, Any]]) -> None:
+    """The chain's calibrated exits and frontier; a picked point pre-fills the inference form with the target
+    that selects it; the inference served from it shows its chosen and live points."""
+    c = env.client
+    chain = edge["chain"]
+    record = reported[chain[-1]]["frontier"]
+    await page.goto(f"{env.base}/ui/#/deployments/{deployment_id}")
+    await page.locator(f"section[data-result='{edge['id']}']").locator("text=Exits and frontier").click()
+    await expect(page).to_have_url(re.compile(rf"#/results/{edge['id']}/exits$"))
+    rows = page.locator("table.calibration tbody tr")
+    await expect(rows).to_have_count(3)
+    for k, rid in enumerate(chain):  # T and the ECE before -> after, per exit, as reported
+        cal = reported[rid]["calibration"]
+        await expect(rows.nth(k)).to_contain_text(f"{reported[rid]['temperature']:.3f}")
+        await expect(rows.nth(k)).to_contain_text(f"{cal['ece_before']:.4f} → {cal['ece_after']:.4f}")
+    chart = page.locator("figure[data-chart=frontier]")
+    await expect(chart).to_contain_text(f"{len(record['entries'][0]['limits'])} points")
+    await page.click(".segmented button[data-x=cost]")
+    await expect(chart).to_have_attribute("data-x", "cost")
+    await expect(chart).to_contain_text("compute per input")
+    await page.click(".segmented button[data-x=early]")
+    await expect(chart).to_have_attribute("data-x", "early")
+
+    # A point picked on the chart: what it does, and the target of each kind that selects it.
+    picked = await pick_point(page)
+    await expect(page.locator(".point-summary")).to_have_attribute("data-point", str(picked))
+    limits = record["entries"][0]["limits"][picked]
+    await expect(page.locator(".point-tiers .point-limit")).to_have_text([str(x) if x <= 1 else f"{x} (never)"
+                                                                          for x in limits] + ["top"])
+    value = target_for(record, picked)
+    drop_row = page.locator("table.targets tr[data-kind=max_accuracy_drop]")
+    await expect(drop_row.locator("td.num")).to_have_text(str(value))
+    await shot(page, "14-exits-frontier")
+
+    # The form, pre-filled from it: a target (the frontier's limits are on the calibrated confidence, which
+    # typed limits do not compare), and the point the decider will choose for it.
+    await drop_row.locator("text=Deploy with this target").click()
+    await expect(page.locator("select[name=limits_from]")).to_have_value("target")
+    await expect(page.locator("select[name=target_kind]")).to_have_value("max_accuracy_drop")
+    await expect(page.locator("input[name=target_value]")).to_have_value(str(value))
+    parsed = parse_frontier(record)
+    expected = choose_limits(parsed, Target("max_accuracy_drop", value)).point
+    await expect(page.locator(".target-preview")).to_have_attribute("data-point", str(expected))
+    # A click on the form's own chart fills the fields again, with another point's target.
+    other = await pick_point(page, position=await page.locator("figure[data-chart=frontier] circle.pt.front")
+                             .count() // 4)
+    value = target_for(record, other)
+    await expect(page.locator("input[name=target_value]")).to_have_value(str(value))
+    await expect(page.locator(".point-summary")).to_have_attribute("data-point", str(other))
+    expected = choose_limits(parsed, Target("max_accuracy_drop", value)).point
+    await expect(page.locator(".target-preview")).to_have_attribute("data-point", str(expected))
+    await expect(page.locator(".tier-chosen").first).to_contain_text(str(record["entries"][0]["limits"][expected][0]))
+    await page.fill("input[name=output_topic]", f"tierflow.infer.edge.{edge['id']}.target.out")
+    await shot(page, "15-inference-form-from-a-point")
+    await page.click(SUBMIT)
+    await expect(page.locator(".flash")).to_contain_text(f"from max_accuracy_drop {value}")
+    await expect(page).to_have_url(re.compile(r"#/inferences/\d+$"))
+    inference_id = int(page.url.rsplit("/", 1)[1])
+    inference = await (await c.get(f"/inferences/{inference_id}")).json()
+    # The decider chose the point the form said it would.
+    assert inference["target"] == {"max_accuracy_drop": value}
+    assert inference["predicted"]["point"] == expected
+    assert [t["limit"] for t in inference["tiers"][:2]] == record["entries"][0]["limits"][expected]
+
+    # The inference page: the target, predicted shares and agreement per tier, the chosen point on the chart;
+    # once answers arrive, the observed shares and the live point.
+    await expect(page.locator(".target-summary")).to_contain_text(f"max_accuracy_drop {value}")
+    await expect(page.locator("figure[data-chart=frontier] [data-mark=chosen]")).to_have_count(1)
+    predicted = inference["predicted"]["shares"]
+    await expect(page.locator("td.pred-share")).to_have_text([f"{x * 100:.1f} %" for x in predicted])
+    await expect(page.locator("td.obs-share")).to_have_text(["—"] * 3)
+    await answer(env.settings, inference["output_topic"], [0] * 7 + [1] * 2 + [2])
+    await expect(page.locator("td.obs-share")).to_have_text(["70.0 %", "20.0 %", "10.0 %"])
+    await expect(page.locator("figure[data-chart=frontier] [data-mark=observed]")).to_have_count(1)
+    await expect(page.locator(".bar-row[data-tier='0'] .bar-predicted")).to_have_count(1)
+    await shot(page, "16-inference-from-a-target")
+    await page.click(".page-header >> text=Stop")
+    await page.click(".page-header >> text=Confirm stop")
+    await expect(page.locator(".page-header .badge")).to_have_text("stopped")
+    assert (await c.delete(f"/inferences/{inference_id}")).status == 200
 
 
 def model_row(page: Page, name: str) -> Any:
@@ -355,8 +526,9 @@ async def flow_through_command_outcomes(page: Page, env: Env) -> None:
     crashes: list[str] = []
     page.on("pageerror", lambda exc: crashes.append(str(exc)))
     await page.goto(env.impatient_base + "/ui/#/models")
-    await page.fill("#token", TOKEN)  # the token is kept per origin, and this server is another one
+    await page.fill("#token", TOKEN)  # the token is kept per tab and origin: typed in, as a user may
     await page.click("#token-form button")
+    await expect(page.locator("#token-state")).to_have_text("token set")
     await model_row(page, "fog").locator("text=Edit").click()
     await page.fill("input[name=name]", "cloud")
     await page.click(SUBMIT)
@@ -372,7 +544,8 @@ async def flow_through_command_outcomes(page: Page, env: Env) -> None:
     await page.close()
 
 
-async def flow_training(page: Page, client: CommandClient, deployment_id: int, chains: list[list[int]]) -> None:
+async def flow_training(page: Page, client: CommandClient, deployment_id: int, chains: list[list[int]]
+                        ) -> dict[int, dict[str, Any]]:
     """The training reports arrive epoch by epoch; the open page follows them without a reload."""
     await report_started(client, deployment_id, chains)
     await report_epochs(client, deployment_id, chains, range(1, 2))
@@ -382,7 +555,7 @@ async def flow_training(page: Page, client: CommandClient, deployment_id: int, c
     await expect(cards.first.locator(".progress-line")).to_contain_text(f"epoch 1 / {EPOCHS}")
     await shot(page, "05-deployment-training")
     await report_epochs(client, deployment_id, chains, range(2, EPOCHS + 1))
-    await report_results(client, chains)
+    return await report_results(client, chains)
 
 
 def _names_in_chain_order(results: list[dict[str, Any]]) -> list[tuple[str, int, int]]:

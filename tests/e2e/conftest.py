@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, RunningPlane, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, RunningPlane, admin_headers, new_plane, start_plane, stop_plane, wait_until
 from tierflow.api.app import create_app
 from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.deploy.local_launcher import LocalLauncher
@@ -45,7 +45,7 @@ async def env(infra: Infra, sandbox_pool: Any, snippets: dict[str, str]) -> Asyn
                                          reconcile_s=0.5, max_training=2))
     launcher = LocalLauncher(home / "workloads", {**settings.to_env(), "PYTHONUNBUFFERED": "1"})
     running = await start_plane(settings, sandbox_validate(sandbox_pool), launcher)
-    async with TestClient(TestServer(create_app(settings), port=port)) as c:
+    async with TestClient(TestServer(create_app(settings), port=port), headers=admin_headers(settings)) as c:
         models: dict[str, int] = {}
         for name, upper in (("cloud", None), ("fog", "cloud"), ("edge", "fog"), ("single", None)):
             body: dict[str, Any] = {"name": name, "code": snippets[name], "distributed": name != "single"}

@@ -1,5 +1,6 @@
-"""`tierflow demo --dataset digits`, as a newcomer runs it: its own embedded stack, the whole lifecycle, a summary
-whose numbers are checked here, and nothing left running afterwards."""
+"""`tierflow demo --dataset digits`, as a newcomer runs it: its own embedded stack, the whole lifecycle, the chain
+served from its default target (a 1% accuracy drop, relaxed to what the digits' small validation split certifies
+when it cannot), a summary whose numbers are checked here, and nothing left running afterwards."""
 
 from __future__ import annotations
 
@@ -51,6 +52,22 @@ def test_the_demo_runs_the_lifecycle_and_its_summary_holds() -> None:
     assert summary["latency_ms"]["p50"] is not None and summary["throughput_per_s"] > 0
     for step in ("[1/6]", "[4/6]", "epoch 5/5", "[6/6]", "cascade accuracy", "stopped"):
         assert step in done.stdout
+    # Served from the target: the chosen limits (one per non-top tier) and what they were predicted to do, beside
+    # what the demo observed on its own held-out stream. A refused target was relaxed, and the demo says so.
+    asked = summary["requested_target"] or summary["target"]
+    assert list(asked) == ["max_accuracy_drop"] and asked["max_accuracy_drop"] == 0.01
+    assert list(summary["target"]) == ["max_accuracy_drop"] and summary["compare"] == "calibrated"
+    assert len(summary["limits"]) == 2 and all(0 <= limit <= 2 for limit in summary["limits"])
+    predicted = summary["predicted"]
+    assert sum(predicted["shares"]) == pytest.approx(1.0) and 0.8 <= predicted["accuracy"] <= 1.0
+    assert predicted["accuracy_drop_upper"] <= summary["target"]["max_accuracy_drop"]
+    assert [t["predicted_share"] for t in summary["tiers"]] == predicted["shares"]
+    assert summary["observed"]["shares"] == [t["share"] for t in summary["tiers"]]
+    assert summary["observed"]["accuracy"] == summary["cascade_accuracy"]
+    for line in ("chosen limits (calibrated confidence)", "served from the target max_accuracy_drop",
+                 "chosen limits on the calibrated confidence", "predicted test split  observed", "predicted:  "):
+        assert line in done.stdout
+    assert ("refused" in done.stdout) == (summary["requested_target"] is not None)
     # The demo stopped its inference (the events survive `down`: a running one would be relaunched by the next
     # `up`), then the stack it started: no state file, no process left.
     out = done.stdout

@@ -28,7 +28,7 @@ def test_write_down_up_write_again_read_both(stack_home: Path) -> None:
     assert up.returncode == 0, up.stdout + up.stderr + _stack_log(stack_home)
     state = read_stack_state(stack_home)
     assert state is not None
-    api = ApiClient(state.api_url)
+    api = ApiClient(state.api_url, state.token)  # what the CLI takes from the running stack
     status, model = api.post("/models", {"name": "single", "code": model_code("single")})
     assert status == 201, model
     status, first = api.post("/configurations", {"name": "before", "model_ids": [model["id"]]})
@@ -43,7 +43,7 @@ def test_write_down_up_write_again_read_both(stack_home: Path) -> None:
     assert "restored 2 events" in _stack_log(stack_home)
     state = read_stack_state(stack_home)
     assert state is not None
-    api = ApiClient(state.api_url)
+    api = ApiClient(state.api_url, state.token)  # what the CLI takes from the running stack
     # What was written before is there; new writes get new ids and are decided (not mistaken for old ones).
     status, second = api.post("/configurations", {"name": "after", "model_ids": [model["id"]]})
     assert status == 201 and second["id"] == 2

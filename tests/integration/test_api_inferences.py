@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, StackClient, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, StackClient, admin_headers, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.api.app import create_app
 from tierflow.streams.settings import Settings
@@ -18,7 +18,7 @@ from tierflow.streams.settings import Settings
 async def env(infra: Infra) -> AsyncIterator[tuple[TestClient[Any, Any], Settings, dict[str, Any]]]:
     settings = await new_plane(infra, "infer")
     running = await start_plane(settings, shape_validate)
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(TestServer(create_app(settings)), headers=admin_headers(settings)) as c:
         top = await (await c.post("/models", json={"name": "top", "code": "# top", "distributed": True})).json()
         mid = await (await c.post("/models", json={"name": "mid", "code": "# mid", "distributed": True,
                                                    "upper_id": top["id"]})).json()

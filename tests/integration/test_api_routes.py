@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.api.app import create_app
 from tierflow.api.ui import is_ui_path
@@ -21,6 +21,7 @@ from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import Event
 from tierflow.streams.proofs import WORKER, Signer
 from tierflow.streams.settings import Settings
+from tierflow.streams.topics import TopicSpec, ensure_topics
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -31,16 +32,17 @@ async def env(infra: Infra) -> AsyncIterator[tuple[TestClient[Any, Any], Setting
     settings = await new_plane(infra, "routes")
     settings = replace(settings, api=replace(settings.api, token=TOKEN, max_body_bytes=64 * 1024))
     running = await start_plane(settings, shape_validate)
-    async with TestClient(TestServer(create_app(settings))) as c:
+    async with TestClient(TestServer(create_app(settings)), headers=AUTH) as c:
         yield c, settings
     await stop_plane(running)
 
 
 async def test_errors_are_json_and_name_the_problem(env: tuple[TestClient[Any, Any], Settings]) -> None:
     c, _ = env
-    # Writes need the bearer token; reads do not.
-    r = await c.post("/models", json={"name": "m", "code": "# single"})
+    # Every route needs the bearer token, reads too (tests/security/test_api_doors.py has the rest).
+    r = await c.post("/models", json={"name": "m", "code": "# single"}, headers={"Authorization": "Bearer nope"})
     assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+    assert (await c.get("/models", headers={"Authorization": "Bearer nope"})).status == 401
     assert (await c.get("/models")).status == 200
     # Not JSON, not an object, too large.
     r = await c.post("/models", data=b"{nope", headers=AUTH | {"Content-Type": "application/json"})
@@ -120,7 +122,7 @@ async def test_health_readiness_metrics_and_outcomes(env: tuple[TestClient[Any, 
 async def test_a_slow_outcome_answers_202_with_a_location(env: tuple[TestClient[Any, Any], Settings]) -> None:
     _, settings = env
     impatient = replace(settings, api=replace(settings.api, command_timeout_s=0.0))
-    async with TestClient(TestServer(create_app(impatient))) as c:
+    async with TestClient(TestServer(create_app(impatient)), headers=AUTH) as c:
         r = await c.post("/configurations", json={"name": "slow", "model_ids": [1]}, headers=AUTH)
         assert r.status == 202
         location = r.headers["Location"]
@@ -202,13 +204,22 @@ async def test_stop_and_resend_a_datasource(env: tuple[TestClient[Any, Any], Set
     assert r.status == 200
     body = await r.json()
     assert [x["status"] for x in body["items"]] == ["stopped"]
-    # A datasource announced for one deployment is sent to another without re-sending the data.
+    # A datasource announced for one deployment is sent to another without re-sending the data. The sink wrote
+    # two record batches (offsets 0..39 and 40..99) and announced the end Tansu's latest-offset lookup gives,
+    # the last batch's first offset + 1: the datasource reads all 100 records and says why.
+    data = f"{settings.kafka.topic_prefix}.data"
+    await ensure_topics(settings.kafka, extra=[TopicSpec(data, 1, -1)])
     p = kio.producer(settings.kafka)
     await p.start()
     try:
+        for first, n in ((0, 40), (40, 60)):
+            batch = p.create_batch()
+            for i in range(first, first + n):
+                assert batch.append(key=bytes([i % 10]), value=bytes([i]) * 4, timestamp=None) is not None
+            assert (await (await p.send_batch(batch, data, partition=0))).offset == first
         await p.send_and_wait(settings.kafka.control_topic, orjson.dumps(
-            {"topic": "data:0:0:100", "input_format": "RAW", "input_config": {"data_type": "uint8",
-                                                                              "data_reshape": "28 28"},
+            {"topic": f"{data}:0:0:41", "input_format": "RAW", "input_config": {"data_type": "uint8",
+                                                                                "data_reshape": "2 2"},
              "deployment_id": dep1["id"]}))
     finally:
         await p.stop()
@@ -218,10 +229,19 @@ async def test_stop_and_resend_a_datasource(env: tuple[TestClient[Any, Any], Set
 
     await wait_until(announced, what="the datasource")
     source = (await (await c.get(f"/datasources?deployment_id={dep1['id']}")).json())["items"][0]
+    assert source == await (await c.get(f"/datasources/{source['id']}")).json()
+    assert source["ranges"] == [{"topic": data, "partition": 0, "start": 0, "end": 100}], source
+    assert source["announced_ranges"] == [{"topic": data, "partition": 0, "start": 0, "end": 41}]
+    [reason] = source["range_reasons"]
+    assert reason.startswith(f"{data}[0]: end 41 -> 100: the announced last record 40 is inside record batch 40..99")
+    assert "latest-offset lookup answered the batch's first offset + 1" in reason
+    assert source["warnings"] == []
     r = await c.post(f"/datasources/{source['id']}/send", json={"deployment_id": dep2["id"]}, headers=AUTH)
     assert r.status == 201
     copy = await r.json()
-    assert copy["deployment_id"] == dep2["id"] and copy["ranges"] == source["ranges"]
+    assert copy["deployment_id"] == dep2["id"]
+    assert {k: copy[k] for k in ("ranges", "announced_ranges", "range_reasons", "warnings")} == {
+        k: source[k] for k in ("ranges", "announced_ranges", "range_reasons", "warnings")}
     assert copy["origin"] == {"datasource_id": source["id"]}
     r = await c.post(f"/datasources/{source['id']}/send", json={"deployment_id": 999}, headers=AUTH)
     assert r.status == 422 and (await r.json())["error"]["field"] == "deployment_id"
@@ -231,7 +251,7 @@ async def test_an_event_the_projector_cannot_apply_stops_it_and_readyz_says_why(
     plane = await new_plane(infra, "broken")
     running = await start_plane(plane, shape_validate)
     try:
-        async with TestClient(TestServer(create_app(plane))) as c:
+        async with TestClient(TestServer(create_app(plane)), headers=admin_headers(plane)) as c:
             # A bug elsewhere wrote an event whose payload the projector cannot apply.
             bad = Event(id="x", seq=1, type="ModelCreated", version=1, aggregate="model:1", aggregate_version=1,
                         command_id="6f1c1f7e-3c43-4d0b-9a55-7a8e5e0e3b12", occurred_at="2026-01-01T00:00:00Z",

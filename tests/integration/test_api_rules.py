@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane
+from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane
 from tierflow.api.app import create_app
 from tierflow.deploy.bootstrap import sandbox_validate
 
@@ -46,7 +46,7 @@ async def client(infra: Infra, sandbox_pool: Any) -> AsyncIterator[TestClient[An
     settings = replace(settings, api=replace(settings.api, command_timeout_s=60.0))
     running = await start_plane(settings, sandbox_validate(sandbox_pool))
     app = create_app(settings)
-    async with TestClient(TestServer(app)) as c:
+    async with TestClient(TestServer(app), headers=admin_headers(settings)) as c:
         yield c
     await stop_plane(running)
 

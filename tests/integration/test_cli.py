@@ -80,11 +80,15 @@ async def test_catalogue_from_the_command_line(apis: Apis, snippets: dict[str, s
     for stem, text in snippets.items():
         (tmp_path / f"{stem}.py").write_text(text)
 
-    # Reads need no token; writes without it are refused with the server's message.
-    assert await sh.ok("models", "list") == "no models\n"
+    # Without a token (no --token, no TIERFLOW_API_TOKEN, no running stack to take it from) reads are refused
+    # too, with the server's message saying where to find one; --token, then the variable, are used.
+    monkeypatch.setenv("TIERFLOW_HOME", str(tmp_path / "no-stack"))
+    code, out, err = await sh("models", "list")
+    assert code == 1 and out == ""
+    assert err.startswith("tierflow: this API needs 'Authorization: Bearer") and "tierflow status --json" in err
     code, out, err = await sh("models", "create", "--name", "cloud", "--code-file", tmp_path / "cloud.py")
     assert code == 1 and out == ""
-    assert err.startswith("tierflow: writes need 'Authorization: Bearer")
+    assert await sh.ok("models", "list", "--token", TOKEN) == "no models\n"
     monkeypatch.setenv("TIERFLOW_API_TOKEN", TOKEN)
 
     # The thesis chain, top-down, from the snippet files.

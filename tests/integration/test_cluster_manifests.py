@@ -31,6 +31,7 @@ import yaml  # type: ignore[import-untyped]
 from kmock import KubernetesEmulator, Server
 from kubernetes import client as k8s
 
+from tierflow.api.auth import check_settings
 from tierflow.api.routes import routes
 from tierflow.deploy.cli import build_parser
 from tierflow.deploy.kubernetes_launcher import RETRIES, KubernetesLauncher
@@ -176,7 +177,10 @@ def find(objects: list[Obj], kind: str, name: str | None = None) -> Obj:
 # --- the client's models ----------------------------------------------------------------------------------
 
 BUILTIN_GROUPS = {"": k8s.CoreV1Api, "apps": k8s.AppsV1Api, "batch": k8s.BatchV1Api,
-                  "rbac.authorization.k8s.io": k8s.RbacAuthorizationV1Api}
+                  "rbac.authorization.k8s.io": k8s.RbacAuthorizationV1Api,
+                  "networking.k8s.io": k8s.NetworkingV1Api}
+#: Kinds whose plural is not the kind with an "s".
+IRREGULAR_PLURALS = {"NetworkPolicy": "networkpolicies"}
 
 
 def group_version(obj: Obj) -> tuple[str, str]:
@@ -208,6 +212,8 @@ def snake(kind: str) -> str:
 
 def plural(obj: Obj) -> str:
     kind = obj["kind"]
+    if kind in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[kind]
     assert not kind.endswith(("s", "y")), f"no irregular plurals expected here: {kind}"
     return f"{kind.lower()}s"
 
@@ -509,6 +515,8 @@ def test_probes_and_services_point_at_real_routes_and_ports(rendered: list[Obj])
     # The API listens where its container port, its Service and TIERFLOW_API_URL say.
     settings = Settings.from_env(container_env(rendered, api_container, "tierflow"))
     assert settings.api.host == "0.0.0.0"
+    check_settings(settings)  # it starts: a token, the secret, and the Host names its clients use
+    assert {"tierflow-api:8080", "localhost:8080"} <= settings.api.allowed_hosts
     assert {p["name"]: p["containerPort"] for p in api_container["ports"]}["http"] == settings.api.port
     service = find(rendered, "Service", "tierflow-api")
     assert service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
@@ -555,7 +563,8 @@ def test_rbac_is_least_privilege_and_the_same_as_rbac_objects(rendered: list[Obj
     namespace = role["metadata"]["namespace"]
     granted = rules(role)
     assert {verb for _, _, verb in granted} <= {"create", "get", "list", "watch", "delete"}
-    assert {resource for _, resource, _ in granted} == {"jobs", "deployments", "pods", "pods/log"}
+    assert {resource for _, resource, _ in granted} == {"jobs", "deployments", "pods", "pods/log", "secrets"}
+    assert {verb for _, resource, verb in granted if resource == "secrets"} == {"create", "delete"}  # no reads
     assert not any("*" in part for rule in granted for part in rule)
     # What deploy/manifests.py says the orchestrator needs, rule for rule.
     built = rbac_objects(namespace, name=role["metadata"]["name"])
@@ -616,6 +625,7 @@ async def test_the_manifests_apply_to_kmock(emulator: tuple[KubernetesEmulator, 
     kmock, api_client = emulator
     kmock.resources["batch/v1/jobs"] = KubernetesEmulator.ResourceInfo()
     kmock.resources["apps/v1/deployments"] = KubernetesEmulator.ResourceInfo()
+    kmock.resources["networking.k8s.io/v1/networkpolicies"] = KubernetesEmulator.ResourceInfo()
     for obj in sorted(rendered, key=lambda o: o["kind"] != "Namespace"):
         assert await apply(kmock, api_client, obj) == obj, "/".join(identity(obj))
     stored = {(key[1], key[2]) for key in kmock.objects}
@@ -799,3 +809,105 @@ def test_the_example_namespace_enforces_restricted_and_every_pod_meets_it() -> N
         for c in pod["containers"]:
             assert c["securityContext"]["allowPrivilegeEscalation"] is False, (obj["metadata"]["name"], c["name"])
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+# --- the validation sandbox apart from the worker's secrets (cluster mode) -------------------------------------
+
+def pod_of(obj: Obj) -> Obj:
+    pod: Obj = obj["spec"]["template"]["spec"]
+    return pod
+
+
+def secrets_used(pod: Obj) -> set[str]:
+    """Every Secret a pod template can read: env references, envFrom, volumes."""
+    names: set[str] = set()
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        for entry in container.get("env", []):
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+        for source in container.get("envFrom", []):
+            if "secretRef" in source:
+                names.add(source["secretRef"]["name"])
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        for projected in volume.get("projected", {}).get("sources", []):
+            if "secret" in projected or "serviceAccountToken" in projected:
+                names.add(str(projected))
+    return names
+
+
+def test_the_validation_sandbox_runs_apart_with_no_secret_of_the_stack(rendered: list[Obj]) -> None:
+    sandbox = find(rendered, "Deployment", "tierflow-sandbox")
+    pod = pod_of(sandbox)
+    [container] = pod["containers"]
+    # It serves validations, at the level a restricted pod allows, with its own channel token only.
+    assert parse_cli(container_argv(container)[1:], "tierflow-sandbox").func.__module__ == (
+        "tierflow.tiers.sandbox_server")
+    env = container_env(rendered, container, "tierflow")
+    settings = Settings.from_env(env)
+    assert settings.sandbox.isolation == "landlock"
+    assert settings.sandbox.token
+    assert secrets_used(pod) == {"tierflow-sandbox-token"}
+    assert not {"DATABASE_URL", "TIERFLOW_API_TOKEN", "TIERFLOW_SECRET_KEY"} & set(env)
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod
+    # Restricted, and its root file system read-only: the runners' scratch is an emptyDir.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    [mount] = container["volumeMounts"]
+    assert env["TMPDIR"] == mount["mountPath"]
+
+
+def test_only_the_worker_reaches_the_sandbox_and_the_sandbox_reaches_nothing(rendered: list[Obj]) -> None:
+    sandbox = find(rendered, "Deployment", "tierflow-sandbox")
+    worker = find(rendered, "Deployment", "tierflow-worker")
+    policy = find(rendered, "NetworkPolicy", "tierflow-sandbox")
+    spec = policy["spec"]
+    sandbox_labels = sandbox["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= sandbox_labels.items()
+    # No egress rule with both policy types: nothing out, not even DNS.
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    assert spec.get("egress", []) == []
+    [rule] = spec["ingress"]
+    [source] = rule["from"]
+    assert set(source) == {"podSelector"}  # same namespace, pods by label; no namespaceSelector, no ipBlock
+    assert source["podSelector"]["matchLabels"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    for other in rendered:
+        if other["kind"] in ("Deployment", "StatefulSet") and other is not worker:
+            labels = other["spec"]["template"]["metadata"]["labels"]
+            assert not source["podSelector"]["matchLabels"].items() <= labels.items(), other["metadata"]["name"]
+    [container] = pod_of(sandbox)["containers"]
+    [port] = rule["ports"]
+    assert port == {"protocol": "TCP", "port": container["ports"][0]["containerPort"]}
+
+
+def test_the_worker_asks_the_sandbox_over_its_service_with_the_shared_token(rendered: list[Obj]) -> None:
+    settings = worker_settings(rendered)
+    service = find(rendered, "Service", "tierflow-sandbox")
+    sandbox = find(rendered, "Deployment", "tierflow-sandbox")
+    [service_port] = service["spec"]["ports"]
+    url = urlsplit(settings.sandbox.url)
+    assert (url.hostname, url.port) == (service["metadata"]["name"], service_port["port"])
+    assert service["spec"]["selector"].items() <= sandbox["spec"]["template"]["metadata"]["labels"].items()
+    [container] = pod_of(sandbox)["containers"]
+    sandbox_env = container_env(rendered, container, "tierflow")
+    assert settings.sandbox.token == sandbox_env["TIERFLOW_SANDBOX_TOKEN"]
+    # The worker no longer runs model code: the sandbox's token is its only link to it.
+    assert "tierflow-sandbox-token" in secrets_used(pod_of(find(rendered, "Deployment", "tierflow-worker")))
+
+
+def test_training_jobs_confine_their_trainer_and_hold_no_kubernetes_token(rendered: list[Obj]) -> None:
+    # The Job the orchestrator launches from the worker's settings: its driver holds the workload token
+    # (from the workload Secret), its trainer runs at the landlock level (no socket, no new process, Landlock),
+    # and the pod mounts no service-account token.
+    settings = worker_settings(rendered)
+    spec = training_spec(Group(3, (4,), ("created",), True), settings, settings.workload_env())
+    job = as_manifest(training_job(spec, image=settings.workloads.image, namespace="tierflow",
+                                   env_secret=settings.workloads.secret or None))
+    pod = pod_of(job)
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert Settings.from_env(env).sandbox.isolation == "landlock"
+    assert "TIERFLOW_SANDBOX_TOKEN" not in env and "DATABASE_URL" not in env
+    assert pod["automountServiceAccountToken"] is False

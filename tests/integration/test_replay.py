@@ -1,10 +1,14 @@
 """Events are the source of truth: replaying tierflow.events from offset 0 rebuilds identical tables.
 
+Datasources included: the ranges the control bridge found on the broker are in the events, so a rebuild
+gives the same rows whatever the broker holds by then.
+
 Also: garbage on the commands topic goes to the dead-letter topic and the worker keeps deciding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import replace
 from typing import Any
@@ -21,6 +25,7 @@ from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import Command, new_command_id
 from tierflow.streams.proofs import VALIDATOR, Signer
 from tierflow.streams.settings import Settings
+from tierflow.streams.topics import TopicSpec, ensure_topics
 
 CHAIN = {
     "top": {"input_shape": [None, 64], "output_shapes": [[None, 10]], "params": 650},
@@ -83,7 +88,16 @@ def scripted_history(rng: random.Random, n: int, validator: Signer) -> list[Comm
             cmds.append(c("DeleteConfiguration", {"id": rng.randint(1, 10)}))
         elif roll < 0.9:
             cmds.append(c("DeleteModel", {"id": rng.choice(model_ids)}))
-        elif roll < 0.95 and cmds:
+        elif roll < 0.93:
+            # A datasource as the control bridge announces it: sometimes with used ranges made exact.
+            announced = [{"topic": "digits", "partition": p, "start": 0, "end": rng.randint(1, 500)} for p in (0, 1)]
+            moved = rng.random() < 0.5
+            used = [announced[0] | {"end": announced[0]["end"] + 7}, announced[1]] if moved else announced
+            cmds.append(c("AnnounceDatasource", {"deployment_id": rng.randint(1, 8), "input_format": "RAW",
+                                                 "ranges": used, "announced_ranges": announced,
+                                                 "range_reasons": ["digits[0]: end moved"] if moved else [],
+                                                 "warnings": ["digits[1]: 3 records after ..."]}))
+        elif roll < 0.96 and cmds:
             cmds.append(rng.choice(cmds))  # a re-sent command: decided once
         else:
             cmds.append(c("RegisterModel", {"name": "", "code": "x"}))  # rejected
@@ -108,7 +122,7 @@ async def test_rebuild_from_offset_zero_gives_identical_tables(infra: Infra) -> 
             "SELECT status, count(*) AS n FROM proj.command_outcomes GROUP BY status")}
         assert statuses.get("accepted", 0) > 100 and statuses.get("rejected", 0) > 10, statuses
         before = await dump(conn)
-        assert before["models"] and before["deployments"] and before["results"]
+        assert before["models"] and before["deployments"] and before["results"] and before["datasources"]
         # Replay from offset 0 into fresh tables, swap, and compare.
         replayed = await rebuild(plane)
         assert replayed == len(unique)
@@ -170,4 +184,46 @@ async def test_garbage_on_commands_topic_is_dead_lettered(plane: Settings) -> No
         assert "empty" in letters[3]["reason"]
         assert "UUID" in letters[4]["reason"]
     finally:
+        await stop_plane(running)
+
+
+async def test_a_rebuild_gives_the_same_datasources_without_asking_the_broker(infra: Infra) -> None:
+    # (imported here: that module imports shape_validate from this one)
+    from tests.integration.test_kafka_ml_sinks import batched_write, kafka_ml_sink, records
+
+    plane = await new_plane(infra, "replayds")
+    running = await start_plane(plane, shape_validate)
+    conn = await asyncpg.connect(plane.database.url)
+    try:
+        async with CommandClient(plane.kafka) as client:
+            for type_, payload in [("RegisterModel", {"name": "single", "code": "# single"}),
+                                   ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
+                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8}),
+                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
+                assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        # A Kafka-ML sink's batched records: the control bridge uses other ranges than it announced, and says why.
+        topic = f"{plane.kafka.topic_prefix}.digits"
+        await ensure_topics(plane.kafka, extra=[TopicSpec(topic, 2, -1)])
+        values, keys = records(1000, 12, tag=9)
+        await asyncio.to_thread(kafka_ml_sink, plane.kafka.bootstrap_servers, plane.kafka.control_topic, topic,
+                                values, keys)
+
+        async def announced() -> bool:
+            return bool(await conn.fetchval("SELECT count(*) FROM proj.datasources") == 1)
+
+        await wait_until(announced, what="the Kafka-ML sink's datasource")
+        async with CommandClient(plane.kafka) as client:  # and a copy of it for deployment 2
+            copy = await client.wait(await client.send("SendDatasource", {"datasource_id": 1, "deployment_id": 2}))
+            assert copy.type == "DatasourceAnnounced"
+        before = await dump(conn)
+        rows = await conn.fetch("SELECT ranges, announced_ranges, range_reasons FROM proj.datasources ORDER BY id")
+        assert len(rows) == 2 and rows[0]["ranges"] != rows[0]["announced_ranges"]
+        assert orjson.loads(rows[0]["range_reasons"]) and rows[1]["ranges"] == rows[0]["ranges"]
+
+        # Another writer appends to the topic: checking the ranges again now would warn about its records.
+        await asyncio.to_thread(batched_write, plane.kafka.bootstrap_servers, topic, *records(300, 12, tag=10))
+        assert await rebuild(plane) == 6  # 4 set-up events, the announcement and its copy
+        assert await dump(conn) == before
+    finally:
+        await conn.close()
         await stop_plane(running)

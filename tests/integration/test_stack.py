@@ -14,10 +14,13 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -274,6 +277,18 @@ def test_up_detach_status_down_leave_nothing_behind(stack_home: Path) -> None:
     assert as_json.returncode == 0
     body = json.loads(as_json.stdout)
     assert body["running"] is True and body["api_url"] == state.api_url
+    # Secure by default: a token the API requires (reads too), kept private, found by the CLI by itself, and
+    # the UI's one-time address printed.
+    assert body["token"] == state.token and len(state.token) >= 32
+    assert f"/ui/?token={state.token}" in up.stdout
+    assert stat.S_IMODE((stack_home / "stack.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((stack_home / "secrets" / "secret_key").stat().st_mode) == 0o600
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{state.api_url}/models", timeout=10)
+    assert refused.value.code == 401
+    refused.value.close()
+    listed = tierflow(stack_home, "models", "list")
+    assert listed.returncode == 0 and listed.stdout == "no models\n", listed.stdout + listed.stderr
     assert {c["component"]: c["state"] for c in body["components"]} == {
         "supervisor": "running", "broker": "running", "postgres": "running", "worker": "running",
         "api": "healthy",

@@ -10,7 +10,7 @@ fakes of tests/unit/test_training_plan.py; its HTTP adapter runs against a small
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.unit.test_training_plan import SETTINGS, FakeLoader, FakeReporter, datasource, deployment_api
+from tierflow.streams.catalogue import parse_result_exits
 from tierflow.streams.errors import TemporaryError
 from tierflow.tiers import training
 from tierflow.tiers.data import InputConfig, decode_raw
@@ -26,6 +27,7 @@ from tierflow.tiers.datasets import load_digits
 from tierflow.tiers.keras_code import build_model
 from tierflow.tiers.train_io import ApiNotFound, HttpTrainingApi
 from tierflow.tiers.train_job import run_training
+from tierflow.tiers.train_sandbox import train_in_sandbox
 from tierflow.tiers.training import Metrics, TrainingOptions
 
 JSON = dict[str, Any]
@@ -182,15 +184,18 @@ def _outputs(model: Any, inputs: np.ndarray[Any, Any]) -> list[np.ndarray[Any, A
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("isolation", ["bwrap", "landlock"])
 async def test_run_training_trains_uploads_and_reports_every_result(
-        snippets: dict[str, str], digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]) -> None:
+        snippets: dict[str, str], digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]], isolation: str) -> None:
+    # The model code runs in the sandboxed trainer, at both levels that isolate it.
     api = deployment_api({name: snippets[name] for name in CHAIN}, fit_options={"epochs": 2},
                          loss_weights={"1": 1.0, "2": 0.5, "3": 0.5})
     api.datasource_items.append(datasource())
     reporter = FakeReporter()
     x, y = digits
+    settings = replace(SETTINGS, sandbox=replace(SETTINGS.sandbox, isolation=isolation))
 
-    code = await run_training(SETTINGS, 4, [13, 12, 11], api=api, reporter=reporter,
+    code = await run_training(settings, 4, [13, 12, 11], api=api, reporter=reporter,
                               data_loader=FakeLoader(x, y), seed=5)
 
     assert code == 0
@@ -215,6 +220,14 @@ async def test_run_training_trains_uploads_and_reports_every_result(
             assert ref.get("format") == ("keras" if kind == "keras" else None)
     cloud = training.load_keras(api.artefacts[reports[2]["artefacts"]["keras"]["sha256"]])
     assert cloud.output_shape == (None, 10)
+    # Each result reports its exit's calibration (fitted on the 180 validation samples, measured on the 180
+    # test ones) and its sub-model's compute; the top result carries the chain's frontier, as the decider wants.
+    exits = [r["exits"] for r in reports]
+    assert [parse_result_exits(e) for e in exits] == exits
+    assert [(e["calibration"]["n_fit"], e["calibration"]["n_measured"]) for e in exits] == [(180, 180)] * 3
+    assert all(e["cost_s"] > 0 for e in exits)
+    assert [e["frontier"] is None for e in exits] == [True, True, False]
+    assert list(exits[2]["frontier"]["temperatures"]) == [e["temperature"] for e in exits]
 
 
 @pytest.mark.slow
@@ -323,3 +336,30 @@ async def test_the_http_adapter_reads_uploads_and_polls_the_api() -> None:
         assert (await api.command_outcome("c1"))["status"] == "accepted"  # type: ignore[index]
         with pytest.raises(TemporaryError, match="HTTP 503"):
             await api.result(1)
+
+
+@pytest.mark.slow
+async def test_the_trainer_hands_the_driver_each_exit_s_probabilities_and_cost(
+        snippets: dict[str, str], digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]) -> None:
+    # What the calibration and frontier record is computed from, in the driver: per exit, its probabilities
+    # on the validation and test splits (one row per sample, rows summing to 1), and each sub-model's time
+    # per sample.
+    x, y = digits
+    options = TrainingOptions(batch=64, fit_options={"epochs": 1}, validation_rate=0.1, test_rate=0.2, seed=3,
+                              exit_keys=[1, 2, 3])
+    _, n_val, n_test = training.split_sizes(len(x), 0.1, 0.2)
+    versions = [{"name": name, "model_id": i + 1, "version": 1, "code": snippets[name], "imports": ""}
+                for i, name in enumerate(CHAIN)]
+    epochs: list[int] = []
+
+    output = await train_in_sandbox(SETTINGS.sandbox, versions, x, y, options, {"validation": n_val, "test": n_test},
+                                    lambda epoch, total, metrics: epochs.append(epoch))
+
+    assert epochs == [1]
+    assert output.isolation["level"] == "bwrap"
+    for split, rows in (("validation", n_val), ("test", n_test)):
+        assert [p.shape for p in output.probs[split]] == [(rows, 10)] * 3
+        for probs in output.probs[split]:
+            np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)
+    assert len(output.seconds_per_sample) == 3 and all(0 < s < 0.01 for s in output.seconds_per_sample)
+    assert [sorted(a) for a in output.artefacts] == [["keras", "tflite"]] * 3

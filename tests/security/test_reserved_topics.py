@@ -6,9 +6,11 @@ log on its next start, so one request stops the control plane for good. The same
 topic (answers decided as commands), the dead-letter topic, the Kafka-ML control topic (answers read as
 datasource announcements) and Kafka's internal topics (`__consumer_offsets`, `__transaction_state`); an
 input topic or a datasource's range naming them makes a tier or a training job read the control plane's
-records as samples. Defence: the one topic validator (streams/catalogue.py: `topic_name`) refuses them, in
-the API (422 naming the field, before anything is sent) and in the decider (a rejection naming the field, for
-commands produced straight to Kafka).
+records as samples. An inference's shadow topic (`<prefix>.shadow.<id>`, where its top tier writes the
+outcomes of shadow samples) named as another inference's output topic would mix fake outcomes into the live
+agreement the API reports, hiding a drifting tier (or flagging a sound one). Defence: the one topic validator
+(streams/catalogue.py: `topic_name`) refuses them, in the API (422 naming the field, before anything is
+sent) and in the decider (a rejection naming the field, for commands produced straight to Kafka).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane
+from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane
 from tests.integration.test_replay import shape_validate
 from tierflow.api.app import create_app
 from tierflow.streams.client import CommandClient
@@ -112,8 +114,26 @@ def test_the_reserved_topics_follow_the_settings_and_keep_the_defaults() -> None
         assert_refused(log.send("RequestInference", inference("output_topic", topic)), "output_topic", topic)
 
 
+@pytest.mark.parametrize("field", TOPIC_FIELDS)
+@pytest.mark.parametrize("topic", ["tierflow.shadow", "tierflow.shadow.1", "tierflow.shadow.42"])
+def test_the_decider_refuses_an_inference_naming_a_shadow_topic(topic: str, field: str) -> None:
+    log = finished_chain(State())
+    assert_refused(log.send("RequestInference", inference(field, topic)), field, topic)
+    assert not log.state.inferences
+
+
+def test_the_shadow_topics_follow_the_settings_and_keep_the_defaults() -> None:
+    from tierflow.streams.catalogue import reserved_topics
+
+    kafka = KafkaSettings(topic_prefix="prod")
+    log = finished_chain(State(reserved_topics=reserved_topics(kafka)))
+    for topic in (kafka.shadow_topic(3), "prod.shadow", "tierflow.shadow.3"):
+        assert_refused(log.send("RequestInference", inference("output_topic", topic)), "output_topic", topic)
+
+
 @pytest.mark.parametrize("topic", ["tierflow.events.copy", "my-tierflow.events", "tierflow.inference.1.tier1",
-                                   "_single_underscore", "answers"])
+                                   "_single_underscore", "answers", "tierflow.shadow.copy", "tierflow.shadow7",
+                                   "my.shadow.7"])
 def test_names_that_only_look_alike_are_served(topic: str) -> None:
     log = finished_chain(State())
     accepted = log.send("RequestInference", inference("output_topic", topic))
@@ -164,7 +184,7 @@ async def test_the_running_decider_refuses_its_own_topics(plane: Settings) -> No
 
 
 async def test_the_api_refuses_reserved_topics_before_sending(plane: Settings) -> None:
-    async with TestClient(TestServer(create_app(plane))) as c:
+    async with TestClient(TestServer(create_app(plane)), headers=admin_headers(plane)) as c:
         for field, topic in [("output_topic", plane.kafka.events_topic), ("input_topic", plane.kafka.control_topic),
                              ("output_topic", "__transaction_state")]:
             # Result 999 does not exist: only a refusal by the API itself can name the topic field.

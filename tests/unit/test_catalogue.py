@@ -18,15 +18,19 @@ from tierflow.streams.catalogue import (
     DEFAULT_OPTIMIZER,
     EVAL_OPTION_KEYS,
     EVENT_TYPES,
+    EVENT_VERSIONS,
     FIT_OPTION_KEYS,
+    MAX_RANGES,
     NAME_MAX,
     Invalid,
+    event_version,
     expected_version,
     name_field,
     opt_id,
     parse_deployment,
     parse_model,
     parse_model_ids,
+    parse_ranges_used,
     req_id,
     topic_name,
     upcasters,
@@ -389,11 +393,25 @@ def test_a_falsy_non_string_optimizer_or_loss_is_rejected(field: str, value: Any
 
 # -- upcasters -----------------------------------------------------------------------------------------
 
-def test_command_rejected_is_at_version_two_and_other_events_at_one() -> None:
+def test_the_upcasters_reach_the_version_the_decider_writes() -> None:
+    # CommandRejected v2 (reason as an object), DatasourceAnnounced v2 (announced and used ranges),
+    # TrainingResultReported v2 (exits), InferenceRequested v2 (what each tier compares); every other event is v1.
     ups = upcasters()
-    assert ups.current("CommandRejected") == 2
-    for event_type in COMMAND_EVENTS.values():
-        assert ups.current(event_type) == 1
+    assert EVENT_VERSIONS == {"CommandRejected": 2, "DatasourceAnnounced": 2, "TrainingResultReported": 2,
+                              "InferenceRequested": 2}
+    for event_type in [*COMMAND_EVENTS.values(), "CommandRejected"]:
+        assert ups.current(event_type) == event_version(event_type) == EVENT_VERSIONS.get(event_type, 1)
+
+
+def test_a_v1_datasource_used_its_ranges_as_announced() -> None:
+    # v1 recorded the announced ranges only (and training read them as they were): used = announced, no reason.
+    ranges = [{"topic": "t", "partition": 0, "start": 0, "end": 9}]
+    v1 = {"id": 1, "deployment_id": 2, "ranges": ranges, "input_format": "RAW", "warnings": ["w"]}
+    version, payload = upcasters().upcast("DatasourceAnnounced", 1, v1)
+    assert version == 2
+    assert payload == v1 | {"announced_ranges": ranges, "range_reasons": []}
+    # The oldest v1 events had no warnings either.
+    assert upcasters().upcast("DatasourceAnnounced", 1, {"ranges": ranges})[1]["warnings"] == []
 
 
 def test_a_v1_rejection_reason_becomes_an_object() -> None:
@@ -452,3 +470,47 @@ def test_topic_names_are_checked_in_one_place() -> None:
     sources = [p for name in ("streams", "api", "projections", "tiers", "deploy") for p in (root / name).rglob("*.py")]
     checking = sorted(str(p.relative_to(root)) for p in sources if "a Kafka topic name" in p.read_text())
     assert checking == ["streams/catalogue.py"]
+
+
+# -- datasource ranges: announced and used ---------------------------------------------------------------
+
+def rng(start: int, end: int, partition: int = 0, topic: str = "t") -> JSON:
+    return {"topic": topic, "partition": partition, "start": start, "end": end}
+
+
+def test_ranges_without_an_announcement_of_their_own_are_used_as_announced() -> None:
+    assert parse_ranges_used({"ranges": [rng(0, 9)]}) == {
+        "ranges": [rng(0, 9)], "announced_ranges": [rng(0, 9)], "range_reasons": [], "warnings": []}
+
+
+def test_used_ranges_that_moved_forward_with_a_reason_are_recorded_beside_the_announced_ones() -> None:
+    fields = parse_ranges_used({"ranges": [rng(3, 12), rng(0, 5, 1)], "announced_ranges": [rng(1, 10), rng(0, 5, 1)],
+                                "range_reasons": ["t[0]: start 1 -> 3: ...", "t[0]: end 10 -> 12: ..."],
+                                "warnings": ["t[1]: 2 records after offset 4 ..."]})
+    assert fields["ranges"] == [rng(3, 12), rng(0, 5, 1)]
+    assert fields["announced_ranges"] == [rng(1, 10), rng(0, 5, 1)]
+    assert len(fields["range_reasons"]) == 2 and len(fields["warnings"]) == 1
+
+
+@pytest.mark.parametrize(("payload", "field", "message"), [
+    ({"ranges": [rng(0, 12)], "announced_ranges": [rng(0, 10)]}, "range_reasons", "without a reason"),
+    ({"ranges": [rng(0, 9)], "announced_ranges": [rng(0, 9), rng(0, 9, 1)], "range_reasons": ["r"]},
+     "announced_ranges", "each used range is one announced range"),
+    ({"ranges": [rng(0, 9, 1)], "announced_ranges": [rng(0, 9)], "range_reasons": ["r"]}, "ranges[0]",
+     "reads the partition announced"),
+    ({"ranges": [rng(0, 9, 0, "u")], "announced_ranges": [rng(0, 9)], "range_reasons": ["r"]}, "ranges[0]",
+     "reads the partition announced"),
+    ({"ranges": [rng(0, 8)], "announced_ranges": [rng(0, 9)], "range_reasons": ["r"]}, "ranges[0]",
+     "only moves its ends forward"),
+    ({"ranges": [rng(0, 9)], "announced_ranges": [rng(1, 9)], "range_reasons": ["r"]}, "ranges[0]",
+     "only moves its ends forward"),
+    ({"ranges": [rng(0, 9)], "announced_ranges": [{"topic": "t"}]}, "announced_ranges", "must list"),
+    ({"ranges": [rng(0, 9)], "range_reasons": "moved"}, "range_reasons", "list of strings"),
+    ({"ranges": [rng(0, 9)], "warnings": [3]}, "warnings", "list of strings"),
+    ({"ranges": [rng(0, 9)] * (MAX_RANGES + 1)}, "ranges", f"at most {MAX_RANGES}"),
+    ({"ranges": [rng(0, 9)], "announced_ranges": [rng(0, 9, 0, "tierflow.events")]}, "announced_ranges[0].topic",
+     "reserved"),
+])
+def test_used_ranges_must_match_the_announced_ones(payload: JSON, field: str, message: str) -> None:
+    err = invalid(parse_ranges_used, payload)
+    assert err.field == field and message in err.message, err.to_json()

@@ -132,6 +132,52 @@ def test_deployment_and_result_views() -> None:
     assert "status         created" in cr.render_result(res).splitlines()
 
 
+#: A Kafka-ML sink's datasource whose end on partition 0 the control bridge moved to its record batch's end.
+DATASOURCE: dict[str, Any] = {
+    "id": 2, "deployment_id": 1, "input_format": "RAW",
+    "input_config": {"data_type": "uint8", "label_type": "uint8", "data_reshape": "28 28"},
+    "description": "digits", "validation_rate": 0.1, "test_rate": 0.1, "total_msg": 1902,
+    "ranges": [{"topic": "digits", "partition": 0, "start": 0, "end": 1000},
+               {"topic": "digits", "partition": 1, "start": 0, "end": 1000}],
+    "announced_ranges": [{"topic": "digits", "partition": 0, "start": 0, "end": 902},
+                         {"topic": "digits", "partition": 1, "start": 0, "end": 1000}],
+    "range_reasons": ["digits[0]: end 902 -> 1000: the announced last record 901 is inside record batch 901..999"],
+    "warnings": ["digits[1]: 7 records after offset 999 (up to the high-water mark 1007) are not part of this "
+                 "datasource: another writer appended them after the announced records"],
+    "origin": {"topic": "KAFKA_ML_CONTROL_TOPIC", "partition": 0, "offset": 4},
+    "created_at": "2024-05-01T12:00:00.5Z",
+}
+
+
+def test_a_datasource_row_counts_used_and_announced_records() -> None:
+    lines = cr.render_list(cr.DATASOURCES, {"items": [DATASOURCE], "total": 1}).splitlines()
+    assert lines[0].split() == ["ID", "DEPLOYMENT", "FORMAT", "TOPIC", "RECORDS", "ANNOUNCED", "NOTES", "CREATED"]
+    assert lines[1].split() == ["2", "1", "RAW", "digits", "2,000", "1,902", "1", "reason,", "1", "warning",
+                                "2024-05-01", "12:00:00"]
+    # A v1 datasource (or one used as announced): the same count twice, nothing to note.
+    plain = DATASOURCE | {"announced_ranges": DATASOURCE["ranges"], "range_reasons": [], "warnings": []}
+    assert cr.datasource_row(plain)[4:7] == ["2,000", "2,000", "-"]
+
+
+def test_a_datasource_view_shows_announced_vs_used_ranges_and_why() -> None:
+    text = cr.render_datasource(DATASOURCE)
+    lines = text.splitlines()
+    assert "records       2,000 (1,902 announced)" in lines
+    assert "split         validation 10%, test 10%" in lines
+    assert "origin        KAFKA_ML_CONTROL_TOPIC[0] offset 4" in lines
+    table = lines[lines.index("ranges (used: what training reads):") + 1:][:3]
+    assert [row.split() for row in table] == [
+        ["TOPIC", "PARTITION", "ANNOUNCED", "USED", "RECORDS"],
+        ["digits", "0", "[0,", "902)", "[0,", "1000)", "1,000", "(+98)"],
+        ["digits", "1", "[0,", "1000)", "[0,", "1000)", "1,000"]]
+    assert "why the used ranges differ from the announced ones:\n- digits[0]: end 902 -> 1000: " in text
+    assert text.endswith("warnings:\n- " + DATASOURCE["warnings"][0])
+    plain = cr.render_datasource(DATASOURCE | {"announced_ranges": DATASOURCE["ranges"], "range_reasons": [],
+                                               "warnings": [], "origin": {"datasource_id": 1}})
+    assert "used as announced" in plain and "warnings" not in plain
+    assert "origin        sent from datasource 1" in plain.splitlines()
+
+
 def test_errors_name_the_field() -> None:
     exc = ApiClientError(409, "conflict", "a model named 'fog' already exists", "name")
     assert cr.format_error(exc) == "tierflow: a model named 'fog' already exists (field: name)"
@@ -207,6 +253,9 @@ def test_paths() -> None:
     assert cr.list_path(cr.RESULTS, parse("results", "list", "--deployment", "4", "--limit", "5")) == \
         "/deployments/4/results?limit=5"
     assert cr.list_path(cr.CONFIGURATIONS, parse("configurations", "list")) == "/configurations"
+    assert cr.list_path(cr.DATASOURCES, parse("datasources", "list", "--deployment", "2")) == \
+        "/datasources?deployment_id=2"
+    assert parse("datasources", "show", "5", "--json").id == 5
     assert cr.delete_path(cr.MODELS, 3, 2) == "/models/3?expected_version=2"
     assert cr.delete_path(cr.DEPLOYMENTS, 3) == "/deployments/3"
     assert with_query("/x", {"a": None, "b": False}) == "/x?b=false"

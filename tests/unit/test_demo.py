@@ -1,12 +1,19 @@
-"""The demo's pure parts: choosing the dataset, the held-out split, and the summary it prints."""
+"""The demo's pure parts: choosing the dataset, the held-out split, the target it serves from (relaxed when the
+decider refuses it), and the summary it prints: predicted beside observed."""
 
 from __future__ import annotations
+
+import argparse
+from typing import Any
 
 import numpy as np
 import pytest
 
-from tierflow.deploy.demo_data import DemoError, choose_dataset, split_holdout
-from tierflow.deploy.demo_summary import Answered, format_summary, summarize
+from tierflow.deploy.demo import register, target_of
+from tierflow.deploy.demo_data import DEFAULT_TARGET, DemoError, choose_dataset, split_holdout
+from tierflow.deploy.demo_summary import Answered, best_reachable, format_summary, served, summarize
+from tierflow.streams.exits import SplitTooSmall, Target, TargetInvalid, choose_limits, parse_frontier
+from tierflow.tiers.frontier import build_frontier_record
 
 
 def test_auto_picks_fashion_mnist_only_when_installed() -> None:
@@ -46,3 +53,105 @@ def test_summary_counts_each_input_once_and_shares_sum_to_one() -> None:
     assert summary["latency_ms"]["p50"] == 6.0 and summary["throughput_per_s"] == pytest.approx(1.5)
     text = format_summary(summary)
     assert "cascade accuracy 0.667" in text and "tier 2 (cloud)   answered  33.3%" in text and "cloud    -" in text
+
+
+# -- serving from a target ---------------------------------------------------------------------------------------
+
+
+def small_chain_record(n: int) -> dict[str, Any]:
+    """The frontier record of a 3-tier chain (tiers/frontier.py) on n validation samples of over-confident exits
+    that get better up the chain: with n ~ 150, as the digits give, a 1% drop cannot be certified."""
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 10, n)
+    probs = []
+    for k in range(3):
+        z = rng.normal(0.0, 1.0, (n, 10))
+        z[np.arange(n), y] += 2.0 + k
+        e = np.exp(2.0 * z)
+        probs.append(e / e.sum(axis=1, keepdims=True))
+    return build_frontier_record(probs, y, [2.0, 2.0, 2.0], [1e-5, 4e-5, 2e-4])
+
+
+def test_a_refused_target_is_relaxed_to_the_strictest_one_the_frontier_certifies() -> None:
+    record = small_chain_record(150)
+    parsed = parse_frontier(record)
+    asked = Target("max_accuracy_drop", 0.01)
+    with pytest.raises(SplitTooSmall) as refused:
+        choose_limits(parsed, asked)
+    relaxed = best_reachable(record, asked)
+    assert relaxed is not None and refused.value.best <= relaxed < refused.value.best + 1e-4
+    assert round(relaxed, 4) == relaxed
+    choose_limits(parsed, Target("max_accuracy_drop", relaxed))  # the decider accepts it
+    # A floor relaxes downwards; a target that is met stays as it is.
+    floor = best_reachable(record, Target("min_accuracy", 0.9999))
+    assert floor is not None and floor < 0.9999
+    choose_limits(parsed, Target("min_accuracy", floor))
+    assert best_reachable(record, Target("max_accuracy_drop", 0.5)) == 0.5
+    assert best_reachable({"version": 99}, asked) is None  # an unreadable record: nothing to relax to
+
+
+INFERENCE = {
+    "id": 4, "result_id": 1, "target": {"max_accuracy_drop": 0.0187},
+    "tiers": [{"index": 0, "model_name": "edge", "limit": 0.93, "compare": "calibrated", "top": False},
+              {"index": 1, "model_name": "fog", "limit": 1.01, "compare": "calibrated", "top": False},
+              {"index": 2, "model_name": "cloud", "limit": 1.0, "compare": "calibrated", "top": True}],
+    "predicted": {"n": 144, "point": 17, "shares": [0.75, 0.0, 0.25], "accuracy": 0.951, "accuracy_lower": 0.917,
+                  "top_accuracy": 0.944, "accuracy_drop": -0.007, "accuracy_drop_upper": 0.0186,
+                  "top_share_upper": 0.31, "cost_s": 5e-5, "confidence": 0.9, "entry": 0,
+                  "tier_agreement": [0.97, None],
+                  "test": {"n": 143, "shares": [0.7, 0.0, 0.3], "accuracy": 0.937, "top_accuracy": 0.93,
+                           "agreement": 0.96, "tier_agreement": [0.95, None]}},
+}
+
+
+def test_the_summary_puts_the_predicted_shares_and_accuracy_beside_the_observed_ones() -> None:
+    answered = Answered()
+    for i, (tier, cls) in enumerate([(0, 1), (0, 2), (0, 3), (2, 4)]):
+        answered.add((0, i), tier, cls, 5.0, now=1.0 + i)
+    summary = summarize(exits=[("edge", 0.9), ("fog", 0.91), ("cloud", 0.93)], single=None,
+                        offsets=[(0, i) for i in range(4)], labels=[1, 2, 0, 4], answered=answered, started_at=0.0,
+                        tiers=3, serving=served(INFERENCE, requested={"max_accuracy_drop": 0.01}))
+    # --json carries the target, the limits, the prediction and the observation.
+    assert summary["target"] == {"max_accuracy_drop": 0.0187}
+    assert summary["requested_target"] == {"max_accuracy_drop": 0.01}
+    assert summary["limits"] == [0.93, 1.01] and summary["compare"] == "calibrated"
+    assert summary["predicted"]["shares"] == [0.75, 0.0, 0.25] and summary["predicted"]["accuracy"] == 0.951
+    assert summary["predicted"]["test"]["accuracy"] == 0.937
+    assert summary["observed"] == {"n": 4, "shares": [0.75, 0.0, 0.25], "accuracy": 0.75}
+    assert [t["predicted_share"] for t in summary["tiers"]] == [0.75, 0.0, 0.25]
+    text = format_summary(summary)
+    assert "served from the target max_accuracy_drop 0.0187\n  (asked for max_accuracy_drop 0.01: refused" in text
+    assert "chosen limits on the calibrated confidence: edge 0.93, fog 1.01 (never answers)" in text
+    assert "  tier 0 (edge)        75.0%      70.0%     75.0%  answered (observed accuracy 0.667)" in text
+    assert "  cascade accuracy     0.951      0.937     0.750" in text
+    assert "the chosen point on 144 validation samples (accuracy >= 0.917 with 90% confidence" in text
+
+
+def test_typed_limits_print_as_before_and_predict_nothing() -> None:
+    typed = {"tiers": [{"limit": 0.8, "top": False}, {"limit": 0.8, "top": False}, {"limit": 1.0, "top": True}],
+             "target": None, "predicted": None}
+    answered = Answered()
+    answered.add((0, 0), 0, 1, 5.0, now=1.0)
+    summary = summarize(exits=[("edge", 0.9), ("fog", 0.91), ("cloud", 0.93)], single=None, offsets=[(0, 0)],
+                        labels=[1], answered=answered, started_at=0.0, tiers=3, serving=served(typed))
+    assert (summary["target"], summary["predicted"], summary["limits"]) == (None, None, [0.8, 0.8])
+    text = format_summary(summary)
+    assert "served with typed limits (edge 0.8, fog 0.8) on the raw max(p), as Kafka-ML" in text
+    assert "cascade accuracy 1.000" in text and "predicted" not in text
+
+
+def demo_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["demo", *argv])
+
+
+def test_the_demo_serves_from_a_one_percent_drop_unless_told_otherwise() -> None:
+    assert target_of(demo_args()) == DEFAULT_TARGET == ("max_accuracy_drop", 0.01)
+    assert target_of(demo_args("--min-accuracy", "0.9")) == ("min_accuracy", 0.9)
+    assert target_of(demo_args("--max-top-share", "0.2")) == ("max_top_share", 0.2)
+    assert demo_args("--limit", "0.8").limit == 0.8
+    with pytest.raises(TargetInvalid, match=r"must be in \[0, 1\)"):
+        target_of(demo_args("--max-accuracy-drop", "1.5"))
+    with pytest.raises(SystemExit):  # a target and a typed limit are exclusive
+        demo_args("--limit", "0.8", "--max-accuracy-drop", "0.01")

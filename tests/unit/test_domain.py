@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tierflow.streams.catalogue import CODE_COMMANDS, COMMAND_EVENTS, upcasters
@@ -622,6 +623,43 @@ def test_a_datasource_is_announced_for_an_existing_deployment(chain: Decider) ->
     assert chain.state.datasources == {1: dep}
     second = {"deployment_id": dep, "ranges": ranges, "input_format": "AVRO"}
     assert chain.accept("AnnounceDatasource", second).payload["id"] == 2
+
+
+def test_a_datasource_records_the_announced_and_the_used_ranges_and_a_copy_keeps_them(chain: Decider) -> None:
+    dep = chain.deploy(chain.configure("thesis", [4])).payload["id"]
+    other = chain.deploy(chain.configure("again", [4])).payload["id"]
+    announced = [{"topic": "digits", "partition": p, "start": 0, "end": 400} for p in (0, 1)]
+    used = [announced[0] | {"end": 449}, announced[1]]
+    reasons = ["digits[0]: end 400 -> 449: the announced last record 399 is inside record batch 399..448, ..."]
+    event = chain.accept("AnnounceDatasource", {
+        "deployment_id": dep, "input_format": "RAW", "ranges": used, "announced_ranges": announced,
+        "range_reasons": reasons, "warnings": ["digits[1]: 3 records after offset 399 ..."]})
+    assert (event.type, event.version) == ("DatasourceAnnounced", 2)
+    p = event.payload
+    assert (p["ranges"], p["announced_ranges"], p["range_reasons"]) == (used, announced, reasons)
+    assert p["warnings"] == ["digits[1]: 3 records after offset 399 ..."]
+    # Sent to another deployment: the same data, read the same way, for the same reasons.
+    copy = chain.accept("SendDatasource", {"datasource_id": p["id"], "deployment_id": other}).payload
+    assert {k: copy[k] for k in ("ranges", "announced_ranges", "range_reasons", "warnings")} == {
+        k: p[k] for k in ("ranges", "announced_ranges", "range_reasons", "warnings")}
+    # A used range that does not follow from the announced one is refused, naming the field.
+    chain.reject("AnnounceDatasource", {"deployment_id": dep, "input_format": "RAW", "ranges": used,
+                                        "announced_ranges": announced}, field="range_reasons")
+
+
+def test_a_copy_of_a_v1_datasource_read_from_the_log_uses_its_ranges_as_announced(chain: Decider) -> None:
+    dep = chain.deploy(chain.configure("thesis", [4])).payload["id"]
+    ranges = [{"topic": "digits", "partition": 0, "start": 0, "end": 400}]
+    # A DatasourceAnnounced written by an earlier tierflow (v1), read back from the events log.
+    v1 = orjson.dumps({"id": event_id_for("old"), "seq": chain.state.seq + 1, "type": "DatasourceAnnounced",
+                       "version": 1, "aggregate": "datasource:1", "aggregate_version": 1, "command_id": "old",
+                       "occurred_at": AT, "payload": {
+                           "id": 1, "deployment_id": dep, "ranges": ranges, "input_format": "RAW",
+                           "input_config": {}, "description": "", "validation_rate": 0.0, "test_rate": 0.0,
+                           "total_msg": None, "origin": None, "warnings": [], "created_at": AT}})
+    apply(chain.state, decode_event(v1, upcasters()))
+    copy = chain.accept("SendDatasource", {"datasource_id": 1, "deployment_id": dep}).payload
+    assert (copy["ranges"], copy["announced_ranges"], copy["range_reasons"]) == (ranges, ranges, [])
 
 
 def test_a_datasource_needs_a_deployment_and_ranges(chain: Decider) -> None:

@@ -249,6 +249,8 @@ def test_rbac_grants_the_orchestrator_only_what_it_uses() -> None:
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": manage},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        # Each workload's own Secret (its token): never read or listed, so no other Secret is exposed.
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "delete"]},
     ]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": "tierflow-orchestrator"}

@@ -7,10 +7,17 @@ Tansu answers a latest-offset lookup with the last batch's first offset + 1, so 
 
 from __future__ import annotations
 
+import asyncio
+
+import orjson
 import pytest
 
 from tierflow.streams.batches import BatchAt, RecordBatch
-from tierflow.streams.ranges import Range, Resolution, resolve_range
+from tierflow.streams.catalogue import MAX_RANGES
+from tierflow.streams.control import ControlBridge, ControlMessageError, Stopping, parse_control_message
+from tierflow.streams.envelope import JSON
+from tierflow.streams.ranges import Range, RangesUnresolved, Resolution, resolve_range
+from tierflow.streams.settings import KafkaSettings
 
 EARLIER = RecordBatch(0, 100)
 FIRST = RecordBatch(100, 150)
@@ -108,3 +115,29 @@ def test_a_resolution_lists_announced_and_used_ranges_in_order() -> None:
 def test_a_malformed_range_is_refused(raw: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="range"):
         Range.of(raw)
+
+
+# -- the control bridge's side: what it sends the broker at all, and how it waits ------------------------
+
+def test_an_announcement_naming_too_many_ranges_is_refused_before_the_broker_is_asked() -> None:
+    spec = ",".join(f"t:{p}:0:1" for p in range(MAX_RANGES + 1))
+    with pytest.raises(ControlMessageError, match=f"names {MAX_RANGES + 1} ranges; at most {MAX_RANGES}"):
+        parse_control_message(b"\x01", orjson.dumps({"topic": spec}))
+    assert len(parse_control_message(b"\x01", orjson.dumps({"topic": spec.rsplit(",", 1)[0]}))["ranges"]) == MAX_RANGES
+
+
+async def test_a_bridge_waiting_for_the_broker_stops_at_once_without_recording_the_message() -> None:
+    asked = asyncio.Event()
+
+    async def silent(kafka: KafkaSettings, ranges: list[JSON]) -> Resolution:
+        asked.set()
+        raise RangesUnresolved("no answer", delay_s=60)
+
+    bridge = ControlBridge(KafkaSettings(), "postgresql://unused", resolve=silent)
+    stopping = asyncio.Event()
+    waiting = asyncio.create_task(bridge._resolve([{"topic": "t", "partition": 0, "start": 0, "end": 1}], stopping))
+    await asyncio.wait_for(asked.wait(), timeout=1)
+    stopping.set()
+    # Raised (not returned): the reader records no position, so the next start reads this message again.
+    with pytest.raises(Stopping):
+        await asyncio.wait_for(waiting, timeout=1)

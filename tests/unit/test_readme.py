@@ -12,10 +12,19 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_the_readme_has_the_demo_and_the_test_commands() -> None:
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    setup = [b.strip() for b in blocks if b.startswith("python3 -m venv .venv")]
+    blocks = [b.strip() for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S)]
+    setup = [b for b in blocks if b.startswith("python3 -m venv .venv") or b == "bash .ci/run"]
     assert setup == ["python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/tierflow demo",
-                     "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/pytest"]
+                     "bash .ci/run"]
+
+
+def test_the_test_command_sets_up_what_the_tests_need_and_runs_them_all() -> None:
+    script = (ROOT / ".ci" / "run").read_text()
+    # A fresh machine lacks the browser and the data set; the script installs both, then the project.
+    assert "chromium" in script and "dataset-fashion-mnist" in script
+    assert "pip install -q -e '.[dev]'" in script
+    assert script.rstrip().splitlines()[-2].strip() == ".venv/bin/pytest"
+    assert "total:" in script.rstrip().splitlines()[-1]
 
 
 def test_every_setting_is_documented() -> None:

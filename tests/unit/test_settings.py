@@ -38,10 +38,11 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
         Settings.from_env(env)
 
 
-def test_workloads_get_no_database_url_and_no_token_when_a_secret_carries_it() -> None:
-    local = Settings.from_env({"DATABASE_URL": "postgresql://u:pw@db/t", "TIERFLOW_API_TOKEN": "s3cret"})
+def test_workloads_get_no_database_url_no_secret_key_and_no_admin_token() -> None:
+    local = Settings.from_env({"DATABASE_URL": "postgresql://u:pw@db/t", "TIERFLOW_API_TOKEN": "s3cret",
+                               "TIERFLOW_SECRET_KEY": "k" * 64})
     env = local.workload_env()
-    assert "DATABASE_URL" not in env and env["TIERFLOW_API_TOKEN"] == "s3cret"  # local processes: no Secret
+    assert not {"DATABASE_URL", "TIERFLOW_API_TOKEN", "TIERFLOW_SECRET_KEY"} & set(env)  # each gets its own token
     cluster = Settings.from_env({"DATABASE_URL": "postgresql://u:pw@db/t", "TIERFLOW_API_TOKEN": "s3cret",
                                  "TIERFLOW_LAUNCHER": "kubernetes", "TIERFLOW_WORKLOAD_SECRET": "wl-secrets"})
     env = cluster.workload_env()

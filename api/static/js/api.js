@@ -1,7 +1,25 @@
 // The JSON API client the pages share: bearer token, readable errors, and commands whose outcome
 // arrives later (202 + Location: /commands/{id}) followed to the end.
+//
+// The token: `tierflow up` (and `tierflow demo --keep`) print a one-time address, /ui/?token=..., as Jupyter
+// does. The page keeps the token in sessionStorage (this tab only, gone when it closes), removes it from the
+// address bar and history at once, and sends it as `Authorization: Bearer` on every request: a header, not a
+// cookie, so no other site can make the browser send it (CSRF), and cookies do not separate ports on 127.0.0.1.
 
 const TOKEN_KEY = "tierflow.apiToken";
+
+function adoptTokenFromAddress() {
+  const params = new URLSearchParams(location.search);
+  const token = params.get("token");
+  if (token === null) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  params.delete("token");
+  const query = params.toString();
+  history.replaceState(history.state, "", location.pathname + (query ? `?${query}` : "") + location.hash);
+}
+
+adoptTokenFromAddress();
+localStorage.removeItem(TOKEN_KEY); // earlier versions kept it for good; a tab's session is enough
 
 export class ApiError extends Error {
   constructor(message, { status = 0, code = "error", field = null } = {}) {
@@ -14,30 +32,39 @@ export class ApiError extends Error {
 }
 
 export function getToken() {
-  return localStorage.getItem(TOKEN_KEY) || "";
+  return sessionStorage.getItem(TOKEN_KEY) || "";
 }
 
 export function setToken(token) {
-  if (token) localStorage.setItem(TOKEN_KEY, token);
-  else localStorage.removeItem(TOKEN_KEY);
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
 }
 
-const STATUS_OF_CODE = { invalid: 422, not_found: 404, conflict: 409, unauthorized: 401 };
+/** Headers of every request to the API: JSON, and the bearer token when the page has one. */
+export function authHeaders(extra = {}) {
+  const headers = { Accept: "application/json", ...extra };
+  const token = getToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  return headers;
+}
+
+const STATUS_OF_CODE = { invalid: 422, not_found: 404, conflict: 409, unauthorized: 401, forbidden: 403 };
 
 function errorFrom(status, data, fallback) {
   const e = data && data.error;
   if (e && e.message) {
     let message = e.message;
-    if (status === 401) message += " Enter the token in the field at the top right.";
+    if (status === 401) {
+      message = "This API needs its token. Open the address `tierflow up` printed (…/ui/?token=…), or enter " +
+        "the token (`tierflow status --json`) in the field at the top right.";
+    }
     return new ApiError(message, { status, code: e.code, field: e.field });
   }
   return new ApiError(fallback, { status });
 }
 
 async function send(method, path, body) {
-  const headers = { Accept: "application/json" };
-  const token = getToken();
-  if (token && method !== "GET") headers.Authorization = `Bearer ${token}`;
+  const headers = authHeaders();
   let payload;
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";

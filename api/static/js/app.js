@@ -1,12 +1,13 @@
 // The single-page app: hash routes -> page renderers, the token field, flash messages, the health dot.
 
-import { ApiError, getToken, setToken } from "./api.js";
+import { ApiError, authHeaders, getToken, setToken } from "./api.js";
 import { h } from "./dom.js";
 import * as models from "./pages/models.js";
 import * as configurations from "./pages/configurations.js";
 import * as deployments from "./pages/deployments.js";
 import * as datasources from "./pages/datasources.js";
 import * as inferences from "./pages/inferences.js";
+import * as exits from "./pages/exits.js";
 
 const ROUTES = [
   [/^\/models$/, models.list, "models"],
@@ -17,6 +18,7 @@ const ROUTES = [
   [/^\/deployments$/, deployments.list, "deployments"],
   [/^\/deployments\/new$/, deployments.create, "deployments"],
   [/^\/deployments\/(\d+)$/, deployments.detail, "deployments"],
+  [/^\/results\/(\d+)\/exits$/, exits.detail, "deployments"],
   [/^\/datasources$/, datasources.list, "datasources"],
   [/^\/inferences$/, inferences.list, "inferences"],
   [/^\/inferences\/new$/, inferences.create, "inferences"],
@@ -108,9 +110,28 @@ function setupToken() {
     e.preventDefault();
     setToken(input.value.trim());
     show();
-    flash(getToken() ? "API token saved in this browser." : "API token cleared.");
+    flash(getToken() ? "API token kept for this tab." : "API token cleared.");
+    if (view.querySelector(".alert-error")) render(); // a page that could not load without it: load it now
   });
   show();
+}
+
+/** Links to API documents (OpenAPI, metrics) need the token too: fetch them with it and show the text. */
+function setupAuthedLinks() {
+  document.querySelectorAll("a[data-authed]").forEach((a) => {
+    a.addEventListener("click", async (e) => {
+      e.preventDefault();
+      try {
+        const r = await fetch(a.getAttribute("href"), { headers: authHeaders({ Accept: "*/*" }) });
+        const text = await r.text();
+        if (!r.ok) throw new Error(`HTTP ${r.status}: ${text}`);
+        const type = (r.headers.get("Content-Type") || "text/plain").split(";")[0];
+        window.open(URL.createObjectURL(new Blob([text], { type })), "_blank", "noopener");
+      } catch (err) {
+        flash(`Could not open ${a.getAttribute("href")}: ${err.message}`, "error");
+      }
+    });
+  });
 }
 
 async function health() {
@@ -133,5 +154,6 @@ async function health() {
 
 window.addEventListener("hashchange", render);
 setupToken();
+setupAuthedLinks();
 health();
 render();

@@ -82,14 +82,21 @@ export function lineChart({ title, series, domain = null, xLabel = "epoch", xEnd
   return box;
 }
 
-/** Horizontal bars of shares (0..1) with labels: the exit distribution per tier. */
+/** Horizontal bars of shares (0..1) with labels: the exit distribution per tier; a row's optional `predicted`
+ * share is a tick on its track. */
 export function shareBars(rows) {
   return h("div", { class: "bars" }, rows.map((r, i) => {
     const fill = h("div", { class: `bar-fill tier-${i % 4}` });
     fill.style.width = `${Math.max(0, Math.min(1, r.share)) * 100}%`;
+    const track = h("div", { class: "bar-track" }, fill);
+    if (typeof r.predicted === "number") {
+      const tick = h("div", { class: "bar-predicted", title: `predicted ${(r.predicted * 100).toFixed(1)} %` });
+      tick.style.left = `${Math.max(0, Math.min(1, r.predicted)) * 100}%`;
+      track.append(tick);
+    }
     return h("div", { class: "bar-row", "data-tier": r.index },
       h("div", { class: "bar-label" }, r.label),
-      h("div", { class: "bar-track" }, fill),
+      track,
       h("div", { class: "bar-value" }, r.value));
   }));
 }

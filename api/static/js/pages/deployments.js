@@ -187,6 +187,8 @@ function resultCard(ctx, r, deployment, byId, refresh) {
   const actions = [];
   if (r.status === "finished") {
     actions.push(link(`#/inferences/new?result=${r.id}`, "Deploy for inference", { class: "btn btn-primary btn-sm" }));
+    actions.push(link(`#/results/${r.id}/exits`, "Exits and frontier", { class: "btn btn-secondary btn-sm",
+      title: "The calibration of the chain's exits and the trade-off of their limits" }));
     for (const fmt of Object.keys(r.artefacts || {})) {
       actions.push(link(`/results/${r.id}/model${fmt === "keras" ? "" : `?format=${fmt}`}`, `Download ${fmt}`,
         { class: "btn btn-secondary btn-sm", download: "" }));
