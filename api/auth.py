@@ -18,7 +18,8 @@ open by accident, and `security_middleware(settings)` runs before every handler,
    token (TIERFLOW_API_TOKEN) or a workload token (streams/tokens.py), else 401. TIERFLOW_API_AUTH=off makes
    every caller the admin (steps 2-4 still hold).
 6. Scope: a workload token reaches only the routes of `WORKLOAD_ROUTES`, for the ids its claims name and that
-   belong together in the projections (a training token's results must be of its deployment), else 403.
+   belong together in the projections (a training token's results must be of its deployment), else 403. A
+   training token reports (`POST /reports`, which the API then vouches for) for its own results only.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from tierflow.api.errors import Handler, error_response
+from tierflow.api.routes import body, reported_results
 from tierflow.api.state import get_state
 from tierflow.api.ui import is_ui_path
 from tierflow.projections import queries
@@ -215,6 +217,25 @@ async def _upload(request: web.Request, claims: WorkloadClaims) -> bool:
     return len(results) == len(claims.results) and any(r["status"] not in FINAL_STATUSES for r in results)
 
 
+async def _own_reports(request: web.Request, claims: WorkloadClaims) -> bool:
+    """A training report for the token's own results only (`reported_results` of its payload), each of the
+    token's deployment in the projections, under that deployment's id when the report names one: the API signs
+    what passes, so the decider believes it (streams/proofs.py). A body that names no results is the route's
+    422."""
+    data = await body(request)
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        return True  # the route answers 422 and sends nothing
+    ids = reported_results(payload)
+    if not set(ids) <= set(claims.results):
+        return False
+    if "deployment_id" in payload and payload["deployment_id"] != claims.deployment:
+        return False
+    async with get_state(request).pool.acquire() as conn:
+        found = [await queries.get_result(conn, rid) for rid in ids]
+    return all(r is not None and r["deployment_id"] == claims.deployment for r in found)
+
+
 async def _own_inference(request: web.Request, claims: WorkloadClaims) -> bool:
     return _id(request) == claims.inference
 
@@ -240,6 +261,7 @@ WORKLOAD_ROUTES: dict[str, dict[tuple[str, str], Check]] = {
         ("GET", "/datasources"): _own_datasources,
         ("GET", "/commands/{command_id}"): _any_outcome,
         UPLOAD_ROUTE: _upload,
+        ("POST", "/reports"): _own_reports,
     },
     Scope.TIER: {
         ("GET", "/inferences/{id}"): _own_inference,

@@ -259,9 +259,12 @@ def paths() -> JSON:
                           **_resp("404", "Error", "no such result or artefact")}}},
         "/reports": {"post": {
             "summary": "A training workload's report (started, progress, result, failure): the API vouches for it "
-                       "(docs/commands.md); the outcome is at the Location",
+                       "(docs/commands.md); the outcome is at the Location. A training token reports for its own "
+                       "results only",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ReportIn")}}},
             "responses": {**_resp("202", "Pending", "on the commands topic; poll its Location for the outcome"),
+                          **_resp("401", "Error", "no bearer token, or one this API did not issue"),
+                          **_resp("403", "Error", "a workload token whose claims do not cover the reported results"),
                           **_resp("422", "Error", "not a workload's report (the error names the field)"),
                           **_resp("503", "Error", "the API has no TIERFLOW_SECRET_KEY to vouch with")}}},
         "/artefacts": {"put": {
@@ -312,8 +315,13 @@ def paths() -> JSON:
             {"name": "command_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}])},
         "/healthz": {"get": {"summary": "Liveness (no token)", "security": [],
                              "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "Readiness: broker, Postgres, projector, projection lag (no token)",
+        "/readyz": {"get": {"summary": "Readiness (no token): broker, Postgres, projector, projection lag, each agent "
+                                       "of the worker (a failing one named with its error), and the sandbox "
+                                       "isolation in force (`sandbox`); `?scope=api`: the API's own Postgres and "
+                                       "broker only (the API pods' readiness probe)",
                             "security": [],
+                            "parameters": [{"name": "scope", "in": "query", "required": False,
+                                            "schema": {"enum": ["all", "api"], "default": "all"}}],
                             "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
         "/metrics": {"get": {"summary": "Prometheus metrics (a token unless TIERFLOW_METRICS_AUTH=open)",
                              "responses": {"200": {"description": "text"}}}},

@@ -3,11 +3,13 @@
 A workload runs user code (a training job runs the model code; a tier loads a model trained from it), so its
 token is what that code can use. Attacks: a training workload reads or acts on another deployment's results,
 registers model code, or fills the API's disk with uploads; a tier reads another inference's model; anyone
-uploads without a workload token. Defences (api/auth.py, streams/tokens.py): the orchestrator gives each
+uploads without a workload token; a training workload reports (through the API, which vouches for its reports)
+on another deployment's results. Defences (api/auth.py, streams/tokens.py): the orchestrator gives each
 workload a token naming its deployment and results (training) or its inference, tier and result (tier); the API
-lets each scope reach only the routes and ids its claims name; uploads need a training token whose results are
-still open (or the admin token), as `application/octet-stream`, under TIERFLOW_MAX_ARTEFACT_BYTES (413 beyond,
-decided from Content-Length before a byte is stored, and by counting when the length is not sent).
+lets each scope reach only the routes and ids its claims name (a report's results included); uploads need a
+training token whose results are still open (or the admin token), as `application/octet-stream`, under
+TIERFLOW_MAX_ARTEFACT_BYTES (413 beyond, decided from Content-Length before a byte is stored, and by counting
+when the length is not sent).
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, StackClient, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tests.security.test_api_doors import AUTH, SECRET, secured
 from tierflow.api.app import create_app
 from tierflow.deploy.cli import main
-from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
 from tierflow.streams.tokens import mint, tier_claims, training_claims, verify
 
@@ -115,6 +116,51 @@ async def test_a_token_names_only_what_it_was_minted_for(world: World) -> None:
     assert await status(world, "GET", f"/deployments/{world.theirs[0]}", f"{head}.{other_payload}.{signature}") == 401
 
 
+async def report(world: World, token: str, type_: str, payload: dict[str, Any]) -> int:
+    return await status(world, "POST", "/reports", token, json={"type": type_, "payload": payload})
+
+
+async def test_a_training_token_reports_only_its_own_results(world: World) -> None:
+    dep, rid, _ = world.mine
+    other_dep, other_rid, _ = world.theirs
+    token = mint(SECRET, training_claims(dep, [rid]))
+    # Another deployment's result, under either deployment id: the API refuses before it vouches for anything.
+    started = {"seed": 1, "samples": {"train": 1}}
+    for payload in ({"deployment_id": other_dep, "result_ids": [other_rid], **started},
+                    {"deployment_id": dep, "result_ids": [other_rid], **started},
+                    {"deployment_id": dep, "result_ids": [rid, other_rid], **started},
+                    {"deployment_id": other_dep, "result_ids": [rid], **started}):
+        assert await report(world, token, "ReportTrainingStarted", payload) == 403, payload
+    finished = {"metrics": {"test": {"accuracy": 1.0}}, "artefacts": {"keras": {"sha256": "c" * 64}}}
+    assert await report(world, token, "ReportTrainingResult", {"result_id": other_rid, **finished}) == 403
+    assert await report(world, token, "ReportTrainingFailure", {"deployment_id": other_dep,
+                                                                "result_ids": [other_rid], "reason": "x"}) == 403
+    # A token that also names another deployment's result reaches it no more than it can read it.
+    mixed = mint(SECRET, training_claims(dep, [rid, other_rid]))
+    assert await report(world, mixed, "ReportTrainingStarted",
+                        {"deployment_id": dep, "result_ids": [other_rid], **started}) == 403
+    # A tier reports nothing.
+    assert await report(world, mint(SECRET, tier_claims(41, 0, rid)), "ReportTrainingStarted",
+                        {"deployment_id": dep, "result_ids": [rid], **started}) == 403
+    # Its own result: the API vouches for the report, and the decider accepts it.
+    r = await world.client.post("/reports", headers=bearer(token), json={
+        "type": "ReportTrainingProgress",
+        "payload": {"deployment_id": dep, "result_ids": [rid], "epoch": 1, "epochs": 2,
+                    "metrics": {str(rid): {"loss": 0.5}}}})
+    assert r.status == 202, await r.text()
+    location = r.headers["Location"]
+
+    async def decided() -> Any:
+        answer = await world.client.get(location, headers=bearer(token))
+        return (await answer.json()) if answer.status == 200 else None
+
+    await wait_until(decided, what="the report's outcome")
+    outcome = await decided()
+    assert outcome["status"] == "accepted", outcome
+    them = await (await world.client.get(f"/results/{other_rid}", headers=AUTH)).json()
+    assert them["status"] == "created" and not them.get("history"), them
+
+
 async def test_a_tier_token_reads_only_its_inference_and_its_model(world: World) -> None:
     _, rid, _ = world.mine
     _, other_rid, _ = world.theirs
@@ -180,7 +226,7 @@ async def test_the_admin_mints_a_tier_token_for_a_device(world: World, monkeypat
     dep, rid, _ = world.mine
     assert await status(world, "POST", "/inferences/999/token", AUTH["Authorization"].split()[1],
                         json={"tier": 0}) == 404
-    async with CommandClient(world.settings.kafka) as client:
+    async with StackClient(world.settings) as client:  # as the API signs a training job's report
         event = await client.wait(await client.send("ReportTrainingResult", {
             "result_id": rid, "metrics": {}, "artefacts": {"keras": {"sha256": "a" * 64, "size": 1}}}))
         assert event.type == "TrainingResultReported"
