@@ -27,14 +27,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import generate_latest
 
-from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, StackClient, admin_headers, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import dump
 from tests.integration.test_tier_agent import TopicReader, produce, serving
 from tierflow.api.app import create_app
 from tierflow.deploy.cli_inferences import render_stats
 from tierflow.projections.rebuild import rebuild
 from tierflow.streams import wire
-from tierflow.streams.client import CommandClient
 from tierflow.streams.exits import live_agreement
 from tierflow.streams.orchestrator import ensure_inference_topics
 from tierflow.streams.settings import Settings
@@ -151,7 +150,7 @@ async def served(infra: Infra, trained: Trained) -> AsyncIterator[Served]:
                                                     "upper_id": fog["id"]})).json()
         conf = await (await c.post("/configurations", json={"name": "thesis", "model_ids": [cloud["id"]]})).json()
         chains: dict[str, list[int]] = {}
-        async with CommandClient(settings.kafka) as commands:
+        async with StackClient(settings) as commands:  # the training job's reports, as the API vouches for them
             for kind, fields in (("full", trained.exits), ("small", small), ("none", none)):
                 dep = await (await c.post("/deployments", json={"configuration_id": conf["id"], "batch": 64})).json()
                 by_model = {r["model_id"]: r["id"] for r in

@@ -33,12 +33,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, RunningPlane, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, RunningPlane, StackClient, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.api.app import create_app
 from tierflow.api.state import STATE_KEY
 from tierflow.streams import kafka as kio
-from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
 from tierflow.streams.topics import TopicSpec, ensure_topics
 
@@ -78,8 +77,9 @@ async def post(c: TestClient[Any, Any], path: str, body: dict[str, Any], status:
 
 
 async def finish(settings: Settings, artefacts: dict[int, str]) -> None:
-    """What a training workload reports at the end: each result finished with its Keras artefact."""
-    async with CommandClient(settings.kafka) as client:
+    """What a training workload reports at the end (vouched for by the API): each result finished with its Keras
+    artefact."""
+    async with StackClient(settings) as client:
         for rid, sha in artefacts.items():
             event = await client.wait(await client.send("ReportTrainingResult", {
                 "result_id": rid, "metrics": {}, "artefacts": {"keras": {"sha256": sha, "size": 1}}}))
