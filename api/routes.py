@@ -629,25 +629,49 @@ def agent_check(agent: JSON) -> JSON:
             "deadletter_failures": agent["deadletter_failures"], "updated_at": agent["updated_at"]}
 
 
+#: `/readyz?scope=`: "all" (the default: the API and the worker's agents, what an operator or a monitor asks) or
+#: "api" (the API's own Postgres and broker only: the API pods' readinessProbe, so a failing agent of the worker
+#: never takes the API out of its Service, where training workloads report).
+READY_SCOPES = ("all", "api")
+
+
+def sandbox_isolation(agents: list[JSON]) -> JSON | None:
+    """The sandbox isolation in force, as the worker's validator last reported it (streams/worker.py); None
+    before any worker reported one."""
+    for agent in agents:
+        detail = agent.get("detail")
+        if agent["agent"] == "validator" and isinstance(detail, dict) and isinstance(detail.get("isolation"), dict):
+            return detail["isolation"] or None
+    return None
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
+    """Readiness, with each check's reason. `?scope=api`: the API's own Postgres and broker only (READY_SCOPES)."""
     st: AppState = get_state(request)
+    scope = request.query.get("scope", "all")
+    if scope not in READY_SCOPES:
+        raise ApiError(422, "invalid", f"'scope' must be one of {', '.join(READY_SCOPES)}", "scope")
+    whole = scope == "all"
     checks: JSON = {}
     ready = True
+    agents: list[JSON] = []
     try:
         async with st.pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
             status = await queries.projector_status(conn)
             _, last_offset = await queries.projection_position(conn)
-            agents = await queries.agent_health(conn)
+            if whole:
+                agents = await queries.agent_health(conn)
         checks["postgres"] = {"ok": True}
-        checks["agents"] = {a["agent"]: agent_check(a) for a in agents}
-        ready = ready and all(check["ok"] for check in checks["agents"].values())
-        if status is not None and status["state"] == "stopped":
-            ready = False
-            checks["projector"] = {"ok": False, "error": status["error"]}
-        else:
-            checks["projector"] = {"ok": True, "state": status["state"] if status else "not started"}
+        if whole:
+            checks["agents"] = {a["agent"]: agent_check(a) for a in agents}
+            ready = ready and all(check["ok"] for check in checks["agents"].values())
+            if status is not None and status["state"] == "stopped":
+                ready = False
+                checks["projector"] = {"ok": False, "error": status["error"]}
+            else:
+                checks["projector"] = {"ok": True, "state": status["state"] if status else "not started"}
     except (asyncpg.PostgresError, OSError) as exc:
         ready = False
         checks["postgres"] = {"ok": False, "error": str(exc)}
@@ -657,12 +681,16 @@ async def readyz(request: web.Request) -> web.Response:
         lag = max(0, hw - (last_offset + 1))
         st.metrics.projection_lag.set(lag)
         checks["broker"] = {"ok": True}
-        checks["projection_lag"] = {"ok": lag <= st.max_ready_lag, "events": lag}
-        ready = ready and lag <= st.max_ready_lag
+        if whole:  # the projector's lag is the worker's matter, not the API's own
+            checks["projection_lag"] = {"ok": lag <= st.max_ready_lag, "events": lag}
+            ready = ready and lag <= st.max_ready_lag
     except Exception as exc:  # any broker failure makes the API not ready; the reason is reported
         ready = False
         checks["broker"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    answer: JSON = {"ready": ready, "scope": scope, "checks": checks}
+    if whole:
+        answer["sandbox"] = sandbox_isolation(agents)
+    return json_response(answer, status=200 if ready else 503)
 
 
 @routes.get("/metrics")

@@ -271,9 +271,9 @@ async def projector_status(conn: asyncpg.Connection) -> JSON | None:
 
 async def agent_health(conn: asyncpg.Connection) -> list[JSON]:
     """The worker's agents as it last reported them (streams/health.py), with the age of each report."""
-    rows = await conn.fetch("SELECT agent, state, error, restarts, deadletter_failures, updated_at, "
+    rows = await conn.fetch("SELECT agent, state, error, restarts, deadletter_failures, detail, updated_at, "
                             "extract(epoch FROM now() - updated_at)::float8 AS age_s "
                             "FROM public.agent_health ORDER BY agent")
     return [{"agent": r["agent"], "state": r["state"], "error": r["error"], "restarts": r["restarts"],
-             "deadletter_failures": r["deadletter_failures"], "updated_at": _iso(r["updated_at"]),
-             "age_s": float(r["age_s"])} for r in rows]
+             "deadletter_failures": r["deadletter_failures"], "detail": _j(r["detail"]),
+             "updated_at": _iso(r["updated_at"]), "age_s": float(r["age_s"])} for r in rows]

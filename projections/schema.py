@@ -196,8 +196,10 @@ CREATE TABLE IF NOT EXISTS public.agent_health (
     error               text,
     restarts            integer NOT NULL DEFAULT 0,
     deadletter_failures bigint NOT NULL DEFAULT 0,
+    detail              jsonb,
     updated_at          timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE public.agent_health ADD COLUMN IF NOT EXISTS detail jsonb;
 """
 
 MIGRATION_LOCK = 7_310_001

@@ -5,7 +5,9 @@ once it has run `HEALTHY_AFTER_S` without failing, `failing` (with the error) wh
 restarted, `stopped` when the worker stopped it; the agents that dead-letter count the dead letters they could
 not send (`deadletter_failed`). `publish` writes every agent's row to Postgres (`public.agent_health`) at each
 change and every `HEARTBEAT_S`, so a row older than `STALE_S` means the worker no longer reports (stopped,
-killed, or stuck). The API's `/readyz` and `/metrics` read the rows (projections/queries.py: `agent_health`).
+killed, or stuck). A row also carries what its agent says about itself (`detail`, from the `details` function
+the worker gives: the validator's sandbox isolation in force, which `/readyz` and the UI show). The API's
+`/readyz` and `/metrics` read the rows (projections/queries.py: `agent_health`).
 Nothing here waits on Postgres inside an agent: the agents only change the in-memory record.
 """
 
@@ -14,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
+import orjson
 
 log = logging.getLogger("tierflow.health")
 
@@ -45,11 +50,17 @@ class AgentRecord:
     deadletter_failures: int = 0
 
 
-class AgentHealth:
-    """The worker's agents, by name, and the task that publishes them to Postgres."""
+#: What agents say about themselves, by agent name (a JSON object each), read at every write.
+Details = Callable[[], Mapping[str, Mapping[str, Any]]]
 
-    def __init__(self) -> None:
+
+class AgentHealth:
+    """The worker's agents, by name, and the task that publishes them to Postgres. `details`: what each agent
+    says about itself (evaluated at every write, so a change shows within `HEARTBEAT_S`)."""
+
+    def __init__(self, details: Details | None = None) -> None:
         self.agents: dict[str, AgentRecord] = {}
+        self.details = details
         self._changed = asyncio.Event()
 
     def _set(self, agent: str, state: str, error: str | None = None) -> AgentRecord:
@@ -101,16 +112,29 @@ class AgentHealth:
                 with contextlib.suppress(Exception):
                     await conn.close()
 
+    def _details(self) -> Mapping[str, Mapping[str, Any]]:
+        if self.details is None:
+            return {}
+        try:
+            return self.details()
+        except Exception:  # what an agent says about itself never stops its health from being reported
+            log.exception("could not read the agents' details")
+            return {}
+
     async def _write(self, conn: asyncpg.Connection | None, database_url: str) -> asyncpg.Connection | None:
-        rows = [(name, r.state, r.error, r.restarts, r.deadletter_failures) for name, r in self.agents.items()]
+        details = self._details()
+        rows = [(name, r.state, r.error, r.restarts, r.deadletter_failures,
+                 orjson.dumps(details[name]).decode() if name in details else None)
+                for name, r in self.agents.items()]
         try:
             if conn is None or conn.is_closed():
                 conn = await asyncpg.connect(database_url)
             await conn.executemany(
-                "INSERT INTO public.agent_health (agent, state, error, restarts, deadletter_failures, updated_at) "
-                "VALUES ($1, $2, $3, $4, $5, now()) ON CONFLICT (agent) DO UPDATE SET state = EXCLUDED.state, "
-                "error = EXCLUDED.error, restarts = EXCLUDED.restarts, "
-                "deadletter_failures = EXCLUDED.deadletter_failures, updated_at = now()", rows)
+                "INSERT INTO public.agent_health (agent, state, error, restarts, deadletter_failures, detail, "
+                "updated_at) VALUES ($1, $2, $3, $4, $5, $6::jsonb, now()) ON CONFLICT (agent) DO UPDATE SET "
+                "state = EXCLUDED.state, error = EXCLUDED.error, restarts = EXCLUDED.restarts, "
+                "deadletter_failures = EXCLUDED.deadletter_failures, detail = EXCLUDED.detail, updated_at = now()",
+                rows)
             return conn
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("could not record the agents' health in Postgres (%s: %s); retrying", type(exc).__name__,

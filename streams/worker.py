@@ -3,7 +3,8 @@
 Started by the embedded stack's supervisor (or as a Deployment in cluster mode). Each agent runs as a
 task that is restarted with backoff when it fails, so one agent's crash never takes the others down and
 every agent resumes from its own durable position; each agent's state and last error are published to
-Postgres (streams/health.py), where the API's `/readyz` reports a failing agent. Only the worker holding the
+Postgres (streams/health.py), where the API's `/readyz` reports a failing agent, and with the validator's the
+sandbox isolation in force (`sandbox_isolation`), which `/readyz` and the UI show. Only the worker holding the
 decider lock (a Postgres advisory lock) runs a decider, so a second replica waits as a hot standby. SIGTERM
 stops the decider and the validator first and lets the projector drain what was decided, so `tierflow down`
 archives it.
@@ -85,7 +86,8 @@ class Worker:
         self.orchestrator: Orchestrator | None = None
         if launcher is not None:
             self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.workload_env())
-        self.health = AgentHealth()
+        # The validator's row carries the sandbox's isolation in force (for /readyz and the UI).
+        self.health = AgentHealth(details=lambda: {"validator": {"isolation": self.sandbox_isolation}})
         self.decider = Decider(settings.kafka, secret_key=settings.security.secret_key, health=self.health)
         self.projector = Projector(settings.kafka, settings.database.url)
         self.validator: Validator | None = None

@@ -65,6 +65,8 @@ class Env:
     base: str
     #: The same API with a zero command timeout: every write answers 202 + Location and the UI follows it.
     impatient_base: str
+    #: The isolation level of the sandbox pool the plane validates with (what the UI's footer shows).
+    sandbox_level: str
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,8 @@ async def env(infra: Infra, sandbox_pool: Any) -> AsyncIterator[Env]:
         impatient = replace(settings, api=replace(settings.api, command_timeout_s=0.0))
         async with TestClient(TestServer(create_app(settings)), headers=AUTH) as c, \
                 TestClient(TestServer(create_app(impatient)), headers=AUTH) as slow:
-            yield Env(c, settings, str(c.make_url("")).rstrip("/"), str(slow.make_url("")).rstrip("/"))
+            yield Env(c, settings, str(c.make_url("")).rstrip("/"), str(slow.make_url("")).rstrip("/"),
+                      sandbox_pool.isolation["level"])
     finally:
         await stop_plane(running)
 
@@ -227,6 +230,10 @@ async def flow(page: Page, env: Env, snippets: dict[str, str]) -> None:
     await page.goto(env.base + "/")
     await expect(page).to_have_url(re.compile(r"/ui/(#/models)?$"))
     await expect(page.locator("#health")).to_have_text("ready")
+    # The footer shows how model code is confined, as the worker's validator reports it through /readyz.
+    level = env.sandbox_level
+    await expect(page.locator("#isolation")).to_have_text(re.compile(rf"model code sandbox: {level}"),
+                                                          timeout=15_000)
     await expect(page.locator(".alert-error")).to_contain_text("tierflow up")
     # The one-time address `tierflow up` prints: the page keeps the token for this tab and drops it from the
     # address bar; the UI then has nothing yet.

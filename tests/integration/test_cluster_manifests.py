@@ -24,7 +24,7 @@ import tomllib
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml  # type: ignore[import-untyped]
@@ -32,7 +32,7 @@ from kmock import KubernetesEmulator, Server
 from kubernetes import client as k8s
 
 from tierflow.api.auth import check_settings
-from tierflow.api.routes import routes
+from tierflow.api.routes import READY_SCOPES, routes
 from tierflow.deploy.cli import build_parser
 from tierflow.deploy.kubernetes_launcher import RETRIES, KubernetesLauncher
 from tierflow.deploy.manifests import (
@@ -505,12 +505,17 @@ def test_probes_and_services_point_at_real_routes_and_ports(rendered: list[Obj])
             if http is None:
                 continue
             probed += 1
-            assert http["path"] in get_routes, f"{workload['metadata']['name']} {probe}: no route {http['path']}"
+            path, _, query = http["path"].partition("?")
+            assert path in get_routes, f"{workload['metadata']['name']} {probe}: no route {http['path']}"
             assert http["port"] in ports
+            if path == "/readyz" and query:
+                assert parse_qs(query).get("scope", [""])[0] in READY_SCOPES, http["path"]
     api = find(rendered, "Deployment", "tierflow-api")
     api_container = api["spec"]["template"]["spec"]["containers"][0]
     assert api_container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert api_container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Only the API's own readiness: a failing agent of the worker must not take the API out of its Service,
+    # where training Jobs report (tests/security/test_readyz_agents.py checks that the scope does this).
+    assert api_container["readinessProbe"]["httpGet"]["path"] == "/readyz?scope=api"
     assert probed >= 2
     # The API listens where its container port, its Service and TIERFLOW_API_URL say.
     settings = Settings.from_env(container_env(rendered, api_container, "tierflow"))

@@ -7,7 +7,9 @@ projector only), so neither an operator nor Kubernetes could tell.
 
 Defence: the worker's supervisor records each agent's state, last error and restarts in Postgres
 (`public.agent_health`, streams/health.py, with a heartbeat); `/readyz` answers 503 naming the failing agent and
-its error, and turns ready again once the agent runs again.
+its error, and turns ready again once the agent runs again. `/readyz?scope=api`, the API pods' readiness probe,
+checks the API's own connections only, so a failing agent never takes the API (where training workloads report)
+out of its Service. `/readyz` also shows the sandbox isolation in force (the validator's row).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import start_plane, stop_plane, wait_until
+from tests.conftest import admin_headers, start_plane, stop_plane, wait_until
 from tierflow.api.app import create_app
 from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
@@ -25,10 +27,12 @@ SINGLE = {"input_shape": [None, 28, 28], "output_shapes": [[None, 10]], "params"
 
 
 class Sandbox:
-    """The validator's port, broken until repaired (as a sandbox pool whose isolation tool went missing)."""
+    """The validator's port, broken until repaired (as a sandbox pool whose isolation tool went missing). Like
+    deploy/bootstrap.py's verdicts, it says which isolation is in force (`isolation`)."""
 
     def __init__(self) -> None:
         self.broken = True
+        self.isolation = {"level": "bwrap", "tool": "/usr/bin/bwrap", "network": "none (own namespace)"}
 
     async def __call__(self, code: str, imports: str) -> dict[str, Any]:
         if self.broken:
@@ -56,6 +60,12 @@ async def test_readyz_names_a_failing_agent_and_recovers(plane: Settings) -> Non
             assert validator["restarts"] >= 1
             # The other agents are fine, and say so.
             assert body["checks"]["agents"]["decider"]["ok"], body
+            # The API itself is fine: its own readiness (the API pods' probe) does not hang on the worker's
+            # agents, so training workloads can still reach it to report.
+            own = await c.get("/readyz?scope=api")
+            assert own.status == 200, await own.text()
+            assert set((await own.json())["checks"]) == {"postgres", "broker"}
+            assert (await c.get("/readyz?scope=everything")).status == 422
 
             # Repaired: the validator runs again, the model is decided, /readyz is green again.
             sandbox.broken = False
@@ -65,8 +75,11 @@ async def test_readyz_names_a_failing_agent_and_recovers(plane: Settings) -> Non
                 return (await c.get("/readyz")).status == 200
 
             await wait_until(ready, timeout=30, what="/readyz ready again")
-            agents = (await (await c.get("/readyz")).json())["checks"]["agents"]
+            body = await (await c.get("/readyz")).json()
+            agents = body["checks"]["agents"]
             assert agents["validator"]["ok"] and agents["validator"]["error"] is None, agents
+            # The isolation model code runs under, as the worker's validator reports it.
+            assert body["sandbox"] == sandbox.isolation, body
     finally:
         await stop_plane(running)
 
@@ -87,7 +100,7 @@ async def test_readyz_says_when_the_worker_stopped_reporting(plane: Settings) ->
         decider = (await r.json())["checks"]["agents"]["decider"]
         assert r.status == 503 and not decider["ok"], decider
         assert "no report from the worker for 3600 s" in decider["error"], decider
-        metrics = await (await c.get("/metrics")).text()
+        metrics = await (await c.get("/metrics", headers=admin_headers(plane))).text()
         assert 'tierflow_agent_up{agent="decider"} 0.0' in metrics
 
 
@@ -103,7 +116,8 @@ async def test_a_worker_without_the_stacks_secret_fails_closed_and_says_why(plan
     worker = Worker(keyless, validate=Sandbox())
     task = asyncio.create_task(worker.run())
     try:
-        async with TestClient(TestServer(create_app(keyless))) as c:
+        # The API has the secret (it would refuse to start without it: api/auth.py); the worker lacks it.
+        async with TestClient(TestServer(create_app(plane))) as c:
             async def both_reported() -> bool:
                 agents = (await (await c.get("/readyz")).json())["checks"].get("agents", {})
                 return all(not agents.get(name, {"ok": True})["ok"] for name in ("decider", "validator"))

@@ -134,16 +134,39 @@ function setupAuthedLinks() {
   });
 }
 
+/** The failing checks of /readyz, one line each; the worker's agents are checks of their own. */
+function failingChecks(checks) {
+  const flat = Object.entries(checks || {}).flatMap(([name, check]) =>
+    name === "agents" ? Object.entries(check).map(([agent, c]) => [`agent ${agent}`, c]) : [[name, check]]);
+  return flat.filter(([, c]) => !c.ok).map(([name, c]) => `${name}: ${c.error || JSON.stringify(c)}`);
+}
+
+/** The sandbox isolation in force (as the worker reports it in /readyz), in the footer; a warning when model
+ * code runs without isolation or the sandbox refuses to run it. */
+function showIsolation(sandbox) {
+  const el = document.getElementById("isolation");
+  if (!sandbox || !sandbox.level) {
+    el.hidden = true;
+    return "";
+  }
+  const problem = sandbox.error || sandbox.warning || (sandbox.level === "none" ? "model code runs without isolation" : "");
+  el.hidden = false;
+  el.className = `isolation${problem ? " warn" : ""}`;
+  el.textContent = `model code sandbox: ${sandbox.level}${problem ? " (!)" : ""}`;
+  el.title = Object.entries(sandbox).map(([k, v]) => `${k}: ${v}`).join("\n");
+  return `sandbox: ${sandbox.level}${problem ? ` (${problem})` : ""}`;
+}
+
 async function health() {
   const dot = document.getElementById("health");
   try {
     const r = await fetch("/readyz", { headers: { Accept: "application/json" } });
     const data = await r.json();
-    const failing = Object.entries(data.checks || {}).filter(([, c]) => !c.ok).map(([k, c]) => `${k}: ${
-      c.error || JSON.stringify(c)}`);
+    const sandbox = showIsolation(data.sandbox);
     dot.className = `health ${data.ready ? "ok" : "bad"}`;
     dot.textContent = data.ready ? "ready" : "not ready";
-    dot.title = data.ready ? "broker, Postgres and projector are fine" : failing.join("\n");
+    dot.title = [data.ready ? "broker, Postgres, projector and the worker's agents are fine"
+      : failingChecks(data.checks).join("\n"), sandbox].filter(Boolean).join("\n");
   } catch (err) {
     dot.className = "health bad";
     dot.textContent = "API unreachable";
