@@ -186,7 +186,9 @@ async def stop_plane(running: RunningPlane) -> None:
 #: Seconds each layer may take on the 2-core CI machine (setup, call and teardown of its tests, session
 #: fixtures included where a layer starts them), so that `.ci/run` stays under 25 minutes. A layer over its
 #: budget fails the session: a slow test is found when it lands, not when CI times out.
-LAYER_BUDGET_S = {"unit": 60.0, "security": 120.0, "integration": 600.0, "e2e": 420.0, "browser": 180.0}
+#: (security grew with issue 9's integrity tests: proofs, poison input, agent health, Postgres auth, Kafka ACLs,
+#: ~130 s on a busy machine; integration, ~210 s, gives it the minute, so the sum is unchanged.)
+LAYER_BUDGET_S = {"unit": 60.0, "security": 180.0, "integration": 540.0, "e2e": 420.0, "browser": 180.0}
 _layer_seconds: dict[str, float] = {}
 
 

@@ -26,7 +26,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import TopicPartition
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane, wait_until
 from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
 from tierflow.streams.domain import decide, needs_validation
@@ -190,7 +190,7 @@ async def test_a_workloads_reports_through_the_api_are_accepted(plane: Settings)
     from tierflow.api.app import create_app
 
     rid = await deployed(plane, "trained-via-api")
-    async with TestClient(TestServer(create_app(plane))) as c:
+    async with TestClient(TestServer(create_app(plane)), headers=admin_headers(plane)) as c:
         async def report(type_: str, payload: JSON) -> Event:
             r = await c.post("/reports", json={"type": type_, "payload": payload})
             body = await r.json()

@@ -74,6 +74,16 @@ async def dead_letters(kafka: KafkaSettings, origin_topic: str) -> list[tuple[in
     return out
 
 
+async def data_topic(plane: Settings) -> str:
+    """A data topic of the plane with 10 records: what a valid announcement names (the control bridge checks
+    the announced ranges on the broker, and dead-letters one naming a topic that does not exist)."""
+    data = f"{plane.kafka.topic_prefix}.data"
+    await ensure_topics(plane.kafka, extra=[TopicSpec(data, 1, -1)])
+    for i in range(10):
+        await produce(plane.kafka, data, bytes([i]) * 784)
+    return data
+
+
 def assert_bounded_letter(letters: list[tuple[int, dict[str, Any]]], offset: int, agent: str) -> dict[str, Any]:
     [(size, letter)] = [(s, d) for s, d in letters if d["origin"]["offset"] == offset]
     assert size <= kio.DEADLETTER_MAX_BYTES, size
@@ -134,8 +144,9 @@ async def test_a_huge_record_on_the_control_topic_is_dead_lettered_and_the_next_
                                    ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
                                    ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
                 assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        data = await data_topic(plane)
         poison_at = await produce(plane.kafka, plane.kafka.control_topic, POISON, key=bytes([1]))
-        announcement = {"topic": "data:0:0:10", "input_format": "RAW", "deployment_id": 1,
+        announcement = {"topic": f"{data}:0:0:10", "input_format": "RAW", "deployment_id": 1,
                         "input_config": {"data_type": "uint8", "data_reshape": "28 28"}}
         await produce(plane.kafka, plane.kafka.control_topic, orjson.dumps(announcement), key=bytes([1]))
 
@@ -260,7 +271,9 @@ async def test_a_dead_letter_that_cannot_be_sent_is_logged_and_skipped(caplog: p
 
 async def test_an_announcement_that_expands_past_any_limit_is_dead_lettered(plane: Settings) -> None:
     # 1.6 MB of "t:0:0:1," becomes 200,000 ranges: an AnnounceDatasource command over 8 MB, which the producer
-    # refuses. The announcement is dead-lettered; the next one is announced.
+    # refuses; and a short range list with 1.2 MB of description makes a command over the bridge's byte limit.
+    # Both announcements are dead-lettered (the first on its count of ranges, the second on its size); the next
+    # one is announced.
     running = await start_plane(plane, shape_validate)
     conn = await asyncpg.connect(plane.database.url)
     try:
@@ -269,17 +282,21 @@ async def test_an_announcement_that_expands_past_any_limit_is_dead_lettered(plan
                                    ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
                                    ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
                 assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        data = await data_topic(plane)
         huge = {"topic": ",".join(["t:0:0:1"] * 200_000), "input_format": "RAW", "deployment_id": 1}
         huge_at = await produce(plane.kafka, plane.kafka.control_topic, orjson.dumps(huge), key=bytes([1]))
-        announcement = {"topic": "data:0:0:10", "input_format": "RAW", "deployment_id": 1}
+        wordy = {"topic": f"{data}:0:0:10", "input_format": "RAW", "deployment_id": 1, "description": "w" * 1_200_000}
+        wordy_at = await produce(plane.kafka, plane.kafka.control_topic, orjson.dumps(wordy), key=bytes([1]))
+        announcement = {"topic": f"{data}:0:0:10", "input_format": "RAW", "deployment_id": 1}
         await produce(plane.kafka, plane.kafka.control_topic, orjson.dumps(announcement), key=bytes([1]))
 
         async def announced() -> bool:
             return bool(await conn.fetchval("SELECT count(*) FROM proj.datasources") == 1)
 
-        await wait_until(announced, timeout=WITHIN_S, what="the announcement after the huge one")
+        await wait_until(announced, timeout=WITHIN_S, what="the announcement after the huge ones")
         letters = {d["origin"]["offset"]: d for _, d in await dead_letters(plane.kafka, plane.kafka.control_topic)}
-        assert "too large" in letters[huge_at]["reason"], letters[huge_at]["reason"]
+        assert "at most 1024 are accepted" in letters[huge_at]["reason"], letters[huge_at]["reason"]
+        assert "too large" in letters[wordy_at]["reason"], letters[wordy_at]["reason"]
     finally:
         await conn.close()
         await stop_plane(running)

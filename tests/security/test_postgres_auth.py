@@ -134,7 +134,7 @@ def test_the_stacks_postgres_wants_a_password_and_the_stack_is_no_superuser(stac
             assert stat.S_IMODE((stack_home / secret_file).stat().st_mode) == 0o600, secret_file
         # The whole stack runs on that role: a write goes through the decider and the projector.
         with pytest.raises(ApiClientError) as refused:
-            ApiClient(state.api_url).post("/configurations", {"name": "c", "model_ids": [1]})
+            ApiClient(state.api_url, state.token).post("/configurations", {"name": "c", "model_ids": [1]})
         assert refused.value.status == 422 and "model 1 does not exist" in refused.value.message
     finally:
         tierflow(stack_home, "down")
