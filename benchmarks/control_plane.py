@@ -108,9 +108,9 @@ async def bare_latency(settings: Settings, rate: float, seconds: float) -> list[
         await c.stop()
 
 
-async def paced_posts(api: str, path: str, bodies: list[dict[str, Any]], rate: float) -> list[float]:
+async def paced_posts(api: str, path: str, bodies: list[dict[str, Any]], rate: float, token: str) -> list[float]:
     latencies: list[float] = []
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
         async def one(body: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             async with s.post(f"{api}{path}", json=body) as r:
@@ -140,9 +140,12 @@ async def main(args: argparse.Namespace) -> None:
         procs.append(services.spawn(services.postgres_spec(home / "pg", pg_port), home / "pg.log"))
         services.wait_for_port(pg_port, deadline_s=20, proc=procs[-1], what="postgres")
         services.ensure_database(pg_port)
-        # The stack's secret: the worker's decider and validator sign and check proofs with keys derived from it.
+        # The stack's secret (the worker's decider and validator sign and check proofs with keys derived from it)
+        # and the admin token, as `tierflow up` makes them: the API refuses to start without either.
         settings = Settings.from_env({"TIERFLOW_SANDBOX_POOL": "1", "TIERFLOW_API_PORT": str(api_port),
-                                      "TIERFLOW_SECRET_KEY": secrets.token_hex(32)})
+                                      "TIERFLOW_SECRET_KEY": secrets.token_hex(32),
+                                      "TIERFLOW_API_TOKEN": secrets.token_urlsafe(32)})
+        token = settings.api.token
         settings = settings.with_endpoints(bootstrap_servers=f"127.0.0.1:{broker_port}",
                                            database_url=services.postgres_url(pg_port))
         await ensure_topics(settings.kafka)
@@ -158,8 +161,8 @@ async def main(args: argparse.Namespace) -> None:
 
         # Setup: one real model (built in the worker's sandbox) for the configurations to use.
         body = {"name": "single", "code": (SNIPPETS / "single.py").read_text()}
-        async with aiohttp.ClientSession() as s, s.post(f"{api}/models", json=body,
-                                                        timeout=aiohttp.ClientTimeout(total=120)) as r:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s, \
+                s.post(f"{api}/models", json=body, timeout=aiohttp.ClientTimeout(total=120)) as r:
             assert r.status in (201, 202), await r.text()
         await wait_for(lambda: _count(conn, "models", 1), 120, "the model")
 
@@ -188,10 +191,10 @@ async def main(args: argparse.Namespace) -> None:
         count = int(args.rate * args.seconds)
         base_rtt = await bare_latency(settings, args.rate, min(args.seconds, 5))
         conf_lat = await paced_posts(api, "/configurations",
-                                     [{"name": f"p{i}", "model_ids": [1]} for i in range(count)], args.rate)
+                                     [{"name": f"p{i}", "model_ids": [1]} for i in range(count)], args.rate, token)
         dep_lat = await paced_posts(api, "/deployments",
                                     [{"configuration_id": 1, "batch": 16, "fit_options": {"epochs": 2}}
-                                     for _ in range(count)], args.rate)
+                                     for _ in range(count)], args.rate, token)
         for name, lat in (("POST /configurations", conf_lat), ("POST /deployments", dep_lat)):
             print(f"latency {name} at {args.rate:g}/s, {len(lat)} requests: p50 {pct(lat, .5) * 1000:.1f} ms, "
                   f"p99 {pct(lat, .99) * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms (target p99 <= 100 ms)")
