@@ -75,6 +75,8 @@ EVAL_OPTION_KEYS: frozenset[str] = frozenset({"steps", "verbose"})
 OPTIMIZERS: frozenset[str] = frozenset(
     {"adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta", "adamax", "nadam", "ftrl"}
 )
+#: A deployment's `seed` is below this (31 bits: what numpy, TensorFlow and a drawn seed all take).
+SEED_LIMIT = 2**31
 DEFAULT_OPTIMIZER = "adam"
 DEFAULT_LOSS = "sparse_categorical_crossentropy"
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy",)
@@ -272,9 +274,11 @@ class DeploymentFields:
     loss: str
     metrics: list[str]
     loss_weights: list[float] | dict[str, float] | None
+    #: The training's seed when the user wants it reproducible (tiers/train_plan.py `choose_seed`); None: drawn.
+    seed: int | None = None
 
     def to_json(self) -> JSON:
-        return {
+        fields = {
             "configuration_id": self.configuration_id,
             "batch": self.batch,
             "fit_options": self.fit_options,
@@ -285,6 +289,8 @@ class DeploymentFields:
             "metrics": self.metrics,
             "loss_weights": self.loss_weights,
         }
+        # Absent when not asked for: such a deployment's event is what it was before seeds could be asked for.
+        return fields if self.seed is None else fields | {"seed": self.seed}
 
 
 def _options(p: JSON, name: str, allowed: frozenset[str]) -> JSON:
@@ -369,6 +375,9 @@ def parse_deployment(payload: Any) -> DeploymentFields:
     else:
         raise Invalid("'loss_weights' must be a list of non-negative numbers (one per exit) "
                       "or an object {model_id: weight}", "loss_weights")
+    seed = p.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise Invalid(f"'seed' must be an integer in [0, {SEED_LIMIT}), got {seed!r}", "seed")
     return DeploymentFields(
         configuration_id=configuration_id,
         batch=batch,
@@ -379,6 +388,7 @@ def parse_deployment(payload: Any) -> DeploymentFields:
         loss=loss,
         metrics=list(metrics),
         loss_weights=loss_weights,
+        seed=seed,
     )
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from tierflow.streams.catalogue import SEED_LIMIT
 from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.settings import Settings
 from tierflow.tiers import exit_report, training
@@ -40,6 +41,7 @@ from tierflow.tiers.keras_code import ModelCodeError
 from tierflow.tiers.train_io import DataLoader, HttpTrainingApi, KafkaDataLoader, Reporter, TrainingApi
 from tierflow.tiers.train_plan import (
     TrainingPlan,
+    choose_seed,
     describe_progress,
     latest_datasource,
     make_plan,
@@ -191,8 +193,9 @@ async def run_training(settings: Settings, deployment_id: int, result_ids: Seque
                        poll_interval_s: float = 0.5) -> int:
     """Train the results `result_ids` of deployment `deployment_id`; the process exit code (0, 1 or 2).
 
-    `data_loader` defaults to reading the broker of `settings.kafka`; `seed` (default: random) decides the
-    split and is reported with TrainingStarted.
+    `data_loader` defaults to reading the broker of `settings.kafka`; `seed` (default: the deployment's `seed`,
+    else random) decides the split, the initial weights, shuffling and dropout, and is reported with
+    TrainingStarted; a seed that was given (not drawn) makes the training reproducible (`choose_seed`).
     """
     loader = data_loader or KafkaDataLoader(settings.kafka)
     loop = asyncio.get_running_loop()
@@ -206,11 +209,13 @@ async def run_training(settings: Settings, deployment_id: int, result_ids: Seque
         phase = f"reading datasource {datasource.get('id')}"
         x, y = await loader.load(datasource)
         phase = "planning the training"
+        chosen, deterministic = choose_seed(seed, plan.deployment, lambda: secrets.randbelow(SEED_LIMIT))
         options = TrainingOptions.from_deployment(plan.deployment, datasource, exit_keys=plan.model_ids,
-                                                  seed=secrets.randbits(31) if seed is None else seed)
+                                                  seed=chosen, deterministic=deterministic)
         n_train, n_val, n_test = training.split_sizes(len(x), options.validation_rate, options.test_rate)
-        log.info("training results %s on %d samples (train %d, validation %d, test %d), seed %d",
-                 plan.result_ids, len(x), n_train, n_val, n_test, options.seed)
+        log.info("training results %s on %d samples (train %d, validation %d, test %d), seed %d (%s)",
+                 plan.result_ids, len(x), n_train, n_val, n_test, options.seed,
+                 "given: reproducible" if deterministic else "drawn")
         # Classes per split, so a user sees that shuffling before the split kept every class everywhere
         # (records keyed by label arrive grouped by partition, i.e. by class).
         splits = training.split(len(x), options.validation_rate, options.test_rate, options.seed)
@@ -301,7 +306,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train.add_argument("--results", type=parse_ids, required=True, metavar="R1,R2,...",
                        help="the results trained together (one chain, or one non-distributed model)")
     train.add_argument("--api", default="", metavar="URL", help="the tierflow API (default: TIERFLOW_API_URL)")
-    train.add_argument("--seed", type=int, default=None, help="the split and training seed (default: random)")
+    train.add_argument("--seed", type=int, default=None,
+                       help="the split and training seed, for a reproducible training (default: the deployment's "
+                            "seed, else random)")
     train.add_argument("--datasource-timeout", type=float, default=600.0, metavar="SECONDS",
                        help="how long to wait for the deployment's datasource to be announced")
     train.set_defaults(func=run_cli)

@@ -4,12 +4,12 @@ Pure (no TensorFlow, no HTTP, no broker): called by the training job (`tierflow.
 it read from the API, and by the unit tests. A set of results that cannot be trained together (another
 deployment's result, one that already ended, models that are not one unbroken chain) is a PermanentError
 whose message the job reports as the failure's reason. Also formats the job's progress: the payload of
-ReportTrainingProgress and the line it logs per epoch.
+ReportTrainingProgress and the line it logs per epoch, and chooses the seed it trains with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,20 @@ def chain_order(versions: Mapping[int, Mapping[str, Any]]) -> list[int]:
         missing = ", ".join(model_label(versions[m]) for m in sorted(set(versions) - set(order)))
         raise PermanentError(f"{missing} not linked to the chain of {model_label(versions[order[0]])}")
     return order
+
+
+def choose_seed(given: int | None, deployment: Mapping[str, Any], draw: Callable[[], int]) -> tuple[int, bool]:
+    """(seed, deterministic): the job's `--seed`, else the deployment's `seed`, else `draw()`.
+
+    A seed someone asked for makes the training reproducible: the same data, models and options give the same
+    split, weights and metrics (deterministic TensorFlow kernels included, `TrainingOptions.deterministic`). A
+    drawn seed is recorded as before (ReportTrainingStarted) and costs nothing extra."""
+    if given is not None:
+        return int(given), True
+    asked = deployment.get("seed")
+    if asked is not None:
+        return int(asked), True
+    return int(draw()), False
 
 
 def latest_datasource(items: Sequence[Mapping[str, Any]]) -> JSON | None:

@@ -104,6 +104,7 @@ def train_job(exchange: Path, channel: _Channel, memory_mb: int | None, *, nproc
     limits = sandbox_child.apply_limits(memory_mb, None, own_user_namespace=own_user_namespace, nproc=nproc,
                                         file_bytes=MAX_FILE_BYTES, nproc_margin=NPROC_MARGIN)
     try:
+        training.seed_randomness(options)  # before the model code builds its layers: their initial weights too
         models = []
         for version in job["versions"]:
             label = (f"model '{version.get('name')}' (id {version.get('model_id')}, version "

@@ -231,6 +231,40 @@ async def test_run_training_trains_uploads_and_reports_every_result(
 
 
 @pytest.mark.slow
+async def test_two_trainings_with_the_deployment_s_seed_give_the_same_metrics_and_weights(
+        snippets: dict[str, str], digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]) -> None:
+    # The deployment's seed decides the split, the initial weights (the model code is built after seeding),
+    # shuffling and dropout (the cloud has a Dropout layer), and TensorFlow runs its deterministic kernels: the
+    # same data trains to the same chain, bit for bit, however the two cores schedule the trainer's threads.
+    runs = []
+    for _ in range(2):
+        api = deployment_api({name: snippets[name] for name in CHAIN}, fit_options={"epochs": 2}, seed=11)
+        api.datasource_items.append(datasource())
+        reporter = FakeReporter()
+        assert await run_training(SETTINGS, 4, [11, 12, 13], api=api, reporter=reporter,
+                                  data_loader=FakeLoader(*digits)) == 0
+        runs.append((api, reporter))
+
+    (first_api, first), (second_api, second) = runs
+    assert [r["seed"] for r in first.of_type("ReportTrainingStarted") + second.of_type("ReportTrainingStarted")] \
+        == [11, 11]
+    assert first.of_type("ReportTrainingProgress") == second.of_type("ReportTrainingProgress")
+    reports = list(zip(first.of_type("ReportTrainingResult"), second.of_type("ReportTrainingResult"), strict=True))
+    assert len(reports) == 3
+    for one, other in reports:
+        assert one["metrics"] == other["metrics"]
+        weights = [training.load_keras(api.artefacts[report["artefacts"]["keras"]["sha256"]]).get_weights()
+                   for api, report in ((first_api, one), (second_api, other))]
+        assert [w.shape for w in weights[0]] == [w.shape for w in weights[1]]
+        assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
+        assert one["artefacts"]["tflite"] == other["artefacts"]["tflite"]
+        # The same validation and test probabilities: the same temperatures and calibration (the frontier's
+        # costs are measured CPU times, so its record is not compared).
+        assert (one["exits"]["temperature"], one["exits"]["calibration"]) == \
+            (other["exits"]["temperature"], other["exits"]["calibration"])
+
+
+@pytest.mark.slow
 async def test_bad_model_code_fails_with_the_line_and_exit_code_2(
         snippets: dict[str, str], digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]) -> None:
     broken = snippets["fog"].replace("keras.layers.Dense(64", "keras.layers.Dense(units_typo")

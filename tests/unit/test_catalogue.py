@@ -234,6 +234,22 @@ def test_a_full_deployment_is_kept_as_given() -> None:
     assert isinstance(f.learning_rate, float)
 
 
+def test_a_seed_is_kept_when_asked_for_and_absent_otherwise() -> None:
+    # Absent, not null: an unseeded deployment's event is the one it was before seeds could be asked for.
+    assert "seed" not in parse_deployment(deployment()).to_json()
+    assert parse_deployment(deployment(seed=None)).seed is None
+    assert parse_deployment(deployment(seed=7)).to_json()["seed"] == 7
+    assert parse_deployment(deployment(seed=0)).seed == 0
+    assert parse_deployment(deployment(seed=2**31 - 1)).seed == 2**31 - 1
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31, 1.5, "7", True, [7]])
+def test_a_seed_that_is_not_a_31_bit_integer_is_rejected(seed: Any) -> None:
+    err = invalid(parse_deployment, deployment(seed=seed))
+    assert err.field == "seed"
+    assert "[0, 2147483648)" in err.message
+
+
 def test_options_are_copied_not_shared() -> None:
     opts = {"epochs": 2}
     f = parse_deployment(deployment(fit_options=opts))

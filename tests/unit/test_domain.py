@@ -555,6 +555,13 @@ def test_deployment_options_are_checked(chain: Decider, fields: JSON, field: str
     chain.reject("RequestDeployment", {"configuration_id": conf} | fields, field=field)
 
 
+def test_a_deployment_records_the_seed_it_was_asked_to_train_with(chain: Decider) -> None:
+    conf = chain.configure("thesis", [1])
+    assert chain.deploy(conf, seed=7).payload["seed"] == 7
+    assert "seed" not in chain.deploy(conf).payload  # the job draws one, as before
+    chain.reject("RequestDeployment", {"configuration_id": conf, "seed": -1}, field="seed")
+
+
 def test_loss_weights_as_a_list_need_one_weight_per_exit(chain: Decider) -> None:
     conf = chain.configure("thesis", [1])
     message = chain.reject("RequestDeployment", {"configuration_id": conf, "loss_weights": [1, 1]},

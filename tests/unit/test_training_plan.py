@@ -304,6 +304,22 @@ def test_options_come_from_the_deployment_and_the_datasource() -> None:
     assert evaluate_arguments(options) == {"batch_size": 64, "verbose": 0, "steps": 3}
 
 
+def test_the_seed_is_the_jobs_flag_else_the_deployments_else_drawn() -> None:
+    def draw() -> int:
+        return 123
+
+    # A seed someone asked for (the job's --seed, else the deployment's) makes the training reproducible; a
+    # drawn one is reported as before and buys no deterministic kernels.
+    assert train_plan.choose_seed(5, {"seed": 7}, draw) == (5, True)
+    assert train_plan.choose_seed(None, {"seed": 7}, draw) == (7, True)
+    assert train_plan.choose_seed(None, {"seed": 0}, draw) == (0, True)
+    assert train_plan.choose_seed(None, {"seed": None}, draw) == (123, False)
+    assert train_plan.choose_seed(None, {}, draw) == (123, False)
+    options = TrainingOptions.from_deployment({}, {}, exit_keys=[1], seed=7, deterministic=True)
+    assert (options.seed, options.deterministic) == (7, True)
+    assert not TrainingOptions.from_deployment({}, {}, exit_keys=[1], seed=7).deterministic
+
+
 def test_missing_options_take_kafka_mls_defaults() -> None:
     options = TrainingOptions.from_deployment({"id": 1}, {"id": 1}, exit_keys=[1], seed=0)
 
