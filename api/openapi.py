@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tierflow.streams.catalogue import SEED_LIMIT
 from tierflow.streams.statuses import InferenceStatus, ResultStatus
 
 JSON = dict[str, Any]
@@ -62,12 +63,16 @@ SCHEMAS: JSON = {
                           "fit_options": {"type": "object"}, "eval_options": {"type": "object"},
                           "optimizer": _STR, "learning_rate": {"type": "number"}, "loss": _STR,
                           "metrics": {"type": "array", "items": _STR},
-                          "loss_weights": {"type": ["array", "object", "null"]}}, ["configuration_id", "batch"]),
+                          "loss_weights": {"type": ["array", "object", "null"]},
+                          "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": SEED_LIMIT - 1,
+                                   "description": "train reproducibly with this seed (default: a drawn one)"}},
+                         ["configuration_id", "batch"]),
     "Deployment": _obj({"id": _INT, "configuration_id": _INT, "batch": _INT, "fit_options": {"type": "object"},
                         "eval_options": {"type": "object"}, "optimizer": _STR,
                         "learning_rate": {"type": ["number", "null"]}, "loss": _STR,
                         "metrics": {"type": "array", "items": _STR}, "loss_weights": {},
-                        "model_versions": {"type": "object"}, "result_ids": {"type": "array", "items": _INT},
+                        "seed": {"type": ["integer", "null"]}, "model_versions": {"type": "object"},
+                        "result_ids": {"type": "array", "items": _INT},
                         "created_at": _TS}),
     "Result": _obj({"id": _INT, "deployment_id": _INT, "model_id": _INT, "model_name": _STR,
                     "model_version": _INT, "status": {"enum": [s.value for s in ResultStatus]},

@@ -152,7 +152,8 @@ def render_deployment(d: JSON) -> str:
                       ("learning rate", cell(d.get("learning_rate"))), ("loss", cell(d.get("loss"))),
                       ("metrics", ", ".join(d.get("metrics") or []) or "-"),
                       ("fit options", cell(d.get("fit_options"))), ("eval options", cell(d.get("eval_options"))),
-                      ("loss weights", cell(d.get("loss_weights"))), ("models", pinned),
+                      ("loss weights", cell(d.get("loss_weights"))), ("seed", cell(d.get("seed"))),
+                      ("models", pinned),
                       ("results", format_ids(d.get("result_ids"))), ("created", format_time(d.get("created_at")))])
 
 
@@ -477,6 +478,8 @@ def deployment_create_body(args: argparse.Namespace, read: Reader = read_text) -
         body["metrics"] = list(args.metric)
     if args.loss_weights is not None:
         body["loss_weights"] = json_arg(args.loss_weights, "--loss-weights", (dict, list))
+    if args.seed is not None:
+        body["seed"] = args.seed
     if args.file is None:
         fit = body.get("fit_options")
         missing = [flag for flag, given in (("--configuration", "configuration_id" in body),
@@ -650,6 +653,9 @@ def register(subparsers: Any) -> None:
     create.add_argument("--fit-options", metavar="JSON", help='Keras fit() options, e.g. \'{"shuffle": true}\'')
     create.add_argument("--eval-options", metavar="JSON", help='Keras evaluate() options, e.g. \'{"steps": 10}\'')
     create.add_argument("--loss-weights", metavar="JSON", help="one weight per exit (list) or {model_id: weight}")
+    create.add_argument("--seed", type=int, metavar="N",
+                        help="train reproducibly with this seed: the same data gives the same weights and metrics "
+                             "(default: a drawn seed, shown on the results)")
     create.add_argument("--file", metavar="SPEC.json", help="the whole request body as JSON; flags override it")
     create.set_defaults(func=_create(DEPLOYMENTS, deployment_create_body))
     _register_delete(dsub, DEPLOYMENTS, json_flag, " and its results")

@@ -102,11 +102,12 @@ async def _deployment_requested(conn: asyncpg.Connection, s: str, e: Event) -> N
     at = ts(p["created_at"])
     await conn.execute(
         f"""INSERT INTO {s}.deployments (id, configuration_id, batch, fit_options, eval_options, optimizer,
-                learning_rate, loss, metrics, loss_weights, model_versions, created_at)
-            VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9::jsonb, $10::jsonb, $11::jsonb, $12)""",
+                learning_rate, loss, metrics, loss_weights, model_versions, created_at, seed)
+            VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8, $9::jsonb, $10::jsonb, $11::jsonb, $12, $13)""",
         p["id"], p["configuration_id"], p["batch"], js(p["fit_options"]), js(p["eval_options"]), p["optimizer"],
         p["learning_rate"], p["loss"], js(p["metrics"]),
         js(p["loss_weights"]) if p["loss_weights"] is not None else None, js(p["model_versions"]), at,
+        p.get("seed"),  # only when the user asked for one (and in no event from before seeds)
     )
     chains = p.get("chains") or [[r["id"]] for r in p["results"]]
     chain_of = {rid: chain for chain in chains for rid in chain}

@@ -95,7 +95,7 @@ def _deployment(r: asyncpg.Record) -> JSON:
         "id": r["id"], "configuration_id": r["configuration_id"], "batch": r["batch"],
         "fit_options": _j(r["fit_options"]), "eval_options": _j(r["eval_options"]), "optimizer": r["optimizer"],
         "learning_rate": r["learning_rate"], "loss": r["loss"], "metrics": _j(r["metrics"]),
-        "loss_weights": _j(r["loss_weights"]), "model_versions": _j(r["model_versions"]),
+        "loss_weights": _j(r["loss_weights"]), "seed": r["seed"], "model_versions": _j(r["model_versions"]),
         "result_ids": list(r["result_ids"]), "created_at": _iso(r["created_at"]),
     }
 

@@ -21,7 +21,7 @@ log = logging.getLogger("tierflow.projections")
 
 LIVE_SCHEMA = "proj"
 #: Bump when the projection tables change: the projector then rebuilds them from the events log.
-PROJECTION_VERSION = 6
+PROJECTION_VERSION = 7
 PROJECTOR = "projector"
 NOTIFY_CHANNEL = "tierflow_projected"
 
@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS {s}.deployments (
     loss             text NOT NULL,
     metrics          jsonb NOT NULL,
     loss_weights     jsonb,
+    seed             bigint,
     model_versions   jsonb NOT NULL,
     created_at       timestamptz NOT NULL
 );

@@ -156,9 +156,11 @@ async def test_model_rules(client: TestClient[Any, Any], snippets: dict[str, str
     assert_error(await post(c, "/deployments", base | {"eval_options": {"callbacks": []}}, 422),
                  "eval_options.callbacks")
     assert_error(await post(c, "/deployments", base | {"loss_weights": [1.0, 0.5]}, 422), "loss_weights", "3 exits")
+    assert_error(await post(c, "/deployments", base | {"seed": -1}, 422), "seed", "[0, 2147483648)")
     dep = await post(c, "/deployments", base | {"optimizer": "adam", "learning_rate": 0.001,
-                                                "loss_weights": {str(edge["id"]): 1.0}}, 201)
+                                                "loss_weights": {str(edge["id"]): 1.0}, "seed": 7}, 201)
     assert len(dep["result_ids"]) == 4
+    assert dep["seed"] == 7  # what its training job reads: a reproducible training
     assert dep["model_versions"] == {str(edge["id"]): 1, str(fog["id"]): 1, str(cloud["id"]): 1,
                                      str(single["id"]): 2}
     results = await (await c.get(f"/deployments/{dep['id']}/results")).json()

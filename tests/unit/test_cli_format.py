@@ -247,6 +247,12 @@ def test_deployment_body_parses_json_options_and_never_evaluates_them() -> None:
                                      files(**{"d.json": spec})) == {"configuration_id": 2, "batch": 8}
 
 
+def test_deployment_body_asks_for_a_seed_only_when_given() -> None:
+    base = ("deployments", "create", "--configuration", "1", "--batch", "8", "--epochs", "2")
+    assert cr.deployment_create_body(parse(*base, "--seed", "7"), files())["seed"] == 7
+    assert "seed" not in cr.deployment_create_body(parse(*base), files())
+
+
 def test_paths() -> None:
     assert cr.list_path(cr.MODELS, parse("models", "list", "--distributed", "--name", "fo")) == \
         "/models?distributed=true&name=fo"
