@@ -17,7 +17,8 @@ API token comes from the stack it uses (or --token / TIERFLOW_API_TOKEN); `--kee
 address with it, as `tierflow up` does.
 Everything goes through the public API and Kafka, as a user's own scripts would: the demo process never imports
 TensorFlow.
-`--json PATH` writes the summary for scripts and tests.
+`--json PATH` writes the summary for scripts and tests. `--seed N` makes a run reproducible: the held-out split and
+the deployment's training seed (streams/catalogue.py), so the same N gives the same accuracies and shares.
 
 Registered into the front door by deploy/cli.py (`register(subparsers)`). This module is the command (find or
 start the stack, run, print, clean up); the steps are deploy/demo_lifecycle.py, the models, options and data
@@ -38,10 +39,22 @@ from tierflow.deploy.demo_data import DEFAULT_TARGET, DemoError, DemoOptions
 from tierflow.deploy.demo_lifecycle import Demo, say
 from tierflow.deploy.demo_summary import format_summary, where_next
 from tierflow.deploy.stack_processes import healthy, ui_url
+from tierflow.streams.catalogue import SEED_LIMIT
 from tierflow.streams.cli_args import non_negative, positive_int
 from tierflow.streams.exits import TARGET_KINDS, TargetInvalid, parse_target
 from tierflow.streams.settings import Settings
 from tierflow.streams.stack_state import read_stack_state, resolve_api_token, resolve_home
+
+
+def seed_value(text: str) -> int:
+    """`--seed`: a whole number a deployment takes as its seed (checked here, before a stack is started)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, {SEED_LIMIT})")
+    return value
 
 
 def target_of(args: argparse.Namespace) -> tuple[str, float]:
@@ -63,7 +76,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     options = DemoOptions(dataset=args.dataset, epochs=args.epochs, limit=args.limit, target=target,
                           train_samples=args.train_samples, test_samples=args.test_samples, rate=args.rate,
-                          timeout_s=args.timeout)
+                          timeout_s=args.timeout, seed=args.seed)
     out = sys.stdout
     started_stack = False
     if settings.api.url and settings.kafka.bootstrap_servers:
@@ -158,6 +171,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="most held-out samples streamed through the tiers (default 2000)")
     demo.add_argument("--rate", type=non_negative, default=500.0, metavar="PER_S",
                       help="inputs per second sent for inference (default 500; 0 = as fast as possible)")
+    demo.add_argument("--seed", type=seed_value, default=None, metavar="N",
+                      help="make the run reproducible: the held-out split and the training seed, so the same N gives "
+                           "the same accuracies and shares (default: a drawn training seed)")
     demo.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                       help="longest wait for any one step (default 600)")
     demo.add_argument("--keep", action="store_true",

@@ -74,7 +74,7 @@ class Demo:
         summary = self.infer(data, inference, results, models)
         summary.update(dataset=data.name, deployment_id=deployment["id"], inference_id=inference["id"],
                        entry_result_id=inference["result_id"], input_topic=inference["input_topic"],
-                       output_topic=inference["output_topic"], limit=self.options.limit,
+                       output_topic=inference["output_topic"], limit=self.options.limit, seed=self.options.seed,
                        seconds=round(self.clock() - started, 1))
         return summary
 
@@ -98,10 +98,14 @@ class Demo:
         _, conf = self.api.post("/configurations", {"name": f"demo-{self.tag}",
                                                     "model_ids": [models["cloud"], models["single"]]})
         say(self.out, f"  configuration {conf['id']}: the chain (by its top model) and the single model")
+        seeded = "" if self.options.seed is None else f", seed {self.options.seed}: reproducible"
         self.step(2, f"deploying configuration {conf['id']} for training "
-                     f"({self.options.epochs} epochs, batch {self.options.batch})")
-        _, dep = self.api.post("/deployments", {"configuration_id": conf["id"], "batch": self.options.batch,
-                                                 "fit_options": {"epochs": self.options.epochs}})
+                     f"({self.options.epochs} epochs, batch {self.options.batch}{seeded})")
+        body: JSON = {"configuration_id": conf["id"], "batch": self.options.batch,
+                      "fit_options": {"epochs": self.options.epochs}}
+        if self.options.seed is not None:
+            body["seed"] = self.options.seed
+        _, dep = self.api.post("/deployments", body)
         say(self.out, f"  deployment {dep['id']}: its results wait for a datasource")
         return dep
 

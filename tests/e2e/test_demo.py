@@ -1,6 +1,7 @@
 """`tierflow demo --dataset digits`, as a newcomer runs it: its own embedded stack, the whole lifecycle, the chain
 served from its default target (a 1% accuracy drop, relaxed to what the digits' small validation split certifies
-when it cannot), a summary whose numbers are checked here, and nothing left running afterwards."""
+when it cannot), a summary whose numbers are checked here, and nothing left running afterwards. Run with `--seed`,
+and a second run with the same seed gives the same accuracies and shares (timings aside)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +22,19 @@ from tierflow.streams.stack_state import read_stack_state
 pytestmark = pytest.mark.slow
 
 
-def test_the_demo_runs_the_lifecycle_and_its_summary_holds() -> None:
+#: The demo's --seed here: its held-out split and its training seed, so that a second run can be compared.
+SEED = "7"
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    home: Path
+    done: subprocess.CompletedProcess[str]
+    summary: dict[str, Any]
+
+
+def run_demo(log_name: str, *args: str) -> DemoRun:
+    """`tierflow demo --dataset digits --json ... ARGS` on its own stack, which is stopped whatever happens."""
     home = Path(tempfile.mkdtemp(prefix="tierflow-demo-", dir="/tmp"))
     summary_path = home / "summary.json"
     env = {**os.environ, "TIERFLOW_HOME": str(home), "TIERFLOW_API_PORT": "0", "PYTHONUNBUFFERED": "1"}
@@ -29,17 +44,26 @@ def test_the_demo_runs_the_lifecycle_and_its_summary_holds() -> None:
         # --timeout bounds each step, so that a stuck step fails the demo with its reason well before this test's
         # own timeout would kill it.
         done = subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "demo", "--dataset", "digits",
-                               "--json", str(summary_path), "--timeout", "90"],
+                               "--json", str(summary_path), "--timeout", "90", *args],
                               env=env, capture_output=True, text=True, timeout=280, cwd=home)
     except subprocess.TimeoutExpired as exc:
-        (ARTIFACTS / "demo.log").write_text(f"{exc.stdout!s}\n--- stderr ---\n{exc.stderr!s}")
+        (ARTIFACTS / log_name).write_text(f"{exc.stdout!s}\n--- stderr ---\n{exc.stderr!s}")
         raise
     finally:  # whatever happened, no stack is left behind
         subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "down"], env=env, capture_output=True,
                        timeout=90, cwd=home)
-    (ARTIFACTS / "demo.log").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
+    (ARTIFACTS / log_name).write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    summary = json.loads(summary_path.read_text())
+    return DemoRun(home, done, json.loads(summary_path.read_text()))
+
+
+@pytest.fixture(scope="module")
+def seeded_demo() -> DemoRun:
+    return run_demo("demo.log", "--seed", SEED)
+
+
+def test_the_demo_runs_the_lifecycle_and_its_summary_holds(seeded_demo: DemoRun) -> None:
+    home, done, summary = seeded_demo.home, seeded_demo.done, seeded_demo.summary
     print("\n" + done.stdout[done.stdout.index("accuracy on the training"):])
 
     assert [e["name"] for e in summary["exits"]] == ["edge", "fog", "cloud"]
@@ -73,6 +97,23 @@ def test_the_demo_runs_the_lifecycle_and_its_summary_holds() -> None:
     out = done.stdout
     assert out.index(f"stopped inference {summary['inference_id']}") < out.index("stopping the stack")
     assert read_stack_state(home) is None
+
+
+def test_the_demo_with_the_same_seed_gives_the_same_accuracies_and_shares(seeded_demo: DemoRun) -> None:
+    again = run_demo("demo-again.log", "--seed", SEED).summary
+    first = seeded_demo.summary
+
+    def numbers(summary: dict[str, Any]) -> dict[str, Any]:
+        """What a seed decides: accuracies per exit and of the cascade, the limits and the shares per tier
+        (latency, throughput and the measured compute per input are timings; ids and topics are per run)."""
+        predicted = {k: v for k, v in summary["predicted"].items() if k != "cost_s"}
+        return {"seed": summary["seed"], "exits": summary["exits"], "single": summary["single"],
+                "target": summary["target"], "limits": summary["limits"], "predicted": predicted,
+                "observed": summary["observed"], "cascade_accuracy": summary["cascade_accuracy"],
+                "tiers": summary["tiers"], "answered": summary["answered"]}
+
+    assert numbers(again) == numbers(first)
+    assert first["seed"] == int(SEED)
 
 
 def test_with_a_deployment_configured_the_demo_starts_no_stack() -> None:

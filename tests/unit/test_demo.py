@@ -4,15 +4,25 @@ decider refuses it), and the summary it prints: predicted beside observed."""
 from __future__ import annotations
 
 import argparse
+import io
 from typing import Any
 
 import numpy as np
 import pytest
 
 from tierflow.deploy.demo import register, target_of
-from tierflow.deploy.demo_data import DEFAULT_TARGET, DemoError, choose_dataset, split_holdout
+from tierflow.deploy.demo_data import (
+    DEFAULT_TARGET,
+    HOLDOUT_SEED,
+    DemoError,
+    DemoOptions,
+    choose_dataset,
+    split_holdout,
+)
+from tierflow.deploy.demo_lifecycle import Demo
 from tierflow.deploy.demo_summary import Answered, best_reachable, format_summary, served, summarize
 from tierflow.streams.exits import SplitTooSmall, Target, TargetInvalid, choose_limits, parse_frontier
+from tierflow.streams.settings import Settings
 from tierflow.tiers.frontier import build_frontier_record
 
 
@@ -144,6 +154,36 @@ def demo_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     return parser.parse_args(["demo", *argv])
+
+
+def test_a_demo_seed_seeds_the_holdout_and_must_be_a_31_bit_integer() -> None:
+    assert demo_args().seed is None and DemoOptions().holdout_seed == HOLDOUT_SEED  # the held-out split as before
+    assert demo_args("--seed", "7").seed == 7 and DemoOptions(seed=7).holdout_seed == 7
+    for bad in ("-1", "2147483648", "x"):
+        with pytest.raises(SystemExit):
+            demo_args("--seed", bad)
+
+
+class RecordingApi:
+    """What the demo posts, each answered with the next id."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        self.posts.append((path, dict(body or {})))
+        return 201, {"id": len(self.posts)}
+
+
+@pytest.mark.parametrize("seed", [7, None])
+def test_the_demo_seed_reaches_its_deployment(seed: int | None) -> None:
+    api = RecordingApi()
+    demo = Demo(api, Settings.from_env({}), DemoOptions(seed=seed), out=io.StringIO())  # type: ignore[arg-type]
+
+    demo.deploy({"cloud": 1, "single": 2})
+
+    [body] = [body for path, body in api.posts if path == "/deployments"]
+    assert body.get("seed") == seed and ("seed" in body) == (seed is not None)
 
 
 def test_the_demo_serves_from_a_one_percent_drop_unless_told_otherwise() -> None:
