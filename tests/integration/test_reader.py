@@ -122,6 +122,10 @@ async def test_records_spread_over_four_partitions_by_label_read_back_completely
             assert seen.setdefault(key, r["partition"]) == r["partition"]
         offset += r["end"] - r["start"]
     assert len(seen) == 10
+    # In one stable order however the fetches of the four partitions interleaved: partition by partition as
+    # announced, each in offset (= send) order. A seeded training sees the same array every time it reads.
+    partition_of = np.array([seen[label.tobytes()] for label in y])
+    assert np.array_equal(dx, np.concatenate([x[partition_of == r["partition"]] for r in ranges]))
 
 
 async def test_read_ranges_returns_exactly_the_announced_records(plane: Settings) -> None:
