@@ -23,6 +23,7 @@ first probe, and its total time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -264,6 +265,15 @@ def start_stack(home: Path) -> StackState:
     return state
 
 
+def stack_access(home: Path) -> tuple[str, str]:
+    """The API's URL and token, as a script gets them: `tierflow status --json`."""
+    env = {**os.environ, "TIERFLOW_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "status", "--json"], env=env,
+                          capture_output=True, text=True, check=False)
+    body = json.loads(done.stdout)
+    return str(body["api_url"]), str(body.get("token") or "")
+
+
 def stop_stack(home: Path) -> None:
     env = {**os.environ, "TIERFLOW_HOME": str(home)}
     subprocess.run([sys.executable, "-m", "tierflow.deploy.cli", "down"], env=env, capture_output=True, check=False)
@@ -276,7 +286,8 @@ def main(args: argparse.Namespace) -> int:
         state = start_stack(home)
         took = settle(state.pid)
         print(f"start-up work settled {took:.1f} s later (sandboxes quiet, the stack's CPU steady over 2 x 3 s)")
-        api = ApiClient(state.api_url, os.environ.get("TIERFLOW_API_TOKEN", ""), poll_interval_s=0.02)
+        api_url, token = stack_access(home)
+        api = ApiClient(api_url, token, poll_interval_s=0.02)
         idle_cpu(state, args.idle_s)
         if args.writes:
             _, model = api.post("/models", {"name": "single", "code": (MODELS / "single.py").read_text()})

@@ -66,8 +66,13 @@ class DecidedPosition:
 
 class Decider:
     def __init__(self, kafka: KafkaSettings, *, clock: Callable[[], str] = now_iso,
-                 batch_size: int = 2000) -> None:
+                 batch_size: int = 2000, events_written: kio.Doorbell | None = None,
+                 commands_written: kio.Doorbell | None = None) -> None:
         self.kafka = kafka
+        #: rung after each batch of events is acknowledged (the worker's projector listens)
+        self.events_written = events_written
+        #: rung by the agents of this process that write commands (the validator): they are read at once
+        self.commands_written = commands_written
         self.clock = clock
         self.batch_size = batch_size
         self.state = State(reserved_topics=reserved_topics(kafka))
@@ -81,7 +86,7 @@ class Decider:
         events_c = kio.consumer(self.kafka)
         prod = kio.producer(self.kafka)
         commands = PositionedReader(self.kafka, self.kafka.commands_topic, store=DecidedPosition(lambda: self.state),
-                                    log_id=read_log_id, max_records=self.batch_size)
+                                    log_id=read_log_id, max_records=self.batch_size, wake=self.commands_written)
         await events_c.start()
         await prod.start()
         try:
@@ -140,3 +145,5 @@ class Decider:
             pending.append(await prod.send(self.kafka.events_topic, event.encode(), key=event.key()))
         if pending:
             await asyncio.gather(*pending)
+            if self.events_written is not None:
+                self.events_written.ring()

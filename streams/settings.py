@@ -168,6 +168,11 @@ class KafkaSettings:
     #: how long a fetch may wait for data. Tansu holds a fetch for the whole wait instead of answering when
     #: data arrives, so this bounds every hop's latency (see DESIGN).
     fetch_max_wait_ms: int = setting("TIERFLOW_FETCH_MAX_WAIT_MS", 5)
+    #: the longest wait between two fetches of a control-plane reader while its partition is idle. The wait
+    #: is `fetch_max_wait_ms` while records arrive and doubles while none do, up to this: an idle stack then
+    #: sends a few requests per second instead of hundreds; the first record after a silence waits at most
+    #: this long in each reader it passes that was not woken by its own process (0: never pause).
+    fetch_idle_wait_ms: int = setting("TIERFLOW_FETCH_IDLE_WAIT_MS", 100)
     #: consumer-group session timeout (a group join costs half of it on Tansu).
     session_timeout_ms: int = setting("TIERFLOW_SESSION_TIMEOUT_MS", 6000, minimum=1000)
     #: prefix of the control-plane topics (`<prefix>.commands`, ...).
@@ -273,8 +278,12 @@ class WorkloadSettings:
     #: how long an artefact no result names is kept before the API removes it (seconds; 0: never removed). A
     #: workload reports right after its upload, so this only has to outlast a stalled control plane.
     artefact_grace_s: float = setting("TIERFLOW_ARTEFACT_GRACE_S", 86400.0)
-    #: how often the orchestrator compares wanted and existing workloads.
+    #: how often the orchestrator compares wanted and existing workloads when nothing wakes it (a safety net: the
+    #: projector wakes it when a batch of events can change its plan).
     reconcile_s: float = setting("TIERFLOW_RECONCILE_S", 2.0)
+    #: the least time between two passes of the orchestrator, however often the projector wakes it (a burst of
+    #: events is planned for once, not once per batch).
+    reconcile_min_s: float = setting("TIERFLOW_RECONCILE_MIN_S", 0.5)
     #: partitions of the topics the orchestrator creates for an inference (its input, tier and output topics;
     #: more when a tier has more replicas). Several spread the load and, on the embedded broker, keep each
     #: partition short (Tansu's memory storage answers slower as a partition grows).

@@ -22,7 +22,8 @@ from contextlib import AbstractAsyncContextManager
 
 import asyncpg
 
-from tierflow.projections.schema import migrate
+from tierflow.projections.schema import COMMANDS_CHANNEL, migrate
+from tierflow.streams import kafka as kio
 from tierflow.streams.control import ControlBridge
 from tierflow.streams.decider import Decider
 from tierflow.streams.launcher import Launcher
@@ -70,8 +71,11 @@ class Worker:
         self.orchestrator: Orchestrator | None = None
         if launcher is not None:
             self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.workload_env())
+        # In-process wake-ups: what one agent writes, the next one reads without waiting out its idle wait.
+        self.events_written = kio.Doorbell()
+        self.commands_written = kio.Doorbell()
         self.decider = Decider(settings.kafka)
-        self.projector = Projector(settings.kafka, settings.database.url)
+        self.projector = Projector(settings.kafka, settings.database.url, wake=self.events_written)
         self.validator: Validator | None = None
         self.stopping = asyncio.Event()
         self._drain = asyncio.Event()
@@ -90,7 +94,8 @@ class Worker:
                     lock.cancel()
                     return
                 stop.cancel()
-            self.decider = Decider(self.settings.kafka)
+            self.decider = Decider(self.settings.kafka, events_written=self.events_written,
+                                   commands_written=self.commands_written)
             await self.decider.run(self._control_stopping)
         finally:
             await conn.close()
@@ -120,7 +125,8 @@ class Worker:
         await migrate(self.settings.database.url)
         await self._ensure_topics()
         self.validator = Validator(self.settings.kafka, self.settings.database.url, self._validate,
-                                   concurrency=self.settings.sandbox.pool_size)
+                                   concurrency=self.settings.sandbox.pool_size,
+                                   commands_written=self.commands_written, wake=self.commands_written)
         validator = self.validator
         self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url)
         bridge = self.bridge
@@ -134,12 +140,13 @@ class Worker:
             asyncio.create_task(supervise("projector",
                                           lambda: self.projector.run(self._projector_stopping, self._drain),
                                           self._projector_stopping)),
+            asyncio.create_task(supervise("commands-listener", self._listen_commands, self._control_stopping)),
         ]
         try:
             await self.stopping.wait()
         finally:
             self._control_stopping.set()
-            await asyncio.gather(*tasks[:4], return_exceptions=True)
+            await asyncio.gather(*tasks[:4], tasks[5], return_exceptions=True)
             # Let the projector archive what the decider wrote, within a deadline.
             self._drain.set()
             with contextlib.suppress(TimeoutError):
@@ -148,6 +155,27 @@ class Worker:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _listen_commands(self) -> None:
+        """Ring `commands_written` whenever the API says it produced a command (a NOTIFY on the commands
+        channel), so the idle decider and validator read it at once. Until stopping; a connection that ends
+        raises, and `supervise` opens a new one (meanwhile the readers' idle wait still bounds the delay)."""
+        conn = await asyncpg.connect(self.settings.database.url)
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        try:
+            await conn.add_listener(COMMANDS_CHANNEL, lambda *_: self.commands_written.ring())
+            self.commands_written.ring()  # commands sent while nobody listened
+            waits = [asyncio.ensure_future(self._control_stopping.wait()), asyncio.ensure_future(lost.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if lost.is_set() and not self._control_stopping.is_set():
+                raise ConnectionError("the connection listening for the API's commands ended")
+        finally:
+            await conn.close()
 
     async def _run_orchestrator(self) -> None:
         if self.orchestrator is None:
