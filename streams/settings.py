@@ -172,7 +172,7 @@ class KafkaSettings:
     #: is `fetch_max_wait_ms` while records arrive and doubles while none do, up to this: an idle stack then
     #: sends a few requests per second instead of hundreds; the first record after a silence waits at most
     #: this long in each reader it passes that was not woken by its own process (0: never pause).
-    fetch_idle_wait_ms: int = setting("TIERFLOW_FETCH_IDLE_WAIT_MS", 100)
+    fetch_idle_wait_ms: int = setting("TIERFLOW_FETCH_IDLE_WAIT_MS", 250)
     #: consumer-group session timeout (a group join costs half of it on Tansu).
     session_timeout_ms: int = setting("TIERFLOW_SESSION_TIMEOUT_MS", 6000, minimum=1000)
     #: prefix of the control-plane topics (`<prefix>.commands`, ...).
