@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -107,9 +108,9 @@ async def bare_latency(settings: Settings, rate: float, seconds: float) -> list[
         await c.stop()
 
 
-async def paced_posts(api: str, path: str, bodies: list[dict[str, Any]], rate: float) -> list[float]:
+async def paced_posts(api: str, token: str, path: str, bodies: list[dict[str, Any]], rate: float) -> list[float]:
     latencies: list[float] = []
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
         async def one(body: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             async with s.post(f"{api}{path}", json=body) as r:
@@ -139,7 +140,10 @@ async def main(args: argparse.Namespace) -> None:
         procs.append(services.spawn(services.postgres_spec(home / "pg", pg_port), home / "pg.log"))
         services.wait_for_port(pg_port, deadline_s=20, proc=procs[-1], what="postgres")
         services.ensure_database(pg_port)
-        settings = Settings.from_env({"TIERFLOW_SANDBOX_POOL": "1", "TIERFLOW_API_PORT": str(api_port)})
+        # A token, as `tierflow up` makes one: the API refuses to start without.
+        token = secrets.token_urlsafe(24)
+        settings = Settings.from_env({"TIERFLOW_SANDBOX_POOL": "1", "TIERFLOW_API_PORT": str(api_port),
+                                      "TIERFLOW_API_TOKEN": token, "TIERFLOW_SECRET_KEY": secrets.token_hex(32)})
         settings = settings.with_endpoints(bootstrap_servers=f"127.0.0.1:{broker_port}",
                                            database_url=services.postgres_url(pg_port))
         await ensure_topics(settings.kafka)
@@ -155,7 +159,8 @@ async def main(args: argparse.Namespace) -> None:
 
         # Setup: one real model (built in the worker's sandbox) for the configurations to use.
         body = {"name": "single", "code": (SNIPPETS / "single.py").read_text()}
-        async with aiohttp.ClientSession() as s, s.post(f"{api}/models", json=body,
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(headers=headers) as s, s.post(f"{api}/models", json=body,
                                                         timeout=aiohttp.ClientTimeout(total=120)) as r:
             assert r.status in (201, 202), await r.text()
         await wait_for(lambda: _count(conn, "models", 1), 120, "the model")
@@ -184,9 +189,9 @@ async def main(args: argparse.Namespace) -> None:
         # 2. Latency of POST -> 201 at a steady rate.
         count = int(args.rate * args.seconds)
         base_rtt = await bare_latency(settings, args.rate, min(args.seconds, 5))
-        conf_lat = await paced_posts(api, "/configurations",
+        conf_lat = await paced_posts(api, token, "/configurations",
                                      [{"name": f"p{i}", "model_ids": [1]} for i in range(count)], args.rate)
-        dep_lat = await paced_posts(api, "/deployments",
+        dep_lat = await paced_posts(api, token, "/deployments",
                                     [{"configuration_id": 1, "batch": 16, "fit_options": {"epochs": 2}}
                                      for _ in range(count)], args.rate)
         for name, lat in (("POST /configurations", conf_lat), ("POST /deployments", dep_lat)):
