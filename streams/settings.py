@@ -259,6 +259,10 @@ class SandboxSettings:
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
+#: What `TIERFLOW_TIER_ENGINE` may say (tiers/engines.py: ENGINES, and "auto").
+TIER_ENGINES = ("auto", "keras", "litert")
+
+
 @dataclass(frozen=True)
 class WorkloadSettings:
     """Training and inference workloads (the orchestrator and its launcher)."""
@@ -290,6 +294,13 @@ class WorkloadSettings:
     tier_partitions: int = setting("TIERFLOW_TIER_PARTITIONS", 4, minimum=1)
     #: the HTTP port of a tier agent's /healthz, /readyz and /metrics (the pods' probes).
     tier_port: int = setting("TIERFLOW_TIER_PORT", 8000)
+    #: the engine a tier serves its sub-model with when `tierflow tier run` is not given `--engine`: "auto"
+    #: (LiteRT when the result has a `.tflite`, as trained results do, else Keras: a LiteRT tier starts without
+    #: TensorFlow, in a fraction of the time), "keras" or "litert".
+    tier_engine: str = setting("TIERFLOW_TIER_ENGINE", "auto", normalize=str.lower)
+    #: threads a tier's model may use (TensorFlow's thread pools, the LiteRT interpreter); 0: the engine's default,
+    #: one per core. One keeps the tiers sharing a small machine from contending (measured: faster at batch 1).
+    tier_threads: int = setting("TIERFLOW_TIER_THREADS", 1)
     #: node label a tier pod selects, valued with its tier's index or name (`tierflow.io/tier=edge`); empty: no
     #: default nodeSelector.
     tier_node_label: str = setting("TIERFLOW_TIER_NODE_LABEL", "tierflow.io/tier", normalize=str.strip)
@@ -347,6 +358,9 @@ class Settings:
             if value not in allowed:
                 raise SettingsError(f"{env_var(ApiSettings, attribute).name}={value!r} must be "
                                     f"{' or '.join(map(repr, allowed))}")
+        if w.tier_engine not in TIER_ENGINES:
+            raise SettingsError(f"{env_var(WorkloadSettings, 'tier_engine').name}={w.tier_engine!r} must be one of "
+                                f"{', '.join(TIER_ENGINES)}")
         if settings.sandbox.isolation not in ("bwrap", "none"):
             raise SettingsError(f"{env_var(SandboxSettings, 'isolation').name}={settings.sandbox.isolation!r} must "
                                 "be 'bwrap' or 'none'")

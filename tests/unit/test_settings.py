@@ -32,6 +32,7 @@ def test_defaults_place_tiers_by_their_label() -> None:
     ({"TIERFLOW_LAUNCHER": "docker"}, "TIERFLOW_LAUNCHER='docker'"),
     ({"TIERFLOW_TIER_NAMES": "edge,fog node"}, "TIERFLOW_TIER_NAMES: 'fog node' is not a Kubernetes label value"),
     ({"TIERFLOW_SESSION_TIMEOUT_MS": "10"}, "TIERFLOW_SESSION_TIMEOUT_MS=10 must be >= 1000"),
+    ({"TIERFLOW_TIER_ENGINE": "onnx"}, "TIERFLOW_TIER_ENGINE='onnx' must be one of auto, keras, litert"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
