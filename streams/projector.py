@@ -79,7 +79,14 @@ class Projector:
                     self.failed = str(exc)
                     log.error("projector stopped: %s", exc)
                     await set_status(conn, "stopped", str(exc))
-                    await stopping.wait()  # halted, never skipping the event; readiness reports why
+                    # Halted, never skipping the event; readiness reports why. A drain (the worker stopping) has
+                    # nothing to wait for here: it ends the wait too, instead of the worker's drain deadline.
+                    waits = [asyncio.ensure_future(e.wait()) for e in (stopping, drain) if e is not None]
+                    try:
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for w in waits:
+                            w.cancel()
                     return
         finally:
             await c.stop()
