@@ -36,6 +36,8 @@ from tierflow.streams.validator import ValidateFn, Validator
 log = logging.getLogger("tierflow.worker")
 
 DECIDER_LOCK = 7_310_003
+#: How the worker's connection listening for the API's commands shows in `pg_stat_activity`.
+COMMANDS_LISTENER = "tierflow-worker-commands"
 
 LauncherFactory = Callable[[Settings], Launcher]
 #: Opens the validator's validate function for the worker's lifetime (deploy/bootstrap.py: the sandbox pool).
@@ -160,7 +162,8 @@ class Worker:
         """Ring `commands_written` whenever the API says it produced a command (a NOTIFY on the commands
         channel), so the idle decider and validator read it at once. Until stopping; a connection that ends
         raises, and `supervise` opens a new one (meanwhile the readers' idle wait still bounds the delay)."""
-        conn = await asyncpg.connect(self.settings.database.url)
+        conn = await asyncpg.connect(self.settings.database.url,
+                                     server_settings={"application_name": COMMANDS_LISTENER})
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _: lost.set())
         try:
