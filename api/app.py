@@ -72,7 +72,11 @@ def create_app(settings: Settings) -> web.Application:
         await producer.start()
         probe = kio.consumer(settings.kafka)
         await probe.start()
-        probe.assign([TopicPartition(settings.kafka.events_topic, 0)])
+        events = TopicPartition(settings.kafka.events_topic, 0)
+        probe.assign([events])
+        # Paused except inside `events_highwater`: an assigned partition is otherwise fetched back to back by
+        # aiokafka's background fetcher, ~150 requests/s to the broker from an idle API (issue 12).
+        probe.pause(events)
         outcomes = OutcomeWaiter(pool)
         await outcomes.start(settings.database.url)
         app[STATE_KEY] = AppState(settings=settings, pool=pool, producer=producer, outcomes=outcomes,

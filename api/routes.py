@@ -93,6 +93,7 @@ async def submit(request: web.Request, command_type: str, payload: JSON, *, read
     except Exception:
         st.outcomes.forget(cmd.command_id)
         raise
+    st.outcomes.command_sent()
     outcome = await st.outcomes.wait(cmd.command_id, fut, st.settings.api.command_timeout_s)
     st.metrics.observe_command(command_type, outcome)
     location = f"/commands/{cmd.command_id}"

@@ -83,6 +83,9 @@ class AppState:
         self.outputs = OutputReader(self.settings.kafka)
 
     async def events_highwater(self) -> int:
+        """The events log's high-water mark, from one fetch of the probe consumer (/readyz, the artefact
+        collection). The probe's partition stays paused in between (the app factory pauses it), so an idle API
+        sends the broker nothing; `fetch_highwater` resumes it for this one fetch."""
         tp = TopicPartition(self.settings.kafka.events_topic, 0)
         async with self._hw_lock:
             pos = await self.events_consumer.position(tp)

@@ -38,7 +38,7 @@ from tierflow.deploy.services import (
 )
 from tierflow.deploy.stack_processes import POLL_S, healthy, refuse_if_running, stack_lock, stop_signal, up_summary
 from tierflow.deploy.supervisor import RestartPolicy, Supervisor
-from tierflow.streams.settings import Settings
+from tierflow.streams.settings import KafkaSettings, Settings
 from tierflow.streams.stack_state import StackState, load_or_create_secret_key, stack_file, write_stack_state
 
 log = logging.getLogger("tierflow.stack")
@@ -92,6 +92,20 @@ def _api_address(settings: Settings) -> tuple[int, str, str | None]:
         note = f"port {wanted} for the API is busy: the API uses {port} (set TIERFLOW_API_PORT to choose)"
     url_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     return port, f"http://{url_host}:{port}", note
+
+
+#: The consumer-group session timeout of the embedded broker's clients (the tiers), unless one was set: a group
+#: join takes half of it on Tansu, so the default's 6 s made every tier wait 3 s for its partitions. A real
+#: Kafka refuses session timeouts below its group.min.session.timeout.ms (6 s by default): this is for the
+#: embedded broker only. Not lower: a tier loading a Keras model stalls its event loop up to ~0.5 s.
+EMBEDDED_SESSION_TIMEOUT_MS = 2000
+
+
+def embedded_kafka(kafka: KafkaSettings) -> KafkaSettings:
+    """The client settings for the embedded broker: its shorter session timeout unless another was chosen."""
+    if kafka.session_timeout_ms != KafkaSettings().session_timeout_ms:
+        return kafka
+    return replace(kafka, session_timeout_ms=EMBEDDED_SESSION_TIMEOUT_MS)
 
 
 class _Stack:
@@ -176,6 +190,8 @@ class _Stack:
         # (streams/proofs.py) use keys derived from the same secret.
         token = settings.api.token or secrets.token_urlsafe(32)
         secret_key = settings.security.secret_key or load_or_create_secret_key(self.home)
+        if not external_broker:
+            settings = replace(settings, kafka=embedded_kafka(settings.kafka))
         self.settings = replace(settings, api=replace(settings.api, port=api_port, token=token),
                                 security=replace(settings.security, secret_key=secret_key),
                                 stack=replace(settings.stack, home=self.home))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncpg
 
 from tierflow.projections.apply import ProjectionError, apply_event
-from tierflow.projections.schema import NOTIFY_CHANNEL, PROJECTOR
+from tierflow.projections.schema import NOTIFY_CHANNEL, PROJECTOR, notify_payload
+from tierflow.streams.catalogue import WORKLOAD_EVENTS
 from tierflow.streams.envelope import Event
 
 SWAP_LOCK = 7_310_002
@@ -66,5 +67,6 @@ async def apply_batch(conn: asyncpg.Connection, schema: str, batch: list[tuple[i
                     [(e.seq, off, e.type, raw) for off, raw, e in applied],
                 )
             if notify:
-                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last_seq))
+                workloads = any(e.type in WORKLOAD_EVENTS for _, _, e in applied)
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, notify_payload(last_seq, workloads))
         return last_seq, last_offset

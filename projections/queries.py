@@ -129,12 +129,25 @@ def _result(r: asyncpg.Record) -> JSON:
 
 
 async def training_rows(conn: asyncpg.Connection) -> list[JSON]:
-    """Everything the orchestrator compares with the existing workloads (results of every deployment)."""
-    rows = await conn.fetch(f"SELECT r.id, r.deployment_id, r.status, r.chain, r.workload, "
-                            f"EXISTS (SELECT 1 FROM {S}.datasources d WHERE d.deployment_id = r.deployment_id) "
-                            f"AS has_data FROM {S}.results r ORDER BY r.id")
+    """What the orchestrator compares with the existing workloads: every open result (created, deployed,
+    training) with the other results of its chain (a chain trains as one workload, named after its bottom
+    result). Ended results of ended chains are left out, so a planning pass costs what is open, not the
+    history (a partial index finds the open ones); their workloads are removed as unwanted all the same."""
+    rows = await conn.fetch(
+        f"""WITH open AS (SELECT id, chain FROM {S}.results WHERE status IN ('created', 'deployed', 'training'))
+            SELECT r.id, r.deployment_id, r.status, r.chain, r.workload,
+                   EXISTS (SELECT 1 FROM {S}.datasources d WHERE d.deployment_id = r.deployment_id) AS has_data
+            FROM {S}.results r
+            WHERE r.id IN (SELECT id FROM open) OR r.id IN (SELECT unnest(chain) FROM open)
+            ORDER BY r.id""")
     return [{"id": r["id"], "deployment_id": r["deployment_id"], "status": r["status"], "chain": list(r["chain"]),
              "workload": r["workload"], "has_data": r["has_data"]} for r in rows]
+
+
+async def running_inferences(conn: asyncpg.Connection) -> list[JSON]:
+    """The running inferences (what the orchestrator serves); a partial index finds them, whatever the history."""
+    rows = await conn.fetch(f"SELECT * FROM {S}.inferences WHERE status = 'running' ORDER BY id")
+    return [_inference(r) for r in rows]
 
 
 async def list_results(conn: asyncpg.Connection, *, deployment_id: int | None = None, limit: int = 100,

@@ -24,6 +24,23 @@ LIVE_SCHEMA = "proj"
 PROJECTION_VERSION = 7
 PROJECTOR = "projector"
 NOTIFY_CHANNEL = "tierflow_projected"
+#: The projector's notification payload: the last sequence number applied, and `WORKLOADS_FLAG` after it when
+#: the batch held an event that can change the orchestrator's plan (streams/catalogue.py: WORKLOAD_EVENTS).
+WORKLOADS_FLAG = "workloads"
+
+
+def notify_payload(last_seq: int, workloads: bool) -> str:
+    return f"{last_seq} {WORKLOADS_FLAG}" if workloads else str(last_seq)
+
+
+def concerns_workloads(payload: str) -> bool:
+    """Whether a notification of the projector says its batch can change the orchestrator's plan."""
+    return payload.endswith(" " + WORKLOADS_FLAG)
+
+
+#: The API notifies this channel after producing a command: the worker's decider and validator, idle, then
+#: read it at once instead of after their idle fetch wait (streams/kafka.py: IdleFetch).
+COMMANDS_CHANNEL = "tierflow_commands"
 
 
 def projection_ddl(schema: str) -> str:
@@ -109,6 +126,8 @@ CREATE TABLE IF NOT EXISTS {s}.results (
     finished_at   timestamptz
 );
 CREATE INDEX IF NOT EXISTS results_deployment_idx ON {s}.results (deployment_id);
+CREATE INDEX IF NOT EXISTS results_open_idx ON {s}.results (id)
+    WHERE status IN ('created', 'deployed', 'training');
 CREATE TABLE IF NOT EXISTS {s}.result_exits (
     result_id     integer PRIMARY KEY,
     deployment_id integer NOT NULL,
@@ -146,6 +165,8 @@ CREATE TABLE IF NOT EXISTS {s}.inferences (
     created_at    timestamptz NOT NULL,
     updated_at    timestamptz NOT NULL
 );
+CREATE INDEX IF NOT EXISTS inferences_running_idx ON {s}.inferences (id) WHERE status = 'running';
+CREATE INDEX IF NOT EXISTS datasources_deployment_idx ON {s}.datasources (deployment_id);
 CREATE TABLE IF NOT EXISTS {s}.command_outcomes (
     command_id   uuid PRIMARY KEY,
     seq          bigint NOT NULL,

@@ -61,6 +61,16 @@ COMMAND_EVENTS: dict[str, str] = {
 }
 EVENT_TYPES: frozenset[str] = frozenset([*COMMAND_EVENTS.values(), "CommandRejected"])
 
+#: Events that can change what the orchestrator reconciles: the results a training workload trains (their
+#: deployment, data, status) and the inferences it serves. The projector's notification says whether a batch
+#: held one (`projections.schema.notify_payload`); the orchestrator plans again only then (and on its timer),
+#: not on each epoch's progress report, model or configuration change.
+WORKLOAD_EVENTS: frozenset[str] = frozenset({
+    "DeploymentRequested", "DeploymentDeleted", "DatasourceAnnounced", "TrainingLaunched", "TrainingStarted",
+    "TrainingResultReported", "TrainingFailed", "TrainingStopped", "ResultDeleted", "InferenceRequested",
+    "InferenceStopped", "InferenceDeleted",
+})
+
 #: Commands whose model code is built in the validation sandbox before the decider decides them.
 CODE_COMMANDS: frozenset[str] = frozenset({"RegisterModel", "UpdateModel"})
 

@@ -71,10 +71,15 @@ class Decider:
     (streams/proofs.py); without one the decider does not start (MissingSecret says how to set it)."""
 
     def __init__(self, kafka: KafkaSettings, *, secret_key: str = "", clock: Callable[[], str] = now_iso,
-                 batch_size: int = 2000, health: AgentHealth | None = None) -> None:
+                 batch_size: int = 2000, health: AgentHealth | None = None, events_written: kio.Doorbell | None = None,
+                 commands_written: kio.Doorbell | None = None) -> None:
         self.kafka = kafka
         self.secret_key = secret_key
         self.health = health or AgentHealth()
+        #: rung after each batch of events is acknowledged (the worker's projector listens)
+        self.events_written = events_written
+        #: rung by the agents of this process that write commands (the validator): they are read at once
+        self.commands_written = commands_written
         self.clock = clock
         self.batch_size = batch_size
         self.state = State(reserved_topics=reserved_topics(kafka))
@@ -89,7 +94,7 @@ class Decider:
         events_c = kio.consumer(self.kafka)
         prod = kio.producer(self.kafka)
         commands = PositionedReader(self.kafka, self.kafka.commands_topic, store=DecidedPosition(lambda: self.state),
-                                    log_id=read_log_id, max_records=self.batch_size)
+                                    log_id=read_log_id, max_records=self.batch_size, wake=self.commands_written)
         await events_c.start()
         await prod.start()
         try:
@@ -148,6 +153,8 @@ class Decider:
             pending.append(await prod.send(self.kafka.events_topic, event.encode(), key=event.key()))
         if pending:
             await asyncio.gather(*pending)
+            if self.events_written is not None:
+                self.events_written.ring()
 
     async def _deadletter(self, prod: AIOKafkaProducer, record: Record, reason: str) -> None:
         if not await kio.send_deadletter(prod, self.kafka, record, reason, "decider"):

@@ -11,8 +11,10 @@ no record can make an agent fail on it over and over.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,19 +76,47 @@ def consumer(kafka: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**options)
 
 
+#: The step of waiting for a fetch response: an empty response wakes no `getmany` (one with nothing to return
+#: waits its whole timeout although the answer came at once), so it is noticed by the partition's poll
+#: timestamp, checked this often. Records still return at once.
+RESPONSE_STEP_MS = 2
+
+
+async def next_response(c: AIOKafkaConsumer, tp: TopicPartition, *, max_records: int, timeout_s: float
+                        ) -> list[ConsumerRecord[Any, Any]]:
+    """Wait for the next fetch response of the (assigned, not paused) partition: its records, or [] once an
+    empty response came back (the partition's `highwater` is then fresh) or `timeout_s` passed."""
+    loop = asyncio.get_running_loop()
+    mark = c.last_poll_timestamp(tp)
+    deadline = loop.time() + timeout_s
+    while True:
+        batch = await c.getmany(tp, timeout_ms=RESPONSE_STEP_MS, max_records=max_records)
+        records: list[ConsumerRecord[Any, Any]] = batch.get(tp, [])
+        if records or c.last_poll_timestamp(tp) != mark or loop.time() > deadline:
+            return records
+
+
 async def fetch_highwater(c: AIOKafkaConsumer, tp: TopicPartition, *, timeout_ms: int = 2000) -> int:
     """The partition's high-water mark as the broker reports it in a fetch response.
 
     A "latest offset" lookup can answer too small on Tansu after multi-record batches, so the value comes
-    from a real fetch. Keeps the consumer's position: the caller's next getmany resumes where it was.
+    from a real fetch. Keeps the consumer's position (the caller's next getmany resumes where it was) and
+    whether the partition is paused (a paused one is resumed for this fetch only). Returns as soon as the
+    response is in: an empty partition costs one fetch round, not `timeout_ms`.
     """
     position = int(await c.position(tp))
     hw = c.highwater(tp)
     if hw is not None and hw > position:
         return int(hw)
-    # Fetch once at the current position: the response carries the high-water mark even when empty.
-    batch = await c.getmany(tp, timeout_ms=timeout_ms, max_records=1)
-    records = batch.get(tp, [])
+    paused = tp in c.paused()
+    if paused:
+        c.resume(tp)
+    try:
+        # Fetch once at the current position: the response carries the high-water mark even when empty.
+        records = await next_response(c, tp, max_records=1, timeout_s=timeout_ms / 1000)
+    finally:
+        if paused:
+            c.pause(tp)
     hw = c.highwater(tp)
     c.seek(tp, position)
     if hw is None:
@@ -94,6 +124,89 @@ async def fetch_highwater(c: AIOKafkaConsumer, tp: TopicPartition, *, timeout_ms
             return int(records[-1].offset) + 1
         raise TimeoutError(f"no fetch response for {tp.topic}[{tp.partition}] within {timeout_ms} ms")
     return int(hw)
+
+
+class Doorbell:
+    """A wake-up one part of a process gives the idle readers of the same process: "records are on their way".
+
+    The worker's decider rings it after producing events, and the projector, reading those events, stops
+    waiting at once instead of finishing its idle wait. Each reader listens on its own event (`listener`);
+    a listener nobody holds any more is dropped, so readers restarted by the worker leave nothing behind.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()
+
+    def listener(self) -> asyncio.Event:
+        event = asyncio.Event()
+        self._listeners.add(event)
+        return event
+
+    def ring(self) -> None:
+        for event in list(self._listeners):
+            event.set()
+
+
+class IdleFetch:
+    """Fetches one assigned partition with a wait that follows the traffic: at once while records arrive, then
+    less and less often while none do, up to `TIERFLOW_FETCH_IDLE_WAIT_MS` between fetches.
+
+    Used by `PositionedReader.run` (decider, validator, control bridge) and the projector loop. Why: the
+    embedded broker holds every fetch for the consumer's whole `fetch_max_wait_ms` and does not answer a long
+    poll when data arrives, so the wait must be short (5 ms) for latency; but a consumer fetching back to back
+    with a 5 ms wait sends ~200 requests/s to the broker while nothing happens, and the agents of an idle stack
+    burned most of a core that way (issue 12). Between fetches while idle the partition is paused
+    (`AIOKafkaConsumer.pause`, public API: aiokafka's background fetcher then sends nothing for it) for a wait
+    that doubles from `fetch_max_wait_ms` up to the idle wait; a record arriving while paused waits at most
+    that long, and a ring of the reader's `Doorbell` ends the pause at once.
+    """
+
+    #: how long a fetch may take before the round counts as empty anyway (a broker that does not answer)
+    RESPONSE_S = 1.0
+
+    def __init__(self, consumer: AIOKafkaConsumer, tp: TopicPartition, kafka: KafkaSettings, *,
+                 wake: asyncio.Event | None = None) -> None:
+        self.consumer = consumer
+        self.tp = tp
+        self.wake = wake
+        self.first_idle_s = max(1, kafka.fetch_max_wait_ms) / 1000
+        self.max_idle_s = kafka.fetch_idle_wait_ms / 1000
+        #: the pause before the next fetch (0 while records arrive)
+        self.idle_s = 0.0
+        #: fetch rounds that found nothing (read by tests and benchmarks)
+        self.empty_rounds = 0
+
+    async def next(self, max_records: int, stopping: asyncio.Event) -> list[ConsumerRecord[Any, Any]]:
+        """The next records of the partition (at most `max_records`); [] when a fetch round found none, or
+        `stopping` was set during the pause."""
+        if self.idle_s > 0 and self.max_idle_s > 0:
+            await self._pause(stopping)
+            if stopping.is_set():
+                return []
+        records = await next_response(self.consumer, self.tp, max_records=max_records,
+                                      timeout_s=self.RESPONSE_S)
+        if records:
+            self.idle_s = 0.0
+            return records
+        self.empty_rounds += 1
+        self.idle_s = min(self.max_idle_s, max(self.first_idle_s, 2 * self.idle_s))
+        return []
+
+    async def _pause(self, stopping: asyncio.Event) -> None:
+        self.consumer.pause(self.tp)
+        try:
+            waits = [asyncio.ensure_future(stopping.wait())]
+            if self.wake is not None:
+                waits.append(asyncio.ensure_future(self.wake.wait()))
+            try:
+                await asyncio.wait(waits, timeout=self.idle_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if self.wake is not None:
+                self.wake.clear()  # before the fetch: a ring after this point is seen by the next round
+        finally:
+            self.consumer.resume(self.tp)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """The orchestrator agent: reconciles the training workloads the projections call for with those that exist.
 
 Run by the worker with a launcher wired in (deploy/local_launcher.py or deploy/kubernetes_launcher.py behind
-the `streams.launcher.Launcher` port). Every few seconds, and whenever the projector commits, it plans with
-the pure `plan_training(...)` and applies the plan:
+the `streams.launcher.Launcher` port). Whenever the projector commits events that can change its plan
+(`streams.catalogue.WORKLOAD_EVENTS`: not each epoch's progress report), at most once per
+`TIERFLOW_RECONCILE_MIN_S`, and every `TIERFLOW_RECONCILE_S` as a safety net, it plans with the pure
+`plan_training(...)` over the open results only (a pass costs what is open, not the history) and applies
+the plan:
 - one workload per chain of a deployment (the chain trains jointly) and one per non-distributed model,
   started only once the deployment's datasource is announced (no TensorFlow process idles waiting for data),
   at most `max_training` at once; the rest queue visibly (`public.training_queue`, shown by the API);
@@ -31,7 +34,7 @@ from typing import Any
 import asyncpg
 
 from tierflow.projections import queries
-from tierflow.projections.schema import NOTIFY_CHANNEL
+from tierflow.projections.schema import NOTIFY_CHANNEL, concerns_workloads
 from tierflow.streams import tokens
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import TIERFLOW_NS, Command
@@ -296,24 +299,31 @@ class Orchestrator:
         self.workload_env = workload_env
         self.reconciled = 0
         self._wake = asyncio.Event()
+        #: the training queue as last written (rewritten only when it changes)
+        self._queue: list[tuple[int, int, str]] | None = None
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        if concerns_workloads(payload):
+            self._wake.set()
 
     async def run(self, stopping: asyncio.Event) -> None:
         signer = Signer.from_secret(self.settings.security.secret_key, WORKER)
         conn = await asyncpg.connect(self.settings.database.url)
         listen = await asyncpg.connect(self.settings.database.url)
-        await listen.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+        await listen.add_listener(NOTIFY_CHANNEL, self._on_notify)
         client = CommandClient(self.settings.kafka, source="orchestrator", signer=signer)
         await client.start()
+        loop = asyncio.get_running_loop()
+        w = self.settings.workloads
         try:
             while not stopping.is_set():
-                await self.reconcile(conn, client)
+                # Cleared before the pass: a notification that comes during it is planned for by the next one.
                 self._wake.clear()
-                stop = asyncio.ensure_future(stopping.wait())
-                wake = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({stop, wake}, timeout=self.settings.workloads.reconcile_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                for f in (stop, wake):
-                    f.cancel()
+                last = loop.time()
+                await self.reconcile(conn, client)
+                await _first_of(stopping, self._wake, timeout=w.reconcile_s - (loop.time() - last))
+                # However often events wake it, at least `reconcile_min_s` between two passes.
+                await _first_of(stopping, timeout=w.reconcile_min_s - (loop.time() - last))
         finally:
             await client.stop()
             await listen.close()
@@ -343,21 +353,21 @@ class Orchestrator:
         for name in plan.remove:
             await self.launcher.stop(name)
             log.info("removed workload %s", name)
-        async with conn.transaction():
-            await conn.execute("DELETE FROM public.training_queue")
-            if plan.queued:
-                await conn.executemany(
-                    "INSERT INTO public.training_queue (result_id, position, note) VALUES ($1, $2, $3)",
-                    [(rid, pos, note) for g, pos, note in plan.queued for rid in g.result_ids],
-                )
+        queue = [(rid, pos, note) for g, pos, note in plan.queued for rid in g.result_ids]
+        if queue != self._queue:  # an idle pass writes nothing
+            async with conn.transaction():
+                await conn.execute("DELETE FROM public.training_queue")
+                if queue:
+                    await conn.executemany(
+                        "INSERT INTO public.training_queue (result_id, position, note) VALUES ($1, $2, $3)", queue)
+            self._queue = queue
         await self.reconcile_inferences(conn)
         self.reconciled += 1
         return plan
 
     async def reconcile_inferences(self, conn: asyncpg.Connection) -> InferencePlan:
         workloads = await self.launcher.list("inference")
-        inferences, _ = await queries.list_inferences(conn, limit=1000)
-        plan = plan_inference(inferences, workloads)
+        plan = plan_inference(await queries.running_inferences(conn), workloads)
         for inference in plan.topics:
             if inference["id"] not in self._topics_ready:
                 await ensure_inference_topics(inference, self.settings.kafka.bootstrap_servers,
@@ -373,6 +383,18 @@ class Orchestrator:
             await self.launcher.launch(tier_launch(inference, tier, self.settings, self.workload_env, port=port))
             log.info("launched tier %d of inference %d (%s)", tier["index"], inference["id"], tier["model_name"])
         return plan
+
+
+async def _first_of(*events: asyncio.Event, timeout: float) -> None:
+    """Wait until one of `events` is set or `timeout` seconds passed (at once when it is <= 0)."""
+    if timeout <= 0 or any(e.is_set() for e in events):
+        return
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def workload_results(w: WorkloadStatus) -> list[int]:

@@ -9,7 +9,9 @@ records in batches and records its position after handling each one. `Positioned
 all three; an agent says where its position lives (`PositionStore`), how its log is named (`LogIdFn`), and
 what to do with a batch.
 
-How the agents poll is decided here alone, in `PositionedReader.run`.
+How the agents poll is decided here alone, in `PositionedReader.run`: through `streams.kafka.IdleFetch`, at once
+while records arrive and with a wait that lengthens while the partition is idle (a `Doorbell` of the same
+process, given as `wake`, ends such a wait).
 """
 
 from __future__ import annotations
@@ -28,10 +30,6 @@ Record: TypeAlias = "ConsumerRecord[Any, Any]"
 LogIdFn = Callable[[AIOKafkaConsumer, TopicPartition], Awaitable[str]]
 #: Handles one batch of records, in offset order; the position is recorded after it returns.
 HandleFn = Callable[[list[Record]], Awaitable[None]]
-
-#: How long one fetch waits for records before the loop looks at `stopping` again.
-POLL_TIMEOUT_MS = 100
-
 
 class PositionStore(Protocol):
     """Where an agent keeps its position: the last offset it handled, per log."""
@@ -60,12 +58,15 @@ class PositionedReader:
     """Partition 0 of `topic`, read in batches of at most `max_records` from the position in `store`."""
 
     def __init__(self, kafka: KafkaSettings, topic: str, *, store: PositionStore, log_id: LogIdFn,
-                 max_records: int) -> None:
+                 max_records: int, wake: kio.Doorbell | None = None) -> None:
         self.tp = TopicPartition(topic, 0)
         self.store = store
         self.max_records = max_records
         self.consumer = kio.consumer(kafka, max_poll_records=max_records)
         self._log_id = log_id
+        self._wake = None if wake is None else wake.listener()
+        #: how the partition is fetched (made by `run`; its counters are read by tests)
+        self.fetch = kio.IdleFetch(self.consumer, self.tp, kafka, wake=self._wake)
         self._started = False
         #: the name of the log being read (an agent may name a log that was empty at start once it has records)
         self.log_id = ""
@@ -92,8 +93,7 @@ class PositionedReader:
     async def run(self, stopping: asyncio.Event, handle: HandleFn) -> None:
         """Hand each batch to `handle`, then save the batch's last offset as the position; until `stopping`."""
         while not stopping.is_set():
-            batch = await self.consumer.getmany(self.tp, timeout_ms=POLL_TIMEOUT_MS, max_records=self.max_records)
-            records = batch.get(self.tp, [])
+            records = await self.fetch.next(self.max_records, stopping)
             if not records:
                 continue
             await handle(records)

@@ -35,8 +35,11 @@ async def set_status(conn: asyncpg.Connection, state: str, error: str | None) ->
 
 
 class Projector:
-    def __init__(self, kafka: KafkaSettings, database_url: str, *, batch_size: int = 5000) -> None:
+    def __init__(self, kafka: KafkaSettings, database_url: str, *, batch_size: int = 5000,
+                 wake: kio.Doorbell | None = None) -> None:
         self.kafka = kafka
+        #: rung by the decider of this process when it wrote events: the projector's idle wait ends at once
+        self.wake = wake
         self.database_url = database_url
         self.batch_size = batch_size
         self.last_seq = 0
@@ -57,9 +60,9 @@ class Projector:
             c.assign([tp])
             c.seek(tp, last_offset + 1)
             log.info("projector resuming after seq %d (offset %d)", self.last_seq, last_offset)
+            fetch = kio.IdleFetch(c, tp, self.kafka, wake=None if self.wake is None else self.wake.listener())
             while not stopping.is_set():
-                batch = await c.getmany(tp, timeout_ms=100, max_records=self.batch_size)
-                records = batch.get(tp, [])
+                records = await fetch.next(self.batch_size, stopping)
                 if not records:
                     hw = c.highwater(tp)
                     if hw is not None and await c.position(tp) >= hw:
@@ -76,7 +79,14 @@ class Projector:
                     self.failed = str(exc)
                     log.error("projector stopped: %s", exc)
                     await set_status(conn, "stopped", str(exc))
-                    await stopping.wait()  # halted, never skipping the event; readiness reports why
+                    # Halted, never skipping the event; readiness reports why. A drain (the worker stopping) has
+                    # nothing to wait for here: it ends the wait too, instead of the worker's drain deadline.
+                    waits = [asyncio.ensure_future(e.wait()) for e in (stopping, drain) if e is not None]
+                    try:
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for w in waits:
+                            w.cancel()
                     return
         finally:
             await c.stop()

@@ -168,6 +168,11 @@ class KafkaSettings:
     #: how long a fetch may wait for data. Tansu holds a fetch for the whole wait instead of answering when
     #: data arrives, so this bounds every hop's latency (see DESIGN).
     fetch_max_wait_ms: int = setting("TIERFLOW_FETCH_MAX_WAIT_MS", 5)
+    #: the longest wait between two fetches of a control-plane reader while its partition is idle. The wait
+    #: is `fetch_max_wait_ms` while records arrive and doubles while none do, up to this: an idle stack then
+    #: sends a few requests per second instead of hundreds; the first record after a silence waits at most
+    #: this long in each reader it passes that was not woken by its own process (0: never pause).
+    fetch_idle_wait_ms: int = setting("TIERFLOW_FETCH_IDLE_WAIT_MS", 250)
     #: consumer-group session timeout (a group join costs half of it on Tansu).
     session_timeout_ms: int = setting("TIERFLOW_SESSION_TIMEOUT_MS", 6000, minimum=1000)
     #: prefix of the control-plane topics (`<prefix>.commands`, ...).
@@ -283,6 +288,10 @@ class SandboxSettings:
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
 
+#: What `TIERFLOW_TIER_ENGINE` may say (tiers/engines.py: ENGINES, and "auto").
+TIER_ENGINES = ("auto", "keras", "litert")
+
+
 @dataclass(frozen=True)
 class WorkloadSettings:
     """Training and inference workloads (the orchestrator and its launcher)."""
@@ -302,14 +311,25 @@ class WorkloadSettings:
     #: how long an artefact no result names is kept before the API removes it (seconds; 0: never removed). A
     #: workload reports right after its upload, so this only has to outlast a stalled control plane.
     artefact_grace_s: float = setting("TIERFLOW_ARTEFACT_GRACE_S", 86400.0)
-    #: how often the orchestrator compares wanted and existing workloads.
+    #: how often the orchestrator compares wanted and existing workloads when nothing wakes it (a safety net: the
+    #: projector wakes it when a batch of events can change its plan).
     reconcile_s: float = setting("TIERFLOW_RECONCILE_S", 2.0)
+    #: the least time between two passes of the orchestrator, however often the projector wakes it (a burst of
+    #: events is planned for once, not once per batch).
+    reconcile_min_s: float = setting("TIERFLOW_RECONCILE_MIN_S", 0.5)
     #: partitions of the topics the orchestrator creates for an inference (its input, tier and output topics;
     #: more when a tier has more replicas). Several spread the load and, on the embedded broker, keep each
     #: partition short (Tansu's memory storage answers slower as a partition grows).
     tier_partitions: int = setting("TIERFLOW_TIER_PARTITIONS", 4, minimum=1)
     #: the HTTP port of a tier agent's /healthz, /readyz and /metrics (the pods' probes).
     tier_port: int = setting("TIERFLOW_TIER_PORT", 8000)
+    #: the engine a tier serves its sub-model with when `tierflow tier run` is not given `--engine`: "auto"
+    #: (LiteRT when the result has a `.tflite`, as trained results do, else Keras: a LiteRT tier starts without
+    #: TensorFlow, in a fraction of the time), "keras" or "litert".
+    tier_engine: str = setting("TIERFLOW_TIER_ENGINE", "auto", normalize=str.lower)
+    #: threads a tier's model may use (TensorFlow's thread pools, the LiteRT interpreter); 0: the engine's default,
+    #: one per core. One keeps the tiers sharing a small machine from contending (measured: faster at batch 1).
+    tier_threads: int = setting("TIERFLOW_TIER_THREADS", 1)
     #: node label a tier pod selects, valued with its tier's index or name (`tierflow.io/tier=edge`); empty: no
     #: default nodeSelector.
     tier_node_label: str = setting("TIERFLOW_TIER_NODE_LABEL", "tierflow.io/tier", normalize=str.strip)
@@ -367,6 +387,9 @@ class Settings:
             if value not in allowed:
                 raise SettingsError(f"{env_var(ApiSettings, attribute).name}={value!r} must be "
                                     f"{' or '.join(map(repr, allowed))}")
+        if w.tier_engine not in TIER_ENGINES:
+            raise SettingsError(f"{env_var(WorkloadSettings, 'tier_engine').name}={w.tier_engine!r} must be one of "
+                                f"{', '.join(TIER_ENGINES)}")
         if settings.sandbox.isolation not in ("bwrap", "landlock", "none"):
             raise SettingsError(f"{env_var(SandboxSettings, 'isolation').name}={settings.sandbox.isolation!r} must "
                                 "be 'bwrap', 'landlock' or 'none'")

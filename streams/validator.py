@@ -42,9 +42,14 @@ class Validator:
     validator does not start (MissingSecret says how to set it)."""
 
     def __init__(self, kafka: KafkaSettings, database_url: str, validate: ValidateFn, *, concurrency: int = 2,
-                 secret_key: str = "") -> None:
+                 secret_key: str = "", commands_written: kio.Doorbell | None = None,
+                 wake: kio.Doorbell | None = None) -> None:
         self.kafka = kafka
         self.secret_key = secret_key
+        #: ends the idle wait of its reader of the commands topic (the worker rings it when the API sent one)
+        self.wake = wake
+        #: rung after each verdict is sent: the decider of this process reads it at once
+        self.commands_written = commands_written
         self.database_url = database_url
         self.validate = validate
         self.concurrency = concurrency
@@ -55,7 +60,7 @@ class Validator:
         prod = kio.producer(self.kafka)
         conn = await asyncpg.connect(self.database_url)
         commands = PositionedReader(self.kafka, self.kafka.commands_topic, store=AgentPositions(conn, AGENT),
-                                    log_id=read_log_id, max_records=200)
+                                    log_id=read_log_id, max_records=200, wake=self.wake)
         try:
             await commands.start()
             await prod.start()
@@ -100,6 +105,8 @@ class Validator:
                 log.info("%s %s: code rejected: %s", cmd.type, cmd.command_id, verdict.get("error"))
             twin = signer.sign(replace(cmd, validation=verdict, source=f"{cmd.source}+validator"))
             await prod.send_and_wait(self.kafka.commands_topic, twin.encode(), key=twin.key())
+            if self.commands_written is not None:
+                self.commands_written.ring()
 
         await asyncio.gather(*(one(cmd) for cmd in todo))
 

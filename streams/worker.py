@@ -25,7 +25,8 @@ from contextlib import AbstractAsyncContextManager
 
 import asyncpg
 
-from tierflow.projections.schema import migrate
+from tierflow.projections.schema import COMMANDS_CHANNEL, migrate
+from tierflow.streams import kafka as kio
 from tierflow.streams.control import ControlBridge
 from tierflow.streams.decider import Decider
 from tierflow.streams.health import HEALTHY_AFTER_S, AgentHealth
@@ -39,6 +40,8 @@ from tierflow.streams.validator import ValidateFn, Validator
 log = logging.getLogger("tierflow.worker")
 
 DECIDER_LOCK = 7_310_003
+#: How the worker's connection listening for the API's commands shows in `pg_stat_activity`.
+COMMANDS_LISTENER = "tierflow-worker-commands"
 
 LauncherFactory = Callable[[Settings], Launcher]
 #: Opens the validator's validate function for the worker's lifetime (deploy/bootstrap.py: the sandbox pool).
@@ -88,8 +91,11 @@ class Worker:
             self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.workload_env())
         # The validator's row carries the sandbox's isolation in force (for /readyz and the UI).
         self.health = AgentHealth(details=lambda: {"validator": {"isolation": self.sandbox_isolation}})
+        # In-process wake-ups: what one agent writes, the next one reads without waiting out its idle wait.
+        self.events_written = kio.Doorbell()
+        self.commands_written = kio.Doorbell()
         self.decider = Decider(settings.kafka, secret_key=settings.security.secret_key, health=self.health)
-        self.projector = Projector(settings.kafka, settings.database.url)
+        self.projector = Projector(settings.kafka, settings.database.url, wake=self.events_written)
         self.validator: Validator | None = None
         self.stopping = asyncio.Event()
         self._drain = asyncio.Event()
@@ -109,7 +115,8 @@ class Worker:
                     return
                 stop.cancel()
             self.decider = Decider(self.settings.kafka, secret_key=self.settings.security.secret_key,
-                                   health=self.health)
+                                   health=self.health, events_written=self.events_written,
+                                   commands_written=self.commands_written)
             await self.decider.run(self._control_stopping)
         finally:
             await conn.close()
@@ -140,7 +147,8 @@ class Worker:
         await self._ensure_topics()
         self.validator = Validator(self.settings.kafka, self.settings.database.url, self._validate,
                                    concurrency=self.settings.sandbox.pool_size,
-                                   secret_key=self.settings.security.secret_key)
+                                   secret_key=self.settings.security.secret_key,
+                                   commands_written=self.commands_written, wake=self.commands_written)
         validator = self.validator
         self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url, health=self.health)
         bridge = self.bridge
@@ -153,6 +161,8 @@ class Worker:
                                           self._control_stopping, health)),
             asyncio.create_task(supervise("control-bridge", lambda: bridge.run(self._control_stopping),
                                           self._control_stopping, health)),
+            asyncio.create_task(supervise("commands-listener", self._listen_commands, self._control_stopping,
+                                          health)),
         ]
         if self.orchestrator is not None:  # without a launcher this worker runs the control plane only
             tasks.append(asyncio.create_task(supervise("orchestrator", self._run_orchestrator,
@@ -177,6 +187,28 @@ class Worker:
             published.set()  # one last write: the agents' `stopped`
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(publisher, timeout=5)
+
+    async def _listen_commands(self) -> None:
+        """Ring `commands_written` whenever the API says it produced a command (a NOTIFY on the commands
+        channel), so the idle decider and validator read it at once. Until stopping; a connection that ends
+        raises, and `supervise` opens a new one (meanwhile the readers' idle wait still bounds the delay)."""
+        conn = await asyncpg.connect(self.settings.database.url,
+                                     server_settings={"application_name": COMMANDS_LISTENER})
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        try:
+            await conn.add_listener(COMMANDS_CHANNEL, lambda *_: self.commands_written.ring())
+            self.commands_written.ring()  # commands sent while nobody listened
+            waits = [asyncio.ensure_future(self._control_stopping.wait()), asyncio.ensure_future(lost.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if lost.is_set() and not self._control_stopping.is_set():
+                raise ConnectionError("the connection listening for the API's commands ended")
+        finally:
+            await conn.close()
 
     async def _run_orchestrator(self) -> None:
         assert self.orchestrator is not None

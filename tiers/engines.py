@@ -5,10 +5,14 @@ its model thread, and by the benchmarks. Two engines:
 
 * `KerasEngine`: the `.keras` artefact loaded with tf-keras and `safe_mode=True` (`tiers.training.load_keras`;
   an `.h5` file is refused: tf-keras would load it without safe_mode, running a Lambda layer's code) and called
-  through one `tf.function` whose input signature leaves the batch dimension free, so a new batch size
-  never retraces. Measured here on the edge model (2 cores): the graph call costs 1.1 ms at batch 1 and
-  7.4 ms at batch 256 (29 us per sample), against 3.2 ms / 16 ms for an eager `model(x)` call and ~40 ms
-  for `model.predict` (which tierflow never calls per message).
+  through the concrete function of one `tf.function` whose input signature leaves the batch dimension free,
+  so a new batch size never retraces. Measured here on the edge model (2 cores): the graph call costs 1.1 ms
+  at batch 1 and 7.4 ms at batch 256 (29 us per sample), against 3.2 ms / 16 ms for an eager `model(x)` call
+  and ~40 ms for `model.predict` (which tierflow never calls per message). Calling the concrete function
+  directly skips the `tf.function`'s per-call dispatch, and TensorFlow's thread pools limited to one thread
+  each (`set_threads`, what `tierflow tier run` does by default: several tiers share a small machine) stop
+  it from waking threads for a small batch: the demo's edge model at batch 1 went from 813 to 380 us (776
+  to 306 us of CPU), at batch 64 from 1.76 to 1.37 ms, same outputs to the bit.
 * `LiteRTEngine`: the `.tflite` flatbuffer run by the LiteRT interpreter (`ai_edge_litert`; falls back to
   `tf.lite.Interpreter` when only TensorFlow is installed). The input is resized (`resize_tensor_input` +
   `allocate_tensors`) only when the batch size changes: 34 us at batch 1, 4.3 ms at batch 256 (17 us per
@@ -52,6 +56,26 @@ H5_REFUSED = ("an .h5 (HDF5) Keras model is refused: tf-keras loads HDF5 without
               "a .tflite one")
 #: TFLite operators whose output is a probability distribution.
 _PROBABILITY_OPS = frozenset({"SOFTMAX", "LOGISTIC"})
+#: Threads a model of this process may use (`set_threads`); None: each engine's own default.
+_threads: int | None = None
+
+
+def set_threads(threads: int | None) -> None:
+    """How many threads the models this process loads may use: TensorFlow's intra- and inter-op pools (process
+    wide, so only before TensorFlow runs its first operation) and each LiteRT interpreter. None or 0: the
+    engines' defaults (TensorFlow: one per core). Called by `tierflow tier run` before its model loads."""
+    global _threads
+    _threads = threads or None
+
+
+def _limit_tensorflow_threads(tf: Any) -> None:
+    if _threads is None:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(_threads)
+    except RuntimeError:  # TensorFlow already ran an operation in this process: its pools keep their size
+        log.info("TensorFlow is already initialised: its thread pools keep their size")
 
 
 class EngineError(PermanentError, RuntimeError):
@@ -105,6 +129,7 @@ class KerasEngine:
         from tierflow.tiers.keras_code import load_keras
 
         tf, _ = load_keras()
+        _limit_tensorflow_threads(tf)
         inputs = getattr(model, "inputs", None)
         if not inputs or len(inputs) != 1:
             raise EngineError(f"model '{getattr(model, 'name', '?')}' must take exactly one input tensor, it takes "
@@ -114,14 +139,17 @@ class KerasEngine:
         self.input_dtype: np.dtype[Any] = np.dtype(inputs[0].dtype.as_numpy_dtype)
         self.n_outputs = len(model.outputs)
         spec = tf.TensorSpec([None, *self.input_shape], inputs[0].dtype)
-        # One trace for every batch size: a relaxed batch dimension in the signature.
-        self._call = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        # One trace for every batch size: a relaxed batch dimension in the signature; its concrete function is
+        # called directly (no per-call dispatch of the tf.function).
+        self._call = tf.function(lambda x: model(x, training=False), input_signature=[spec]).get_concrete_function()
         self.predict(np.zeros((1, *self.input_shape), dtype=self.input_dtype))  # trace now, not on traffic
 
     @classmethod
     def from_artefact(cls, data: bytes) -> KerasEngine:
+        from tierflow.tiers.keras_code import load_keras as import_keras
         from tierflow.tiers.training import load_keras
 
+        _limit_tensorflow_threads(import_keras()[0])  # before loading the model runs TensorFlow's first operation
         try:
             model = load_keras(data)
         except (ValueError, OSError) as exc:
@@ -133,7 +161,7 @@ class KerasEngine:
         return cls.from_artefact(Path(path).read_bytes())
 
     def predict(self, x: Array) -> list[Array]:
-        out = self._call(x)
+        out = self._call(np.asarray(x, dtype=self.input_dtype))  # a concrete function takes its own dtype only
         tensors = list(out) if isinstance(out, list | tuple) else [out]
         return [np.asarray(t.numpy()) for t in tensors]
 
@@ -165,6 +193,7 @@ class LiteRTEngine:
 
     def __init__(self, model_content: bytes, *, num_threads: int | None = None) -> None:
         interpreter_cls = _interpreter_class()
+        num_threads = num_threads or _threads
         with warnings.catch_warnings():
             # tf.lite.Interpreter warns that it is deprecated in favour of LiteRT (the fallback says so above).
             warnings.simplefilter("ignore", UserWarning)

@@ -183,11 +183,13 @@ class TierAgent:
         cfg = self.config
         loop = asyncio.get_running_loop()
         try:
+            # The model loads in the model thread while the clients start and the consumer joins its group (a
+            # join takes half the session timeout on Tansu): start-up costs the longer of the two, not both.
+            loading = None
             if self.engine is None:
                 log.info("%s: loading the %s model", cfg.name, cfg.engine)
-                self.engine = await loop.run_in_executor(self._model_thread, load_engine, cfg.engine, cfg.model)
-            self._check_engine(self.engine)
-            spec = input_spec(cfg, self.engine)
+                loading = loop.run_in_executor(self._model_thread, load_engine, cfg.engine, cfg.model)
+                loading.add_done_callback(lambda f: f.cancelled() or f.exception())  # read even if start-up failed
             for servers in {cfg.bootstrap_servers, cfg.output_servers, cfg.upper_servers}:
                 producer = kio.producer(replace(self.kafka, bootstrap_servers=servers), max_batch_size=1024 * 1024)
                 self._producers[servers] = producer
@@ -199,6 +201,11 @@ class TierAgent:
             )
             await self._consumer.start()
             self._consumer.subscribe([cfg.input_topic], listener=_Rebalance(self))
+            if loading is not None:
+                self.engine = await loading
+            assert self.engine is not None
+            self._check_engine(self.engine)
+            spec = input_spec(cfg, self.engine)
             self._spec = spec
             # Move what start-up made (TensorFlow's object graph: millions of objects) out of the collector's
             # sight: the per-sample lists of every batch trigger collections that otherwise walk it all

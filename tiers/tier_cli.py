@@ -14,6 +14,13 @@ Two ways to say what to serve:
 * by hand, without the API: `--model PATH --input-topic T --output-topic O [--upper-topic U] [--limit L]
   [--tier-index K] [--top] --bootstrap-servers B [--upper-bootstrap-servers B2] [--input-config JSON]`.
 
+The engine (`--engine`, else TIERFLOW_TIER_ENGINE, "auto" by default): "auto" serves the `.tflite` sub-model
+with LiteRT when there is one (trained results export one: see tiers/train_job.py; by hand, a `--model` file
+named `*.tflite`), else the Keras one. A LiteRT tier never imports TensorFlow, so it answers a few seconds
+after it starts instead of after TensorFlow's import and a graph trace, and its answers hold the same `values`
+(LiteRT's outputs agree with Keras's within 1e-4: tests/integration/test_tier_agent.py). The model's
+threads: `--threads`, else TIERFLOW_TIER_THREADS (1 by default; tiers/engines.py: `set_threads`).
+
 Exit codes: 0 stopped by SIGTERM/SIGINT after draining; 1 transient (API or broker unreachable, a
 download that does not match its checksum, produced records not acknowledged); 2 permanent (bad flags,
 an inference that does not exist or is stopped, a model the engine cannot serve).
@@ -36,6 +43,7 @@ from tierflow.streams.cli_args import non_negative, port, positive_int
 from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import Settings, SettingsError
 from tierflow.streams.statuses import InferenceStatus
+from tierflow.tiers import engines
 from tierflow.tiers.data import DataError, InputConfig
 from tierflow.tiers.engines import ENGINES
 from tierflow.tiers.tier_config import TierConfig, TierConfigError
@@ -53,6 +61,22 @@ class TierSetupError(TierflowError):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class NotFound(TierSetupError):
+    """The API answered 404 (no such inference, or no such artefact of the result)."""
+
+
+#: `--engine` values: an engine, or "auto" (LiteRT when a `.tflite` sub-model is there, else Keras).
+AUTO = "auto"
+ENGINE_CHOICES = (AUTO, *ENGINES)
+
+
+def engine_for_file(engine: str, model: Path) -> str:
+    """The engine of a sub-model file given by hand: "auto" means LiteRT for a `.tflite` file, else Keras."""
+    if engine != AUTO:
+        return engine
+    return "litert" if model.suffix.lower() == ".tflite" else "keras"
 
 
 # -- pure: the inference's description -> TierConfig --------------------------------------------------------
@@ -155,6 +179,17 @@ async def fetch_model(api: str, result_id: int, engine: str, token: str = "") ->
     return data
 
 
+async def fetch_engine_model(api: str, result_id: int, engine: str, token: str = "") -> tuple[str, bytes]:
+    """(engine, sub-model bytes) for `engine`; "auto": the LiteRT model when the result has one, else Keras's."""
+    if engine != AUTO:
+        return engine, await fetch_model(api, result_id, engine, token)
+    try:
+        return "litert", await fetch_model(api, result_id, "litert", token)
+    except NotFound as exc:
+        log.info("result %d has no LiteRT model (%s): serving it with Keras", result_id, exc)
+        return "keras", await fetch_model(api, result_id, "keras", token)
+
+
 async def _get(api: str, path: str, token: str) -> tuple[bytes, Mapping[str, str]]:
     import aiohttp
 
@@ -165,7 +200,7 @@ async def _get(api: str, path: str, token: str) -> tuple[bytes, Mapping[str, str
                 session.get(url, headers=headers) as resp:
             body = await resp.read()
             if resp.status == 404:
-                raise TierSetupError(f"GET {path} answered 404: {_api_message(body)}")
+                raise NotFound(f"GET {path} answered 404: {_api_message(body)}")
             if resp.status >= 400:
                 raise TierSetupError(f"GET {path} answered HTTP {resp.status}: {_api_message(body)}",
                                      1 if resp.status >= 500 else 2)
@@ -227,7 +262,8 @@ def build_config(args: argparse.Namespace, settings: Settings) -> TierConfig:
         # `tierflow inferences token N --tier K` minted for a device), else the stack on this machine's.
         token = resolve_api_token(settings, args.token or "")
         return asyncio.run(config_from_api(api, args.inference, args.tier, default_servers=default_servers,
-                                           token=token, engine=args.engine, max_batch=args.max_batch,
+                                           token=token, engine=args.engine or settings.workloads.tier_engine,
+                                           max_batch=args.max_batch,
                                            linger_ms=args.linger_ms, port=port,
                                            commit_interval_ms=args.commit_interval_ms, check_crcs=args.check_crcs))
     missing = [flag for flag, value in (("--model", args.model), ("--input-topic", args.input_topic),
@@ -244,7 +280,8 @@ def build_config(args: argparse.Namespace, settings: Settings) -> TierConfig:
             limit=args.limit, bootstrap_servers=args.bootstrap_servers or _default_servers(settings),
             upper_bootstrap_servers=args.upper_bootstrap_servers or "",
             output_bootstrap_servers=args.output_bootstrap_servers or "", input_format=args.input_format,
-            input_config=_input_config(args.input_config), model=model, engine=args.engine,
+            input_config=_input_config(args.input_config), model=model,
+            engine=engine_for_file(args.engine or settings.workloads.tier_engine, model),
             max_batch=args.max_batch, linger_ms=args.linger_ms, port=port, group_id=args.group or "",
             commit_interval_ms=args.commit_interval_ms, check_crcs=args.check_crcs,
         )
@@ -256,7 +293,8 @@ async def config_from_api(api: str, inference_id: int, tier: int, *, default_ser
                           engine: str = "keras", max_batch: int = 256, linger_ms: float = 0.0,
                           port: int = DEFAULT_TIER_PORT, commit_interval_ms: float = 100.0,
                           check_crcs: bool = False) -> TierConfig:
-    """Tier `tier` of inference `inference_id` as the API describes it, with its model downloaded and verified."""
+    """Tier `tier` of inference `inference_id` as the API describes it, with its model downloaded and verified
+    (`engine` "auto": the LiteRT model when the result has one, else the Keras one)."""
     inference = await fetch_inference(api, inference_id, token)
     status = str(inference.get("status") or "")
     if status == InferenceStatus.STOPPED:  # a deleted inference is a 404 (fetch_inference)
@@ -266,8 +304,8 @@ async def config_from_api(api: str, inference_id: int, tier: int, *, default_ser
         raise TierSetupError(f"inference {inference_id} has no tier {tier} (its tiers: "
                              f"{', '.join(map(str, sorted(tiers))) or 'none'})")
     result_id = int(tiers[tier]["result_id"])
-    model = await fetch_model(api, result_id, engine, token)
-    log.info("downloaded the model of result %d (%d bytes, sha256 verified)", result_id, len(model))
+    engine, model = await fetch_engine_model(api, result_id, engine, token)
+    log.info("downloaded the %s model of result %d (%d bytes, sha256 verified)", engine, result_id, len(model))
     return config_from_inference(inference, tier, model=model, default_servers=default_servers, engine=engine,
                                  max_batch=max_batch, linger_ms=linger_ms, port=port,
                                  commit_interval_ms=commit_interval_ms, check_crcs=check_crcs)
@@ -281,7 +319,18 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
         return exc.exit_code
     from tierflow.tiers.tier_app import run_worker
 
+    engines.set_threads(args.threads if args.threads is not None else settings.workloads.tier_threads)
     return run_worker(config, settings.kafka, loglevel=settings.log_level)
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0: the engine's default, one per core)")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -321,8 +370,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                            '"28 28"}\' (default: float32 of the model input)')
     hand.add_argument("--group", metavar="G", help="consumer group (default tierflow-inference-N-tier-K)")
     both = run.add_argument_group("serving")
-    both.add_argument("--engine", choices=ENGINES, default="keras",
-                      help="keras (tf-keras, direct call) or litert (the .tflite sub-model; no TensorFlow needed)")
+    both.add_argument("--engine", choices=ENGINE_CHOICES, default=None,
+                      help="keras (tf-keras, direct call), litert (the .tflite sub-model; no TensorFlow needed) or "
+                           "auto (litert when there is a .tflite sub-model, else keras); default: "
+                           "TIERFLOW_TIER_ENGINE, else auto")
+    both.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+                      help="threads the model may use (default: TIERFLOW_TIER_THREADS, else 1; 0: one per core)")
     both.add_argument("--max-batch", type=positive_int, default=256, metavar="N",
                       help="most records per poll and samples per model call (default 256)")
     both.add_argument("--linger-ms", type=non_negative, default=0.0, metavar="MS",

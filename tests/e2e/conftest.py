@@ -40,7 +40,9 @@ async def env(infra: Infra, sandbox_pool: Any, snippets: dict[str, str]) -> Asyn
     home = Path(tempfile.mkdtemp(prefix="tierflow-train-e2e-", dir="/tmp"))
     settings = await new_plane(infra, "train")
     port = free_port()
+    # The embedded stack's session timeout (deploy/stack_runtime.py): a tier's group join takes half of it.
     settings = replace(settings, api=replace(settings.api, url=f"http://127.0.0.1:{port}", command_timeout_s=60.0),
+                       kafka=replace(settings.kafka, session_timeout_ms=2000),
                        workloads=replace(settings.workloads, artefacts_dir=str(home / "artefacts"),
                                          reconcile_s=0.5, max_training=2))
     launcher = LocalLauncher(home / "workloads", {**settings.to_env(), "PYTHONUNBUFFERED": "1"})

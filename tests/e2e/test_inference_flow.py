@@ -36,8 +36,10 @@ def kafka_ml_client(servers: str, input_topic: str, output_topic: str, x: np.nda
     producer.flush()
     offsets = [(m.partition, m.offset) for m in (f.get(timeout=30) for f in futures)]
     producer.close()
+    # kafka-python's default 10 s session timeout would make the group join take 5 s on Tansu.
     consumer = KafkaConsumer(output_topic, bootstrap_servers=servers, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=f"kafka-ml-client-{uuid.uuid4().hex[:6]}")
+                             enable_auto_commit=False, group_id=f"kafka-ml-client-{uuid.uuid4().hex[:6]}",
+                             session_timeout_ms=2000, heartbeat_interval_ms=500)
     answers: dict[Position, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     try:

@@ -63,7 +63,14 @@ async def test_kill_9_worker_mid_stream(infra: Infra, snippets: dict[str, str]) 
             async def decided() -> int:
                 return int(await conn.fetchval("SELECT count(*) FROM proj.command_outcomes"))
 
-            sender = asyncio.create_task(client.send_many(commands))
+            async def stream() -> None:
+                # Paced in chunks, so the stream is still flowing when the kill lands (sent at once, an idle
+                # worker may take most of it in one batch of the decider and one of the projector).
+                for start in range(0, len(commands), 100):
+                    await client.send_many(commands[start:start + 100])
+                    await asyncio.sleep(0.02)
+
+            sender = asyncio.create_task(stream())
             # Kill the worker in the middle of the stream.
             await wait_until(lambda: _gt(decided, 600), timeout=120, what="600 outcomes before the kill")
             os.killpg(worker.pid, signal.SIGKILL)

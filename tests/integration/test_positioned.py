@@ -4,6 +4,7 @@ for the log it reads, ignores a position recorded in another log, and records it
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -69,3 +70,43 @@ async def test_the_reader_resumes_after_its_position_in_the_same_log(plane: Sett
     store = MemoryPositions({"log-b": 3})
     assert await read(plane, topic, store, until=4) == [b"r0", b"r1", b"r2", b"r3", b"r4"]
     assert store.positions == {"log-a": 4, "log-b": 3}
+
+
+async def test_an_idle_reader_fetches_rarely_and_its_doorbell_wakes_it_at_once(plane: Settings) -> None:
+    """While nothing arrives the reader pauses between fetches (up to the idle wait) instead of fetching back to
+    back; a record arriving then is still handed over, and a ring of its doorbell ends the pause at once."""
+    topic = f"{plane.kafka.topic_prefix}.idle"
+    await ensure_topics(plane.kafka, extra=[TopicSpec(topic, 1, -1)])
+    kafka = replace(plane.kafka, fetch_idle_wait_ms=200)
+    bell = kio.Doorbell()
+    reader = PositionedReader(kafka, topic, store=MemoryPositions({}), log_id=log_a, max_records=10, wake=bell)
+    seen: list[bytes] = []
+    stopping = asyncio.Event()
+
+    async def handle(records: list[Record]) -> None:
+        seen.extend(r.value for r in records)
+
+    p = kio.producer(plane.kafka)
+    await p.start()
+    await reader.start()
+    task = asyncio.create_task(reader.run(stopping, handle))
+    try:
+        await wait_until(lambda: reader.fetch.idle_s == 0.2, what="the reader reaching its idle wait")
+        before = reader.fetch.empty_rounds
+        await asyncio.sleep(2.0)  # the idle window being measured
+        rounds = reader.fetch.empty_rounds - before
+        # Fetching back to back with a 5 ms wait would be ~400 rounds; pausing 200 ms between them, ~10.
+        assert rounds <= 12, rounds
+        await p.send_and_wait(topic, b"after-idle")
+        await wait_until(lambda: seen == [b"after-idle"], what="the record sent while the reader idled")
+        # A long idle wait: only the ring can make the reader see the next record within seconds.
+        reader.fetch.max_idle_s = reader.fetch.idle_s = 60.0
+        await asyncio.sleep(0.3)  # let it enter its 60 s pause
+        await p.send_and_wait(topic, b"rung")
+        bell.ring()
+        await wait_until(lambda: seen == [b"after-idle", b"rung"], timeout=10, what="the record after the ring")
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, 10)
+        await reader.stop()
+        await p.stop()

@@ -488,6 +488,8 @@ async def test_a_tier_is_configured_from_the_api_with_a_verified_model(chain: Ch
         return web.json_response(inference)
 
     async def get_model(request: web.Request) -> web.Response:
+        if request.query.get("format") == "tflite" and request.match_info["id"] == "12":  # not convertible
+            return web.json_response({"error": {"message": "result 12 has no 'tflite' artefact"}}, status=404)
         data = tflite if request.query.get("format") == "tflite" else b"PK\x03\x04keras"
         digest = hashlib.sha256(b"other" if tampered["on"] else data).hexdigest()
         return web.Response(body=data, headers={"X-Sha256": digest})
@@ -502,6 +504,9 @@ async def test_a_tier_is_configured_from_the_api_with_a_verified_model(chain: Ch
         assert (config.input_topic, config.upper_topic, config.limit, config.top) == ("in", "fog", 0.6, False)
         assert (config.bootstrap_servers, config.upper_servers) == ("core:9092", "fog-site:9092")
         assert config.input_config == InputConfig.parse(UINT8_IMAGES)
+        # No engine asked for: LiteRT where the result has a .tflite, Keras where it has none.
+        auto = [await config_from_api(url, 7, k, default_servers="core:9092", engine="auto", port=0) for k in (0, 1)]
+        assert [(c.engine, c.model) for c in auto] == [("litert", tflite), ("keras", b"PK\x03\x04keras")]
         with pytest.raises(TierSetupError, match="no inference 8") as missing:
             await config_from_api(url, 8, 0, default_servers="core:9092")
         assert missing.value.exit_code == 2

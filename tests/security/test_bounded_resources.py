@@ -263,7 +263,9 @@ async def test_windows_are_bounded(env: Env) -> None:
 
 # --- the outcome listener survives its connection ----------------------------------------------------------
 
-LISTENER = "application_name = 'tierflow-api-outcomes' OR query ILIKE 'LISTEN%'"
+# (The worker listens too, for the API's commands: its connection is named, and not the API's.)
+LISTENER = ("application_name = 'tierflow-api-outcomes' OR (query ILIKE 'LISTEN%' AND application_name NOT LIKE "
+            "'tierflow-worker%')")
 
 
 async def terminate(env: Env, where: str) -> int:

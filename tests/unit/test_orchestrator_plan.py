@@ -137,3 +137,20 @@ def test_inference_topics_get_the_partitions_asked_or_one_per_replica() -> None:
         "edge:9092": [("in", 4), ("out", 4)],
         "core:9092": [("t1", 6), ("out", 4), ("t2", 4)],
     }
+
+
+def test_only_batches_with_workload_events_wake_the_orchestrator() -> None:
+    from tierflow.projections.schema import concerns_workloads, notify_payload
+    from tierflow.streams.catalogue import EVENT_TYPES, WORKLOAD_EVENTS
+    from tierflow.streams.orchestrator import Orchestrator
+    from tierflow.streams.settings import Settings
+
+    assert WORKLOAD_EVENTS <= EVENT_TYPES  # a renamed event would silently stop waking it
+    assert {"TrainingProgressed", "ModelCreated", "ConfigurationCreated", "CommandRejected"}.isdisjoint(
+        WORKLOAD_EVENTS)
+    assert concerns_workloads(notify_payload(41, True)) and not concerns_workloads(notify_payload(41, False))
+    orchestrator = Orchestrator(Settings.from_env({}), launcher=None, workload_env={})  # type: ignore[arg-type]
+    orchestrator._on_notify(None, 1, "tierflow_projected", notify_payload(7, False))
+    assert not orchestrator._wake.is_set()
+    orchestrator._on_notify(None, 1, "tierflow_projected", notify_payload(8, True))
+    assert orchestrator._wake.is_set()

@@ -109,3 +109,13 @@ def test_a_download_that_does_not_match_its_checksum_is_a_transient_error() -> N
     assert caught.value.exit_code == 1
     with pytest.raises(TierSetupError, match="no X-Sha256"):
         verify_sha256(b"model", None, "m")
+
+
+def test_a_model_file_given_by_hand_picks_its_engine_by_suffix_unless_one_is_asked_for() -> None:
+    from pathlib import Path
+
+    from tierflow.tiers.tier_cli import engine_for_file
+
+    assert engine_for_file("auto", Path("edge.tflite")) == "litert"
+    assert engine_for_file("auto", Path("edge.keras")) == engine_for_file("auto", Path("edge.h5")) == "keras"
+    assert engine_for_file("keras", Path("edge.tflite")) == "keras"  # asked for: as asked (the load says why not)

@@ -32,6 +32,7 @@ def test_defaults_place_tiers_by_their_label() -> None:
     ({"TIERFLOW_LAUNCHER": "docker"}, "TIERFLOW_LAUNCHER='docker'"),
     ({"TIERFLOW_TIER_NAMES": "edge,fog node"}, "TIERFLOW_TIER_NAMES: 'fog node' is not a Kubernetes label value"),
     ({"TIERFLOW_SESSION_TIMEOUT_MS": "10"}, "TIERFLOW_SESSION_TIMEOUT_MS=10 must be >= 1000"),
+    ({"TIERFLOW_TIER_ENGINE": "onnx"}, "TIERFLOW_TIER_ENGINE='onnx' must be one of auto, keras, litert"),
 ])
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
@@ -74,3 +75,11 @@ def test_each_variable_and_default_is_declared_once() -> None:
     assert Settings.from_env(env) == Settings()
     assert env.names == set(env_names())
     assert len(env_names()) == len(set(env_names()))
+
+
+def test_the_embedded_broker_gets_a_short_session_timeout_unless_one_was_chosen() -> None:
+    from tierflow.deploy.stack_runtime import EMBEDDED_SESSION_TIMEOUT_MS, embedded_kafka
+
+    assert embedded_kafka(Settings.from_env({}).kafka).session_timeout_ms == EMBEDDED_SESSION_TIMEOUT_MS == 2000
+    chosen = Settings.from_env({"TIERFLOW_SESSION_TIMEOUT_MS": "9000"}).kafka
+    assert embedded_kafka(chosen).session_timeout_ms == 9000
