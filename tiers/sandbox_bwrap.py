@@ -138,7 +138,7 @@ def bwrap_argv(bwrap: str, command: Sequence[str], *, readonly: Iterable[str], a
     parents = sorted({str(parent) for dest in dests for parent in Path(dest).parents if str(parent) != "/"},
                      key=lambda p: (p.count("/"), p))
     for parent in parents:
-        if not _covered(parent, ["/usr", "/tmp", *binds]):
+        if not _covered(parent, ["/usr", *binds]):  # under /tmp too (a clone in /tmp): its tmpfs makes them 0700
             argv += ["--perms", "0755", "--dir", parent]
     for path in binds:
         argv += ["--ro-bind", path, path]

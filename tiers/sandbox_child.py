@@ -87,6 +87,8 @@ _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _MS_NOSUID = 2
 _MS_NODEV = 4
 _MS_NOEXEC = 8
+_MS_BIND = 4096
+_MS_REC = 16384
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _WARMUP_CODE = "warmup_in = keras.Input(shape=4)\nwarmup = keras.Model(warmup_in, keras.layers.Dense(2)(warmup_in))\n"
@@ -131,6 +133,11 @@ def die_with_parent() -> None:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def under_scratch(paths: list[str]) -> list[str]:
+    """Those of `paths` that the runner's scratch, mounted over /tmp, would hide."""
+    return [path for path in paths if path == SCRATCH or path.startswith(SCRATCH + "/")]
+
+
 def enter_namespaces() -> None:
     """New user, pid (for the children), mount, IPC and UTS namespaces, and a private tmpfs scratch and /dev/shm.
 
@@ -151,11 +158,19 @@ def enter_namespaces() -> None:
                 f.write(text)
     finally:
         set_dumpable(False)
+    # An installation under /tmp (a clone in /tmp and its venv) would vanish under the scratch: each such folder
+    # is held by a descriptor and bound back over the new tmpfs (a bind keeps its source's read-only flag).
+    held = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in under_scratch(installation_paths())]
     mount_flags = ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     # The scratch, and a private /dev/shm: bwrap's one is shared by every sandbox of the zygote.
     for target, megabytes in ((SCRATCH, SCRATCH_MB), (SHM, SHM_MB)):
         options = f"size={megabytes}m,nr_inodes=4096,mode=0700".encode()
         _check(_libc().mount(b"tmpfs", target.encode(), b"tmpfs", mount_flags, options), f"mount tmpfs on {target}")
+    for path, fd in held:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _check(_libc().mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, ctypes.c_ulong(_MS_BIND | _MS_REC),
+                             None), f"bind the installation back at {path}")
+        os.close(fd)
 
 
 def drop_capabilities() -> None:
@@ -481,14 +496,19 @@ def _keeper(channel_fd: int, args: argparse.Namespace, request_id: int) -> None:
     os.close(alive_r)
     if args.isolation == "bwrap":
         drop_capabilities()  # it only waits from here on: it needs none of what its namespaces gave it
+    os._exit(end_alike(pid))
+
+
+def end_alike(pid: int) -> int:
+    """Wait for the child `pid` and end as it did: killed by its signal (so the parent can say "killed
+    (SIGKILL): out of memory?" rather than "exited"), or the exit code to return (70 when neither)."""
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
-        # Die the same way, so the pool can say "killed (SIGKILL): out of memory?" rather than "exited".
         sig = os.WTERMSIG(status)
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 70)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 70
 
 
 # -- the zygote ------------------------------------------------------------------------------------------

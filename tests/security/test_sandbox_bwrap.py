@@ -13,6 +13,7 @@ from tests.fixtures import REPO
 from tierflow.streams.settings import Settings, SettingsError
 from tierflow.tiers.sandbox import scrub
 from tierflow.tiers.sandbox_bwrap import HOW_TO_GET_IT, BwrapMissing, bwrap_argv, find_bwrap, installation_paths
+from tierflow.tiers.sandbox_child import under_scratch
 
 MERGED_USR = [("/bin", "usr/bin"), ("/lib", "usr/lib"), ("/lib64", "usr/lib64")]
 INSTALL = [
@@ -49,6 +50,18 @@ def test_only_the_system_the_installation_and_the_package_are_shown_read_only() 
     created = values(argv, "--dir")
     assert "/home/ada/project" in created and "/root" in created
     assert argv[-4:] == ["--", "python", "-m", "x"]
+
+
+def test_an_installation_under_tmp_is_shown_through_traversable_folders_and_kept_by_the_runner() -> None:
+    # A clone in /tmp (and its venv): bwrap would make the folders above it in the sandbox's /tmp 0700 root's,
+    # which the sandbox's user cannot cross; and the runner's scratch, mounted over /tmp, would hide them.
+    install = ["/root/.pyenv/versions/3.11.7", "/tmp/clone/.venv", "/tmp/clone/tiers", "/tmpx/other"]
+    argv = bwrap_argv("bwrap", ["python"], readonly=install, as_root=True, system=MERGED_USR)
+
+    at = argv.index("/tmp/clone")
+    assert argv[at - 3:at] == ["--perms", "0755", "--dir"]
+    assert argv.index("--tmpfs") < at  # made in the sandbox's /tmp, not hidden by it
+    assert under_scratch(install) == ["/tmp/clone/.venv", "/tmp/clone/tiers"]
 
 
 def test_root_bwrap_keeps_only_what_it_takes_to_become_nobody() -> None:
