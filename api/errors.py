@@ -13,23 +13,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from tierflow.streams.catalogue import Invalid
-from tierflow.streams.errors import TierflowError
+from tierflow.streams.errors import STATUS_BY_CODE, HttpError
 
 log = logging.getLogger("tierflow.api")
 
-STATUS_BY_CODE = {"invalid": 422, "not_found": 404, "conflict": 409, "unauthorized": 401, "forbidden": 403,
-                  "bad_request": 400, "too_large": 413, "unsupported_media_type": 415, "unavailable": 503}
-
-
-class ApiError(TierflowError):
+class ApiError(HttpError):
     """An answer other than success: the HTTP status, the error code and the field it names."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tierflow.streams.errors import TierflowError
+from tierflow.streams.errors import STATUS_BY_CODE, HttpError
 from tierflow.streams.settings import Settings
 from tierflow.streams.stack_state import read_stack_state, resolve_api_token
 
@@ -27,26 +27,13 @@ JSON = dict[str, Any]
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 
-#: The HTTP status the API answers for each rejection code (mirrors api/errors.py, which the CLI must
-#: not import: the client only knows the wire format).
-STATUS_BY_CODE: dict[str, int] = {"invalid": 422, "not_found": 404, "conflict": 409, "unauthorized": 401,
-                                  "forbidden": 403, "bad_request": 400, "too_large": 413,
-                                  "unsupported_media_type": 415, "unavailable": 503}
-
 #: Where the resource of an outcome's aggregate ("model:3") is read.
 AGGREGATE_PATHS: dict[str, str] = {"model": "/models", "configuration": "/configurations",
                                    "deployment": "/deployments"}
 
 
-class ApiClientError(TierflowError):
+class ApiClientError(HttpError):
     """The API answered an error (or could not be asked). `status` is 0 when no answer came back."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 class ApiUnreachable(ApiClientError):

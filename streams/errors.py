@@ -24,3 +24,22 @@ class TemporaryError(TierflowError):
     def __init__(self, message: str, *, delay_s: float = 1.0) -> None:
         super().__init__(message)
         self.delay_s = delay_s
+
+
+#: The HTTP status the API answers for each error code of its wire format (`{"error": {"code", ...}}`): the
+#: API renders with it and its clients read with it.
+STATUS_BY_CODE: dict[str, int] = {"invalid": 422, "not_found": 404, "conflict": 409, "unauthorized": 401,
+                                  "forbidden": 403, "bad_request": 400, "too_large": 413,
+                                  "unsupported_media_type": 415, "unavailable": 503}
+
+
+class HttpError(TierflowError):
+    """An error answer of the API, as its wire format has it: the HTTP status (0 where no answer came), the
+    error code, the message and the field it names."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field

@@ -14,16 +14,20 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import orjson
 import pytest
+from aiokafka import ConsumerRecord, TopicPartition
 
 from tests.fixtures import all_model_code
 from tierflow.deploy import services
+from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import Command
 from tierflow.streams.proofs import ENTITLED, Signer
-from tierflow.streams.settings import Settings
+from tierflow.streams.settings import KafkaSettings, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 #: The admin token and the stack secret of every test plane (`new_plane`), as `tierflow up` would generate them.
@@ -180,6 +184,71 @@ async def start_plane(settings: Settings, validate: object, launcher: object = N
 async def stop_plane(running: RunningPlane) -> None:
     running.worker.stop()  # type: ignore[attr-defined]
     await asyncio.wait_for(running.task, 30)
+
+
+async def deploy_single_model(kafka: KafkaSettings, deployments: int = 1) -> None:
+    """Model 1 (`# single`), configuration 1 and `deployments` deployments of it: what an announcement needs."""
+    async with CommandClient(kafka) as client:
+        for type_, payload, expected in [
+                ("RegisterModel", {"name": "single", "code": "# single"}, "ModelCreated"),
+                ("CreateConfiguration", {"name": "c", "model_ids": [1]}, "ConfigurationCreated"),
+                *[("RequestDeployment", {"configuration_id": 1, "batch": 8}, "DeploymentRequested")] * deployments]:
+            event = await client.wait(await client.send(type_, payload))
+            assert event.type == expected, (event.type, event.payload)
+
+
+async def topic_records(kafka: KafkaSettings, topic: str, *, at_least: int | None = None,
+                        timeout: float = 20.0) -> list[ConsumerRecord[bytes, bytes]]:
+    """The records of partition 0 of `topic` from its start: those up to its high-water mark now, or (with
+    `at_least`) as many as have come once there are at least that many."""
+    tp = TopicPartition(topic, 0)
+    c = kio.consumer(kafka)
+    await c.start()
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        c.assign([tp])
+        await c.seek_to_beginning(tp)
+        if at_least is None:
+            hw = await kio.fetch_highwater(c, tp)
+            while await c.position(tp) < hw:
+                out.extend((await c.getmany(tp, timeout_ms=1000)).get(tp, []))
+        else:
+            async def collected() -> bool:
+                out.extend((await c.getmany(tp, timeout_ms=200)).get(tp, []))
+                return len(out) >= at_least
+
+            await wait_until(collected, timeout=timeout, what=f"{at_least} records on {topic}")
+    finally:
+        await c.stop()
+    return out
+
+
+async def write_answers(settings: Settings, topic: str, tiers: list[int], *, latency_step_ms: float = 1.0,
+                        padding: int = 0) -> None:
+    """Answers on an output topic as the tier agents write them (Kafka-ML's `values` plus tierflow's fields):
+    the i-th answered by tier `tiers[i]` with class i % 10 at confidence 0.91; `padding` bytes of note each."""
+    p = kio.producer(settings.kafka)
+    await p.start()
+    try:
+        for i, tier in enumerate(tiers):
+            values = [0.01] * 10
+            values[i % 10] = 0.91
+            answer: dict[str, Any] = {
+                "values": values, "tier": tier, "class": i % 10, "confidence": 0.91,
+                "latency_ms": 4.0 + latency_step_ms * tier, "origin": {"topic": "in", "partition": 0, "offset": i,
+                                                                       "index": 0}}
+            if padding:
+                answer["note"] = "x" * padding
+            await p.send_and_wait(topic, orjson.dumps(answer))
+    finally:
+        await p.stop()
+
+
+async def dead_letters(kafka: KafkaSettings, *, at_least: int | None = None,
+                       timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The dead letters, parsed (see `topic_records` for `at_least`)."""
+    return [orjson.loads(r.value) for r in await topic_records(kafka, kafka.deadletter_topic, at_least=at_least,
+                                                                 timeout=timeout)]
 
 
 # -- time budget per test layer --------------------------------------------------------------------------

@@ -47,16 +47,9 @@ import orjson
 
 from tierflow.streams.errors import PermanentError, TemporaryError
 from tierflow.streams.settings import SandboxSettings
-from tierflow.tiers import trainer
+from tierflow.tiers import sandbox_bwrap, trainer
 from tierflow.tiers.sandbox import CHILD_ENV, describe_exit, how_to_get, scrub
-from tierflow.tiers.sandbox_bwrap import (
-    SANDBOX_UID,
-    BwrapMissing,
-    bwrap_argv,
-    find_bwrap,
-    installation_paths,
-    system_roots,
-)
+from tierflow.tiers.sandbox_bwrap import SANDBOX_UID, BwrapMissing
 from tierflow.tiers.training import Artefact, Metrics, TrainingOptions
 
 log = logging.getLogger(__name__)
@@ -258,12 +251,12 @@ def _command(settings: SandboxSettings, exchange: Path, channel_fd: int) -> list
                "--isolation", isolation, "--memory-mb", str(settings.training_memory_mb)]
     if isolation != "bwrap":
         return command
-    bwrap = find_bwrap(settings.bwrap)
+    bwrap = sandbox_bwrap.find_bwrap(settings.bwrap)
     as_root = os.geteuid() == 0
     if as_root:
         command += ["--drop-to", str(SANDBOX_UID)]
-    return bwrap_argv(bwrap, command, readonly=installation_paths(), as_root=as_root, system=system_roots(),
-                      writable=[(str(exchange), trainer.EXCHANGE)])
+    return sandbox_bwrap.bwrap_argv(bwrap, command, readonly=sandbox_bwrap.installation_paths(), as_root=as_root,
+                                    system=sandbox_bwrap.system_roots(), writable=[(str(exchange), trainer.EXCHANGE)])
 
 
 async def train_in_sandbox(settings: SandboxSettings, versions: Sequence[JSON], x: Array, y: Array,

@@ -35,7 +35,6 @@ largest artefact), processes; no CPU limit (a training takes what it takes; the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -225,15 +224,7 @@ def _keep(pid: int) -> int:
     """The first process under bwrap: it waits for the trainer (PID 1 of the namespaces below) and ends as it
     did. It holds no capability while it waits."""
     sandbox_child.drop_capabilities()
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        import signal
-
-        sig = os.WTERMSIG(status)
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 70
+    return sandbox_child.end_alike(pid)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.conftest import ARTIFACTS, Infra, StackClient, new_plane, start_plane, stop_plane
+from tests.conftest import ARTIFACTS, Infra, StackClient, new_plane, start_plane, stop_plane, write_answers
+from tests.unit.test_exit_report import synthetic
 from tierflow.api.app import create_app
 from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.streams import kafka as kio
@@ -135,18 +136,7 @@ def synthetic_exits(tiers: int, n: int = 1000) -> list[dict[str, Any]]:
     the frontier with tiers/frontier.py), on softmax outputs of over-confident exits that get better up the
     chain, on n validation and n test samples."""
     rng = np.random.default_rng(5)
-
-    def split() -> tuple[list[Any], Any]:
-        y = rng.integers(0, 10, n)
-        probs = []
-        for k in range(tiers):
-            z = rng.normal(0.0, 1.0, (n, 10))
-            z[np.arange(n), y] += 1.5 + k
-            e = np.exp(2.0 * z)
-            probs.append(e / e.sum(axis=1, keepdims=True))
-        return probs, y
-
-    (val, y), (test, ty) = split(), split()
+    (val, y), (test, ty) = synthetic(rng, n, tiers), synthetic(rng, n, tiers)
     return chain_exits(val, y, test, ty, [1e-5, 4e-5, 2e-4][:tiers])
 
 
@@ -190,19 +180,9 @@ async def announce_datasource(settings: Settings, deployment_id: int) -> None:
 
 
 async def answer(settings: Settings, topic: str, tiers: list[int]) -> None:
-    """Answers on the output topic as the tier agents write them (Kafka-ML's `values` plus tierflow's fields)."""
+    """Answers on the output topic as the tier agents write them."""
     await ensure_topics(settings.kafka, extra=[TopicSpec(topic, 1, -1)])
-    p = kio.producer(settings.kafka)
-    await p.start()
-    try:
-        for i, tier in enumerate(tiers):
-            values = [0.01] * 10
-            values[i % 10] = 0.91
-            await p.send_and_wait(topic, orjson.dumps({
-                "values": values, "tier": tier, "class": i % 10, "confidence": 0.91, "latency_ms": 4.0 + 3 * tier,
-                "origin": {"topic": "in", "partition": 0, "offset": i, "index": 0}}))
-    finally:
-        await p.stop()
+    await write_answers(settings, topic, tiers, latency_step_ms=3.0)
 
 
 async def test_the_whole_flow_in_a_browser(env: Env, snippets: dict[str, str]) -> None:

@@ -31,6 +31,7 @@ import yaml  # type: ignore[import-untyped]
 from kmock import KubernetesEmulator, Server
 from kubernetes import client as k8s
 
+from tests.unit.test_settings import RecordingEnv
 from tierflow.api.auth import check_settings
 from tierflow.api.routes import READY_SCOPES, routes
 from tierflow.deploy.cli import build_parser
@@ -417,25 +418,8 @@ def test_every_tierflow_container_uses_the_one_image_the_orchestrator_launches(r
     assert config["data"]["TIERFLOW_IMAGE"] in images, "workloads would run another image than the control plane"
 
 
-class _Reads(Mapping[str, str]):
-    """An empty environment that records the names `Settings.from_env` reads."""
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def __getitem__(self, key: str) -> str:
-        self.names.add(key)
-        raise KeyError(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
 def setting_names() -> set[str]:
-    reads = _Reads()
+    reads = RecordingEnv()
     Settings.from_env(reads)
     return reads.names | set(Settings().to_env())
 

@@ -3,16 +3,12 @@ does not have, become dead letters."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncpg
 import orjson
-from aiokafka import TopicPartition
 
-from tests.conftest import start_plane, stop_plane, wait_until
+from tests.conftest import dead_letters, deploy_single_model, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.streams import kafka as kio
-from tierflow.streams.client import CommandClient
 from tierflow.streams.control import RESOLVE_ATTEMPTS, ControlBridge
 from tierflow.streams.envelope import JSON
 from tierflow.streams.ranges import RangesUnresolved, Resolution
@@ -26,13 +22,7 @@ async def test_announcements_and_garbage_on_the_control_topic(plane: Settings) -
     p = kio.producer(plane.kafka)
     await p.start()
     try:
-        async with CommandClient(plane.kafka) as client:
-            m = await client.send("RegisterModel", {"name": "single", "code": "# single"})
-            assert (await client.wait(m)).type == "ModelCreated"
-            conf = await client.send("CreateConfiguration", {"name": "c", "model_ids": [1]})
-            assert (await client.wait(conf)).type == "ConfigurationCreated"
-            dep = await client.send("RequestDeployment", {"configuration_id": 1, "batch": 8})
-            assert (await client.wait(dep)).type == "DeploymentRequested"
+        await deploy_single_model(plane.kafka)
         # Kafka-ML's sink: one-byte key, the 4th field of `topic` is the end offset. Each record here is its own
         # record batch (one send each), so the announced ranges are exact as they are.
         fashion = f"{plane.kafka.topic_prefix}.fashion"
@@ -91,22 +81,7 @@ async def test_announcements_and_garbage_on_the_control_topic(plane: Settings) -
             return r is not None and "77" in r
 
         await wait_until(rejected, what="the unknown-deployment rejection")
-        letters: list[dict[str, Any]] = []
-        c = kio.consumer(plane.kafka)
-        await c.start()
-        try:
-            tp = TopicPartition(plane.kafka.deadletter_topic, 0)
-            c.assign([tp])
-            await c.seek_to_beginning(tp)
-
-            async def collected() -> bool:
-                batch = await c.getmany(tp, timeout_ms=200)
-                letters.extend(orjson.loads(r.value) for r in batch.get(tp, []))
-                return len(letters) >= len(garbage)
-
-            await wait_until(collected, what=f"{len(garbage)} dead letters")
-        finally:
-            await c.stop()
+        letters = await dead_letters(plane.kafka, at_least=len(garbage))
         assert [letter["origin"]["offset"] for letter in letters] == [2, 3, 4, 5]
         assert "not JSON" in letters[0]["reason"]
         assert "non-integer" in letters[1]["reason"]
@@ -138,11 +113,7 @@ async def test_a_broker_that_does_not_answer_the_check_fails_the_bridge_which_re
     p = kio.producer(plane.kafka)
     await p.start()
     try:
-        async with CommandClient(plane.kafka) as client:
-            for type_, payload in [("RegisterModel", {"name": "single", "code": "# single"}),
-                                   ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
-                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
-                assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        await deploy_single_model(plane.kafka)
         data = f"{plane.kafka.topic_prefix}.data"
         await ensure_topics(plane.kafka, extra=[TopicSpec(data, 1, -1)])
         for i in range(5):

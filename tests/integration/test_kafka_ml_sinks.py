@@ -27,11 +27,10 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, deploy_single_model, new_plane, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.deploy import services
 from tierflow.projections import queries
-from tierflow.streams.client import CommandClient
 from tierflow.streams.control import parse_ranges
 from tierflow.streams.envelope import JSON
 from tierflow.streams.ranges import RangesUnresolved, UnknownPartition, resolve_ranges
@@ -70,17 +69,22 @@ def records(n: int, size: int, tag: int) -> tuple[list[bytes], list[bytes]]:
     return values, [bytes([i % 10]) for i in range(n)]
 
 
+def written_offsets(futures: list[Any]) -> dict[int, set[int]]:
+    """The offsets the producer's sends were written at, per partition."""
+    offsets: dict[int, set[int]] = {}
+    for f in futures:
+        md = f.get(timeout=10)
+        offsets.setdefault(md.partition, set()).add(md.offset)
+    return offsets
+
+
 def batched_write(servers: str, topic: str, values: list[bytes], keys: list[bytes]) -> Sent:
     """A plain producer with default batching (another writer); no announcement."""
     producer = KafkaProducer(bootstrap_servers=servers, enable_idempotence=False)
     try:
         futures = [producer.send(topic, key=k, value=v) for k, v in zip(keys, values, strict=True)]
         producer.flush()
-        sent = Sent(values=list(values))
-        for f in futures:
-            md = f.get(timeout=10)
-            sent.offsets.setdefault(md.partition, set()).add(md.offset)
-        return sent
+        return Sent(values=list(values), offsets=written_offsets(futures))
     finally:
         producer.close()
 
@@ -107,11 +111,7 @@ def kafka_ml_send(servers: str, topic: str, values: list[bytes], keys: list[byte
         after = latest()
         # The control message's 'topic' field ("length" in Kafka-ML is the end offset), parsed as the bridge does.
         spec = ",".join(f"{topic}:{p}:{before.get(p, 0)}:{end}" for p, end in after.items())
-        sent = Sent(announced=parse_ranges(spec), values=list(values))
-        for f in futures:
-            md = f.get(timeout=10)
-            sent.offsets.setdefault(md.partition, set()).add(md.offset)
-        return sent
+        return Sent(announced=parse_ranges(spec), values=list(values), offsets=written_offsets(futures))
     finally:
         producer.close()
         consumer.close()
@@ -180,11 +180,7 @@ async def plane(infra: Infra) -> AsyncIterator[Settings]:
     settings = await new_plane(infra, "kmsinks")
     running = await start_plane(settings, shape_validate)
     try:
-        async with CommandClient(settings.kafka) as client:
-            for type_, payload in [("RegisterModel", {"name": "single", "code": "# single"}),
-                                   ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
-                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
-                assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        await deploy_single_model(settings.kafka)
         yield settings
     finally:
         await stop_plane(running)

@@ -15,9 +15,8 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import TopicPartition
 
-from tests.conftest import Infra, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, dead_letters, deploy_single_model, new_plane, start_plane, stop_plane, wait_until
 from tierflow.projections.rebuild import rebuild
 from tierflow.projections.schema import PROJECTION_TABLES
 from tierflow.streams import kafka as kio
@@ -159,22 +158,7 @@ async def test_garbage_on_commands_topic_is_dead_lettered(plane: Settings) -> No
             event = await client.wait(ok)
         assert event.type == "ModelCreated"  # the decider kept deciding
         # Every garbage record is in the dead-letter topic with its reason and origin.
-        c = kio.consumer(plane.kafka)
-        await c.start()
-        try:
-            tp = TopicPartition(plane.kafka.deadletter_topic, 0)
-            c.assign([tp])
-            await c.seek_to_beginning(tp)
-            letters: list[dict[str, Any]] = []
-
-            async def collected() -> bool:
-                batch = await c.getmany(tp, timeout_ms=200)
-                letters.extend(orjson.loads(r.value) for r in batch.get(tp, []))
-                return len(letters) >= len(garbage)
-
-            await wait_until(collected, what="dead letters")
-        finally:
-            await c.stop()
+        letters = await dead_letters(plane.kafka, at_least=len(garbage))
         assert len(letters) == len(garbage)
         assert all(letter["origin"]["topic"] == plane.kafka.commands_topic for letter in letters)
         offsets = [letter["origin"]["offset"] for letter in letters]
@@ -195,12 +179,7 @@ async def test_a_rebuild_gives_the_same_datasources_without_asking_the_broker(in
     running = await start_plane(plane, shape_validate)
     conn = await asyncpg.connect(plane.database.url)
     try:
-        async with CommandClient(plane.kafka) as client:
-            for type_, payload in [("RegisterModel", {"name": "single", "code": "# single"}),
-                                   ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
-                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8}),
-                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
-                assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        await deploy_single_model(plane.kafka, deployments=2)
         # A Kafka-ML sink's batched records: the control bridge uses other ranges than it announced, and says why.
         topic = f"{plane.kafka.topic_prefix}.digits"
         await ensure_topics(plane.kafka, extra=[TopicSpec(topic, 2, -1)])

@@ -15,9 +15,8 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.conftest import start_plane, stop_plane, wait_until
+from tests.conftest import deploy_single_model, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
-from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
 from tierflow.streams.topics import TopicSpec, ensure_topics
 from tierflow.tiers.reader import read_datasource, read_ranges
@@ -33,17 +32,6 @@ def samples(n: int, seed: int = 3) -> tuple[np.ndarray[Any, Any], np.ndarray[Any
     x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     x[:, 0, 0] = y
     return x, y
-
-
-async def deploy(plane: Settings) -> None:
-    """Model 1 (# single), configuration 1, deployment 1: what an announcement needs to be accepted."""
-    async with CommandClient(plane.kafka) as client:
-        m = await client.send("RegisterModel", {"name": "single", "code": "# single"})
-        assert (await client.wait(m)).type == "ModelCreated"
-        conf = await client.send("CreateConfiguration", {"name": "c", "model_ids": [1]})
-        assert (await client.wait(conf)).type == "ConfigurationCreated"
-        dep = await client.send("RequestDeployment", {"configuration_id": 1, "batch": 8})
-        assert (await client.wait(dep)).type == "DeploymentRequested"
 
 
 async def datasources(conn: asyncpg.Connection) -> list[dict[str, Any]]:
@@ -95,7 +83,7 @@ async def test_raw_sink_and_a_kafka_ml_style_sink_become_datasources(plane: Sett
     servers = plane.kafka.bootstrap_servers
     topic = f"{plane.kafka.topic_prefix}.fashion"
     try:
-        await deploy(plane)
+        await deploy_single_model(plane.kafka)
         x, y = samples(N)
 
         # Someone else already wrote 7 records to the topic: the sink's range starts after them.

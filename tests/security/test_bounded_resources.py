@@ -33,7 +33,16 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Infra, RunningPlane, StackClient, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import (
+    Infra,
+    RunningPlane,
+    StackClient,
+    new_plane,
+    start_plane,
+    stop_plane,
+    wait_until,
+    write_answers,
+)
 from tests.integration.test_replay import shape_validate
 from tierflow.api.app import create_app
 from tierflow.api.state import STATE_KEY
@@ -165,21 +174,6 @@ def kafka_clients(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return made
 
 
-async def answer(settings: Settings, topic: str, tiers: list[int], *, padding: int = 0) -> None:
-    """Answers on an output topic as the tier agents write them (Kafka-ML's `values` plus tierflow's fields)."""
-    p = kio.producer(settings.kafka)
-    await p.start()
-    try:
-        for i, tier in enumerate(tiers):
-            values = [0.01] * 10
-            values[i % 10] = 0.91
-            await p.send_and_wait(topic, orjson.dumps({
-                "values": values, "tier": tier, "class": i % 10, "confidence": 0.91, "latency_ms": 4.0 + tier,
-                "origin": {"topic": "in", "partition": 0, "offset": i, "index": 0}, "note": "x" * padding}))
-    finally:
-        await p.stop()
-
-
 async def test_stats_and_predictions_share_one_reader_and_stay_correct(env: Env, kafka_clients: list[str]) -> None:
     c = env.client
     edge, top = await deployment(c, "reader")
@@ -193,7 +187,7 @@ async def test_stats_and_predictions_share_one_reader_and_stay_correct(env: Env,
     # The topics the orchestrator would create (no launcher runs here): two output partitions.
     await ensure_topics(env.settings.kafka, extra=[TopicSpec(out, 2, -1)] + [
         TopicSpec(t["input_topic"], 1, -1) for t in inference["tiers"]])
-    await answer(env.settings, out, [0] * 6 + [1] * 4)
+    await write_answers(env.settings, out, [0] * 6 + [1] * 4)
 
     async def stats() -> dict[str, Any]:
         r = await c.get(f"/inferences/{ident}/stats")
@@ -212,7 +206,7 @@ async def test_stats_and_predictions_share_one_reader_and_stay_correct(env: Env,
         assert r.status == 200 and len((await r.json())["items"]) == 7
     assert kafka_clients[opened:] == [], f"{len(kafka_clients) - opened} Kafka clients opened by 10 requests"
     # New answers are seen once the cache's short TTL passes, still without a new client.
-    await answer(env.settings, out, [1] * 5)
+    await write_answers(env.settings, out, [1] * 5)
 
     async def fresh() -> bool:
         return bool((await stats())["window"] == 15)
@@ -237,7 +231,7 @@ async def test_windows_are_bounded(env: Env) -> None:
     topic = f"{env.settings.kafka.topic_prefix}-bytes"
     missing = f"{env.settings.kafka.topic_prefix}-missing"
     await ensure_topics(env.settings.kafka, extra=[TopicSpec(topic, 1, -1)])
-    await answer(env.settings, topic, list(range(40)), padding=20_000)
+    await write_answers(env.settings, topic, list(range(40)), padding=20_000)
     reader = OutputReader(env.settings.kafka, ttl_s=0.0, window_bytes=100_000)
     try:
         samples = await reader.latest(env.settings.kafka.bootstrap_servers, topic, 1000)

@@ -10,16 +10,12 @@ not exist with the reason, within seconds, and goes on with the next message; as
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncpg
 import orjson
-from aiokafka import TopicPartition
 
-from tests.conftest import start_plane, stop_plane, wait_until
+from tests.conftest import dead_letters, deploy_single_model, start_plane, stop_plane, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.streams import kafka as kio
-from tierflow.streams.client import CommandClient
 from tierflow.streams.settings import Settings
 from tierflow.streams.topics import TopicSpec, admin_client, ensure_topics
 
@@ -32,38 +28,14 @@ def announcement(spec: str) -> bytes:
                          "test_rate": 0.1, "input_config": {"data_type": "uint8", "label_type": "uint8"}})
 
 
-async def dead_letters(settings: Settings, n: int) -> list[dict[str, Any]]:
-    letters: list[dict[str, Any]] = []
-    c = kio.consumer(settings.kafka)
-    await c.start()
-    try:
-        tp = TopicPartition(settings.kafka.deadletter_topic, 0)
-        c.assign([tp])
-        await c.seek_to_beginning(tp)
-
-        async def collected() -> bool:
-            batch = await c.getmany(tp, timeout_ms=200)
-            letters.extend(orjson.loads(r.value) for r in batch.get(tp, []))
-            return len(letters) >= n
-
-        await wait_until(collected, timeout=WITHIN_S, what=f"{n} dead letters")
-    finally:
-        await c.stop()
-    return letters
-
-
 async def test_an_announcement_naming_a_missing_partition_is_dead_lettered_and_the_bridge_goes_on(
         plane: Settings) -> None:
     running = await start_plane(plane, shape_validate)
-    conn = await asyncpg.connect(plane.database.url)
     p = kio.producer(plane.kafka)
     await p.start()
+    conn = await asyncpg.connect(plane.database.url)
     try:
-        async with CommandClient(plane.kafka) as client:
-            for type_, payload in [("RegisterModel", {"name": "single", "code": "# single"}),
-                                   ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
-                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
-                assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        await deploy_single_model(plane.kafka)
         data, missing = f"{plane.kafka.topic_prefix}.data", f"{plane.kafka.topic_prefix}.missing"
         await ensure_topics(plane.kafka, extra=[TopicSpec(data, 1, -1)])
         for i in range(10):
@@ -73,7 +45,7 @@ async def test_an_announcement_naming_a_missing_partition_is_dead_lettered_and_t
         for spec in (f"{data}:7:0:10", f"{missing}:0:0:10", f"{data}:0:0:10"):
             await p.send_and_wait(plane.kafka.control_topic, announcement(spec), key=None)
 
-        letters = await dead_letters(plane, 2)
+        letters = await dead_letters(plane.kafka, at_least=2, timeout=WITHIN_S)
         assert [letter["origin"]["offset"] for letter in letters] == [0, 1]
         assert f"topic '{data}' has no partition 7" in letters[0]["reason"], letters[0]
         assert "its partitions are 0..0" in letters[0]["reason"], letters[0]

@@ -24,9 +24,8 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from aiokafka import TopicPartition
 
-from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, admin_headers, new_plane, start_plane, stop_plane, topic_records, wait_until
 from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
 from tierflow.streams.domain import decide, needs_validation
@@ -78,22 +77,8 @@ async def outcome(settings: Settings, command_id: str) -> Event:
 
 async def raw_commands(settings: Settings) -> list[JSON]:
     """Every command on the commands topic, as JSON (the marker and undecodable records left out)."""
-    tp = TopicPartition(settings.kafka.commands_topic, 0)
-    c = kio.consumer(settings.kafka)
-    await c.start()
-    out: list[JSON] = []
-    try:
-        c.assign([tp])
-        await c.seek_to_beginning(tp)
-        hw = await kio.fetch_highwater(c, tp)
-        while await c.position(tp) < hw:
-            for r in (await c.getmany(tp, timeout_ms=1000)).get(tp, []):
-                obj = orjson.loads(r.value)
-                if "command_id" in obj:
-                    out.append(obj)
-    finally:
-        await c.stop()
-    return out
+    records = await topic_records(settings.kafka, settings.kafka.commands_topic)
+    return [obj for obj in map(orjson.loads, (r.value for r in records)) if "command_id" in obj]
 
 
 # --- verdicts -------------------------------------------------------------------------------------------

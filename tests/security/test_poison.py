@@ -30,7 +30,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
-from tests.conftest import Infra, start_plane, stop_plane, wait_until
+from tests.conftest import Infra, deploy_single_model, start_plane, stop_plane, topic_records, wait_until
 from tests.integration.test_replay import shape_validate
 from tierflow.streams import kafka as kio
 from tierflow.streams.client import CommandClient
@@ -56,22 +56,8 @@ async def produce(kafka: KafkaSettings, topic: str, value: bytes, key: bytes | N
 
 async def dead_letters(kafka: KafkaSettings, origin_topic: str) -> list[tuple[int, dict[str, Any]]]:
     """(size, parsed) of every dead letter from `origin_topic`."""
-    tp = TopicPartition(kafka.deadletter_topic, 0)
-    c = kio.consumer(kafka)
-    await c.start()
-    out: list[tuple[int, dict[str, Any]]] = []
-    try:
-        c.assign([tp])
-        await c.seek_to_beginning(tp)
-        hw = await kio.fetch_highwater(c, tp)
-        while await c.position(tp) < hw:
-            for r in (await c.getmany(tp, timeout_ms=1000)).get(tp, []):
-                letter = orjson.loads(r.value)
-                if letter["origin"]["topic"] == origin_topic:
-                    out.append((len(r.value), letter))
-    finally:
-        await c.stop()
-    return out
+    letters = [(len(r.value), orjson.loads(r.value)) for r in await topic_records(kafka, kafka.deadletter_topic)]
+    return [(size, letter) for size, letter in letters if letter["origin"]["topic"] == origin_topic]
 
 
 async def data_topic(plane: Settings) -> str:
@@ -139,11 +125,7 @@ async def test_a_huge_record_on_the_control_topic_is_dead_lettered_and_the_next_
     running = await start_plane(plane, shape_validate)
     conn = await asyncpg.connect(plane.database.url)
     try:
-        async with CommandClient(plane.kafka) as client:
-            for type_, payload in [("RegisterModel", {"name": "single", "code": "# single"}),
-                                   ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
-                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
-                assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        await deploy_single_model(plane.kafka)
         data = await data_topic(plane)
         poison_at = await produce(plane.kafka, plane.kafka.control_topic, POISON, key=bytes([1]))
         announcement = {"topic": f"{data}:0:0:10", "input_format": "RAW", "deployment_id": 1,
@@ -277,11 +259,7 @@ async def test_an_announcement_that_expands_past_any_limit_is_dead_lettered(plan
     running = await start_plane(plane, shape_validate)
     conn = await asyncpg.connect(plane.database.url)
     try:
-        async with CommandClient(plane.kafka) as client:
-            for type_, payload in [("RegisterModel", {"name": "single", "code": "# single"}),
-                                   ("CreateConfiguration", {"name": "c", "model_ids": [1]}),
-                                   ("RequestDeployment", {"configuration_id": 1, "batch": 8})]:
-                assert (await client.wait(await client.send(type_, payload))).type != "CommandRejected"
+        await deploy_single_model(plane.kafka)
         data = await data_topic(plane)
         huge = {"topic": ",".join(["t:0:0:1"] * 200_000), "input_format": "RAW", "deployment_id": 1}
         huge_at = await produce(plane.kafka, plane.kafka.control_topic, orjson.dumps(huge), key=bytes([1]))

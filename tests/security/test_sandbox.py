@@ -176,8 +176,8 @@ async def test_the_stack_secrets_are_not_in_the_environment_nor_in_proc(pool: Sa
     assert "TIERFLOW_API_TOKEN" not in report["environ"]
 
 
-@pytest.fixture
-def state_files() -> Iterator[list[Path]]:
+@contextlib.contextmanager
+def stack_state() -> Iterator[list[Path]]:
     """The stack's state, as `tierflow up` leaves it: a home with stack.json (mode 0600) beside the code, and a
     Kubernetes service-account token where a pod has it (made here when the machine has none)."""
     home = REPO / f".tierflow-security-{uuid.uuid4().hex[:8]}"
@@ -199,10 +199,13 @@ def state_files() -> Iterator[list[Path]]:
             SERVICE_ACCOUNT_TOKEN.unlink()
 
 
-async def test_the_stack_state_files_and_a_service_account_token_are_unreachable(
-    pool: SandboxPool, state_files: list[Path]
-) -> None:
-    report = await probe(pool, """
+@pytest.fixture
+def state_files() -> Iterator[list[Path]]:
+    with stack_state() as files:
+        yield files
+
+
+READ_PATHS = """
 import os
 read = {}
 for path in PATHS:
@@ -211,6 +214,13 @@ for path in PATHS:
     except OSError as exc:
         read[path] = type(exc).__name__
 report["read"] = read
+"""
+
+
+async def test_the_stack_state_files_and_a_service_account_token_are_unreachable(
+    pool: SandboxPool, state_files: list[Path]
+) -> None:
+    report = await probe(pool, READ_PATHS + """
 try:
     report["root"] = sorted(os.listdir("/"))
 except OSError as exc:
@@ -241,16 +251,7 @@ async def test_a_rejected_model_cannot_echo_the_stack_secrets(pool: SandboxPool)
 # -- writing ----------------------------------------------------------------------------------------------
 
 
-async def test_model_code_cannot_write_outside_its_scratch(pool: SandboxPool, tmp_path: Path) -> None:
-    name = f"tierflow-attack-{uuid.uuid4().hex[:8]}"
-    targets = [
-        Path(sysconfig.get_paths()["purelib"]) / f"{name}.pth",  # would run in every later Python of the stack
-        REPO / "tiers" / f"{name}.py",
-        REPO / f"{name}.txt",
-        tmp_path / f"{name}.txt",  # the host's /tmp
-    ]
-    try:
-        report = await probe(pool, """
+WRITE_TARGETS = """
 import os, tempfile
 wrote = {}
 for path in TARGETS:
@@ -265,9 +266,33 @@ scratch = os.path.join(tempfile.gettempdir(), "scratch-ok")
 with open(scratch, "w") as f:
     f.write("mine")
 report["scratch"] = open(scratch).read()
-""", TARGETS=[str(t) for t in targets])
+"""
 
-        assert all(outcome != "written" for outcome in report["wrote"].values()), report["wrote"]  # type: ignore[attr-defined]
+
+def refused_outside_scratch(wrote: dict[str, str]) -> bool:
+    """Every write was refused inside the sandbox, but where a target lies under /tmp: there the sandbox has its
+    own private scratch (a clone in /tmp is bound back read-only over it, the folders around it are the
+    sandbox's), and the host must not see the file (the caller checks that)."""
+    return all(outcome != "written" for path, outcome in wrote.items() if not path.startswith("/tmp/"))
+
+
+def attack_targets(host_tmp: Path) -> list[Path]:
+    """Where model code must not write: the installation, the repository and the host's /tmp."""
+    name = f"tierflow-attack-{uuid.uuid4().hex[:8]}"
+    return [
+        Path(sysconfig.get_paths()["purelib"]) / f"{name}.pth",  # would run in every later Python of the stack
+        REPO / "tiers" / f"{name}.py",
+        REPO / f"{name}.txt",
+        host_tmp / f"{name}.txt",
+    ]
+
+
+async def test_model_code_cannot_write_outside_its_scratch(pool: SandboxPool, tmp_path: Path) -> None:
+    targets = attack_targets(tmp_path)
+    try:
+        report = await probe(pool, WRITE_TARGETS, TARGETS=[str(t) for t in targets])
+
+        assert refused_outside_scratch(report["wrote"]), report["wrote"]  # type: ignore[arg-type]
         assert [t for t in targets if t.exists()] == []
         assert report["scratch"] == "mine"
     finally:
@@ -306,13 +331,7 @@ report["found"] = [place for place in [tempfile.gettempdir()] + PLACES if os.pat
 # -- network ----------------------------------------------------------------------------------------------
 
 
-async def test_model_code_has_no_network(pool: SandboxPool) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as listener, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as resolver:
-        listener.setblocking(False)
-        resolver.bind(("127.0.0.1", 0))
-        resolver.setblocking(False)
-        report = await probe(pool, """
+TCP_AND_DNS = """
 import socket
 try:
     socket.create_connection(("127.0.0.1", TCP_PORT), timeout=2).close()
@@ -320,16 +339,26 @@ try:
 except OSError as exc:
     report["tcp"] = type(exc).__name__
 try:
+    socket.getaddrinfo("example.com", 443)
+    report["dns"] = "resolved"
+except OSError as exc:
+    report["dns"] = type(exc).__name__
+"""
+
+
+async def test_model_code_has_no_network(pool: SandboxPool) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as resolver:
+        listener.setblocking(False)
+        resolver.bind(("127.0.0.1", 0))
+        resolver.setblocking(False)
+        report = await probe(pool, TCP_AND_DNS + """
+try:
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.sendto(b"dns?", ("127.0.0.1", UDP_PORT))
     report["udp"] = "sent"
 except OSError as exc:
     report["udp"] = type(exc).__name__
-try:
-    socket.getaddrinfo("example.com", 443)
-    report["dns"] = "resolved"
-except OSError as exc:
-    report["dns"] = type(exc).__name__
 """, TCP_PORT=listener.getsockname()[1], UDP_PORT=resolver.getsockname()[1])
 
         assert report["tcp"] != "connected", report

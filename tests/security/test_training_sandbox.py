@@ -17,8 +17,6 @@ import json
 import os
 import re
 import socket
-import sysconfig
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.fixtures import REPO
-from tests.security.test_sandbox import FIND_SECRETS, PASSWORD, SECRET_ENV, SERVICE_ACCOUNT_TOKEN, TOKEN
+from tests.security.test_sandbox import (
+    FIND_SECRETS,
+    PASSWORD,
+    PROBE_TAIL,
+    READ_PATHS,
+    SECRET_ENV,
+    TCP_AND_DNS,
+    TOKEN,
+    WRITE_TARGETS,
+    attack_targets,
+    refused_outside_scratch,
+    stack_state,
+)
 from tests.unit.test_training_plan import FakeApi, FakeLoader, FakeReporter, datasource, version
 from tierflow.streams.errors import PermanentError
 from tierflow.streams.settings import Settings
@@ -38,9 +47,6 @@ from tierflow.tiers.train_sandbox import read_output
 pytestmark = pytest.mark.slow
 
 LEVELS = ["bwrap", "landlock"]
-PROBE_TAIL = """
-raise ValueError("PROBE" + __import__("json").dumps(report) + "END")
-"""
 
 
 def single_model_api(code: str) -> FakeApi:
@@ -57,51 +63,16 @@ def single_model_api(code: str) -> FakeApi:
 
 
 def attack_code() -> str:
-    """Model code that tries every attack, fills `report`, and fails with it."""
-    return """
-import os, socket, tempfile
-report = {}
-# The stack's secrets, in the environment and in /proc.
-""" + FIND_SECRETS + """
-# The stack's state files and a service-account token.
-read = {}
-for path in STATE:
-    try:
-        read[path] = open(path).read()[:200]
-    except OSError as exc:
-        read[path] = type(exc).__name__
-report["read"] = read
-# Writing into the installation, the repository, the host's /tmp; and into its own scratch.
-wrote = {}
-for path in TARGETS:
-    try:
-        with open(path, "w") as f:
-            f.write("import os; os.system('id')\\n")
-        wrote[path] = "written"
-    except OSError as exc:
-        wrote[path] = type(exc).__name__
-report["wrote"] = wrote
-scratch = os.path.join(tempfile.gettempdir(), "scratch-ok")
-with open(scratch, "w") as f:
-    f.write("mine")
-report["scratch"] = open(scratch).read()
-# The network: the host's loopback, and DNS.
-try:
-    socket.create_connection(("127.0.0.1", TCP_PORT), timeout=2).close()
-    report["tcp"] = "connected"
-except OSError as exc:
-    report["tcp"] = type(exc).__name__
-try:
-    socket.getaddrinfo("example.com", 443)
-    report["dns"] = "resolved"
-except OSError as exc:
-    report["dns"] = type(exc).__name__
+    """Model code that tries every attack (the validation sandbox's probes, all at once), fills `report`, and
+    fails with it."""
+    return ("report = {}\n" + FIND_SECRETS + READ_PATHS + WRITE_TARGETS + TCP_AND_DNS + """
 # Who it runs as.
+import os
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 report["uid"] = os.getuid()
 report["caps"] = int(status["CapEff"].strip(), 16)
 report["no_new_privs"] = status["NoNewPrivs"].strip()
-""" + PROBE_TAIL
+""" + PROBE_TAIL)
 
 
 @dataclass
@@ -125,58 +96,40 @@ async def attempt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     state is beside the code (stack.json, mode 0600), and a service-account token is where a pod has one
     (made here when the machine has none)."""
     level = request.param
-    home = REPO / f".tierflow-security-{uuid.uuid4().hex[:8]}"
-    home.mkdir()
-    stack = home / "stack.json"
-    stack.write_text(json.dumps({"token": TOKEN, "database_url": SECRET_ENV["DATABASE_URL"]}))
-    stack.chmod(0o600)
-    made_token = False
-    if not SERVICE_ACCOUNT_TOKEN.exists() and os.geteuid() == 0:
-        SERVICE_ACCOUNT_TOKEN.parent.mkdir(parents=True, exist_ok=True)
-        SERVICE_ACCOUNT_TOKEN.write_text(TOKEN)
-        made_token = True
-    name = f"tierflow-attack-{uuid.uuid4().hex[:8]}"
-    targets = [
-        Path(sysconfig.get_paths()["purelib"]) / f"{name}.pth",  # would run in every later Python of the stack
-        REPO / "tiers" / f"{name}.py",
-        REPO / f"{name}.txt",
-        tmp_path_factory.mktemp("host-tmp") / f"{name}.txt",  # the host's /tmp
-    ]
-    try:
-        with pytest.MonkeyPatch.context() as patch, socket.create_server(("127.0.0.1", 0)) as listener:
-            for key, value in SECRET_ENV.items():
-                patch.setenv(key, value)
-            listener.setblocking(False)
-            settings = Settings.from_env({**os.environ, "TIERFLOW_SANDBOX_ISOLATION": level})
-            head = "".join(f"{key} = {value!r}\n" for key, value in (
-                ("SECRETS", [TOKEN, PASSWORD]), ("KNOWN_PIDS", [os.getpid(), 1]),
-                ("STATE", [str(stack), str(SERVICE_ACCOUNT_TOKEN)]),
-                ("TARGETS", [str(t) for t in targets]), ("TCP_PORT", listener.getsockname()[1])))
-            reporter = FakeReporter()
-            rng = np.random.default_rng(0)
-            loader = FakeLoader(rng.random((40, 28, 28), dtype=np.float32), rng.integers(0, 10, 40).astype(np.uint8))
+    targets = attack_targets(tmp_path_factory.mktemp("host-tmp"))
+    with stack_state() as state:
+        try:
+            with pytest.MonkeyPatch.context() as patch, socket.create_server(("127.0.0.1", 0)) as listener:
+                for key, value in SECRET_ENV.items():
+                    patch.setenv(key, value)
+                listener.setblocking(False)
+                settings = Settings.from_env({**os.environ, "TIERFLOW_SANDBOX_ISOLATION": level})
+                head = "".join(f"{key} = {value!r}\n" for key, value in (
+                    ("SECRETS", [TOKEN, PASSWORD]), ("KNOWN_PIDS", [os.getpid(), 1]),
+                    ("PATHS", [str(path) for path in state]),
+                    ("TARGETS", [str(t) for t in targets]), ("TCP_PORT", listener.getsockname()[1])))
+                reporter = FakeReporter()
+                rng = np.random.default_rng(0)
+                loader = FakeLoader(rng.random((40, 28, 28), dtype=np.float32),
+                                    rng.integers(0, 10, 40).astype(np.uint8))
 
-            code = await run_training(settings, 5, [21], api=single_model_api(head + attack_code()),
-                                      reporter=reporter, data_loader=loader, seed=1)
+                code = await run_training(settings, 5, [21], api=single_model_api(head + attack_code()),
+                                          reporter=reporter, data_loader=loader, seed=1)
 
-            try:
-                listener.accept()[0].close()
-                connected = True
-            except BlockingIOError:
-                connected = False
-        assert code == 2, reporter.sent
-        [failure] = reporter.of_type("ReportTrainingFailure")
-        found = re.search(r"PROBE(\{.*\})END", failure["reason"], re.S)
-        assert found, f"the probe did not report: {failure['reason']}"
-        yield Attempt(level, json.loads(found.group(1)), [stack, SERVICE_ACCOUNT_TOKEN], targets,
-                      [t for t in targets if t.exists()], connected)
-    finally:
-        for target in targets:
-            target.unlink(missing_ok=True)
-        stack.unlink()
-        home.rmdir()
-        if made_token:
-            SERVICE_ACCOUNT_TOKEN.unlink()
+                try:
+                    listener.accept()[0].close()
+                    connected = True
+                except BlockingIOError:
+                    connected = False
+            assert code == 2, reporter.sent
+            [failure] = reporter.of_type("ReportTrainingFailure")
+            found = re.search(r"PROBE(\{.*\})END", failure["reason"], re.S)
+            assert found, f"the probe did not report: {failure['reason']}"
+            yield Attempt(level, json.loads(found.group(1)), state, targets,
+                          [t for t in targets if t.exists()], connected)
+        finally:
+            for target in targets:
+                target.unlink(missing_ok=True)
 
 
 def test_training_code_cannot_read_the_stack_secrets_in_its_environment_or_proc(attempt: Attempt) -> None:
@@ -191,7 +144,7 @@ def test_training_code_cannot_read_the_stack_state_nor_a_service_account_token(a
 
 
 def test_training_code_cannot_write_outside_its_scratch(attempt: Attempt) -> None:
-    assert all(outcome != "written" for outcome in attempt.report["wrote"].values()), attempt.report["wrote"]
+    assert refused_outside_scratch(attempt.report["wrote"]), attempt.report["wrote"]
     assert attempt.written == []
     assert attempt.report["scratch"] == "mine"
 

@@ -51,7 +51,7 @@ def test_workloads_get_no_database_url_no_secret_key_and_no_admin_token() -> Non
     assert env["TIERFLOW_WORKLOAD_SECRET"] == "wl-secrets"
 
 
-class _Recording(Mapping[str, str]):
+class RecordingEnv(Mapping[str, str]):
     """An empty environment that records the names looked up in it."""
 
     def __init__(self) -> None:
@@ -71,7 +71,7 @@ class _Recording(Mapping[str, str]):
 def test_each_variable_and_default_is_declared_once() -> None:
     # from_env reads exactly the variables the fields declare (the README test lists the same), and an empty
     # environment gives the dataclasses' own defaults: no second copy of a name or a default to drift.
-    env = _Recording()
+    env = RecordingEnv()
     assert Settings.from_env(env) == Settings()
     assert env.names == set(env_names())
     assert len(env_names()) == len(set(env_names()))
