@@ -331,6 +331,7 @@ async def training_report(request: web.Request) -> web.Response:
     cmd = st.report_signer.sign(Command(command_id=command_id, type=str(command_type), payload=payload,
                                         source="api"))
     await st.producer.send_and_wait(st.settings.kafka.commands_topic, cmd.encode(), key=cmd.key())
+    st.outcomes.command_sent()  # the decider reads it at once, not after its idle wait
     return json_response({"command_id": command_id, "status": "pending"}, status=202,
                          headers={"Location": f"/commands/{command_id}"})
 

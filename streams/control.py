@@ -176,9 +176,11 @@ async def resolve_in_time(kafka: KafkaSettings, ranges: list[JSON]) -> Resolutio
 
 class ControlBridge:
     def __init__(self, kafka: KafkaSettings, database_url: str, *, resolve: Resolver = resolve_in_time,
-                 health: AgentHealth | None = None) -> None:
+                 health: AgentHealth | None = None, commands_written: kio.Doorbell | None = None) -> None:
         self.kafka = kafka
         self.database_url = database_url
+        #: rung after an announcement is on the commands topic: the decider (same process) reads it at once
+        self.commands_written = commands_written
         #: checks an announcement's ranges on the broker (a test may wrap it to play a broker that fails)
         self.resolve = resolve
         self.health = health or AgentHealth()
@@ -232,6 +234,8 @@ class ControlBridge:
                           type="AnnounceDatasource", payload=payload, source=AGENT)
             await prod.send_and_wait(self.kafka.commands_topic, cmd.encode(), key=cmd.key())
             self.bridged += 1
+            if self.commands_written is not None:
+                self.commands_written.ring()
 
     async def _resolve(self, ranges: list[JSON], stopping: asyncio.Event) -> Resolution:
         """The used ranges of an announcement (streams/ranges.py), asking the broker up to RESOLVE_ATTEMPTS times.

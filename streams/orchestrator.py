@@ -38,6 +38,7 @@ from tierflow.projections.schema import NOTIFY_CHANNEL, concerns_workloads
 from tierflow.streams import tokens
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import TIERFLOW_NS, Command
+from tierflow.streams.kafka import Doorbell
 from tierflow.streams.launcher import (
     LABEL_DEPLOYMENT,
     LABEL_INFERENCE,
@@ -292,8 +293,11 @@ def derived_command_id(*parts: object) -> str:
 
 
 class Orchestrator:
-    def __init__(self, settings: Settings, launcher: Launcher, workload_env: dict[str, str]) -> None:
+    def __init__(self, settings: Settings, launcher: Launcher, workload_env: dict[str, str], *,
+                 commands_written: Doorbell | None = None) -> None:
         self._topics_ready: set[int] = set()
+        #: rung after the orchestrator's own commands are on the topic: the decider reads them at once
+        self.commands_written = commands_written
         self.settings = settings
         self.launcher = launcher
         self.workload_env = workload_env
@@ -350,6 +354,8 @@ class Orchestrator:
                                     source="orchestrator"))
         if commands:
             await client.send_many(commands)
+            if self.commands_written is not None:
+                self.commands_written.ring()
         for name in plan.remove:
             await self.launcher.stop(name)
             log.info("removed workload %s", name)

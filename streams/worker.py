@@ -86,14 +86,15 @@ class Worker:
         self.settings = settings
         self._validate = validate
         self.launcher = launcher
-        self.orchestrator: Orchestrator | None = None
-        if launcher is not None:
-            self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.workload_env())
-        # The validator's row carries the sandbox's isolation in force (for /readyz and the UI).
-        self.health = AgentHealth(details=lambda: {"validator": {"isolation": self.sandbox_isolation}})
         # In-process wake-ups: what one agent writes, the next one reads without waiting out its idle wait.
         self.events_written = kio.Doorbell()
         self.commands_written = kio.Doorbell()
+        self.orchestrator: Orchestrator | None = None
+        if launcher is not None:
+            self.orchestrator = Orchestrator(settings, launcher, workload_env or settings.workload_env(),
+                                             commands_written=self.commands_written)
+        # The validator's row carries the sandbox's isolation in force (for /readyz and the UI).
+        self.health = AgentHealth(details=lambda: {"validator": {"isolation": self.sandbox_isolation}})
         self.decider = Decider(settings.kafka, secret_key=settings.security.secret_key, health=self.health)
         self.projector = Projector(settings.kafka, settings.database.url, wake=self.events_written)
         self.validator: Validator | None = None
@@ -150,7 +151,8 @@ class Worker:
                                    secret_key=self.settings.security.secret_key,
                                    commands_written=self.commands_written, wake=self.commands_written)
         validator = self.validator
-        self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url, health=self.health)
+        self.bridge = ControlBridge(self.settings.kafka, self.settings.database.url, health=self.health,
+                                    commands_written=self.commands_written)
         bridge = self.bridge
         health = self.health
         published = asyncio.Event()
