@@ -130,11 +130,17 @@ def _result(r: asyncpg.Record) -> JSON:
 
 async def training_rows(conn: asyncpg.Connection) -> list[JSON]:
     """What the orchestrator compares with the existing workloads: every open result (created, deployed,
-    training) with the other results of its chain (a chain trains as one workload, named after its bottom
-    result). Ended results of ended chains are left out, so a planning pass costs what is open, not the
-    history (a partial index finds the open ones); their workloads are removed as unwanted all the same."""
+    training) that a workload may be needed for, with the other results of its chain (a chain trains as one
+    workload, named after its bottom result). Ended results of ended chains are left out, so a planning pass
+    costs what is open, not the history (a partial index finds the open ones); their workloads are removed as
+    unwanted all the same. So are results that wait for their data (created, no datasource yet): nothing is
+    launched for them, and a backlog of such deployments made each pass cost milliseconds of the worker's loop
+    per thousand (POST /deployments p99 100-130 ms at 50/s with the passes, 51-56 ms without)."""
     rows = await conn.fetch(
-        f"""WITH open AS (SELECT id, chain FROM {S}.results WHERE status IN ('created', 'deployed', 'training'))
+        f"""WITH open AS (SELECT o.id, o.chain FROM {S}.results o
+                          WHERE o.status IN ('deployed', 'training')
+                             OR (o.status = 'created' AND EXISTS (SELECT 1 FROM {S}.datasources d
+                                                                  WHERE d.deployment_id = o.deployment_id)))
             SELECT r.id, r.deployment_id, r.status, r.chain, r.workload,
                    EXISTS (SELECT 1 FROM {S}.datasources d WHERE d.deployment_id = r.deployment_id) AS has_data
             FROM {S}.results r

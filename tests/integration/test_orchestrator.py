@@ -44,16 +44,23 @@ async def test_training_rows_are_the_open_results_and_their_chains(plane: Settin
     conn = await asyncpg.connect(plane.database.url)
     try:
         rows = [(1, 1, "finished", [1, 2, 3]), (2, 1, "finished", [1, 2, 3]), (3, 1, "failed", [1, 2, 3]),
-                (4, 2, "finished", [4, 5]), (5, 2, "training", [4, 5]), (6, 3, "stopped", []), (7, 4, "created", [])]
+                (4, 2, "finished", [4, 5]), (5, 2, "training", [4, 5]), (6, 3, "stopped", []), (7, 4, "created", []),
+                (8, 5, "created", [])]
         await conn.executemany(
             "INSERT INTO proj.results (id, deployment_id, model_id, model_version, status, chain, created_at, "
             "updated_at) VALUES ($1, $2, 1, 1, $3, $4, now(), now())", rows)
+        await conn.execute(
+            "INSERT INTO proj.datasources (id, deployment_id, ranges, announced_ranges, input_format, input_config, "
+            "description, validation_rate, test_rate, created_at) "
+            "VALUES (1, 5, '[]', '[]', 'RAW', '{}', '', 0.1, 0.1, now())")
         found = await queries.training_rows(conn)
         # The chain of an open result comes whole (its workload is named after the bottom, finished or not);
-        # ended chains and ended single results are history the orchestrator no longer reads.
-        assert [r["id"] for r in found] == [4, 5, 7]
+        # ended chains and ended single results are history the orchestrator no longer reads, and so is a
+        # result still waiting for its data (7: nothing is launched before the datasource is announced).
+        assert [r["id"] for r in found] == [4, 5, 8]
         groups = groups_from_rows(found)
-        assert [g.result_ids for g in groups] == [(4, 5), (7,)]
+        assert [g.result_ids for g in groups] == [(4, 5), (8,)]
+        assert [g.has_data for g in groups] == [False, True]
         # The workload of an ended chain, no longer among the rows, is still removed (as unwanted).
         ended = WorkloadStatus("tierflow-train-1-1", "training", {}, "succeeded", exit_code=0)
         assert plan_training(groups, [ended], 2).remove == ["tierflow-train-1-1"]
