@@ -40,7 +40,7 @@ from tierflow.deploy.demo_lifecycle import Demo, say
 from tierflow.deploy.demo_summary import format_summary, where_next
 from tierflow.deploy.stack_processes import healthy, ui_url
 from tierflow.streams.catalogue import SEED_LIMIT
-from tierflow.streams.cli_args import non_negative, positive_int
+from tierflow.streams.cli_args import non_negative, positive_int, whole_number
 from tierflow.streams.exits import TARGET_KINDS, TargetInvalid, parse_target
 from tierflow.streams.settings import Settings
 from tierflow.streams.stack_state import read_stack_state, resolve_api_token, resolve_home
@@ -48,10 +48,7 @@ from tierflow.streams.stack_state import read_stack_state, resolve_api_token, re
 
 def seed_value(text: str) -> int:
     """`--seed`: a whole number a deployment takes as its seed (checked here, before a stack is started)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = whole_number(text)
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"{value} must be in [0, {SEED_LIMIT})")
     return value

@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
+def whole_number(text: str) -> int:
+    """The flag's text as an int, or the argparse error that says it is not one (callers check the range)."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value

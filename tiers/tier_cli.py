@@ -39,7 +39,7 @@ from typing import Any
 
 import orjson
 
-from tierflow.streams.cli_args import non_negative, port, positive_int
+from tierflow.streams.cli_args import non_negative, port, positive_int, whole_number
 from tierflow.streams.errors import TierflowError
 from tierflow.streams.settings import Settings, SettingsError
 from tierflow.streams.statuses import InferenceStatus
@@ -324,10 +324,7 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _thread_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0: the engine's default, one per core)")
     return value
