@@ -78,7 +78,8 @@ class Decider:
         self.health = health or AgentHealth()
         #: rung after each batch of events is acknowledged (the worker's projector listens)
         self.events_written = events_written
-        #: rung by the agents of this process that write commands (the validator): they are read at once
+        #: rung by the agents of this process that write commands (the validator, the control bridge, the
+        #: orchestrator) and by the API's NOTIFY: they are read at once
         self.commands_written = commands_written
         self.clock = clock
         self.batch_size = batch_size

@@ -126,6 +126,18 @@ async def fetch_highwater(c: AIOKafkaConsumer, tp: TopicPartition, *, timeout_ms
     return int(hw)
 
 
+async def first_of(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Wait until one of `events` is set or `timeout` seconds passed (at once when it is <= 0; None: no limit)."""
+    if (timeout is not None and timeout <= 0) or any(e.is_set() for e in events):
+        return
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 class Doorbell:
     """A wake-up one part of a process gives the idle readers of the same process: "records are on their way".
 
@@ -195,14 +207,7 @@ class IdleFetch:
     async def _pause(self, stopping: asyncio.Event) -> None:
         self.consumer.pause(self.tp)
         try:
-            waits = [asyncio.ensure_future(stopping.wait())]
-            if self.wake is not None:
-                waits.append(asyncio.ensure_future(self.wake.wait()))
-            try:
-                await asyncio.wait(waits, timeout=self.idle_s, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+            await first_of(stopping, *([] if self.wake is None else [self.wake]), timeout=self.idle_s)
             if self.wake is not None:
                 self.wake.clear()  # before the fetch: a ring after this point is seen by the next round
         finally:

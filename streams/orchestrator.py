@@ -38,7 +38,7 @@ from tierflow.projections.schema import NOTIFY_CHANNEL, concerns_workloads
 from tierflow.streams import tokens
 from tierflow.streams.client import CommandClient
 from tierflow.streams.envelope import TIERFLOW_NS, Command
-from tierflow.streams.kafka import Doorbell
+from tierflow.streams.kafka import Doorbell, first_of
 from tierflow.streams.launcher import (
     LABEL_DEPLOYMENT,
     LABEL_INFERENCE,
@@ -325,9 +325,9 @@ class Orchestrator:
                 self._wake.clear()
                 last = loop.time()
                 await self.reconcile(conn, client)
-                await _first_of(stopping, self._wake, timeout=w.reconcile_s - (loop.time() - last))
+                await first_of(stopping, self._wake, timeout=w.reconcile_s - (loop.time() - last))
                 # However often events wake it, at least `reconcile_min_s` between two passes.
-                await _first_of(stopping, timeout=w.reconcile_min_s - (loop.time() - last))
+                await first_of(stopping, timeout=w.reconcile_min_s - (loop.time() - last))
         finally:
             await client.stop()
             await listen.close()
@@ -389,18 +389,6 @@ class Orchestrator:
             await self.launcher.launch(tier_launch(inference, tier, self.settings, self.workload_env, port=port))
             log.info("launched tier %d of inference %d (%s)", tier["index"], inference["id"], tier["model_name"])
         return plan
-
-
-async def _first_of(*events: asyncio.Event, timeout: float) -> None:
-    """Wait until one of `events` is set or `timeout` seconds passed (at once when it is <= 0)."""
-    if timeout <= 0 or any(e.is_set() for e in events):
-        return
-    waits = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 def workload_results(w: WorkloadStatus) -> list[int]:

@@ -81,12 +81,7 @@ class Projector:
                     await set_status(conn, "stopped", str(exc))
                     # Halted, never skipping the event; readiness reports why. A drain (the worker stopping) has
                     # nothing to wait for here: it ends the wait too, instead of the worker's drain deadline.
-                    waits = [asyncio.ensure_future(e.wait()) for e in (stopping, drain) if e is not None]
-                    try:
-                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        for w in waits:
-                            w.cancel()
+                    await kio.first_of(*(e for e in (stopping, drain) if e is not None))
                     return
         finally:
             await c.stop()
