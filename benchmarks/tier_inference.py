@@ -22,7 +22,8 @@ Then end-to-end latency through three agent processes (edge, fog, cloud; limit 1
 to the top) with Kafka-ML single-sample inputs paced at `--rate` per second: the answer's own latency
 (input record timestamp -> answered at the cloud) and the client's (send -> answer read from the output
 topic), p50 and p99, with the time each hop took; the baseline is the same traffic through three bare
-aiokafka hop processes (consume -> produce, no model, no Faust): the broker's floor on this machine. Each
+aiokafka hop processes (consume -> produce, no model, no Faust, on the tiers' event loop: uvloop where
+installed): the broker's floor on this machine. Each
 engine's run follows its own baseline run on a fresh broker, --latency-runs times (default 3), interleaved;
 the medians of the client/bare ratios (p99, and p50 beside it) are the result.
 Each agent's and the broker's CPU per sample is printed with the rates: on a shared machine the rates move
@@ -717,6 +718,8 @@ if __name__ == "__main__":
         hop.add_argument("--partitions", type=int, default=1)
         hop_args = hop.parse_args()
         servers, source, target = hop_args.hop
-        asyncio.run(forward(servers, source, target, hop_args.fetch_wait_ms, hop_args.partitions))
+        # The tiers' event loop (kio.new_event_loop): the floor is what the same client stack does without a model.
+        with asyncio.Runner(loop_factory=kio.new_event_loop) as runner:
+            runner.run(forward(servers, source, target, hop_args.fetch_wait_ms, hop_args.partitions))
     else:
         sys.exit(asyncio.run(main(parse_args())))

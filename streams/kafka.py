@@ -28,6 +28,17 @@ from tierflow.streams.settings import KafkaSettings
 log = logging.getLogger("tierflow.kafka")
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for a process whose work is Kafka round trips (a tier agent): uvloop's where it is
+    installed (a dependency on Linux and macOS), asyncio's otherwise. Every fetch, produce and acknowledgement
+    is a few loop wake-ups, and a tier fed one sample per record makes hundreds of them per second."""
+    try:
+        import uvloop
+    except ImportError:  # Windows, or a device install without it
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def security_options(kafka: KafkaSettings) -> dict[str, Any]:
     """How a client signs in: nothing on a PLAINTEXT broker (the embedded one); the user and password of this
     process on a Kafka that authenticates (SASL, each component its own user with ACLs: docs/cluster.md).

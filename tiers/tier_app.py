@@ -40,6 +40,7 @@ from faust.app import BootStrategy
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from tierflow.streams import kafka as kio
 from tierflow.streams.settings import KafkaSettings
 from tierflow.tiers.engines import Engine
 from tierflow.tiers.tier_agent import TierAgent
@@ -209,7 +210,7 @@ def run_worker(config: TierConfig, kafka: KafkaSettings, *, loglevel: str = "INF
     model or config cannot be served, 1 when the agent failed otherwise (e.g. records not acknowledged)."""
     if not keep_freed_memory():
         log.info("malloc is not glibc's: freed batch buffers go back to the system (slower on some VMs)")
-    loop = asyncio.new_event_loop()
+    loop = kio.new_event_loop()
     asyncio.set_event_loop(loop)
     worker: faust.Worker | None = None
 
