@@ -99,6 +99,7 @@ live agreement).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -176,6 +177,7 @@ class WireRecord:
     timestamp: int = -1
 
 
+@functools.lru_cache(maxsize=64)  # every tensor message names its dtype: parsed once per name
 def parse_dtype(name: str, what: str = "dtype") -> np.dtype[Any]:
     """A numeric little-endian dtype (as tf.io.decode_raw reads) from its numpy or TensorFlow name.
 
@@ -380,6 +382,18 @@ def _shadow_from(meta: dict[str, bytes], n: int) -> list[ShadowTag]:
     return out
 
 
+@functools.lru_cache(maxsize=64)  # a stream's messages carry one shape: parsed once
+def _parse_shape_header(raw: bytes) -> tuple[int, ...]:
+    shape_raw = raw.decode("ascii", "replace").strip()
+    try:
+        shape = tuple(int(p) for p in shape_raw.split(",") if p.strip())
+    except ValueError:
+        raise WireError(f"{H_SHAPE}={shape_raw!r} must be comma-separated whole numbers") from None
+    if any(d < 1 for d in shape):
+        raise WireError(f"{H_SHAPE}={shape_raw!r}: dimensions must be positive")
+    return shape
+
+
 def _decode_tensor(rec: RecordLike, value: bytes, meta: dict[str, bytes], spec: InputSpec, t_record: float,
                    versions: tuple[int, ...] = READ_VERSIONS
                    ) -> tuple[Array, list[SampleOrigin], list[list[float]], bool, list[ShadowTag] | None]:
@@ -394,13 +408,7 @@ def _decode_tensor(rec: RecordLike, value: bytes, meta: dict[str, bytes], spec: 
     if H_DTYPE not in meta or H_SHAPE not in meta:
         raise WireError(f"a tierflow tensor message needs the headers {H_DTYPE} and {H_SHAPE}")
     dtype = parse_dtype(meta[H_DTYPE].decode("ascii", "replace"))
-    shape_raw = meta[H_SHAPE].decode("ascii", "replace").strip()
-    try:
-        shape = tuple(int(p) for p in shape_raw.split(",") if p.strip())
-    except ValueError:
-        raise WireError(f"{H_SHAPE}={shape_raw!r} must be comma-separated whole numbers") from None
-    if any(d < 1 for d in shape):
-        raise WireError(f"{H_SHAPE}={shape_raw!r}: dimensions must be positive")
+    shape = _parse_shape_header(meta[H_SHAPE])
     per = math.prod(shape)
     if per != spec.sample_count:
         raise WireError(f"samples of shape {shape_text(shape)} ({per} values) cannot feed this tier's model, whose "
@@ -594,6 +602,21 @@ def encode_answers(batch: DecodedBatch, probs: Array, answered: npt.NDArray[np.b
     return out
 
 
+_VERSION_HEADERS = {False: str(WIRE_VERSION).encode(), True: str(SHADOW_VERSION).encode()}
+
+
+@functools.lru_cache(maxsize=64)
+def _wire_dtype(dtype: np.dtype[Any]) -> tuple[np.dtype[Any], bytes]:
+    """The dtype a tensor of `dtype` is sent as, and its header value (a tier sends one dtype all its life)."""
+    wire_dtype = parse_dtype(dtype.name)
+    return wire_dtype, wire_dtype.name.encode()
+
+
+@functools.lru_cache(maxsize=64)
+def _shape_header(sample_shape: tuple[int, ...]) -> bytes:
+    return ",".join(map(str, sample_shape)).encode()
+
+
 def encode_tensor(x: Array, *, origins: Sequence[SampleOrigin] | None = None,
                   ts: Sequence[Sequence[float]] | None = None, single: bool = False,
                   shadow: Sequence[ShadowTag] | None = None) -> tuple[bytes, Headers]:
@@ -608,12 +631,12 @@ def encode_tensor(x: Array, *, origins: Sequence[SampleOrigin] | None = None,
         raise WireError("a tensor message holds at least one sample: x must have shape (n, ...) with n >= 1")
     if arr.dtype.kind not in "biuf":
         raise WireError(f"dtype {arr.dtype} is not numeric")
-    dtype = parse_dtype(arr.dtype.name)
+    dtype, dtype_header = _wire_dtype(arr.dtype)
     arr = np.ascontiguousarray(arr, dtype=dtype)
     headers: Headers = [
-        (H_VERSION, str(WIRE_VERSION if shadow is None else SHADOW_VERSION).encode()),
-        (H_DTYPE, dtype.name.encode()),
-        (H_SHAPE, ",".join(map(str, arr.shape[1:])).encode()),
+        (H_VERSION, _VERSION_HEADERS[shadow is not None]),
+        (H_DTYPE, dtype_header),
+        (H_SHAPE, _shape_header(arr.shape[1:])),
     ]
     if origins is not None:
         if len(origins) != len(arr):

@@ -122,8 +122,8 @@ class TierAgent:
         #: The tier's cluster (input, dead letters) with the settings' fetch wait and session timeout.
         self.kafka = replace(kafka, bootstrap_servers=config.bootstrap_servers)
         self.engine = engine
-        self.metrics = TierMetrics(config, registry)
         self.stats = TierStats()
+        self.metrics = TierMetrics(config, self.stats, registry)
         self.joined = False
         self.assignment: set[tuple[str, int]] = set()
         self.failure: str | None = None
@@ -293,7 +293,6 @@ class TierAgent:
         arrived = time.time()
         batch = wire.decode_records(records, spec, now_ms=arrived * 1000, versions=self.READ_VERSIONS)
         m, s = self.metrics, self.stats
-        m.records.inc(len(records))
         m.batch_records.observe(len(records))
         s.records += len(records)
         s.batches += 1
@@ -302,7 +301,6 @@ class TierAgent:
             acks.append(asyncio.ensure_future(self._deadletter(records, batch.rejected)))
         prediction: asyncio.Future[tuple[list[Array], float]] | None = None
         if len(batch):
-            m.samples.inc(len(batch))
             m.batch_samples.observe(len(batch))
             s.samples += len(batch)
             loop = asyncio.get_running_loop()
@@ -346,13 +344,12 @@ class TierAgent:
                 acks.append(await self._record_shadow_outcomes(batch, probs, now_ms))
             elif not cfg.top and (batch.shadow or (cfg.shadow_fraction > 0 and n_answered)):
                 acks.extend(await self._send_shadows(batch, outputs[0], probs, confidence, answered, now_ms))
-            m.answered.inc(n_answered)
-            m.forwarded.inc(n_forwarded)
             s.answered += n_answered
             s.forwarded += n_forwarded
-            first = np.fromiter((batch.ts[i][0] for i in np.flatnonzero(answered).tolist()), dtype=np.float64,
-                                count=n_answered)
-            m.latency.observe_many(np.maximum(0.0, (now_ms - first) / 1000))
+            if n_answered:
+                first = np.fromiter((batch.ts[i][0] for i in np.flatnonzero(answered).tolist()), dtype=np.float64,
+                                    count=n_answered)
+                m.latency.observe_many(np.maximum(0.0, (now_ms - first) / 1000))
         offsets: dict[TopicPartition, int] = {}
         for r in job.records:
             tp = TopicPartition(r.topic, r.partition)
@@ -410,8 +407,6 @@ class TierAgent:
         upper = self._producers[cfg.upper_servers]
         acks = [await upper.send(cfg.upper_topic, value, headers=headers)
                 for value, headers in wire.encode_shadows(batch, tensor, rows, tags, forwarded_ms=now_ms)]
-        self.metrics.shadowed.inc(len(picked))
-        self.metrics.shadow_passed.inc(len(batch.shadow))
         self.stats.shadowed += len(picked)
         self.stats.shadow_passed += len(batch.shadow)
         return acks
@@ -475,8 +470,7 @@ class TierAgent:
                                                           agent=f"tier-{self.config.tier_index}") for r in rejected))
         # A dead letter that could not be sent is logged and counted, never fatal: the record stays at its
         # origin, and failing here would restart the tier at the same record forever.
-        self.metrics.deadletter_failures.inc(sent.count(False))
-        self.metrics.deadlettered.inc(len(rejected))
+        self.stats.deadletter_failures += sent.count(False)
         self.stats.deadlettered += len(rejected)
 
     async def _settle(self, previous: asyncio.Task[None] | None, acks: list[asyncio.Future[Any]],

@@ -1,7 +1,8 @@
 """A tier's numbers: its Prometheus metrics (`TierMetrics`) and the same counts as plain `TierStats`.
 
-Fed by the batching loop (`tierflow.tiers.tier_agent`) once per batch, never per sample: the latency of
-every answered sample goes into a `BulkHistogram` in one numpy call. Served as `GET /metrics` by the tier's
+Fed by the batching loop (`tierflow.tiers.tier_agent`) once per batch, never per sample, through plain
+numbers: its counters are the agent's `TierStats`, read when `/metrics` is scraped, and its histograms are
+`BulkHistogram`s (a bisect per value, one numpy call for a large batch). Served as `GET /metrics` by the tier's
 web server (`tierflow.tiers.tier_app`); each agent has its own registry, so several tiers may share a
 process (tests, benchmarks).
 
@@ -16,13 +17,14 @@ as drifting below it).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tierflow.streams.exits import LiveAgreement
@@ -31,70 +33,84 @@ from tierflow.tiers.tier_config import TierConfig
 Array = np.ndarray[Any, Any]
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Values from which `BulkHistogram.observe_many` counts with numpy rather than one by one.
+_NUMPY_FROM = 16
 
 
-class BulkHistogram(Collector):
-    """A Prometheus histogram fed a numpy array at a time (a `Histogram.observe` per sample costs ~3 us, as
-    much as routing the sample)."""
+class BulkHistogram:
+    """A Prometheus histogram's counts, kept as plain numbers and exported by `TierMetrics`' collector.
 
-    def __init__(self, name: str, doc: str, labels: Mapping[str, str], buckets: tuple[float, ...],
-                 registry: CollectorRegistry) -> None:
-        self.name, self.doc, self.labels = name, doc, dict(labels)
-        self._bounds = np.asarray(buckets, dtype=np.float64)
-        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)
+    prometheus_client's `Histogram.observe` takes a lock and walks the bounds in Python (~3 us per value, as
+    much as routing a sample); at 200 one-sample records/s a tier's time goes mostly into code run once per
+    record, so each batch costs a `bisect` per value here, and a large batch one numpy call.
+    """
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.doc = name, doc
+        self._bounds = [float(b) for b in buckets]
+        self._counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
-        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1  # bucket `le=b` counts values <= b
+        self.sum += value
 
     def observe_many(self, values: Array) -> None:
-        if len(values):
-            # Bucket `le=b` counts values <= b: the first bound >= the value.
-            self._counts += np.bincount(np.searchsorted(self._bounds, values, side="left"),
-                                        minlength=len(self._counts))
-            self.sum += float(np.sum(values))
+        if len(values) < _NUMPY_FROM:
+            for value in values.tolist():
+                self.observe(value)
+            return
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._counts))
+        self._counts = [a + b for a, b in zip(self._counts, counts.tolist(), strict=True)]
+        self.sum += float(np.sum(values))
 
     @property
     def count(self) -> int:
-        return int(self._counts.sum())
+        return sum(self._counts)
 
-    def collect(self) -> Iterable[Metric]:
-        family = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+    def family(self, labels: Mapping[str, str]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.doc, labels=list(labels))
         cumulative = np.cumsum(self._counts).tolist()
-        buckets = [(repr(b), c) for b, c in zip(self._bounds.tolist(), cumulative[:-1], strict=True)]
-        family.add_metric(list(self.labels.values()), [*buckets, ("+Inf", cumulative[-1])], self.sum)
-        yield family
+        buckets = [(repr(b), c) for b, c in zip(self._bounds, cumulative[:-1], strict=True)]
+        family.add_metric(list(labels.values()), [*buckets, ("+Inf", cumulative[-1])], self.sum)
+        return family
 
 
-class TierMetrics:
-    """The tier's Prometheus metrics, in their own registry (several agents may share a process)."""
+#: The tier's counters: (metric name, `TierStats` field, help).
+_COUNTERS = (
+    ("tierflow_tier_records", "records", "Input records consumed"),
+    ("tierflow_tier_samples", "samples", "Input samples decoded"),
+    ("tierflow_tier_answered", "answered", "Samples answered by this tier's exit"),
+    ("tierflow_tier_forwarded", "forwarded", "Samples forwarded to the upper tier"),
+    ("tierflow_tier_deadlettered", "deadlettered", "Records sent to the dead-letter topic"),
+    ("tierflow_tier_deadletter_failures", "deadletter_failures", "Dead letters that could not be sent (logged and "
+                                                                  "skipped)"),
+    ("tierflow_tier_shadowed", "shadowed", "Answered samples also sent up as shadow samples"),
+    ("tierflow_tier_shadow_passed", "shadow_passed", "Shadow samples of lower tiers passed up"),
+)
 
-    def __init__(self, config: TierConfig, registry: CollectorRegistry | None = None) -> None:
+
+class TierMetrics(Collector):
+    """The tier's Prometheus metrics, in their own registry (several agents may share a process).
+
+    The counters are the agent's `TierStats`, read when the registry is collected (`GET /metrics`); the
+    histograms are `BulkHistogram`s the agent feeds once per batch. So a batch touches no Prometheus code.
+    """
+
+    def __init__(self, config: TierConfig, stats: TierStats, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        names = ("inference", "tier")
-        values = (str(config.inference_id), str(config.tier_index))
-
-        def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, names, registry=self.registry).labels(*values)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, doc, names, registry=self.registry, buckets=buckets).labels(*values)
-
-        self.records = counter("tierflow_tier_records", "Input records consumed")
-        self.samples = counter("tierflow_tier_samples", "Input samples decoded")
-        self.answered = counter("tierflow_tier_answered", "Samples answered by this tier's exit")
-        self.forwarded = counter("tierflow_tier_forwarded", "Samples forwarded to the upper tier")
-        self.deadlettered = counter("tierflow_tier_deadlettered", "Records sent to the dead-letter topic")
-        self.deadletter_failures = counter("tierflow_tier_deadletter_failures",
-                                           "Dead letters that could not be sent (logged and skipped)")
-        self.batch_records = histogram("tierflow_tier_batch_records", "Records per consumed batch", _SIZE_BUCKETS)
-        self.batch_samples = histogram("tierflow_tier_batch_samples", "Samples per model call batch", _SIZE_BUCKETS)
+        self.stats = stats
+        self._labels = {"inference": str(config.inference_id), "tier": str(config.tier_index)}
+        self.batch_records = BulkHistogram("tierflow_tier_batch_records", "Records per consumed batch", _SIZE_BUCKETS)
+        self.batch_samples = BulkHistogram("tierflow_tier_batch_samples", "Samples per model call batch",
+                                           _SIZE_BUCKETS)
         self.latency = BulkHistogram("tierflow_tier_latency_seconds",
-                                     "From a sample's original input timestamp to this tier's answer",
-                                     dict(zip(names, values, strict=True)), _TIME_BUCKETS, self.registry)
-        self.processing = histogram("tierflow_tier_processing_seconds",
-                                    "From a batch's arrival to the acknowledgement of all it produced", _TIME_BUCKETS)
-        self.model = histogram("tierflow_tier_model_seconds", "Model time per batch", _TIME_BUCKETS)
-        self.shadowed = counter("tierflow_tier_shadowed", "Answered samples also sent up as shadow samples")
-        self.shadow_passed = counter("tierflow_tier_shadow_passed", "Shadow samples of lower tiers passed up")
+                                     "From a sample's original input timestamp to this tier's answer", _TIME_BUCKETS)
+        self.processing = BulkHistogram("tierflow_tier_processing_seconds",
+                                        "From a batch's arrival to the acknowledgement of all it produced",
+                                        _TIME_BUCKETS)
+        self.model = BulkHistogram("tierflow_tier_model_seconds", "Model time per batch", _TIME_BUCKETS)
+        self.registry.register(self)
         # At the top tier, per lower tier (label `tier`: the tier whose early answers are measured).
         self._inference = str(config.inference_id)
         live = ("inference", "tier")
@@ -109,6 +125,14 @@ class TierMetrics:
         self.live_drift = Gauge("tierflow_live_drift", "1 while the tier's live agreement is significantly below "
                                 "the predicted lower bound (streams/exits.py live_agreement)", live,
                                 registry=self.registry)
+
+    def collect(self) -> Iterable[Metric]:
+        for name, field, doc in _COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=list(self._labels))
+            family.add_metric(list(self._labels.values()), float(getattr(self.stats, field)))
+            yield family
+        for histogram in (self.batch_records, self.batch_samples, self.latency, self.processing, self.model):
+            yield histogram.family(self._labels)
 
     def observe_live(self, tier: int, outcomes: int, agreeing: int, live: LiveAgreement) -> None:
         """Count lower tier `tier`'s new shadow outcomes (`agreeing` of them with the top exit's class) and set
@@ -125,13 +149,15 @@ class TierMetrics:
 
 @dataclass
 class TierStats:
-    """Plain counters of what the agent did (tests, logs); the same numbers as the metrics."""
+    """Plain counters of what the agent did (tests, logs, `/readyz`); the metrics' counters read them."""
 
     records: int = 0
     samples: int = 0
     answered: int = 0
     forwarded: int = 0
     deadlettered: int = 0
+    #: Dead letters that could not be sent (logged and skipped).
+    deadletter_failures: int = 0
     batches: int = 0
     #: Records whose offsets were committed (after every record produced for them was acknowledged).
     committed: int = 0
