@@ -501,11 +501,18 @@ async def three_tier_latency(kafka: KafkaSettings, http: aiohttp.ClientSession, 
         reader = asyncio.create_task(read())
         try:
             started = time.perf_counter()
+            delivered: list[asyncio.Future[Any]] = []
+            sent_at: list[float] = []
             for i in range(n):
                 await asyncio.sleep(max(0.0, started + i / args.rate - time.perf_counter()))
                 t_send = time.time() * 1000
-                meta = await (await producer.send(t["in"], x[i].tobytes(), timestamp_ms=int(t_send)))
-                sent[(meta.partition, meta.offset)] = t_send
+                # Not awaited here, as the baseline's client does not: the input's (partition, offset), which
+                # its answer names, is read from the acknowledgements after the last send.
+                delivery = await producer.send(t["in"], x[i].tobytes(), timestamp_ms=int(t_send))
+                delivered.append(delivery)
+                sent_at.append(t_send)
+            for delivery, at in zip(await asyncio.gather(*delivered), sent_at, strict=True):
+                sent[(delivery.partition, delivery.offset)] = at  # in the order they were sent
             give_up = time.monotonic() + 30
             stop.set()
             await reader
