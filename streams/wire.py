@@ -291,11 +291,13 @@ class DecodedBatch:
 
 
 def _tierflow_headers(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, bytes] | None:
-    found = {k: v for k, v in headers if k.startswith(_PREFIX)}
-    empty = sorted(k for k, v in found.items() if v is None)
-    if empty:  # Kafka headers may carry no value at all
-        raise WireError(f"header {empty[0]} has no value")
-    return {k: v for k, v in found.items() if v is not None} or None
+    found: dict[str, bytes] = {}
+    for k, v in headers:
+        if k.startswith(_PREFIX):
+            if v is None:  # Kafka headers may carry no value at all
+                raise WireError(f"header {k} has no value")
+            found[k] = v
+    return found or None
 
 
 def _size_hint(nbytes: int, spec: InputSpec) -> str:

@@ -329,10 +329,11 @@ class TierAgent:
             if shadows is not None:
                 answered &= ~shadows  # answered below already: a shadow sample is never answered again
             now_ms = time.time() * 1000
-            answers = wire.encode_answers(batch, probs, answered, tier=cfg.tier_index, answered_ms=now_ms,
-                                          confidence=confidence)
-            acks.extend(await self._send_all(self._producers[cfg.output_servers], cfg.output_topic, answers))
             n_answered = int(answered.sum())
+            if n_answered:  # a batch it only forwards (the usual one of a lower tier) encodes no answer at all
+                answers = wire.encode_answers(batch, probs, answered, tier=cfg.tier_index, answered_ms=now_ms,
+                                              confidence=confidence)
+                acks.extend(await self._send_all(self._producers[cfg.output_servers], cfg.output_topic, answers))
             n_forwarded = len(batch) - n_answered - len(batch.shadow)
             if n_forwarded:
                 assert cfg.upper_topic is not None
