@@ -181,7 +181,8 @@ class IdleFetch:
     burned most of a core that way (issue 12). Between fetches while idle the partition is paused
     (`AIOKafkaConsumer.pause`, public API: aiokafka's background fetcher then sends nothing for it) for a wait
     that doubles from `fetch_max_wait_ms` up to the idle wait; a record arriving while paused waits at most
-    that long, and a ring of the reader's `Doorbell` ends the pause at once.
+    that long, and a ring of the reader's `Doorbell` ends the pause at once; a round after a ring that comes
+    back empty fetches again at once (its response may be one the broker began before the ringing write).
     """
 
     #: how long a fetch may take before the round counts as empty anyway (a broker that does not answer)
@@ -202,8 +203,9 @@ class IdleFetch:
     async def next(self, max_records: int, stopping: asyncio.Event) -> list[ConsumerRecord[Any, Any]]:
         """The next records of the partition (at most `max_records`); [] when a fetch round found none, or
         `stopping` was set during the pause."""
+        woken = False
         if self.idle_s > 0 and self.max_idle_s > 0:
-            await self._pause(stopping)
+            woken = await self._pause(stopping)
             if stopping.is_set():
                 return []
         records = await next_response(self.consumer, self.tp, max_records=max_records,
@@ -212,15 +214,21 @@ class IdleFetch:
             self.idle_s = 0.0
             return records
         self.empty_rounds += 1
-        self.idle_s = min(self.max_idle_s, max(self.first_idle_s, 2 * self.idle_s))
+        # Woken but empty: the response was one the broker began before the ringing write (Tansu reads a fetch's
+        # records when it arrives, then holds it): fetch again at once instead of sleeping the idle wait with the
+        # record there (measured: 4 of 15 writes after 3 s of idle took 1,010 ms in the decider).
+        self.idle_s = 0.0 if woken else min(self.max_idle_s, max(self.first_idle_s, 2 * self.idle_s))
         return []
 
-    async def _pause(self, stopping: asyncio.Event) -> None:
+    async def _pause(self, stopping: asyncio.Event) -> bool:
+        """Pause until the idle wait ends or the doorbell rings (True) or `stopping` is set."""
         self.consumer.pause(self.tp)
         try:
             await first_of(stopping, *([] if self.wake is None else [self.wake]), timeout=self.idle_s)
-            if self.wake is not None:
-                self.wake.clear()  # before the fetch: a ring after this point is seen by the next round
+            if self.wake is None or not self.wake.is_set():
+                return False
+            self.wake.clear()  # before the fetch: a ring after this point is seen by the next round
+            return True
         finally:
             self.consumer.resume(self.tp)
 
