@@ -434,8 +434,17 @@ def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: fl
     `now_ms` stands in for records without a timestamp. Consecutive header-less raw records are decoded
     with one `np.frombuffer` (the common Kafka-ML case costs a few microseconds per record). `versions`: the
     tensor message versions read (a reader of `(WIRE_VERSION,)` is what a tier of an earlier release was:
-    it refuses shadow messages).
+    it refuses shadow messages). The batch's `single` and `record` arrays are read-only.
     """
+    if len(records) == 1:
+        one = _decode_one(records[0], spec, now_ms, versions)
+        if one is not None:
+            return one
+    return _decode_all(records, spec, now_ms=now_ms, versions=versions)
+
+
+def _decode_all(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: float,
+                versions: tuple[int, ...]) -> DecodedBatch:
     parts: list[Array] = []
     origins: list[SampleOrigin] = []
     ts: list[list[float]] = []
@@ -511,8 +520,51 @@ def decode_records(records: Sequence[RecordLike], spec: InputSpec, *, now_ms: fl
     flush_run()
     x = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else
                                                      np.empty((0, *spec.sample_shape), dtype=spec.dtype))
-    return DecodedBatch(x=x, origins=origins, ts=ts, single=np.asarray(single, dtype=bool),
-                        record=np.asarray(record_of, dtype=np.int64), rejected=rejected, shadow=shadow)
+    single_flags, records_of = np.asarray(single, dtype=bool), np.asarray(record_of, dtype=np.int64)
+    single_flags.flags.writeable = records_of.flags.writeable = False
+    return DecodedBatch(x=x, origins=origins, ts=ts, single=single_flags, record=records_of, rejected=rejected,
+                        shadow=shadow)
+
+
+def _constant(values: list[Any], dtype: type) -> npt.NDArray[Any]:
+    array: npt.NDArray[Any] = np.asarray(values, dtype=dtype)
+    array.flags.writeable = False
+    return array
+
+
+#: What a batch of one sample shares (read-only): whether it was alone in its record, and its record.
+_ONE_SINGLE = {True: _constant([True], bool), False: _constant([False], bool)}
+_ONE_RECORD = _constant([0], np.int64)
+#: The mask of a batch of one sample that picks it (read-only).
+ONE_OF_ONE = _ONE_SINGLE[True]
+
+
+def _decode_one(rec: RecordLike, spec: InputSpec, now_ms: float, versions: tuple[int, ...]) -> DecodedBatch | None:
+    """`decode_records` of one record holding one sample, the usual batch at a light stream's pace, with as few
+    numpy calls as it takes (each costs tens of microseconds when the process wakes up cold); None for
+    anything else (rejected, shadow, JSON, several samples, a `plain` decoder), which the general path
+    decodes. Its result equals the general path's."""
+    value = rec.value
+    if not value:
+        return None
+    t_record = float(rec.timestamp) if rec.timestamp is not None and rec.timestamp > 0 else now_ms
+    try:
+        meta = _tierflow_headers(rec.headers) if rec.headers else None
+    except WireError:
+        return None
+    if meta is None:
+        if spec.plain is not None or len(value) != spec.raw_nbytes or _looks_like_json(value):
+            return None
+        x = np.frombuffer(value, dtype=spec.raw_dtype).reshape(1, *spec.sample_shape).astype(spec.dtype, copy=False)
+        return DecodedBatch(x=x, origins=[(rec.topic, rec.partition, rec.offset, 0)], ts=[[t_record]],
+                            single=_ONE_SINGLE[True], record=_ONE_RECORD, rejected=[])
+    try:
+        x, origins, ts, single, tags = _decode_tensor(rec, value, meta, spec, t_record, versions)
+    except Exception:  # the general path says why
+        return None
+    if tags is not None or len(origins) != 1:
+        return None
+    return DecodedBatch(x=x, origins=origins, ts=ts, single=_ONE_SINGLE[single], record=_ONE_RECORD, rejected=[])
 
 
 def _is_json_sample(value: bytes, spec: InputSpec) -> bool:
@@ -530,17 +582,30 @@ def _is_json_sample(value: bytes, spec: InputSpec) -> bool:
 def answered_mask(probs: Array, limit: float, *, top: bool = False,
                   confidence: Array | None = None) -> npt.NDArray[np.bool_]:
     """Which samples this tier answers: `max(p) >= limit`, or `confidence >= limit` when the tier compares
-    another confidence (the calibrated one, one per sample), or all of them at the top tier."""
+    another confidence (the calibrated one, one per sample), or all of them at the top tier. A mask of one
+    sample is read-only."""
     n = len(probs)
     if top:
-        return np.ones(n, dtype=bool)
+        return _ONE_SINGLE[True] if n == 1 else np.ones(n, dtype=bool)
     if n == 0:
         return np.zeros(0, dtype=bool)
+    if n == 1 and confidence is None:
+        row = probs.reshape(-1).tolist() if isinstance(probs, np.ndarray) else np.asarray(probs).reshape(-1).tolist()
+        # NaN never answers (numpy's max of a row with a NaN is NaN), and numpy compares a float32 row with the
+        # limit cast to float32
+        if row and all(v == v for v in row):
+            return _ONE_SINGLE[max(row) >= _limit_as(np.asarray(probs).dtype, limit)]
     if confidence is not None:
         compared: npt.NDArray[np.bool_] = np.asarray(confidence).reshape(n) >= limit
         return compared
     mask: npt.NDArray[np.bool_] = np.asarray(probs).reshape(n, -1).max(axis=1) >= limit
     return mask
+
+
+@functools.lru_cache(maxsize=64)
+def _limit_as(dtype: np.dtype[Any], limit: float) -> float:
+    """`limit` as numpy compares it with an array of `dtype` (a Python float is cast to a float array's dtype)."""
+    return float(dtype.type(limit)) if dtype.kind == "f" else float(limit)
 
 
 # -- encoding ------------------------------------------------------------------------------------------------
@@ -562,6 +627,15 @@ def encode_answers(batch: DecodedBatch, probs: Array, answered: npt.NDArray[np.b
     `confidence`: what the tier compared when it is not the raw max(p) (one per sample): written as the
     answer's `confidence`, with the raw max(p) beside it as `raw_confidence`."""
     probs = np.ascontiguousarray(np.asarray(probs, dtype=np.float32).reshape(len(probs), -1))
+    if len(probs) == 1 and confidence is None and answered[0] and batch.single[0]:
+        one = _encode_one_answer(batch, probs[0], tier=tier, answered_ms=answered_ms)
+        if one is not None:
+            return one
+    return _encode_all_answers(batch, probs, answered, tier=tier, answered_ms=answered_ms, confidence=confidence)
+
+
+def _encode_all_answers(batch: DecodedBatch, probs: Array, answered: npt.NDArray[np.bool_], *, tier: int,
+                        answered_ms: float, confidence: Array | None) -> list[bytes]:
     classes = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=np.int64)
     raw = probs.max(axis=1) if len(probs) else np.zeros(0, dtype=np.float32)
     confidences = raw if confidence is None else np.asarray(confidence, dtype=np.float64).reshape(len(probs))
@@ -602,6 +676,23 @@ def encode_answers(batch: DecodedBatch, probs: Array, answered: npt.NDArray[np.b
                 doc["raw_confidences"] = raw[idx]
         out.append(orjson.dumps(doc, option=_NUMPY))
     return out
+
+
+def _encode_one_answer(batch: DecodedBatch, row: Array, *, tier: int, answered_ms: float) -> list[bytes] | None:
+    """`encode_answers` of a batch of one single-sample record answered with the raw max(p), without numpy
+    reductions (see `_decode_one`); None for a row with a NaN (numpy's argmax picks the NaN). Equal output."""
+    values = row.tolist()
+    if not values or not all(v == v for v in values):
+        return None
+    cls = values.index(max(values))  # the first maximum, as argmax
+    t = batch.ts[0]
+    answered_ms = round(answered_ms, 3)
+    doc = {
+        "values": row, "tier": tier, "exit": tier, "class": cls, "confidence": row[cls],
+        "origin": _origin_json(batch.origins[0]), "timestamps": _timestamps(t, answered_ms),
+        "latency_ms": round(answered_ms - t[0], 3),
+    }
+    return [orjson.dumps(doc, option=_NUMPY)]
 
 
 _VERSION_HEADERS = {False: str(WIRE_VERSION).encode(), True: str(SHADOW_VERSION).encode()}
@@ -661,6 +752,12 @@ def encode_forwards(batch: DecodedBatch, tensor: Array, forwarded: npt.NDArray[n
                     forwarded_ms: float) -> list[tuple[bytes, Headers]]:
     """Tensor messages for the upper tier with the forwarded samples: one, or two when single-sample and
     batched original records are mixed (so `tierflow.single` stays one flag per record)."""
+    if len(forwarded) == 1:  # one sample: no index arrays (see `_decode_one`)
+        if not forwarded[0]:
+            return []
+        tensor = np.asarray(tensor)
+        return [encode_tensor(tensor if len(tensor) == 1 else tensor[:1], origins=batch.origins[:1],
+                              ts=[[*batch.ts[0], round(forwarded_ms, 3)]], single=bool(batch.single[0]))]
     idx = np.flatnonzero(forwarded)
     if not len(idx):
         return []

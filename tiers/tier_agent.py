@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import sys
@@ -92,6 +93,21 @@ class _Inflight:
     prediction: asyncio.Future[tuple[list[Array], float]] | None
     acks: list[asyncio.Future[Any]]
     arrived: float
+    #: Predicted on the event loop (a small batch with nothing else in flight): produced at once.
+    inline: bool = False
+
+
+@dataclass(eq=False)
+class _Settling:
+    """A produced batch waiting for its records' acknowledgements; its offsets become committable once every
+    batch before it has settled too (`TierAgent._advance`)."""
+
+    offsets: dict[TopicPartition, int]
+    arrived: float
+    n_records: int
+    #: Acknowledgements still awaited.
+    waiting: int
+    failed: bool = False
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -135,7 +151,13 @@ class TierAgent:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierflow-model")
         self._consumer: AIOKafkaConsumer | None = None
         self._producers: dict[str, AIOKafkaProducer] = {}
-        self._pending: list[asyncio.Task[None]] = []
+        #: Produced batches in order, until their acknowledgements are in (callbacks: no task per batch).
+        self._settling: deque[_Settling] = deque()
+        #: Set whenever the head of `_settling` moves or fails (what `_wait_settling` waits on).
+        self._settled = asyncio.Event()
+        self._commit_task: asyncio.Task[None] | None = None
+        #: The first failed acknowledgement (the agent stops: that batch and the later ones stay uncommitted).
+        self._settle_failure: BaseException | None = None
         self._spec: wire.InputSpec | None = None
         self._round_robin = 0
         self._acked: dict[TopicPartition, int] = {}
@@ -223,8 +245,12 @@ class TierAgent:
             while not self._stopping.is_set():
                 records = await self._poll(self._consumer, wait=not inflight)
                 if records:
-                    inflight.append(self._begin(records, spec, inline=not inflight))
-                elif not inflight and self._acked and not self._pending:
+                    job = self._begin(records, spec, inline=not inflight)
+                    if job.inline:  # predicted already, nothing else in flight: produce it now
+                        await self._finish(job)
+                    else:
+                        inflight.append(job)
+                elif not inflight and self._acked and not self._settling:
                     await self.commit()  # idle: commit what the last batches left uncommitted
                 if inflight and (not records or len(inflight) >= PIPELINE_DEPTH):
                     await self._finish(inflight.popleft())
@@ -241,10 +267,10 @@ class TierAgent:
             await self._close()
 
     async def _close(self) -> None:
-        for task in self._pending:
-            task.cancel()
-        await asyncio.gather(*self._pending, return_exceptions=True)
-        self._pending.clear()
+        self._settling.clear()
+        if self._commit_task is not None and not self._commit_task.done():
+            self._commit_task.cancel()
+            await asyncio.gather(self._commit_task, return_exceptions=True)
         if self._consumer is not None:
             with contextlib.suppress(KafkaError):
                 await self._consumer.stop()  # leaves the group: the others rebalance at once
@@ -300,11 +326,12 @@ class TierAgent:
         if batch.rejected:
             acks.append(asyncio.ensure_future(self._deadletter(records, batch.rejected)))
         prediction: asyncio.Future[tuple[list[Array], float]] | None = None
+        inline = inline and len(batch) <= INLINE_SAMPLES
         if len(batch):
             m.batch_samples.observe(len(batch))
             s.samples += len(batch)
             loop = asyncio.get_running_loop()
-            if inline and len(batch) <= INLINE_SAMPLES:
+            if inline:
                 prediction = loop.create_future()
                 try:
                     prediction.set_result(self._predict(batch.x))
@@ -312,7 +339,7 @@ class TierAgent:
                     prediction.set_exception(exc)
             else:
                 prediction = loop.run_in_executor(self._model_thread, self._predict, batch.x)
-        return _Inflight(records, batch, prediction, acks, arrived)
+        return _Inflight(records, batch, prediction, acks, arrived, inline)
 
     async def _finish(self, job: _Inflight) -> None:
         """Route the batch's samples, produce answers and forwards, and queue its commit after the acks."""
@@ -327,9 +354,9 @@ class TierAgent:
             answered = wire.answered_mask(probs, cfg.limit, top=cfg.top, confidence=confidence)
             shadows = batch.shadow_mask() if batch.shadow else None
             if shadows is not None:
-                answered &= ~shadows  # answered below already: a shadow sample is never answered again
+                answered = answered & ~shadows  # answered below already: a shadow sample is never answered again
             now_ms = time.time() * 1000
-            n_answered = int(answered.sum())
+            n_answered = int(answered[0]) if len(answered) == 1 else int(np.count_nonzero(answered))
             if n_answered:  # a batch it only forwards (the usual one of a lower tier) encodes no answer at all
                 answers = wire.encode_answers(batch, probs, answered, tier=cfg.tier_index, answered_ms=now_ms,
                                               confidence=confidence)
@@ -337,7 +364,8 @@ class TierAgent:
             n_forwarded = len(batch) - n_answered - len(batch.shadow)
             if n_forwarded:
                 assert cfg.upper_topic is not None
-                forwarded = ~answered if shadows is None else ~(answered | shadows)
+                forwarded = (wire.ONE_OF_ONE if len(batch) == 1 and shadows is None  # its only sample
+                             else ~answered if shadows is None else ~(answered | shadows))
                 upper = self._producers[cfg.upper_servers]
                 for value, headers in wire.encode_forwards(batch, outputs[0], forwarded, forwarded_ms=now_ms):
                     acks.append(await upper.send(cfg.upper_topic, value, headers=headers))
@@ -347,7 +375,9 @@ class TierAgent:
                 acks.extend(await self._send_shadows(batch, outputs[0], probs, confidence, answered, now_ms))
             s.answered += n_answered
             s.forwarded += n_forwarded
-            if n_answered:
+            if n_answered == 1 and len(batch) == 1:
+                m.latency.observe(max(0.0, (now_ms - batch.ts[0][0]) / 1000))
+            elif n_answered:
                 first = np.fromiter((batch.ts[i][0] for i in np.flatnonzero(answered).tolist()), dtype=np.float64,
                                     count=n_answered)
                 m.latency.observe_many(np.maximum(0.0, (now_ms - first) / 1000))
@@ -355,11 +385,16 @@ class TierAgent:
         for r in job.records:
             tp = TopicPartition(r.topic, r.partition)
             offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-        previous = self._pending[-1] if self._pending else None
-        self._pending.append(asyncio.ensure_future(
-            self._settle(previous, acks, offsets, job.arrived, len(job.records))))
-        while len(self._pending) > MAX_IN_FLIGHT:
-            await asyncio.wait({self._pending[0]})
+        entry = _Settling(offsets, job.arrived, len(job.records), len(acks))
+        self._settling.append(entry)
+        if acks:
+            settled = functools.partial(self._acknowledged, entry)
+            for ack in acks:
+                ack.add_done_callback(settled)
+        else:
+            self._advance()
+        while len(self._settling) > MAX_IN_FLIGHT:
+            await self._wait_settling()
             self._raise_settle_failure()
 
     # -- what the tier compares, and its shadow samples ----------------------------------------------------
@@ -474,19 +509,39 @@ class TierAgent:
         self.stats.deadletter_failures += sent.count(False)
         self.stats.deadlettered += len(rejected)
 
-    async def _settle(self, previous: asyncio.Task[None] | None, acks: list[asyncio.Future[Any]],
-                      offsets: dict[TopicPartition, int], arrived: float, n_records: int) -> None:
-        """Wait for the batch's acknowledgements (after the previous batch's), then mark its offsets
-        committable; commit when `commit_interval_ms` has passed since the last commit."""
-        if previous is not None:
-            await asyncio.shield(previous)
-        await asyncio.gather(*acks)
-        self.metrics.processing.observe(time.time() - arrived)
-        for tp, offset in offsets.items():
-            self._acked[tp] = max(self._acked.get(tp, 0), offset)
-        self._acked_records += n_records
-        if time.monotonic() - self._last_commit >= self.config.commit_interval_ms / 1000:
-            await self.commit()
+    def _acknowledged(self, entry: _Settling, ack: asyncio.Future[Any]) -> None:
+        """One acknowledgement of `entry`'s records is in (or failed)."""
+        entry.waiting -= 1
+        if ack.cancelled() or ack.exception() is not None:
+            entry.failed = True
+            if self._settle_failure is None:
+                self._settle_failure = asyncio.CancelledError() if ack.cancelled() else ack.exception()
+            self._settled.set()
+        if entry.waiting == 0:
+            self._advance()
+
+    def _advance(self) -> None:
+        """Mark the offsets of the settled batches at the head committable, in order (a batch never before the
+        ones produced earlier); commit when `commit_interval_ms` has passed since the last commit."""
+        moved = False
+        while self._settling and self._settling[0].waiting == 0 and not self._settling[0].failed:
+            entry = self._settling.popleft()
+            self.metrics.processing.observe(time.time() - entry.arrived)
+            for tp, offset in entry.offsets.items():
+                if offset > self._acked.get(tp, 0):
+                    self._acked[tp] = offset
+            self._acked_records += entry.n_records
+            moved = True
+        if moved:
+            self._settled.set()
+            if (time.monotonic() - self._last_commit >= self.config.commit_interval_ms / 1000
+                    and (self._commit_task is None or self._commit_task.done())):
+                self._commit_task = asyncio.ensure_future(self.commit())
+
+    async def _wait_settling(self) -> None:
+        """Until the head of the produced batches settles or fails."""
+        self._settled.clear()
+        await self._settled.wait()
 
     async def commit(self) -> None:
         """Commit the offsets of every acknowledged batch (of the partitions this replica still owns)."""
@@ -507,20 +562,18 @@ class TierAgent:
             self.stats.committed += records
 
     def _raise_settle_failure(self) -> None:
-        while self._pending and self._pending[0].done():
-            task = self._pending.pop(0)
-            exc = task.exception()
-            if exc is not None:
-                raise RuntimeError(f"records produced for a batch were not acknowledged: {exc}") from exc
+        exc = self._settle_failure
+        if exc is not None:
+            raise RuntimeError(f"records produced for a batch were not acknowledged: {exc}") from exc
 
     async def settle_all(self, *, quiet: bool = False) -> None:
         """Wait until every produced batch is acknowledged, then commit."""
-        while self._pending:
-            task = self._pending[0]
-            await asyncio.wait({task})
-            if quiet and task.exception() is not None:
-                return  # the main loop raises it
-            self._raise_settle_failure()
+        while self._settling:
+            if self._settle_failure is not None:
+                if quiet:
+                    return  # the main loop raises it
+                self._raise_settle_failure()
+            await self._wait_settling()
         await self.commit()
 
 
