@@ -27,7 +27,9 @@ installed): the broker's floor on this machine. Each
 engine's run follows its own baseline run on a fresh broker, --latency-runs times (default 3), interleaved;
 the medians of the client/bare ratios (p99, and p50 beside it) are the result.
 Each agent's and the broker's CPU per sample is printed with the rates: on a shared machine the rates move
-with the other load, the CPU per sample much less.
+with the other load, the CPU per sample much less. Each latency run also prints the share of the machine's CPU
+that its hypervisor gave to other guests meanwhile (/proc/stat steal): on a VM with noisy neighbours it reached
+25-48% in some runs, and the latencies of such a run are not a quiet machine's.
 Tansu's memory storage answers slower as a partition grows (bare hops: p50 17 ms over the first 1,000
 inputs at 200/s, 77 ms over the 6th), so the latency runs are short (10 s after a 2 s warm-up, on a fresh
 broker) and print their p50 per 1,000 inputs.
@@ -345,6 +347,21 @@ class Rate:
         return f"{self.per_s:,.0f}/s (cpu/sample: agent {self.agent_us:.1f} us, broker {self.broker_us:.1f} us)"
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(stolen, all) CPU ticks of the whole machine so far (/proc/stat; (0, 0) where there is none): the share
+    a hypervisor gave to other guests says whether a run's latencies were measured on a quiet machine."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_text(before: tuple[int, int], after: tuple[int, int]) -> str:
+    stolen, ticks = after[0] - before[0], after[1] - before[1]
+    return f"CPU stolen by the hypervisor {stolen / ticks:.0%}" if ticks > 0 else "CPU steal unknown"
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
     try:
@@ -588,19 +605,23 @@ async def latency(http: aiohttp.ClientSession, home: Path, args: argparse.Namesp
     for run in range(args.latency_runs):
         for engine in args.engines:
             with fresh_broker(home, args, f"latency-{run}-{engine}") as (kafka, broker_pid):
+                ticks = [machine_ticks()]
                 bare, bare_cpu = await bare_hops_latency(kafka, home, args, broker_pid)
+                ticks.append(machine_ticks())
                 answer, client, hops, cpu = await three_tier_latency(kafka, http, home, args, files, engine,
                                                                      broker_pid)
+                ticks.append(machine_ticks())
             r99, r50 = pct(client, .99) / pct(bare, .99), pct(client, .5) / pct(bare, .5)
             ratios[engine].append((r99, r50))
             p99s[engine].append(pct(client, .99))
             print(f"  run {run + 1} bare    client p50 {pct(bare, .5):5.1f} ms p99 {pct(bare, .99):5.1f} ms max "
-                  f"{max(bare):6.1f} ms ({len(bare)} inputs); {trend(bare)}; {cpu_text(bare_cpu, 'hops')}",
+                  f"{max(bare):6.1f} ms ({len(bare)} inputs); {trend(bare)}; {cpu_text(bare_cpu, 'hops')}; "
+                  f"{steal_text(ticks[0], ticks[1])}",
                   flush=True)
             print(f"  run {run + 1} {engine:<7} answer p50 {pct(answer, .5):5.1f} ms p99 {pct(answer, .99):5.1f} ms | "
                   f"client p50 {pct(client, .5):5.1f} ms p99 {pct(client, .99):5.1f} ms max {max(client):6.1f} ms "
                   f"({len(client)} inputs); client / bare: p99 {r99:.2f}, p50 {r50:.2f}; {trend(client)}; "
-                  f"{cpu_text(cpu, 'agents')}", flush=True)
+                  f"{cpu_text(cpu, 'agents')}; {steal_text(ticks[1], ticks[2])}", flush=True)
             names = ("input -> edge forward", "-> fog forward", "-> cloud answer", "-> client read")
             print("          hops: " + "; ".join(f"{name} p50 {pct(list(h), .5):.1f} p99 {pct(list(h), .99):.1f}"
                                                 for name, h in zip(names, zip(*hops, strict=True), strict=True)),

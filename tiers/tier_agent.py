@@ -25,8 +25,12 @@ version-2 tensor message, and passes up those of the tiers below; the top tier w
 gauges (streams/exits.py `live_agreement`); a shadow sample is never answered on the output topic.
 
 While the model thread computes one batch, the loop decodes the next (already fetched) and produces the
-previous one; with nothing in flight a small batch runs on the loop itself (no thread hop), so a light
-stream pays neither a batch-filling wait nor a thread switch.
+previous one; with nothing in flight a small batch runs on the loop itself (no thread hop) and is produced
+at once, so a light stream pays neither a batch-filling wait nor a thread switch. A light stream's usual batch
+(one record, one sample) takes `streams.wire`'s one-sample paths, which avoid numpy's index arrays and
+reductions: at 200 inputs/s every wake-up runs with cold caches, where one numpy reduction on one row costs
+~100 us (10 us warm). A produced batch settles through its acknowledgements' callbacks (`_acknowledged`,
+`_advance`): its offsets become committable, in order, with no task per batch.
 
 The consumer is the tier's own aiokafka consumer in the tier's group (`tierflow-inference-<id>-tier-<k>`:
 replicas share partitions, a restarted agent resumes from the committed offset), polled with `getmany` and
