@@ -92,8 +92,10 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def component_of(cmdline: str) -> str:
-    """Which part of the stack a process belongs to, from its command line (pure)."""
+def component_of(cmdline: str, parent: str = "") -> str:
+    """Which part of the stack a process belongs to, from its command line and its parent's (pure)."""
+    if "deploy.local_zygote" in cmdline:  # the tier zygote, or a tier it forked (which keeps its command line)
+        return "tiers" if "deploy.local_zygote" in parent else "zygote"
     rules = (("tansu", "broker"), ("postgres", "postgres"), ("tierflow.tiers.sandbox", "sandbox"),
              ("cli worker", "worker"), ("cli api", "api"), ("cli up", "supervisor"), (" tier run", "tiers"),
              ("runuser", "postgres"))
@@ -106,13 +108,13 @@ def component_of(cmdline: str) -> str:
 def stack_processes(root: int) -> list[Proc]:
     """Every process under the stack's supervisor (its process tree)."""
     children = _children()
-    found, todo = [], [root]
+    found, todo = [], [(root, "")]
     while todo:
-        pid = todo.pop()
+        pid, parent = todo.pop()
         cmd = _cmdline(pid)
         if cmd:
-            found.append(Proc(pid, component_of(cmd), cmd))
-        todo.extend(children.get(pid, []))
+            found.append(Proc(pid, component_of(cmd, parent), cmd))
+        todo.extend((child, cmd) for child in children.get(pid, []))
     return found
 
 

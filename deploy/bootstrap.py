@@ -17,6 +17,7 @@ nor a launcher (the control plane sits below the tiers and below deploy):
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -36,7 +37,18 @@ def make_launcher(settings: Settings) -> Launcher:
     from tierflow.deploy.local_launcher import LocalLauncher
 
     env = {**settings.workload_env(), "PYTHONUNBUFFERED": "1"}  # as the orchestrator gives each spec
-    return LocalLauncher(settings.stack.home.resolve() / "workloads", env)
+    state_dir = settings.stack.home.resolve() / "workloads"
+    zygote = None
+    if settings.workloads.tier_zygote:
+        from tierflow.deploy.local_zygote import ZYGOTE_LOG, TierZygote
+        from tierflow.streams.settings import stack_secret_names
+
+        secret = stack_secret_names()
+        # The zygote's own environment is the one every workload shares, less every secret (each forked workload
+        # gets its whole environment, its own token included, from the launcher through a pipe).
+        common = {key: value for source in (os.environ, env) for key, value in source.items() if key not in secret}
+        zygote = TierZygote(common, state_dir / ZYGOTE_LOG)
+    return LocalLauncher(state_dir, env, zygote=zygote)
 
 
 class Sandbox(Protocol):

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from tierflow.streams.errors import TemporaryError
 from tierflow.streams.launcher import WorkloadPhase, WorkloadRefused, WorkloadSpec, WorkloadStatus
@@ -55,6 +55,26 @@ _POLL_S = 0.02
 _KILL_WAIT_S = 10.0
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+
+
+class Forker(Protocol):
+    """What forks tier workloads from a pre-imported process (deploy/local_zygote.py: TierZygote)."""
+
+    def start(self) -> None:
+        """Get ready in the background (idempotent)."""
+        ...
+
+    async def launch(self, workload_dir: Path, args: Sequence[str], env: Mapping[str, str]) -> int:
+        """Start the workload of `workload_dir` under a supervisor that records DIR/pid; the supervisor's pid.
+        Raises an exception when it cannot (the launcher then starts the workload the plain way)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def forked(args: Sequence[str]) -> bool:
+    """Whether a workload starts from the tier zygote (when there is one): the tiers, `tierflow tier run`."""
+    return list(args[:2]) == ["tier", "run"]
 
 
 class LaunchError(TemporaryError):
@@ -182,10 +202,34 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return preexec
 
 
-def supervise(workload_dir: Path) -> int:
-    """Run the workload's command as a child, forward stop signals to it, record its return code."""
+class Child(Protocol):
+    """A supervised workload process: a `subprocess.Popen`, or a process forked from the tier zygote."""
+
+    def send_signal(self, signal: int, /) -> None: ...
+
+    def wait(self) -> int:
+        """Wait for it to end and reap it; its return code (negative = killed by that signal)."""
+        ...
+
+
+def _exec_command(workload_dir: Path) -> Child:
+    """The workload's command from its spec, as a child that dies with this supervisor."""
     command: list[str] = json.loads((workload_dir / SPEC_FILE).read_text())["command"]
-    child: subprocess.Popen[bytes] | None = None
+    try:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent(os.getpid()))  # safe: single-threaded
+    except OSError as exc:
+        raise CannotStart(f"cannot run {command[0]!r}: {exc}") from exc
+
+
+class CannotStart(Exception):
+    """The workload's process could not be created (its supervisor records EXIT_CANNOT_START)."""
+
+
+def supervise(workload_dir: Path, start: Callable[[], Child] | None = None) -> int:
+    """Run the workload as a child (`start`; default: its spec's command), forward stop signals to it, record its
+    return code."""
+    child: Child | None = None
     pending: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -198,14 +242,14 @@ def supervise(workload_dir: Path) -> int:
     for sig in _FORWARDED:
         signal.signal(sig, forward)
     try:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                 preexec_fn=_die_with_parent(os.getpid()))  # safe: single-threaded
-    except OSError as exc:
-        print(f"tierflow launcher: cannot run {command[0]!r}: {exc}", file=sys.stderr, flush=True)
+        child = start() if start is not None else _exec_command(workload_dir)
+    except CannotStart as exc:
+        print(f"tierflow launcher: {exc}", file=sys.stderr, flush=True)
         _write_atomic(workload_dir / EXIT_FILE, f"{EXIT_CANNOT_START}\n")
         return 0
     for signum in pending:
-        child.send_signal(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
     returncode = child.wait()
     _write_atomic(workload_dir / EXIT_FILE, f"{returncode}\n")
     return 0
@@ -257,14 +301,17 @@ class LocalLauncher:
     (`stack_secret_names`) are dropped from all but `spec.secrets`, wherever they come from.
     `command_prefix`: what runs `args` (default: the `tierflow` CLI of this interpreter; tests run small scripts).
     `grace_s`: how long `stop` waits after SIGTERM before it kills the workload's whole process group.
+    `zygote`: where tier workloads are forked from (deploy/local_zygote.py); it starts with the first launch of any
+    workload (a training comes before its tiers), and a tier it cannot fork starts the plain way.
     """
 
     def __init__(self, state_dir: Path, env: Mapping[str, str], *, command_prefix: Sequence[str] | None = None,
-                 grace_s: float = 10.0) -> None:
+                 grace_s: float = 10.0, zygote: Forker | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.env = dict(env)
         self.command_prefix = list(command_prefix if command_prefix is not None else DEFAULT_COMMAND_PREFIX)
         self.grace_s = grace_s
+        self.zygote = zygote
         self._starting: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -278,6 +325,8 @@ class LocalLauncher:
 
     async def launch(self, spec: WorkloadSpec) -> None:
         final = self.workload_dir(spec.name)
+        if self.zygote is not None:
+            self.zygote.start()
         async with self._lock(spec.name):
             if final.exists():
                 return  # running, or finished and not yet removed: launched already
@@ -286,7 +335,8 @@ class LocalLauncher:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=self.state_dir))
             record = {**asdict(spec), "env": sorted(spec.env), "secrets": sorted(spec.secrets),
-                      "command": [*self.command_prefix, *spec.args]}
+                      "command": [*self.command_prefix, *spec.args],
+                      "forked": self.zygote is not None and forked(spec.args)}
             (staging / SPEC_FILE).write_text(json.dumps(record, indent=2))
             try:
                 staging.rename(final)  # the folder appears whole, with its spec, or not at all
@@ -309,6 +359,14 @@ class LocalLauncher:
         env = {key: value for source in (os.environ, self.env, spec.env) for key, value in source.items()
                if key not in secret}
         env.update(spec.secrets)
+        if self.zygote is not None and forked(spec.args):
+            try:
+                pid = await self.zygote.launch(final, spec.args, env)
+            except Exception as exc:
+                log.warning("workload %s starts a fresh interpreter: %s", spec.name, exc)
+            else:
+                log.info("workload %s forked from the tier zygote: supervisor pid %d", spec.name, pid)
+                return
         with (final / LOG_FILE).open("ab") as log_file:
             try:
                 proc = subprocess.Popen(
@@ -380,7 +438,9 @@ class LocalLauncher:
         await asyncio.gather(*(self.stop(w.name) for w in await self.list()))
 
     async def close(self) -> None:
-        """Nothing to release: workloads keep running, and a restarted launcher finds them."""
+        """Stop the tier zygote; workloads keep running, and a restarted launcher finds them."""
+        if self.zygote is not None:
+            await self.zygote.close()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """LocalLauncher with real subprocesses: launch, list, crash, kill -9, stop, and a restarted worker.
 
-Workloads are small Python scripts (`command_prefix` = `python -c SCRIPT`, `args` = the script's arguments),
-plus one run of the real `tierflow` CLI through the default prefix. Every check of "no process left" reads
-/proc, the way the launcher itself does.
+Workloads are small Python scripts (tests/integration/launcher_script.py), each run both ways a workload starts:
+`exec` (`command_prefix` = `python -c SCRIPT`, `args` = the script's arguments) and `forked` from the tier zygote
+(deploy/local_zygote.py, whose entry point runs the same script in-process), plus runs of the real `tierflow`
+CLI through the default prefix and through a zygote that preloads TensorFlow. Every check of "no process left"
+reads /proc, the way the launcher itself does.
 """
 
 from __future__ import annotations
@@ -16,54 +18,71 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
+from tests.integration.launcher_script import SCRIPT
 from tierflow.deploy.local_launcher import (
     LocalLauncher,
     _proc_stat,
     describe_returncode,
+    forked,
     group_members,
     is_alive,
     workload_status,
 )
+from tierflow.deploy.local_zygote import ZYGOTE_LOG, TierZygote
 from tierflow.streams.launcher import LABEL_RESULTS, WorkloadSpec, WorkloadStatus
 
-SCRIPT = """
-import os, signal, sys, time
-mode = sys.argv[1]
-print(f"workload {mode} pid={os.getpid()} x={os.environ.get('TIERFLOW_X')} y={os.environ.get('TIERFLOW_Y')}",
-      flush=True)
-if mode == "ok":
-    sys.exit(0)
-if mode == "crash":
-    for i in range(30):
-        print(f"step {i}")
-    print("ValueError: record 17 has 783 bytes, expected 784", file=sys.stderr)
-    sys.exit(3)
-if mode == "stubborn":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-if mode == "child":  # leaves a grandchild in the workload's process group
-    import subprocess
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-print("ready", flush=True)
-while True:
-    time.sleep(0.05)
-"""
+REPOSITORY = Path(__file__).resolve().parents[2]
+#: How the tests' launchers start workloads: set per test by the `way` fixture.
+WAYS = ("exec", "forked")
+_way = {"now": "exec"}
+_zygotes: list[TierZygote] = []
 
 
 def spec(name: str, mode: str, **labels: str) -> WorkloadSpec:
-    return WorkloadSpec(name=name, kind="training", args=[mode], env={"TIERFLOW_Y": "from-spec"},
+    # `tier run` is what the zygote forks (the tiers); the exec'd script reads only its last argument.
+    return WorkloadSpec(name=name, kind="training", args=["tier", "run", mode], env={"TIERFLOW_Y": "from-spec"},
                         labels={LABEL_RESULTS: "1-2", **labels})
 
 
+@pytest.fixture(params=WAYS)
+def way(request: pytest.FixtureRequest) -> str:
+    _way["now"] = request.param
+    return str(request.param)
+
+
 @pytest.fixture
-async def state_dir(tmp_path: Path) -> AsyncIterator[Path]:
+async def state_dir(tmp_path: Path, way: str) -> AsyncIterator[Path]:
     yield tmp_path / "workloads"
+    await _clean_up(tmp_path / "workloads")
+
+
+async def _clean_up(state_dir: Path) -> None:
     # Whatever a test left running is stopped, so no test leaks processes into the next.
-    await make_launcher(tmp_path / "workloads").stop_all()
+    await LocalLauncher(state_dir, {}).stop_all()
+    while _zygotes:
+        await _zygotes.pop().close()
+
+
+@pytest.fixture
+async def forked_dir(tmp_path: Path) -> AsyncIterator[Path]:
+    _way["now"] = "forked"
+    yield tmp_path / "workloads"
+    await _clean_up(tmp_path / "workloads")
+
+
+def scripted_zygote(state_dir: Path, **kwargs: object) -> TierZygote:
+    """A zygote with nothing preloaded whose entry runs SCRIPT (the tests package importable from it)."""
+    options: dict[str, object] = {"preload": [], "entry": "tests.integration.launcher_script:main", **kwargs}
+    zygote = TierZygote({**os.environ, "PYTHONPATH": str(REPOSITORY)}, state_dir / ZYGOTE_LOG,
+                        **options)  # type: ignore[arg-type]
+    _zygotes.append(zygote)
+    return zygote
 
 
 def make_launcher(state_dir: Path, grace_s: float = 5.0) -> LocalLauncher:
+    zygote = scripted_zygote(state_dir) if _way["now"] == "forked" else None
     return LocalLauncher(state_dir, {"TIERFLOW_X": "from-launcher"},
-                         command_prefix=[sys.executable, "-c", SCRIPT], grace_s=grace_s)
+                         command_prefix=[sys.executable, "-c", SCRIPT], grace_s=grace_s, zygote=zygote)
 
 
 async def status_of(launcher: LocalLauncher, name: str) -> WorkloadStatus | None:
@@ -228,3 +247,113 @@ def test_a_reused_pid_is_not_taken_for_the_supervisor() -> None:
     assert stat is not None
     assert is_alive(os.getpid(), stat[2])
     assert not is_alive(os.getpid(), stat[2] + 1)  # same pid, another start time: another process
+
+
+# --- both ways: what a workload's end looks like ----------------------------------------------------------------
+
+
+async def test_sigterm_reaches_the_workload_and_an_uncaught_exception_fails_it(state_dir: Path) -> None:
+    launcher = make_launcher(state_dir)
+    await launcher.launch(spec("w-polite", "polite"))
+    await launcher.launch(spec("w-raise", "raise"))
+    await wait_log(launcher, "w-polite", "ready")
+    pid, _ = supervisor_pid(launcher, "w-polite")
+    os.kill(pid, signal.SIGTERM)  # what `stop` sends: the supervisor forwards it, the workload drains
+    stopped = await wait_phase(launcher, "w-polite", "succeeded")
+    assert stopped.exit_code == 0
+    assert "got SIGTERM, draining" in (launcher.workload_dir("w-polite") / "log").read_text()
+    raised = await wait_phase(launcher, "w-raise", "failed")
+    assert raised.exit_code == 1
+    assert raised.reason is not None and "ValueError: an exception nobody caught" in raised.reason
+
+
+# --- forked from the tier zygote ---------------------------------------------------------------------------------
+
+
+def test_only_tier_workloads_are_forked() -> None:
+    assert forked(["tier", "run", "--inference", "7", "--tier", "0"])
+    assert not forked(["train", "--deployment", "3"])
+    assert not forked(["tier"]) and not forked([])
+
+
+async def test_a_forked_workload_gets_its_token_which_the_zygote_never_holds(forked_dir: Path) -> None:
+    zygote = scripted_zygote(forked_dir)
+    launcher = LocalLauncher(forked_dir, {"TIERFLOW_X": "from-launcher", "DATABASE_URL": "postgres://s3cret"},
+                             zygote=zygote)
+    token = "workload-token-7f3a"
+    await launcher.launch(WorkloadSpec(name="t-0", kind="inference", args=["tier", "run", "serve"],
+                                       env={"TIERFLOW_Y": "from-spec"}, secrets={"TIERFLOW_API_TOKEN": token}))
+    await wait_log(launcher, "t-0", "ready")
+    log = (launcher.workload_dir("t-0") / "log").read_text()
+    # Its environment is the launcher's, the spec's and its secret, less the stack's secrets.
+    assert f"x=from-launcher y=from-spec token={token} db=None" in log
+    assert zygote.pid is not None
+    pid, _ = supervisor_pid(launcher, "t-0")
+    assert os.getsid(pid) == pid and pid != zygote.pid  # a session of its own, not the zygote's
+    # The token went from the launcher to the workload through a pipe the zygote never read.
+    assert token.encode() not in Path(f"/proc/{zygote.pid}/environ").read_bytes()
+    record = (launcher.workload_dir("t-0") / "spec.json").read_text()
+    assert '"forked": true' in record and token not in record
+    # A training is never forked, even with a zygote.
+    await launcher.launch(WorkloadSpec(name="job", kind="training", args=["ok"]))
+    await wait_phase(launcher, "job", "failed")  # the default prefix: `tierflow ok` is no command
+    assert '"forked": false' in (launcher.workload_dir("job") / "spec.json").read_text()
+
+
+async def test_without_its_zygote_a_tier_starts_the_plain_way(forked_dir: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    launcher = make_launcher(forked_dir)
+    await launcher.launch(spec("first", "serve"))
+    await wait_log(launcher, "first", "ready")
+    zygote = launcher.zygote
+    assert isinstance(zygote, TierZygote) and zygote.pid is not None
+    os.kill(zygote.pid, signal.SIGKILL)
+    await launcher.launch(spec("second", "serve"))
+    await wait_log(launcher, "second", "ready")
+    pid, _ = supervisor_pid(launcher, "second")
+    assert b"tierflow.deploy.local_launcher" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert "starts a fresh interpreter" in caplog.text
+    # The workload forked before the zygote died runs on.
+    first, start = supervisor_pid(launcher, "first")
+    assert is_alive(first, start)
+
+
+async def test_a_zygote_that_cannot_fork_safely_is_not_used(forked_dir: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    zygote = scripted_zygote(forked_dir, preload=["tests.integration.launcher_script:start_a_thread"])
+    launcher = LocalLauncher(forked_dir, {}, command_prefix=[sys.executable, "-c", SCRIPT], zygote=zygote)
+    await launcher.launch(spec("t-0", "ok"))
+    await wait_phase(launcher, "t-0", "succeeded")
+    assert "runs 2 threads after its imports" in caplog.text
+    pid, _ = supervisor_pid(launcher, "t-0")
+    assert zygote.pid is not None and pid != zygote.pid
+
+
+async def test_the_real_zygote_preloads_tensorflow_and_runs_the_cli(forked_dir: Path) -> None:
+    zygote = TierZygote({**os.environ}, forked_dir / ZYGOTE_LOG)
+    _zygotes.append(zygote)
+    launcher = LocalLauncher(forked_dir, {}, zygote=zygote)
+    await launcher.launch(WorkloadSpec(name="t-help", kind="inference", args=["tier", "run", "--help"]))
+    status = await wait_phase(launcher, "t-help", "succeeded")
+    assert status.exit_code == 0
+    assert "usage: tierflow tier run" in (launcher.workload_dir("t-help") / "log").read_text()
+    assert zygote.pid is not None
+    maps = Path(f"/proc/{zygote.pid}/maps").read_text()
+    assert "_pywrap_tensorflow_internal" in maps  # TensorFlow is imported once, there
+    assert "tflite_runtime" in maps or "ai_edge_litert" in maps
+
+
+def test_the_stacks_zygote_holds_none_of_its_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierflow.deploy.bootstrap import make_launcher as stack_launcher
+    from tierflow.streams.settings import Settings, stack_secret_names
+
+    monkeypatch.setenv("TIERFLOW_HOME", str(tmp_path))
+    for name in stack_secret_names():
+        monkeypatch.setenv(name, f"secret-of-{name}")
+    launcher = stack_launcher(Settings.from_env())
+    assert isinstance(launcher, LocalLauncher) and isinstance(launcher.zygote, TierZygote)
+    assert not stack_secret_names() & set(launcher.zygote.env)
+    assert launcher.zygote.env["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("TIERFLOW_TIER_ZYGOTE", "0")
+    plain = stack_launcher(Settings.from_env())
+    assert isinstance(plain, LocalLauncher) and plain.zygote is None

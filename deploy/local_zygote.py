@@ -1,0 +1,484 @@
+"""The local launcher's tier zygote: one process that imports TensorFlow, Faust and the tier agent once, and forks
+every local tier workload from there instead of starting a fresh interpreter for it.
+
+Why: a Keras tier spends most of its start importing TensorFlow (3.5-4 CPU s on the 2-core reference machine),
+and the tiers of an inference start together, so on two cores their first answers waited 10-17 s, most of it
+for several copies of one import. Forked from a process that holds the import already, a tier pays only for its
+own work: its download, its consumer's join, its model's load.
+
+What a forked workload gets is what `python -m tierflow.deploy.local_launcher run DIR` gives one (see
+local_launcher): a supervisor in a session of its own (forked from the zygote, so it outlives the worker) that
+appends the workload's output to DIR/log, runs the workload as its child (forked again; it dies with the
+supervisor: PR_SET_PDEATHSIG), forwards SIGTERM/SIGINT/SIGHUP to it and writes DIR/exit_code when it ends.
+The workload's environment replaces the zygote's entirely (the zygote's own is the workloads' common one, less
+the stack's secrets, so nothing it holds is secret); the workload runs the `tierflow` front door in-process
+(`tierflow.deploy.cli.main(args)`), with default signal handlers and a fresh event loop.
+
+Protocol, over a SOCK_SEQPACKET socket pair (one JSON message per datagram; the launcher holds the other end):
+
+* zygote -> launcher, once: `{"ready": true, "pid": P, "seconds": S}` when its imports are done, or
+  `{"error": "..."}` (then it exits);
+* launcher -> zygote: `{"launch": DIR, "args": [...]}` with one descriptor attached (SCM_RIGHTS): the read end of
+  a pipe holding the workload's environment as JSON. The zygote hands it to the forked supervisor unread, so
+  no workload's secret (its API token) ever passes through the zygote's memory into another workload's copy;
+* zygote -> launcher: `{"launched": DIR, "pid": P}` once it wrote DIR/pid, or `{"failed": DIR, "error": "..."}`.
+
+The zygote exits when the launcher's end closes (the worker stopped, or died: the kernel closes it then).
+
+Forking is safe only from a single-threaded process: fork() copies the calling thread alone, and a lock another
+thread held stays held in the child forever. The zygote checks that it runs one thread after its imports
+(OpenBLAS starts a pool at numpy's import unless OPENBLAS_NUM_THREADS=1, which the zygote runs with) and that
+no asyncio event loop exists yet (children would share its epoll descriptor). TensorFlow creates its thread
+pools at its first operation, in each child, so a tier's `--threads` still applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import fcntl
+import gc
+import importlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tierflow.deploy.local_launcher import (
+    _FORWARDED,
+    _PR_SET_PDEATHSIG,
+    LOG_FILE,
+    PID_FILE,
+    _proc_stat,
+    _read_pid,
+    _write_atomic,
+    supervise,
+)
+
+log = logging.getLogger("tierflow.launcher.zygote")
+
+#: What the zygote imports before it forks anything: the tier agent and its Faust app, the front door's parser,
+#: TensorFlow with tf-keras (`load_keras`) and the LiteRT interpreter. `module:function` calls the function
+#: once (without arguments); a module that is not installed is skipped (an edge install has no TensorFlow).
+DEFAULT_PRELOAD: tuple[str, ...] = (
+    "tierflow.deploy.cli:build_parser",
+    "tierflow.tiers.tier_app",
+    "tierflow.tiers.keras_code:load_keras",
+    "ai_edge_litert.interpreter",
+)
+#: What a forked workload runs: `function(args) -> exit code`.
+DEFAULT_ENTRY = "tierflow.deploy.cli:main"
+#: Set for the zygote only: numpy's OpenBLAS would otherwise start a thread pool at import.
+ZYGOTE_ENV = {"OPENBLAS_NUM_THREADS": "1"}
+#: Where the zygote's own output goes, in the launcher's state folder (a file: `LocalLauncher.list` skips it).
+ZYGOTE_LOG = ".tier-zygote.log"
+#: A pipe's default capacity on Linux; a larger workload environment grows its pipe (up to pipe-max-size).
+_PIPE_BYTES = 1 << 16
+_MAX_MESSAGE = 1 << 16
+#: The byte that lets a forked supervisor go on once the zygote recorded it (without it, it exits unseen).
+_GO = b"g"
+
+
+class ZygoteUnavailable(Exception):
+    """The zygote cannot fork this workload (it failed to start, died, or refused): start it the plain way."""
+
+
+# --- the zygote process ---------------------------------------------------------------------------------------
+
+
+def _resolve(spec: str) -> tuple[Any, str]:
+    """(module, function name or "") of a `module[:function]` spec."""
+    module_name, _, function = spec.partition(":")
+    return importlib.import_module(module_name), function
+
+
+def preload(specs: Sequence[str]) -> list[str]:
+    """Import (and call) each spec; the ones skipped because a module is not installed."""
+    skipped = []
+    for spec in specs:
+        try:
+            module, function = _resolve(spec)
+        except ModuleNotFoundError as exc:
+            skipped.append(f"{spec} ({exc})")
+            continue
+        if function:
+            getattr(module, function)()
+    return skipped
+
+
+def thread_count() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/status has no Threads line")
+
+
+def check_forkable() -> None:
+    """Raise unless forking this process is safe: one thread, no asyncio event loop."""
+    threads = thread_count()
+    if threads != 1:
+        raise RuntimeError(f"the zygote runs {threads} threads after its imports; forking it is unsafe")
+    policy: Any = asyncio.get_event_loop_policy()
+    local = getattr(policy, "_local", None)
+    if getattr(local, "_loop", None) is not None:
+        raise RuntimeError("an asyncio event loop exists after the zygote's imports; its children would share it")
+
+
+def _exit_code(value: object) -> int:
+    """The exit code of an entry's return value or of a SystemExit's code, as the interpreter would exit."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    print(value, file=sys.stderr)
+    return 1
+
+
+def run_entry(entry: Callable[[list[str]], object], args: list[str]) -> int:
+    """Run the workload's entry point as a fresh interpreter would run `tierflow <args>`, then its exit handlers."""
+    try:
+        code = _exit_code(entry(args))
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    return code
+
+
+class Forked:
+    """A workload forked by its supervisor (local_launcher.Child)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def send_signal(self, signum: int, /) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def fork_workload(entry: Callable[[list[str]], object], args: list[str]) -> Forked:
+    """Fork the workload from its supervisor: it dies with the supervisor, with default signal handlers."""
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    # A stop signal that arrives around the fork waits, blocked, until each side has its handlers: the supervisor
+    # then forwards it (or queues it until it knows the child), the workload takes it with the default action.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+    pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return Forked(pid)
+    code = 1
+    try:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+        for sig in _FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        sys.argv = ["tierflow", *args]
+        code = run_entry(entry, args)
+    finally:
+        _flush()
+        os._exit(code)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _redirect_output(log_path: Path) -> None:
+    _flush()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+
+
+def supervisor(workload_dir: Path, args: list[str], env_fd: int, entry: Callable[[list[str]], object]) -> int:
+    """The forked supervisor: its own session and output, the workload's environment, then `supervise`."""
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote ignores it; a supervisor waits for its child
+    _redirect_output(workload_dir / LOG_FILE)
+    env = orjson.loads(_read_all(env_fd))
+    os.close(env_fd)
+    os.environ.clear()
+    os.environ.update(env)
+    return supervise(workload_dir, lambda: fork_workload(entry, args))
+
+
+class Zygote:
+    """The zygote's loop: one fork per request, until the launcher's end closes."""
+
+    def __init__(self, control: socket.socket, entry: Callable[[list[str]], object]) -> None:
+        self.control = control
+        self.entry = entry
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        self.control.send(orjson.dumps(message))
+
+    def serve(self) -> int:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self.control, _MAX_MESSAGE, 1)
+            except ConnectionError:
+                return 0
+            if not data:
+                return 0  # the launcher's end closed
+            workload = "?"
+            try:
+                request = orjson.loads(data)
+                workload = str(request["launch"])
+                if len(fds) != 1:
+                    raise ValueError("a launch request carries exactly one descriptor (its environment)")
+                pid = self.launch(Path(workload), [str(a) for a in request["args"]], fds[0])
+            except Exception as exc:  # one bad request must not stop the zygote
+                self.send({"failed": workload, "error": f"{type(exc).__name__}: {exc}"})
+            else:
+                self.send({"launched": workload, "pid": pid})
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+    def launch(self, workload_dir: Path, args: list[str], env_fd: int) -> int:
+        """Fork the workload's supervisor, record its pid and start time in DIR/pid, then let it go on."""
+        gate_read, gate_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self.control.close()
+                os.close(gate_write)
+                # It goes on once the zygote recorded it; if the zygote gave up on it (or died), it exits unseen.
+                recorded = os.read(gate_read, 1) == _GO
+                os.close(gate_read)
+                code = supervisor(workload_dir, args, env_fd, self.entry) if recorded else 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                _flush()
+                os._exit(code)
+        os.close(gate_read)
+        try:
+            stat = _proc_stat(pid)  # it waits at the gate, so it is there
+            if stat is None:
+                raise RuntimeError(f"the supervisor (pid {pid}) vanished before it was recorded")
+            _write_atomic(workload_dir / PID_FILE, f"{pid} {stat[2]}\n")
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise
+        else:
+            os.write(gate_write, _GO)
+        finally:
+            os.close(gate_write)
+        return pid
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tierflow.deploy.local_zygote",
+                                     description="the local launcher's tier zygote (see tierflow.deploy.local_zygote)")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--preload", action="append", default=None, metavar="MODULE[:FUNCTION]",
+                        help="what to import before forking (repeatable; default: DEFAULT_PRELOAD)")
+    parser.add_argument("--no-preload", action="store_true", help="import nothing but the entry point")
+    parser.add_argument("--entry", default=DEFAULT_ENTRY, metavar="MODULE:FUNCTION")
+    args = parser.parse_args(argv)
+    control = socket.socket(fileno=args.control_fd)
+    started = time.monotonic()
+    try:
+        skipped = preload(() if args.no_preload else args.preload or DEFAULT_PRELOAD)
+        module, function = _resolve(args.entry)
+        entry = getattr(module, function)
+        # Park what the imports made in the permanent generation: the children's collections skip those millions
+        # of objects and leave their pages shared with the zygote.
+        gc.collect()
+        gc.freeze()
+        check_forkable()
+    except Exception as exc:
+        control.send(orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return 3
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # its supervisors are reaped by the kernel
+    control.send(orjson.dumps({"ready": True, "pid": os.getpid(), "seconds": round(time.monotonic() - started, 3),
+                               "skipped": skipped}))
+    return Zygote(control, entry).serve()
+
+
+# --- the launcher's side --------------------------------------------------------------------------------------
+
+
+class TierZygote:
+    """The worker's handle on its zygote (local_launcher.Forker): start it, fork workloads from it, close it.
+
+    `env`: the zygote's environment (the workloads' common one, less every secret); `log_path`: its output.
+    `preload` and `entry`: as `main`'s flags (tests pass small ones). `start()` returns at once; `launch`
+    waits up to `ready_timeout_s` for the imports, then raises ZygoteUnavailable if the zygote is not there.
+    """
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, preload: Sequence[str] | None = None,
+                 entry: str = DEFAULT_ENTRY, ready_timeout_s: float = 120.0) -> None:
+        self.env = {**env, **ZYGOTE_ENV}
+        self.log_path = log_path
+        self.preload = preload
+        self.entry = entry
+        self.ready_timeout_s = ready_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._socket: socket.socket | None = None
+        self._ready: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._broken: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        """Start the zygote in the background (idempotent; needs a running event loop)."""
+        if self._ready is None and self._broken is None:
+            self._ready = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [sys.executable, "-m", "tierflow.deploy.local_zygote", "--control-fd", str(theirs.fileno()),
+                   "--entry", self.entry]
+        if self.preload is not None:
+            command += [arg for spec in self.preload for arg in ("--preload", spec)] or ["--no-preload"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.log_path.open("ab") as out:
+                self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                              env=self.env, pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._socket = ours
+        message = orjson.loads(await asyncio.get_running_loop().sock_recv(ours, _MAX_MESSAGE) or b'{"error": '
+                               b'"it exited before it was ready"}')
+        if "error" in message:
+            raise ZygoteUnavailable(f"the tier zygote did not start: {message['error']} (see {self.log_path})")
+        log.info("tier zygote ready (pid %s) after %.1f s of imports%s", message.get("pid"), message.get("seconds"),
+                 f"; skipped {message['skipped']}" if message.get("skipped") else "")
+
+    async def _wait_ready(self) -> socket.socket:
+        if self._broken is not None:
+            raise ZygoteUnavailable(self._broken)
+        self.start()
+        assert self._ready is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), self.ready_timeout_s)
+        except TimeoutError:
+            raise ZygoteUnavailable(f"the tier zygote was not ready within {self.ready_timeout_s:.0f} s") from None
+        except ZygoteUnavailable as exc:
+            self._break(str(exc))
+            raise
+        except OSError as exc:
+            self._break(f"the tier zygote did not start: {exc}")
+            raise ZygoteUnavailable(self._broken or str(exc)) from exc
+        assert self._socket is not None
+        return self._socket
+
+    def _break(self, why: str) -> None:
+        """Stop using the zygote: every later workload starts the plain way."""
+        if self._broken is None:
+            self._broken = why
+            log.warning("%s; tier workloads start fresh interpreters from now on", why)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    async def launch(self, workload_dir: Path, args: Sequence[str], env: Mapping[str, str]) -> int:
+        """Fork the workload of `workload_dir` (its spec is there); its supervisor's pid (also in DIR/pid)."""
+        data = orjson.dumps(dict(env))
+        async with self._lock:
+            control = await self._wait_ready()
+            env_read = _env_pipe(data)
+            try:
+                socket.send_fds(control, [orjson.dumps({"launch": str(workload_dir), "args": list(args)})],
+                                [env_read])
+                reply = await asyncio.get_running_loop().sock_recv(control, _MAX_MESSAGE)
+            except OSError as exc:
+                self._break(f"the tier zygote stopped answering: {exc}")
+                raise ZygoteUnavailable(str(exc)) from exc
+            finally:
+                os.close(env_read)
+        if not reply:
+            self._break(f"the tier zygote exited (see {self.log_path})")
+            recorded = _read_pid(workload_dir)
+            if recorded is not None:  # it forked and recorded the supervisor before it died: that one goes on
+                return recorded[0]
+            raise ZygoteUnavailable("the tier zygote exited")
+        message = orjson.loads(reply)
+        if "launched" not in message:
+            raise ZygoteUnavailable(f"the tier zygote could not fork {workload_dir.name}: {message.get('error')}")
+        pid: int = message["pid"]
+        return pid
+
+    async def close(self) -> None:
+        """Stop the zygote (the workloads it forked keep running); idempotent."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ready
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._broken = self._broken or "the launcher closed"
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), 10.0)
+            except TimeoutError:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+
+
+def _env_pipe(data: bytes) -> int:
+    """The read end of a pipe that holds `data` whole (grown to fit it: nobody reads it before the fork)."""
+    read_end, write_end = os.pipe()
+    try:
+        if len(data) > _PIPE_BYTES:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, len(data))
+        os.set_blocking(write_end, False)
+        if os.write(write_end, data) != len(data):
+            raise OSError("the pipe took part of it")
+    except OSError as exc:
+        os.close(read_end)
+        raise ZygoteUnavailable(f"the workload's environment ({len(data)} bytes) cannot be handed over: {exc}") from exc
+    finally:
+        os.close(write_end)
+    return read_end
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
