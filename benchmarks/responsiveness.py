@@ -23,7 +23,8 @@ waits until its start-up work is over (the CPU of its processes settles), and me
      each tier (one probe per tier, sent as soon as the orchestrator made the topics; the tier reads it when it
      joined its group and loaded its model); the engine a tier picks by itself first (auto: LiteRT, the result
      has a .tflite), then Keras (the stack restarted with TIERFLOW_TIER_ENGINE=keras). Baseline: the POST's own
-     201. Target: every tier's first answer <= 15 s. Medians per tier, every run printed.
+     201. Target: every tier's first answer <= 15 s. Medians per tier, every run printed, each with the tiers'
+     memory (PSS, the tier zygote's included) once all answered.
   5. the demo's total time: `tierflow demo --dataset digits` in a fresh home, as a newcomer runs it (it starts
      the stack and stops it), --demo-runs times; the tiers' first answers as it prints them. Target <= 60 s.
 
@@ -308,10 +309,10 @@ def probe(inference: dict[str, Any], tier: dict[str, Any]) -> tuple[bytes, Any]:
     return np.zeros(shape, dtype=str(config.get("data_type") or "float32")).tobytes(), None
 
 
-async def first_answers(api: ApiClient, bootstrap: str, template: dict[str, Any], tag: str
-                        ) -> tuple[float, list[float]]:
+async def first_answers(api: ApiClient, bootstrap: str, template: dict[str, Any], tag: str, root: int
+                        ) -> tuple[float, list[float], float]:
     """POST /inferences of the template's chain on fresh topics; (seconds to its 201, seconds from the POST to
-    each tier's first answer)."""
+    each tier's first answer, the tiers' memory in MiB once all answered: PSS, the tier zygote's included)."""
     from aiokafka import TopicPartition
 
     from tierflow.streams import kafka as kio
@@ -359,11 +360,12 @@ async def first_answers(api: ApiClient, bootstrap: str, template: dict[str, Any]
                         answered[index] = now
             if now > 300:
                 raise RuntimeError(f"tiers {sorted(waiting.values())} did not answer within 300 s")
+        memory = sum(memory_kib(p.pid)[1] for p in stack_processes(root) if p.component in ("tiers", "zygote"))
     finally:
         await consumer.stop()
         await producer.stop()
         await asyncio.to_thread(api.post, f"/inferences/{inference['id']}/stop")
-    return posted, [answered[i] for i in sorted(answered)]
+    return posted, [answered[i] for i in sorted(answered)], memory / 1024
 
 
 def wait_tiers_gone(state: StackState, timeout_s: float = 60) -> None:
@@ -390,12 +392,13 @@ def tier_start_up(home: Path, state: StackState, api: ApiClient, runs: int) -> N
         for run in range(runs):
             wait_tiers_gone(state)
             settle(state.pid)
-            posted, answers = asyncio.run(first_answers(api, state.bootstrap_servers, template,
-                                                        f"{engine}-{run}-{time.time_ns()}"))
+            posted, answers, memory = asyncio.run(first_answers(api, state.bootstrap_servers, template,
+                                                                f"{engine}-{run}-{time.time_ns()}", state.pid))
             posts.append(posted)
             per_tier.append(answers)
-            print("  run {}: POST -> 201 {:.0f} ms; first answers: {}".format(
-                run + 1, posted * 1000, ", ".join(f"tier {k} {s:.1f} s" for k, s in enumerate(answers))), flush=True)
+            print("  run {}: POST -> 201 {:.0f} ms; first answers: {}; tiers' PSS {:.0f} MiB".format(
+                run + 1, posted * 1000, ", ".join(f"tier {k} {s:.1f} s" for k, s in enumerate(answers)), memory),
+                flush=True)
         medians = [statistics.median(column) for column in zip(*per_tier, strict=True)]
         print("  median: " + ", ".join(f"tier {k} {m:.1f} s" for k, m in enumerate(medians))
               + f" (target each <= 15 s); baseline, the POST's own 201: median "

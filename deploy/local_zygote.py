@@ -61,9 +61,11 @@ from tierflow.deploy.local_launcher import (
     _PR_SET_PDEATHSIG,
     LOG_FILE,
     PID_FILE,
+    CannotStart,
     _proc_stat,
     _read_pid,
     _write_atomic,
+    is_alive,
     supervise,
 )
 
@@ -152,11 +154,19 @@ def run_entry(entry: Callable[[list[str]], object], args: list[str]) -> int:
         code = _exit_code(entry(args))
     except SystemExit as exc:
         code = _exit_code(exc.code)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = -signal.SIGINT
     except BaseException:
         traceback.print_exc()
         code = 1
     with contextlib.suppress(BaseException):
         atexit._run_exitfuncs()
+    if code == -signal.SIGINT:  # as an interpreter does after an uncaught KeyboardInterrupt: die by SIGINT
+        _flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130
     return code
 
 
@@ -165,13 +175,17 @@ class Forked:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.returncode: int | None = None
 
     def send_signal(self, signum: int, /) -> None:
-        os.kill(self.pid, signum)
+        if self.returncode is None:  # once reaped, its pid may be another process's
+            os.kill(self.pid, signum)
 
     def wait(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status)
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
 
 
 def _flush() -> None:
@@ -187,7 +201,11 @@ def fork_workload(entry: Callable[[list[str]], object], args: list[str]) -> Fork
     # A stop signal that arrives around the fork waits, blocked, until each side has its handlers: the supervisor
     # then forwards it (or queues it until it knows the child), the workload takes it with the default action.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise CannotStart(f"cannot fork the workload: {exc}") from exc
     if pid != 0:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return Forked(pid)
@@ -274,7 +292,12 @@ class Zygote:
     def launch(self, workload_dir: Path, args: list[str], env_fd: int) -> int:
         """Fork the workload's supervisor, record its pid and start time in DIR/pid, then let it go on."""
         gate_read, gate_write = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(gate_read)
+            os.close(gate_write)
+            raise
         if pid == 0:
             code = 1
             try:
@@ -325,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # of objects and leave their pages shared with the zygote.
         gc.collect()
         gc.freeze()
+        # A workload configures logging itself (`basicConfig` does nothing where the root logger has a handler
+        # already, as when a preload logged something): it starts from what a fresh interpreter has.
+        logging.root.handlers.clear()
         check_forkable()
     except Exception as exc:
         control.send(orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}))
@@ -343,16 +369,18 @@ class TierZygote:
 
     `env`: the zygote's environment (the workloads' common one, less every secret); `log_path`: its output.
     `preload` and `entry`: as `main`'s flags (tests pass small ones). `start()` returns at once; `launch`
-    waits up to `ready_timeout_s` for the imports, then raises ZygoteUnavailable if the zygote is not there.
+    waits up to `ready_timeout_s` for the imports and `reply_timeout_s` for a fork, and raises ZygoteUnavailable
+    when the zygote cannot fork the workload (then it is stopped and never used again).
     """
 
     def __init__(self, env: Mapping[str, str], log_path: Path, *, preload: Sequence[str] | None = None,
-                 entry: str = DEFAULT_ENTRY, ready_timeout_s: float = 120.0) -> None:
+                 entry: str = DEFAULT_ENTRY, ready_timeout_s: float = 120.0, reply_timeout_s: float = 30.0) -> None:
         self.env = {**env, **ZYGOTE_ENV}
         self.log_path = log_path
         self.preload = preload
         self.entry = entry
         self.ready_timeout_s = ready_timeout_s
+        self.reply_timeout_s = reply_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._socket: socket.socket | None = None
         self._ready: asyncio.Task[None] | None = None
@@ -398,24 +426,35 @@ class TierZygote:
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.ready_timeout_s)
         except TimeoutError:
-            raise ZygoteUnavailable(f"the tier zygote was not ready within {self.ready_timeout_s:.0f} s") from None
+            self._break(f"the tier zygote was not ready within {self.ready_timeout_s:.0f} s")
+            raise ZygoteUnavailable(self._broken or "") from None
         except ZygoteUnavailable as exc:
             self._break(str(exc))
             raise
         except OSError as exc:
             self._break(f"the tier zygote did not start: {exc}")
             raise ZygoteUnavailable(self._broken or str(exc)) from exc
-        assert self._socket is not None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._ready.cancelled() and task is not None and not task.cancelling():
+                raise ZygoteUnavailable("the launcher closed its tier zygote") from None  # close(), not us
+            raise
+        if self._socket is None:
+            raise ZygoteUnavailable(self._broken or "the tier zygote is gone")
         return self._socket
 
     def _break(self, why: str) -> None:
-        """Stop using the zygote: every later workload starts the plain way."""
+        """Stop using the zygote (and stop it: its channel can no longer be trusted); every later workload starts
+        the plain way. The workloads it forked run on: each has a session of its own."""
         if self._broken is None:
             self._broken = why
             log.warning("%s; tier workloads start fresh interpreters from now on", why)
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
 
     async def launch(self, workload_dir: Path, args: Sequence[str], env: Mapping[str, str]) -> int:
         """Fork the workload of `workload_dir` (its spec is there); its supervisor's pid (also in DIR/pid)."""
@@ -423,38 +462,58 @@ class TierZygote:
         async with self._lock:
             control = await self._wait_ready()
             env_read = _env_pipe(data)
+            sent = False
             try:
                 socket.send_fds(control, [orjson.dumps({"launch": str(workload_dir), "args": list(args)})],
                                 [env_read])
-                reply = await asyncio.get_running_loop().sock_recv(control, _MAX_MESSAGE)
-            except OSError as exc:
-                self._break(f"the tier zygote stopped answering: {exc}")
-                raise ZygoteUnavailable(str(exc)) from exc
+                sent = True
+                reply = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(control, _MAX_MESSAGE),
+                                               self.reply_timeout_s)
+            except (OSError, TimeoutError) as exc:
+                self._break(f"the tier zygote stopped answering: {exc or type(exc).__name__}")
+                if sent:
+                    return self._recorded(workload_dir)
+                raise ZygoteUnavailable(self._broken or "") from exc
+            except BaseException:
+                if sent:  # cancelled while the zygote forks: its reply would be taken for the next request's
+                    self._break("a launch was cancelled while the tier zygote answered it")
+                raise
             finally:
                 os.close(env_read)
-        if not reply:
-            self._break(f"the tier zygote exited (see {self.log_path})")
-            recorded = _read_pid(workload_dir)
-            if recorded is not None:  # it forked and recorded the supervisor before it died: that one goes on
-                return recorded[0]
-            raise ZygoteUnavailable("the tier zygote exited")
+            if not reply:
+                self._break(f"the tier zygote exited (see {self.log_path})")
+                return self._recorded(workload_dir)
         message = orjson.loads(reply)
+        if message.get("launched", message.get("failed")) != str(workload_dir):
+            self._break(f"the tier zygote answered for another workload: {message}")
+            return self._recorded(workload_dir)
         if "launched" not in message:
             raise ZygoteUnavailable(f"the tier zygote could not fork {workload_dir.name}: {message.get('error')}")
         pid: int = message["pid"]
         return pid
 
+    @staticmethod
+    def _recorded(workload_dir: Path) -> int:
+        """After the zygote failed mid-request: the supervisor's pid if the zygote forked and recorded it and it
+        runs; else (it never forked, or its supervisor exited unseen at the gate) ZygoteUnavailable."""
+        recorded = _read_pid(workload_dir)
+        if recorded is not None and is_alive(*recorded):
+            return recorded[0]
+        (workload_dir / PID_FILE).unlink(missing_ok=True)
+        raise ZygoteUnavailable("the tier zygote failed before the workload started")
+
     async def close(self) -> None:
         """Stop the zygote (the workloads it forked keep running); idempotent."""
+        self._broken = self._broken or "the launcher closed"
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
             with contextlib.suppress(BaseException):
                 await self._ready
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-        self._broken = self._broken or "the launcher closed"
-        proc, self._proc = self._proc, None
+        async with self._lock:  # a launch in flight ends first
+            if self._socket is not None:
+                self._socket.close()  # the zygote exits at the end of its channel
+                self._socket = None
+            proc, self._proc = self._proc, None
         if proc is not None:
             try:
                 await asyncio.wait_for(asyncio.to_thread(proc.wait), 10.0)

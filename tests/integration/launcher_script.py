@@ -19,6 +19,8 @@ if mode == "crash":
     sys.exit(3)
 if mode == "raise":
     raise ValueError("an exception nobody caught")
+if mode == "interrupt":
+    raise KeyboardInterrupt
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if mode == "polite":

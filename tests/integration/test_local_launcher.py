@@ -265,6 +265,11 @@ async def test_sigterm_reaches_the_workload_and_an_uncaught_exception_fails_it(s
     raised = await wait_phase(launcher, "w-raise", "failed")
     assert raised.exit_code == 1
     assert raised.reason is not None and "ValueError: an exception nobody caught" in raised.reason
+    # An uncaught KeyboardInterrupt ends an interpreter by SIGINT, so a forked workload too.
+    await launcher.launch(spec("w-interrupt", "interrupt"))
+    interrupted = await wait_phase(launcher, "w-interrupt", "failed")
+    assert interrupted.exit_code == 130
+    assert interrupted.reason is not None and "killed by SIGINT" in interrupted.reason
 
 
 # --- forked from the tier zygote ---------------------------------------------------------------------------------
