@@ -119,6 +119,21 @@ def stack_processes(root: int) -> list[Proc]:
     return found
 
 
+def tier_processes(root: int, home: Path) -> list[int]:
+    """The tiers' processes: under the stack, the tier zygote and what it forked; elsewhere, what a plain launch
+    detached (`local_launcher run <home>/workloads/tierflow-infer-...`, reparented away from the stack, and its
+    workload)."""
+    pids = {p.pid for p in stack_processes(root) if p.component in ("tiers", "zygote")}
+    marker = f"local_launcher run {home.resolve()}/workloads/tierflow-infer-"
+    children = _children()
+    todo = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and marker in _cmdline(int(entry))]
+    while todo:
+        pid = todo.pop()
+        pids.add(pid)
+        todo.extend(children.get(pid, []))
+    return sorted(pids)
+
+
 def cpu_seconds(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -309,8 +324,8 @@ def probe(inference: dict[str, Any], tier: dict[str, Any]) -> tuple[bytes, Any]:
     return np.zeros(shape, dtype=str(config.get("data_type") or "float32")).tobytes(), None
 
 
-async def first_answers(api: ApiClient, bootstrap: str, template: dict[str, Any], tag: str, root: int
-                        ) -> tuple[float, list[float], float]:
+async def first_answers(api: ApiClient, bootstrap: str, template: dict[str, Any], tag: str, root: int,
+                        home: Path) -> tuple[float, list[float], float]:
     """POST /inferences of the template's chain on fresh topics; (seconds to its 201, seconds from the POST to
     each tier's first answer, the tiers' memory in MiB once all answered: PSS, the tier zygote's included)."""
     from aiokafka import TopicPartition
@@ -360,7 +375,7 @@ async def first_answers(api: ApiClient, bootstrap: str, template: dict[str, Any]
                         answered[index] = now
             if now > 300:
                 raise RuntimeError(f"tiers {sorted(waiting.values())} did not answer within 300 s")
-        memory = sum(memory_kib(p.pid)[1] for p in stack_processes(root) if p.component in ("tiers", "zygote"))
+        memory = sum(memory_kib(pid)[1] for pid in tier_processes(root, home))
     finally:
         await consumer.stop()
         await producer.stop()
@@ -368,9 +383,11 @@ async def first_answers(api: ApiClient, bootstrap: str, template: dict[str, Any]
     return posted, [answered[i] for i in sorted(answered)], memory / 1024
 
 
-def wait_tiers_gone(state: StackState, timeout_s: float = 60) -> None:
+def wait_tiers_gone(state: StackState, home: Path, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while any(p.component == "tiers" for p in stack_processes(state.pid)):
+    while any(p.component == "tiers" for p in stack_processes(state.pid)) or any(
+            "local_launcher" in _cmdline(pid) or " tier run" in _cmdline(pid)
+            for pid in tier_processes(state.pid, home)):
         if time.monotonic() > deadline:
             raise RuntimeError("the stopped inference's tier processes did not exit")
         time.sleep(0.1)
@@ -390,10 +407,11 @@ def tier_start_up(home: Path, state: StackState, api: ApiClient, runs: int) -> N
         per_tier: list[list[float]] = []
         posts = []
         for run in range(runs):
-            wait_tiers_gone(state)
+            wait_tiers_gone(state, home)
             settle(state.pid)
             posted, answers, memory = asyncio.run(first_answers(api, state.bootstrap_servers, template,
-                                                                f"{engine}-{run}-{time.time_ns()}", state.pid))
+                                                                f"{engine}-{run}-{time.time_ns()}", state.pid,
+                                                                home))
             posts.append(posted)
             per_tier.append(answers)
             print("  run {}: POST -> 201 {:.0f} ms; first answers: {}; tiers' PSS {:.0f} MiB".format(

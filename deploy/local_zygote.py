@@ -1,5 +1,5 @@
-"""The local launcher's tier zygote: one process that imports TensorFlow, Faust and the tier agent once, and forks
-every local tier workload from there instead of starting a fresh interpreter for it.
+"""The local launcher's tier zygote: one process that imports the tier agent, Faust, LiteRT and (for Keras tiers)
+TensorFlow once, and forks every local tier workload from there instead of starting a fresh interpreter for it.
 
 Why: a Keras tier spends most of its start importing TensorFlow (3.5-4 CPU s on the 2-core reference machine),
 and the tiers of an inference start together, so on two cores their first answers waited 10-17 s, most of it
@@ -71,15 +71,18 @@ from tierflow.deploy.local_launcher import (
 
 log = logging.getLogger("tierflow.launcher.zygote")
 
-#: What the zygote imports before it forks anything: the tier agent and its Faust app, the front door's parser,
-#: TensorFlow with tf-keras (`load_keras`) and the LiteRT interpreter. `module:function` calls the function
-#: once (without arguments); a module that is not installed is skipped (an edge install has no TensorFlow).
-DEFAULT_PRELOAD: tuple[str, ...] = (
+#: What the zygote imports before it forks anything: the tier agent and its Faust app, the front door's parser
+#: and the LiteRT interpreter; `module:function` calls the function once (without arguments), and a module that
+#: is not installed is skipped.
+BASE_PRELOAD: tuple[str, ...] = (
     "tierflow.deploy.cli:build_parser",
     "tierflow.tiers.tier_app",
-    "tierflow.tiers.keras_code:load_keras",
     "ai_edge_litert.interpreter",
 )
+#: What Keras tiers need too: TensorFlow with tf-keras. It makes the zygote ~290 MiB larger (PSS, measured), so it
+#: is preloaded only where tiers serve with Keras (`preload_for`).
+KERAS_PRELOAD: tuple[str, ...] = ("tierflow.tiers.keras_code:load_keras",)
+DEFAULT_PRELOAD = BASE_PRELOAD + KERAS_PRELOAD
 #: What a forked workload runs: `function(args) -> exit code`.
 DEFAULT_ENTRY = "tierflow.deploy.cli:main"
 #: Set for the zygote only: numpy's OpenBLAS would otherwise start a thread pool at import.
@@ -91,6 +94,13 @@ _PIPE_BYTES = 1 << 16
 _MAX_MESSAGE = 1 << 16
 #: The byte that lets a forked supervisor go on once the zygote recorded it (without it, it exits unseen).
 _GO = b"g"
+
+
+def preload_for(engine: str) -> tuple[str, ...]:
+    """What to preload for the stack's tier engine (TIERFLOW_TIER_ENGINE): TensorFlow only for "keras". With
+    "auto" a tier serves the `.tflite` every trained result has (a result without one still serves with Keras:
+    its tier imports TensorFlow itself, as a fresh interpreter would)."""
+    return DEFAULT_PRELOAD if engine == "keras" else BASE_PRELOAD
 
 
 class ZygoteUnavailable(Exception):

@@ -332,8 +332,9 @@ class WorkloadSettings:
     #: threads a tier's model may use (TensorFlow's thread pools, the LiteRT interpreter); 0: the engine's default,
     #: one per core. One keeps the tiers sharing a small machine from contending (measured: faster at batch 1).
     tier_threads: int = setting("TIERFLOW_TIER_THREADS", 1)
-    #: 1: the local launcher forks tier workloads from one process that imported TensorFlow and the tier agent
-    #: already (deploy/local_zygote.py: a Keras tier answers seconds sooner); 0: each starts a fresh interpreter.
+    #: 1: the local launcher forks tier workloads from one process that imported the tier agent (and TensorFlow
+    #: when `tier_engine` is keras) already (deploy/local_zygote.py: tiers answer seconds sooner); 0: each starts a
+    #: fresh interpreter.
     tier_zygote: int = setting("TIERFLOW_TIER_ZYGOTE", 1)
     #: node label a tier pod selects, valued with its tier's index or name (`tierflow.io/tier=edge`); empty: no
     #: default nodeSelector.

@@ -28,7 +28,7 @@ from tierflow.deploy.local_launcher import (
     is_alive,
     workload_status,
 )
-from tierflow.deploy.local_zygote import ZYGOTE_LOG, TierZygote
+from tierflow.deploy.local_zygote import BASE_PRELOAD, ZYGOTE_LOG, TierZygote
 from tierflow.streams.launcher import LABEL_RESULTS, WorkloadSpec, WorkloadStatus
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -359,6 +359,13 @@ def test_the_stacks_zygote_holds_none_of_its_secrets(tmp_path: Path, monkeypatch
     assert isinstance(launcher, LocalLauncher) and isinstance(launcher.zygote, TierZygote)
     assert not stack_secret_names() & set(launcher.zygote.env)
     assert launcher.zygote.env["OPENBLAS_NUM_THREADS"] == "1"
+    # TensorFlow is preloaded where tiers serve with Keras; LiteRT tiers (auto: trained results have a .tflite)
+    # need none of it.
+    assert launcher.zygote.preload == BASE_PRELOAD
+    monkeypatch.setenv("TIERFLOW_TIER_ENGINE", "keras")
+    keras = stack_launcher(Settings.from_env())
+    assert isinstance(keras, LocalLauncher) and isinstance(keras.zygote, TierZygote)
+    assert keras.zygote.preload is not None and "tierflow.tiers.keras_code:load_keras" in keras.zygote.preload
     monkeypatch.setenv("TIERFLOW_TIER_ZYGOTE", "0")
     plain = stack_launcher(Settings.from_env())
     assert isinstance(plain, LocalLauncher) and plain.zygote is None
