@@ -17,7 +17,6 @@ nor a launcher (the control plane sits below the tiers and below deploy):
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -40,14 +39,9 @@ def make_launcher(settings: Settings) -> Launcher:
     state_dir = settings.stack.home.resolve() / "workloads"
     zygote = None
     if settings.workloads.tier_zygote:
-        from tierflow.deploy.local_zygote import ZYGOTE_LOG, TierZygote, preload_for
-        from tierflow.streams.settings import stack_secret_names
+        from tierflow.deploy.local_zygote import TierZygote
 
-        secret = stack_secret_names()
-        # The zygote's own environment is the one every workload shares, less every secret (each forked workload
-        # gets its whole environment, its own token included, from the launcher through a pipe).
-        common = {key: value for source in (os.environ, env) for key, value in source.items() if key not in secret}
-        zygote = TierZygote(common, state_dir / ZYGOTE_LOG, preload=preload_for(settings.workloads.tier_engine))
+        zygote = TierZygote.for_workloads(env, state_dir, settings.workloads.tier_engine)
     return LocalLauncher(state_dir, env, zygote=zygote)
 
 

@@ -6,13 +6,14 @@ calls `stop_all()`. Each workload runs the command a pod would run (`tierflow <a
 `python -m tierflow.deploy.local_launcher run <dir>`. The supervisor detaches (so it outlives a worker
 restart), runs the command as its child, forwards SIGTERM/SIGINT/SIGHUP to it, and writes the exit code
 atomically when it ends; the child is killed if the supervisor is (PR_SET_PDEATHSIG), so a supervisor killed
-with `kill -9` leaves no workload running unseen.
+with `kill -9` leaves no workload running unseen. Tier workloads (`tier run`) are forked instead from the tier
+zygote when the launcher has one (deploy/local_zygote.py), under a supervisor that does the same.
 
 State, one folder per workload: `<state_dir>/<name>/` with `spec.json` (the spec with the names of its env and
-secrets but not their values, plus the command), `pid` (the supervisor's pid and its start time from /proc, so
-a reused pid is not mistaken for it), `log` (stdout and stderr), and `exit_code` (the child's return code; negative =
-killed by that signal). A new LocalLauncher on the same folder (a restarted worker) sees the same workloads.
-One launcher process owns a state folder at a time.
+secrets but not their values, plus the command and whether it was forked), `pid` (the supervisor's pid and its
+start time from /proc, so a reused pid is not mistaken for it), `log` (stdout and stderr), and `exit_code` (the
+child's return code; negative = killed by that signal). A new LocalLauncher on the same folder (a restarted
+worker) sees the same workloads. One launcher process owns a state folder at a time.
 
 Replicas: local runs ONE process per workload whatever `spec.replicas` says (one machine; a tier scales out
 on Kubernetes). `close()` leaves workloads running; `stop_all()` stops them.
@@ -364,6 +365,8 @@ class LocalLauncher:
                 pid = await self.zygote.launch(final, spec.args, env)
             except Exception as exc:
                 log.warning("workload %s starts a fresh interpreter: %s", spec.name, exc)
+                record = json.loads((final / SPEC_FILE).read_text())
+                _write_atomic(final / SPEC_FILE, json.dumps({**record, "forked": False}, indent=2))
             else:
                 log.info("workload %s forked from the tier zygote: supervisor pid %d", spec.name, pid)
                 return

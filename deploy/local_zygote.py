@@ -68,6 +68,7 @@ from tierflow.deploy.local_launcher import (
     is_alive,
     supervise,
 )
+from tierflow.streams.settings import stack_secret_names
 
 log = logging.getLogger("tierflow.launcher.zygote")
 
@@ -396,6 +397,17 @@ class TierZygote:
         self._ready: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._broken: str | None = None
+
+    @classmethod
+    def for_workloads(cls, workload_env: Mapping[str, str], state_dir: Path, engine: str) -> TierZygote:
+        """The zygote of a local launcher whose workloads get `workload_env` on top of this process's environment:
+        its own environment is theirs less every secret (each forked workload gets its whole environment, its own
+        token included, from the launcher through a pipe); its log is in `state_dir`; it preloads what tiers of
+        `engine` need."""
+        secret = stack_secret_names()
+        common = {key: value for source in (os.environ, workload_env) for key, value in source.items()
+                  if key not in secret}
+        return cls(common, state_dir / ZYGOTE_LOG, preload=preload_for(engine))
 
     @property
     def pid(self) -> int | None:

@@ -20,6 +20,7 @@ from tests.conftest import Infra, RunningPlane, admin_headers, new_plane, start_
 from tierflow.api.app import create_app
 from tierflow.deploy.bootstrap import sandbox_validate
 from tierflow.deploy.local_launcher import LocalLauncher
+from tierflow.deploy.local_zygote import TierZygote
 from tierflow.deploy.services import free_port
 from tierflow.streams.settings import Settings
 from tierflow.tiers.datasets import load_digits
@@ -45,7 +46,10 @@ async def env(infra: Infra, sandbox_pool: Any, snippets: dict[str, str]) -> Asyn
                        kafka=replace(settings.kafka, session_timeout_ms=2000),
                        workloads=replace(settings.workloads, artefacts_dir=str(home / "artefacts"),
                                          reconcile_s=0.5, max_training=2))
-    launcher = LocalLauncher(home / "workloads", {**settings.to_env(), "PYTHONUNBUFFERED": "1"})
+    workload_env = {**settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    # As the embedded stack's worker does (deploy/bootstrap.py): tiers are forked from the tier zygote.
+    zygote = TierZygote.for_workloads(workload_env, home / "workloads", settings.workloads.tier_engine)
+    launcher = LocalLauncher(home / "workloads", workload_env, zygote=zygote)
     running = await start_plane(settings, sandbox_validate(sandbox_pool), launcher)
     async with TestClient(TestServer(create_app(settings), port=port), headers=admin_headers(settings)) as c:
         models: dict[str, int] = {}
@@ -59,6 +63,7 @@ async def env(infra: Infra, sandbox_pool: Any, snippets: dict[str, str]) -> Asyn
         yield Env(c, settings, launcher, running, models)
     await stop_plane(running)
     await launcher.stop_all()
+    await launcher.close()
 
 
 async def deploy(env: Env, model_ids: list[int], epochs: int) -> dict[str, Any]:

@@ -72,6 +72,9 @@ async def test_a_trained_chain_serves_a_kafka_ml_client_through_launched_tiers(t
     # The datasource's input_config was float32 28x28: Kafka-ML's client sends x_test[i].tobytes().
     await wait_until(lambda: _count(tier_workloads(env, inference["id"]), 3), timeout=60,
                      what="three tier workloads launched")
+    # Forked from the tier zygote, as the embedded stack's tiers are.
+    for name in await tier_workloads(env, inference["id"]):
+        assert orjson.loads((env.launcher.workload_dir(name) / "spec.json").read_bytes())["forked"] is True
 
     n = 400
     x, y = trained["x"][:n], trained["y"][:n]

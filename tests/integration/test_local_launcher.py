@@ -317,6 +317,7 @@ async def test_without_its_zygote_a_tier_starts_the_plain_way(forked_dir: Path,
     await wait_log(launcher, "second", "ready")
     pid, _ = supervisor_pid(launcher, "second")
     assert b"tierflow.deploy.local_launcher" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert '"forked": false' in (launcher.workload_dir("second") / "spec.json").read_text()
     assert "starts a fresh interpreter" in caplog.text
     # The workload forked before the zygote died runs on.
     first, start = supervisor_pid(launcher, "first")

@@ -471,6 +471,62 @@ async def test_kill_9_in_the_middle_of_20000_inputs_loses_none(infra: Infra, cha
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+@pytest.mark.slow
+async def test_a_keras_tier_forked_from_the_zygote_answers_as_the_model_and_drains(infra: Infra, chain: Chain,
+                                                                                    tmp_path: Path) -> None:
+    # The embedded stack's way with TIERFLOW_TIER_ENGINE=keras: the local launcher forks the tier from a zygote that
+    # imported TensorFlow already (deploy/local_zygote.py); the forked tier loads its model and serves as any tier.
+    from tierflow.deploy.local_launcher import LocalLauncher
+    from tierflow.deploy.local_zygote import DEFAULT_PRELOAD, ZYGOTE_LOG, TierZygote
+    from tierflow.streams.launcher import WorkloadSpec
+
+    kafka = kafka_on(infra.bootstrap_servers)
+    t = await make_topics(kafka, **{"in": 1, "out": 1})
+    port = services.free_port()
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers, "TIERFLOW_SESSION_TIMEOUT_MS": "1000",
+           "TIERFLOW_TOPIC_PREFIX": kafka.topic_prefix, "PYTHONUNBUFFERED": "1"}
+    zygote = TierZygote(env, tmp_path / ZYGOTE_LOG, preload=DEFAULT_PRELOAD)
+    launcher = LocalLauncher(tmp_path / "workloads", env, zygote=zygote)
+    args = ["tier", "run", "--model", str(chain.files["edge"]), "--engine", "keras", "--input-topic", t["in"],
+            "--output-topic", t["out"], "--top", "--inference-id", "901", "--port", str(port)]
+    x = images(40, seed=11)
+    try:
+        await launcher.launch(WorkloadSpec(name="keras-tier", kind="inference", args=args))
+        ready: dict[str, Any] = {}
+
+        async def is_ready() -> bool:
+            body = await _readyz(port)
+            ready.update(body or {})
+            return body is not None
+
+        await wait_until(is_ready, timeout=90, what="the forked Keras tier ready")
+        assert ready["engine"] == "keras" and ready["tensorflow_loaded"] is True
+        record = orjson.loads((launcher.workload_dir("keras-tier") / "spec.json").read_bytes())
+        assert record["forked"] is True
+        sent = await produce(kafka, t["in"], [(x[i].tobytes(), None) for i in range(len(x))])
+        async with TopicReader(kafka, t["out"]) as out:
+            await out.until(lambda r: len(r.answers()) >= len(x), what="an answer for each of 40 inputs")
+            answers = out.answers()
+        probabilities = chain.engines["edge"].predict(x[..., None])[1]
+        origins = {(t["in"], partition, offset, 0): i for i, (partition, offset) in enumerate(sent)}
+        assert sorted(origins[a.origin] for a in answers) == list(range(len(x)))
+        for a in answers:
+            np.testing.assert_allclose(a.values, probabilities[origins[a.origin]], atol=1e-5)
+        # SIGTERM (what `stop` sends) reaches the forked tier through its supervisor: it drains and exits 0.
+        pid, _ = (launcher.workload_dir("keras-tier") / "pid").read_text().split()
+        os.kill(int(pid), signal.SIGTERM)
+
+        async def ended() -> bool:
+            return any(w.finished for w in await launcher.list())
+
+        await wait_until(ended, timeout=60, what="the forked tier to drain and exit")
+        (status,) = await launcher.list()
+        assert (status.phase, status.exit_code) == ("succeeded", 0), status.reason
+    finally:
+        await launcher.stop_all()
+        await launcher.close()
+
+
 # -- configured from the API ---------------------------------------------------------------------------------
 
 
