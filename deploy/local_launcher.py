@@ -78,6 +78,13 @@ def forked(args: Sequence[str]) -> bool:
     return list(args[:2]) == ["tier", "run"]
 
 
+def workload_environment(*layers: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with `layers` on top, less the stack's secrets (`stack_secret_names`): what a
+    workload inherits, as a pod inherits its image's environment (its own secrets go on top of this)."""
+    secret = stack_secret_names()
+    return {key: value for source in (os.environ, *layers) for key, value in source.items() if key not in secret}
+
+
 class LaunchError(TemporaryError):
     """A workload could not be started at all (its supervisor could not be spawned); a later pass tries again."""
 
@@ -195,7 +202,7 @@ def workload_status(spec: Mapping[str, Any], *, returncode: int | None, pid: int
 def _die_with_parent(parent: int) -> Callable[[], None]:
     libc = ctypes.CDLL(None, use_errno=True)
 
-    def preexec() -> None:  # runs in the child between fork and exec
+    def preexec() -> None:  # runs in the child right after fork (before exec, if any)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os.kill(os.getpid(), signal.SIGKILL)
@@ -356,9 +363,7 @@ class LocalLauncher:
         # The workload inherits this process's environment (as a pod inherits its image's) and working
         # directory (settings may hold relative paths, e.g. TIERFLOW_HOME=.tierflow), less the stack's secrets,
         # which this process (the worker) holds and a workload must not: it gets its own token in spec.secrets.
-        secret = stack_secret_names()
-        env = {key: value for source in (os.environ, self.env, spec.env) for key, value in source.items()
-               if key not in secret}
+        env = workload_environment(self.env, spec.env)
         env.update(spec.secrets)
         if self.zygote is not None and forked(spec.args):
             try:

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import fcntl
 import gc
 import importlib
@@ -58,17 +57,18 @@ import orjson
 
 from tierflow.deploy.local_launcher import (
     _FORWARDED,
-    _PR_SET_PDEATHSIG,
     LOG_FILE,
     PID_FILE,
     CannotStart,
+    _die_with_parent,
     _proc_stat,
     _read_pid,
     _write_atomic,
     is_alive,
     supervise,
+    workload_environment,
 )
-from tierflow.streams.settings import stack_secret_names
+from tierflow.tiers.sandbox_child import thread_count
 
 log = logging.getLogger("tierflow.launcher.zygote")
 
@@ -129,13 +129,6 @@ def preload(specs: Sequence[str]) -> list[str]:
         if function:
             getattr(module, function)()
     return skipped
-
-
-def thread_count() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise RuntimeError("/proc/self/status has no Threads line")
 
 
 def check_forkable() -> None:
@@ -207,8 +200,7 @@ def _flush() -> None:
 
 def fork_workload(entry: Callable[[list[str]], object], args: list[str]) -> Forked:
     """Fork the workload from its supervisor: it dies with the supervisor, with default signal handlers."""
-    parent = os.getpid()
-    libc = ctypes.CDLL(None, use_errno=True)
+    die_with_supervisor = _die_with_parent(os.getpid())
     # A stop signal that arrives around the fork waits, blocked, until each side has its handlers: the supervisor
     # then forwards it (or queues it until it knows the child), the workload takes it with the default action.
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
@@ -222,9 +214,7 @@ def fork_workload(entry: Callable[[list[str]], object], args: list[str]) -> Fork
         return Forked(pid)
     code = 1
     try:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the supervisor died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
+        die_with_supervisor()
         for sig in _FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -404,10 +394,7 @@ class TierZygote:
         its own environment is theirs less every secret (each forked workload gets its whole environment, its own
         token included, from the launcher through a pipe); its log is in `state_dir`; it preloads what tiers of
         `engine` need."""
-        secret = stack_secret_names()
-        common = {key: value for source in (os.environ, workload_env) for key, value in source.items()
-                  if key not in secret}
-        return cls(common, state_dir / ZYGOTE_LOG, preload=preload_for(engine))
+        return cls(workload_environment(workload_env), state_dir / ZYGOTE_LOG, preload=preload_for(engine))
 
     @property
     def pid(self) -> int | None:
