@@ -70,6 +70,23 @@ async def forked_dir(tmp_path: Path) -> AsyncIterator[Path]:
     await _clean_up(tmp_path / "workloads")
 
 
+def memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether `needle` is anywhere in the writable memory of process `pid` (its heap, stacks, anonymous maps)."""
+    found = False
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "w" not in fields[1]:
+                continue
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                found = found or needle in mem.read(end - start)
+            except OSError:  # e.g. [vvar]: not readable through /proc/<pid>/mem
+                continue
+    return found
+
+
 def scripted_zygote(state_dir: Path, **kwargs: object) -> TierZygote:
     """A zygote with nothing preloaded whose entry runs SCRIPT (the tests package importable from it)."""
     options: dict[str, object] = {"preload": [], "entry": "tests.integration.launcher_script:main", **kwargs}
@@ -295,8 +312,10 @@ async def test_a_forked_workload_gets_its_token_which_the_zygote_never_holds(for
     assert zygote.pid is not None
     pid, _ = supervisor_pid(launcher, "t-0")
     assert os.getsid(pid) == pid and pid != zygote.pid  # a session of its own, not the zygote's
-    # The token went from the launcher to the workload through a pipe the zygote never read.
+    # The token went from the launcher to the workload through a pipe the zygote never read: it is in neither the
+    # zygote's environment nor anywhere in its memory, so no tier forked later inherits a copy of it.
     assert token.encode() not in Path(f"/proc/{zygote.pid}/environ").read_bytes()
+    assert not memory_holds(zygote.pid, token.encode())
     record = (launcher.workload_dir("t-0") / "spec.json").read_text()
     assert '"forked": true' in record and token not in record
     # A training is never forked, even with a zygote.
