@@ -390,7 +390,7 @@ def wait_tiers_gone(state: StackState, home: Path, timeout_s: float = 60) -> Non
             for pid in tier_processes(state.pid, home)):
         if time.monotonic() > deadline:
             raise RuntimeError("the stopped inference's tier processes did not exit")
-        time.sleep(0.1)
+        time.sleep(0.1)  # polling interval of a condition with a deadline
 
 
 def tier_start_up(home: Path, state: StackState, api: ApiClient, runs: int) -> None:
